@@ -1,0 +1,259 @@
+"""Experiment configuration: typed dataclasses, loaded from YAML plus `key=value` overrides.
+
+Every value is checked before any work starts; a bad one is a ConfigError whose message
+names the key and the problem in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic (built in); other sources register in flexlora.data.sources
+    path: str | None = None
+    num_clients: int = 24  # synthetic: number of training clients
+    train_per_client: int = 24
+    test_per_client: int = 8
+    heldout_tasks: list[str] | None = None  # synthetic: task types kept for evaluation only
+    template: str = "alpaca"  # alpaca | chat
+    cutoff_len: int = 192
+    train_on_inputs: bool = False
+
+
+@dataclass
+class ResourcesConfig:
+    profile: str | list[str] = "uniform"  # homo | uniform | heavy-tail-light | heavy-tail-strong | normal | [T1, T4, ...]
+    t1: int = 8
+    t2: int = 30
+    t3_attention: int = 30
+    t3_mlp: int = 200
+    t4: int = 200
+
+
+@dataclass
+class LoraSettings:
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] | None = None  # None: the architecture's defaults
+
+
+@dataclass
+class FederationConfig:
+    rounds: int = 3
+    clients_per_round: int = 4
+    fraction: float | None = None  # if set, overrides clients_per_round: ceil(fraction * N)
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = "adamw"  # adamw (FedIT) | sgd (FedAvg)
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    steps: int | None = 6  # local optimizer steps per round; None: use epochs
+    epochs: float = 1.0
+    batch_size: int = 4
+    micro_batch_size: int = 4
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    every: int = 1  # evaluate after every `every` rounds (and always after the last)
+    max_examples_per_client: int | None = None
+    export_rank: int | None = None  # rank of the exported global adapter; None: its full rank
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs"
+    name: str | None = None  # None: <method>-<profile>-seed<seed>-<timestamp>
+    overwrite: bool = False
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = 0
+    model: str = "smollm2-135m-instruct"  # smollm2-135m-instruct | tiny-llama | HF path or id
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    method: str = "flexlora"
+    method_args: dict = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, annotation, key: str):
+    """Check/convert one value against its type annotation (a small subset of typing)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation)
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; known keys: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: '{part}' is not a section")
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`train.lr=1e-4` -> ('train.lr', 1e-4); the value is parsed as YAML (so lists work)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    config = _build(ExperimentConfig, tree)
+    validate(config)
+    return config
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(c: ExperimentConfig) -> None:
+    """Value checks that types alone cannot express."""
+    from flexlora.aggregation import METHODS
+    from flexlora.data.prompts import TEMPLATES
+    from flexlora.resources import PROFILES, paper_rank_types
+
+    _require(c.method in METHODS, f"method: unknown aggregation method '{c.method}'; choose from: {', '.join(METHODS)}")
+    if isinstance(c.resources.profile, str):
+        _require(
+            c.resources.profile in PROFILES,
+            f"resources.profile: unknown profile '{c.resources.profile}'; choose from: {', '.join(PROFILES)}",
+        )
+    else:
+        types_ = paper_rank_types()
+        bad = [t for t in c.resources.profile if t not in types_]
+        _require(not bad, f"resources.profile: unknown rank type '{bad[0] if bad else ''}'; choose from: {', '.join(types_)}")
+    for key in ("t1", "t2", "t3_attention", "t3_mlp", "t4"):
+        _require(getattr(c.resources, key) >= 1, f"resources.{key}: a LoRA rank must be >= 1, got {getattr(c.resources, key)}")
+    _require(c.lora.alpha > 0, f"lora.alpha: must be > 0, got {c.lora.alpha}")
+    _require(0 <= c.lora.dropout < 1, f"lora.dropout: must be in [0, 1), got {c.lora.dropout}")
+    _require(c.federation.rounds >= 1, f"federation.rounds: must be >= 1, got {c.federation.rounds}")
+    _require(c.federation.clients_per_round >= 1, f"federation.clients_per_round: must be >= 1, got {c.federation.clients_per_round}")
+    if c.federation.fraction is not None:
+        _require(0 < c.federation.fraction <= 1, f"federation.fraction: must be in (0, 1], got {c.federation.fraction}")
+    _require(c.train.optimizer in ("adamw", "sgd"), f"train.optimizer: must be adamw or sgd, got '{c.train.optimizer}'")
+    _require(c.train.lr > 0, f"train.lr: must be > 0, got {c.train.lr}")
+    if c.train.steps is not None:
+        _require(c.train.steps >= 1, f"train.steps: must be >= 1, got {c.train.steps}")
+    _require(c.train.epochs > 0, f"train.epochs: must be > 0, got {c.train.epochs}")
+    _require(c.train.batch_size >= 1, f"train.batch_size: must be >= 1, got {c.train.batch_size}")
+    _require(
+        1 <= c.train.micro_batch_size <= c.train.batch_size and c.train.batch_size % c.train.micro_batch_size == 0,
+        f"train.micro_batch_size: must divide train.batch_size ({c.train.batch_size}), got {c.train.micro_batch_size}",
+    )
+    _require(c.data.template in TEMPLATES, f"data.template: unknown template '{c.data.template}'; choose from: {', '.join(TEMPLATES)}")
+    _require(c.data.cutoff_len >= 16, f"data.cutoff_len: must be >= 16, got {c.data.cutoff_len}")
+    _require(c.data.num_clients >= 1, f"data.num_clients: must be >= 1, got {c.data.num_clients}")
+    _require(c.eval.max_new_tokens >= 1, f"eval.max_new_tokens: must be >= 1, got {c.eval.max_new_tokens}")
+    _require(c.eval.every >= 1, f"eval.every: must be >= 1, got {c.eval.every}")
+    if c.eval.export_rank is not None:
+        _require(c.eval.export_rank >= 1, f"eval.export_rank: must be >= 1, got {c.eval.export_rank}")
+    _require(
+        c.device in ("auto", "cpu") or c.device.startswith("cuda"),
+        f"device: must be auto, cpu or cuda[:N], got '{c.device}'",
+    )

@@ -1,0 +1,61 @@
+"""Prompt templates and tokenisation of instruction examples."""
+
+from __future__ import annotations
+
+import torch
+
+from flexlora.data.types import Example
+
+# The Alpaca template, used by the FlexLoRA paper's released code.
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+TEMPLATES = ("alpaca", "chat")
+
+
+def render_prompt(example: Example, template: str, tokenizer=None) -> str:
+    if template == "alpaca":
+        fmt = ALPACA_WITH_INPUT if example.input else ALPACA_NO_INPUT
+        return fmt.format(instruction=example.instruction, input=example.input)
+    if template == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("template 'chat' needs a tokenizer with a chat template")
+        content = f"{example.instruction}\n\n{example.input}" if example.input else example.instruction
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+    raise ValueError(f"unknown prompt template '{template}'; choose from: {', '.join(TEMPLATES)}")
+
+
+def tokenize_for_training(
+    example: Example, tokenizer, template: str, cutoff_len: int, train_on_inputs: bool
+) -> dict[str, list[int]]:
+    """input_ids and labels (-100 on the prompt unless train_on_inputs), ending in EOS so the
+    model learns to stop, truncated to cutoff_len tokens."""
+    prompt_ids = tokenizer(render_prompt(example, template, tokenizer), add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(example.output, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        answer_ids = answer_ids + [tokenizer.eos_token_id]
+    input_ids = (prompt_ids + answer_ids)[:cutoff_len]
+    labels = list(input_ids) if train_on_inputs else ([-100] * len(prompt_ids) + answer_ids)[:cutoff_len]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def collate(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch for teacher-forced training/scoring."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n] = torch.tensor(f["input_ids"])
+        labels[i, :n] = torch.tensor(f["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

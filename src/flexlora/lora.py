@@ -1,0 +1,138 @@
+"""LoRA state <-> a PEFT model.
+
+The project's LoRA state is, per target module (named as in the base model, e.g.
+`model.layers.0.self_attn.q_proj`), a pair (A, B) in PEFT's convention: A (r, d_in),
+B (d_out, r), update = (alpha / r) * B @ A. A client's per-module ranks go to PEFT as a
+`rank_pattern`, so every client really trains at its own rank.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from flexlora.aggregation.base import Factors
+
+ADAPTER = "default"
+
+
+def module_shapes(model, target_modules: list[str]) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of every module LoRA would wrap, keyed by its name in the base model."""
+    shapes = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] not in target_modules:
+            continue
+        if isinstance(module, torch.nn.Linear):
+            shapes[name] = (module.out_features, module.in_features)
+        elif type(module).__name__ == "Conv1D":  # GPT-2 style: weight is (d_in, d_out)
+            shapes[name] = (module.weight.shape[1], module.weight.shape[0])
+    if not shapes:
+        raise ValueError(f"none of the target modules {target_modules} is in the model")
+    return shapes
+
+
+def lora_config(
+    module_ranks: dict[str, int], alpha: float, dropout: float, target_modules: list[str]
+) -> LoraConfig:
+    """A LoraConfig whose rank_pattern pins every module's rank (PEFT scales each by alpha/r)."""
+    default_rank = Counter(module_ranks.values()).most_common(1)[0][0]
+    pattern = {re.escape(name): r for name, r in module_ranks.items() if r != default_rank}
+    return LoraConfig(
+        r=default_rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=sorted({name.rsplit(".", 1)[-1] for name in module_ranks}),
+        rank_pattern=pattern,
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach(
+    model,
+    module_ranks: dict[str, int],
+    alpha: float,
+    dropout: float,
+    target_modules: list[str],
+    factors: dict[str, Factors] | None = None,
+    seed: int = 0,
+) -> PeftModel:
+    """Wrap the base model with a fresh adapter at these ranks; start from `factors` if given,
+    else from PEFT's init (A random from `seed`, B zero)."""
+    config = lora_config(module_ranks, alpha, dropout, target_modules)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
+    if factors is not None:
+        set_factors(peft_model, factors)
+    return peft_model
+
+
+def detach(peft_model: PeftModel):
+    """Remove the adapter (without merging) and return the untouched base model."""
+    return peft_model.unload()
+
+
+def _lora_layers(peft_model: PeftModel):
+    prefix = "base_model.model."
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and ADAPTER in getattr(module, "lora_A", {}):
+            yield name[len(prefix):] if name.startswith(prefix) else name, module
+
+
+def get_factors(peft_model: PeftModel) -> dict[str, Factors]:
+    """Detached CPU copies of (A, B) per module."""
+    return {
+        name: (
+            layer.lora_A[ADAPTER].weight.detach().to("cpu", copy=True),
+            layer.lora_B[ADAPTER].weight.detach().to("cpu", copy=True),
+        )
+        for name, layer in _lora_layers(peft_model)
+    }
+
+
+def get_ranks(peft_model: PeftModel) -> dict[str, int]:
+    return {name: layer.r[ADAPTER] for name, layer in _lora_layers(peft_model)}
+
+
+@torch.no_grad()
+def set_factors(peft_model: PeftModel, factors: dict[str, Factors]) -> None:
+    layers = dict(_lora_layers(peft_model))
+    missing = set(layers) - set(factors)
+    if missing:
+        raise ValueError(f"factors missing for {len(missing)} modules, e.g. {sorted(missing)[0]}")
+    for name, (a, b) in factors.items():
+        layer = layers[name]
+        wa, wb = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+        if wa.shape != a.shape or wb.shape != b.shape:
+            raise ValueError(
+                f"{name}: factors of shape A{tuple(a.shape)} B{tuple(b.shape)} do not fit the "
+                f"adapter's A{tuple(wa.shape)} B{tuple(wb.shape)}"
+            )
+        wa.copy_(a)
+        wb.copy_(b)
+
+
+def trainable_parameters(peft_model: PeftModel) -> int:
+    return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+
+def save_adapter(
+    model,
+    factors: dict[str, Factors],
+    module_ranks: dict[str, int],
+    alpha: float,
+    target_modules: list[str],
+    folder: str | Path,
+) -> Path:
+    """Write factors as a PEFT adapter folder that `PeftModel.from_pretrained(base, folder)` loads
+    (adapter_config.json + adapter_model.safetensors); the base model is left unwrapped."""
+    peft_model = attach(model, module_ranks, alpha, 0.0, target_modules, factors)
+    try:
+        peft_model.save_pretrained(str(folder))
+    finally:
+        detach(peft_model)
+    return Path(folder)

@@ -1,0 +1,44 @@
+"""Run outputs: JSON files written atomically, and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_json(path: Path, data) -> None:
+    """Write via a temporary file and rename, so a crash never leaves a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def plot_metric(series: dict[str, list[tuple[int, float]]], path: Path, title: str, ylabel: str = "Rouge-L (generated)") -> None:
+    """One line per series: (round, value) points; round 0 is the zero-shot model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in series.items():
+        rounds, values = zip(*points)
+        ax.plot(rounds, values, marker="o", label=label)
+    ax.set_xlabel("round (0 = zero-shot)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
