@@ -69,7 +69,7 @@ def train_client(
         for ex in data.train
     ]
     batch_size = min(cfg.train.batch_size, len(features))
-    micro = min(cfg.train.micro_batch_size, batch_size)
+    micro = min(cfg.train.micro_batch_size or batch_size, batch_size)
     num_steps = cfg.train.steps or math.ceil(cfg.train.epochs * len(features) / batch_size)
 
     peft_model = lora.attach(
@@ -91,7 +91,7 @@ def train_client(
                 inputs = {k: v.to(device) for k, v in inputs.items()}
                 micro_tokens = int((inputs["labels"][:, 1:] != -100).sum())
                 loss = peft_model(**inputs).loss * micro_tokens / max(batch_tokens, 1)
-                step_loss += float(loss)
+                step_loss += loss.item()
                 loss.backward()
             if regularizer is not None:
                 regularizer(peft_model).backward()

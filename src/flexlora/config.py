@@ -64,7 +64,7 @@ class TrainConfig:
     steps: int | None = 6  # local optimizer steps per round; None: use epochs
     epochs: float = 1.0
     batch_size: int = 4
-    micro_batch_size: int = 4
+    micro_batch_size: int | None = None  # None: the whole batch at once; smaller saves memory
     max_grad_norm: float = 1.0
 
 
@@ -141,6 +141,11 @@ def _coerce(value, annotation, key: str):
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '2e-4' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if annotation is str:
         if isinstance(value, str):
@@ -242,10 +247,11 @@ def validate(c: ExperimentConfig) -> None:
         _require(c.train.steps >= 1, f"train.steps: must be >= 1, got {c.train.steps}")
     _require(c.train.epochs > 0, f"train.epochs: must be > 0, got {c.train.epochs}")
     _require(c.train.batch_size >= 1, f"train.batch_size: must be >= 1, got {c.train.batch_size}")
-    _require(
-        1 <= c.train.micro_batch_size <= c.train.batch_size and c.train.batch_size % c.train.micro_batch_size == 0,
-        f"train.micro_batch_size: must divide train.batch_size ({c.train.batch_size}), got {c.train.micro_batch_size}",
-    )
+    if c.train.micro_batch_size is not None:
+        _require(
+            1 <= c.train.micro_batch_size <= c.train.batch_size and c.train.batch_size % c.train.micro_batch_size == 0,
+            f"train.micro_batch_size: must divide train.batch_size ({c.train.batch_size}), got {c.train.micro_batch_size}",
+        )
     _require(c.data.template in TEMPLATES, f"data.template: unknown template '{c.data.template}'; choose from: {', '.join(TEMPLATES)}")
     _require(c.data.cutoff_len >= 16, f"data.cutoff_len: must be >= 16, got {c.data.cutoff_len}")
     _require(c.data.num_clients >= 1, f"data.num_clients: must be >= 1, got {c.data.num_clients}")
@@ -253,6 +259,11 @@ def validate(c: ExperimentConfig) -> None:
     _require(c.eval.every >= 1, f"eval.every: must be >= 1, got {c.eval.every}")
     if c.eval.export_rank is not None:
         _require(c.eval.export_rank >= 1, f"eval.export_rank: must be >= 1, got {c.eval.export_rank}")
+    looks_like_path = c.model.startswith((".", "/", "~"))
+    _require(
+        not looks_like_path or Path(c.model).expanduser().exists(),
+        f"model: model path does not exist: {c.model}",
+    )
     _require(
         c.device in ("auto", "cpu") or c.device.startswith("cuda"),
         f"device: must be auto, cpu or cuda[:N], got '{c.device}'",

@@ -1,0 +1,38 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path):
+    """key=value overrides for a fast end-to-end run on the tiny random LLaMA."""
+    return [
+        "model=tiny-llama",
+        "device=cpu",
+        "data.num_clients=6",
+        "data.train_per_client=6",
+        "data.test_per_client=2",
+        "data.cutoff_len=512",  # the tiny model's tokenizer is byte-level: prompts are long
+        "federation.rounds=2",
+        "federation.clients_per_round=3",
+        "train.steps=2",
+        "train.batch_size=2",
+        "train.micro_batch_size=1",
+        "eval.max_new_tokens=4",
+        "eval.max_examples_per_client=1",
+        "resources.t1=2",
+        "resources.t2=4",
+        "resources.t3_attention=4",
+        "resources.t3_mlp=16",
+        "resources.t4=16",
+        f"output.dir={tmp_path / 'runs'}",
+        "output.name=test",
+    ]
+
+
+def requires_shared_data():
+    return pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data not present at {SHARED_DATA} (a fresh clone has no ../shared)")
