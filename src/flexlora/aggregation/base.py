@@ -53,6 +53,31 @@ def module_names(updates: list[ClientUpdate]) -> list[str]:
     return names
 
 
+def module_shape(updates: list[ClientUpdate], module: str) -> tuple[int, int]:
+    """(m, n) of a module's weight, checking every client's A (r, n) and B (m, r) agree."""
+    shape = None
+    for u in updates:
+        A, B = u.factors[module]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(
+                f"client {u.client_id}, module {module}: need A (r, n) and B (m, r), "
+                f"got A {tuple(A.shape)} and B {tuple(B.shape)}"
+            )
+        mn = (B.shape[0], A.shape[1])
+        if shape is None:
+            shape = mn
+        elif mn != shape:
+            raise ValueError(f"client {u.client_id}, module {module}: weight shape {mn}, others have {shape}")
+    if shape is None:
+        raise ValueError("aggregation needs at least one client")
+    return shape
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (half precision is promoted for the sums)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 class AggregationMethod(Protocol):
     """One class per method (cf. Flower strategies); its math lives in module-level helpers."""
 

@@ -1,0 +1,90 @@
+"""FedIT / homogeneous FedAvg of LoRA (Zhang et al., 2023): average A and B separately.
+
+Every client trains the same rank per module and the same lora_alpha; the server takes
+A = Σ p_k A_k and B = Σ p_k B_k (p_k = n_k / Σ n_j). FedIT and FedAvg differ only in the
+local optimizer (AdamW vs SGD), which is the client's business, not the aggregator's.
+
+State keys per module: f"{module}.A" (r, n), f"{module}.B" (m, r), f"{module}.alpha" (0-dim).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import ClientUpdate, Factors, GlobalState, compute_dtype, data_weights, module_names, module_shape
+
+
+def check_homogeneous(updates: list[ClientUpdate], module: str) -> int:
+    """The common rank of a module; ValueError naming the first client that differs."""
+    first = updates[0]
+    rank = first.rank(module)
+    for u in updates[1:]:
+        if u.rank(module) != rank:
+            raise ValueError(
+                f"FedIT needs one rank per module: client {u.client_id} has rank {u.rank(module)} "
+                f"on module {module}, client {first.client_id} has rank {rank}"
+            )
+    return rank
+
+
+def weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Σ p_k t_k, accumulated in float32 (float64 if any input is), on the first tensor's device."""
+    dtype, device = compute_dtype(*tensors), tensors[0].device
+    out = torch.zeros(tensors[0].shape, dtype=dtype, device=device)
+    for p, t in zip(weights, tensors):
+        out += p * t.to(dtype=dtype, device=device)
+    return out
+
+
+class FedIT:
+    """FedIT aggregation: data-weighted mean of A and of B, one rank and one alpha for all."""
+
+    name = "fedit"
+
+    def aggregate(self, updates: list[ClientUpdate], state: GlobalState | None = None) -> GlobalState:
+        weights = data_weights(updates)
+        alpha = updates[0].lora_alpha
+        for u in updates[1:]:
+            if u.lora_alpha != alpha:
+                raise ValueError(
+                    f"FedIT needs one lora_alpha: client {u.client_id} has {u.lora_alpha}, "
+                    f"client {updates[0].client_id} has {alpha}"
+                )
+        new: GlobalState = {}
+        for module in module_names(updates):
+            check_homogeneous(updates, module)
+            module_shape(updates, module)
+            new[f"{module}.A"] = weighted_mean([u.factors[module][0] for u in updates], weights)
+            new[f"{module}.B"] = weighted_mean([u.factors[module][1] for u in updates], weights)
+            new[f"{module}.alpha"] = torch.tensor(float(alpha), dtype=torch.float64)
+        return new
+
+    def client_factors(
+        self, state: GlobalState | None, module_ranks: dict[str, int], lora_alpha: float
+    ) -> dict[str, Factors] | None:
+        """The averaged (A, B), copied. A client asking for another rank is an error. If its
+        lora_alpha differs from the state's, B is rescaled so that s·B·A is unchanged."""
+        if state is None:
+            return None
+        out = {}
+        for module, rank in module_ranks.items():
+            if f"{module}.A" not in state:
+                raise KeyError(f"module {module!r} is not in the FedIT state")
+            state_rank = state[f"{module}.A"].shape[0]
+            if rank != state_rank:
+                raise ValueError(
+                    f"FedIT state has rank {state_rank} on module {module}; a client asked for rank {rank}"
+                )
+            out[module] = self._factors(state, module, lora_alpha)
+        return out
+
+    def global_factors(self, state: GlobalState, lora_alpha: float) -> tuple[dict[str, Factors], dict[str, int]]:
+        modules = sorted(key[: -len(".A")] for key in state if key.endswith(".A"))
+        factors = {module: self._factors(state, module, lora_alpha) for module in modules}
+        return factors, {module: A.shape[0] for module, (A, _) in factors.items()}
+
+    @staticmethod
+    def _factors(state: GlobalState, module: str, lora_alpha: float) -> Factors:
+        A, B = state[f"{module}.A"], state[f"{module}.B"]
+        ratio = float(state[f"{module}.alpha"]) / lora_alpha  # same rank, so s_state/s_client
+        return A.clone(), (B * ratio if ratio != 1.0 else B.clone())

@@ -1,0 +1,171 @@
+"""FlexLoRA (Bai et al., NeurIPS 2024): heterogeneous-rank LoRA aggregated through ΔW.
+
+Per target module the server forms ΔW = Σ_k p_k s_k B_k A_k (p_k = n_k / Σ n_j,
+s_k = α_k / r_k), keeps its truncated SVD as the global state, and hands a client of rank r
+the best rank-r approximation of ΔW as LoRA factors. Nothing is merged into the base weights.
+
+State keys per module: f"{module}.U" (m, K), f"{module}.S" (K,), f"{module}.Vh" (K, n),
+with K = min(Σ r_k, m, n) (ΔW kept exactly) unless capped by ``max_global_rank``.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from .base import ClientUpdate, Factors, GlobalState, compute_dtype, data_weights, module_names, module_shape
+from .svd import MODES, truncated_svd
+
+SPLITS = ("all_in_B", "sqrt")
+
+
+def stack_factors(updates: list[ClientUpdate], module: str, weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """B̃ = [p_1 s_1 B_1, …] (m, R) and Ã = [A_1; …] (R, n), so that B̃ Ã = Σ p_k s_k B_k A_k.
+
+    Clients with zero weight are left out: they add nothing to ΔW but would add rank.
+    The result lives on the device of the first client's tensors.
+    """
+    pairs = [(p, u) for p, u in zip(weights, updates) if p > 0]
+    tensors = [t for _, u in pairs for t in u.factors[module]]
+    dtype, device = compute_dtype(*tensors), tensors[0].device
+    Bs, As = [], []
+    for p, u in pairs:
+        A, B = u.factors[module]
+        Bs.append(B.to(dtype=dtype, device=device) * (p * u.scale(module)))
+        As.append(A.to(dtype=dtype, device=device))
+    return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
+
+
+def split_factors(
+    U: torch.Tensor,
+    S: torch.Tensor,
+    Vh: torch.Tensor,
+    rank: int,
+    lora_alpha: float,
+    split: str = "all_in_B",
+    *,
+    pad_seed: int = 0,
+) -> Factors:
+    """LoRA factors (A (rank, n), B (m, rank)) with (lora_alpha/rank)·B@A = the best
+    rank-min(rank, K) approximation of U diag(S) Vh.
+
+    split "all_in_B" (the paper): B = U_r S_r / s_r, A = Vh_r.
+    split "sqrt": B = U_r √S_r / √s_r, A = √S_r Vh_r / √s_r (balanced factor norms).
+    If rank > K the extra rank has nothing to carry yet: B gets zero columns, so the product
+    is unchanged, and A gets rows drawn like PEFT's fresh init (kaiming-uniform, bound
+    1/√n), so that the extra rank still receives gradients and can learn. Those rows come from
+    a generator seeded with ``pad_seed``, so the result is deterministic.
+    Returned tensors never alias the inputs (a client may train them in place).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose from: {', '.join(SPLITS)}")
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    k = min(rank, S.shape[0])
+    s_r = lora_alpha / rank
+    if split == "all_in_B":
+        B = U[:, :k] * (S[:k] / s_r)
+        A = Vh[:k].clone()
+    else:
+        root = S[:k].clamp_min(0).sqrt() / s_r**0.5
+        B = U[:, :k] * root
+        A = Vh[:k] * root[:, None]
+    if rank > k:
+        m, n = U.shape[0], Vh.shape[1]
+        gen = torch.Generator().manual_seed(pad_seed)
+        extra = (torch.rand(rank - k, n, generator=gen, dtype=torch.float64) * 2 - 1) / n**0.5
+        A = torch.cat([A, extra.to(dtype=A.dtype, device=A.device)], dim=0)
+        B = torch.cat([B, B.new_zeros(m, rank - k)], dim=1)
+    return A.contiguous(), B.contiguous()
+
+
+def state_modules(state: GlobalState) -> list[str]:
+    """Module names present in a FlexLoRA state."""
+    return sorted(key[: -len(".U")] for key in state if key.endswith(".U"))
+
+
+def dense_delta(state: GlobalState, module: str) -> torch.Tensor:
+    """The global ΔW of one module as a dense (m, n) matrix."""
+    U, S, Vh = (state[f"{module}.{part}"] for part in ("U", "S", "Vh"))
+    return (U * S) @ Vh
+
+
+class FlexLoRA:
+    """FlexLoRA aggregation: exact ΔW via a truncated SVD of the stacked client factors."""
+
+    name = "flexlora"
+
+    def __init__(
+        self,
+        svd_mode: str = "auto",
+        max_global_rank: int | None = None,
+        split: str = "all_in_B",
+        *,
+        device: str | torch.device | None = None,
+        seed: int = 0,
+        oversample: int = 64,
+        niter: int = 2,
+    ):
+        """device: where the SVDs run (None = where the client tensors are); the state goes
+        back to the clients' device. seed: for padding rows (see split_factors) and the
+        randomized SVD. oversample, niter: randomized SVD only."""
+        if svd_mode not in MODES:
+            raise ValueError(f"unknown svd_mode {svd_mode!r}; choose from: {', '.join(MODES)}")
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose from: {', '.join(SPLITS)}")
+        if max_global_rank is not None and max_global_rank < 1:
+            raise ValueError(f"max_global_rank must be >= 1 or None, got {max_global_rank}")
+        self.svd_mode = svd_mode
+        self.max_global_rank = max_global_rank
+        self.split = split
+        self.device = torch.device(device) if device is not None else None
+        self.seed = seed
+        self.oversample = oversample
+        self.niter = niter
+
+    def aggregate(self, updates: list[ClientUpdate], state: GlobalState | None = None) -> GlobalState:
+        """New global ΔW per module. The previous state is not needed: each client's factors
+        already include the global slice it started from."""
+        weights = data_weights(updates)
+        new: GlobalState = {}
+        for module in module_names(updates):  # one module at a time bounds peak memory
+            m, n = module_shape(updates, module)
+            B, A = stack_factors(updates, module, weights)
+            home = B.device
+            if self.device is not None:
+                B, A = B.to(self.device), A.to(self.device)
+            K = min(B.shape[1], m, n)
+            if self.max_global_rank is not None:
+                K = min(K, self.max_global_rank)
+            U, S, Vh = truncated_svd(
+                B, A, K, self.svd_mode, oversample=self.oversample, niter=self.niter, seed=self.seed
+            )
+            new[f"{module}.U"] = U.to(home).contiguous()
+            new[f"{module}.S"] = S.to(home).contiguous()
+            new[f"{module}.Vh"] = Vh.to(home).contiguous()
+        return new
+
+    def client_factors(
+        self, state: GlobalState | None, module_ranks: dict[str, int], lora_alpha: float
+    ) -> dict[str, Factors] | None:
+        """Per module, factors of the client's rank whose scaled product is the best
+        rank-min(r, K) approximation of the global ΔW; None before the first aggregation."""
+        if state is None:
+            return None
+        return {
+            module: self._split(state, module, rank, lora_alpha) for module, rank in module_ranks.items()
+        }
+
+    def global_factors(self, state: GlobalState, lora_alpha: float) -> tuple[dict[str, Factors], dict[str, int]]:
+        """The whole global ΔW per module as rank-K factors, and K per module."""
+        ranks = {module: state[f"{module}.S"].shape[0] for module in state_modules(state)}
+        return {module: self._split(state, module, K, lora_alpha) for module, K in ranks.items()}, ranks
+
+    def _split(self, state: GlobalState, module: str, rank: int, lora_alpha: float) -> Factors:
+        try:
+            U, S, Vh = (state[f"{module}.{part}"] for part in ("U", "S", "Vh"))
+        except KeyError:
+            raise KeyError(f"module {module!r} is not in the FlexLoRA state") from None
+        pad_seed = (self.seed * 1_000_003 + zlib.crc32(module.encode())) % 2**63
+        return split_factors(U, S, Vh, rank, lora_alpha, self.split, pad_seed=pad_seed)
