@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see flexlora/cli.py
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+
+# Many small per-module linear-algebra calls: with OpenMP's default busy-wait, a 2-core machine
+# shared with another process stalls ~0.4 s per call. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from flexlora.config import ConfigError, load_config
 

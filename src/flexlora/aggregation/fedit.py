@@ -40,6 +40,7 @@ class FedIT:
     """FedIT aggregation: data-weighted mean of A and of B, one rank and one alpha for all."""
 
     name = "fedit"
+    homogeneous = True  # the server cuts every client to the federation's smallest rank
 
     def aggregate(self, updates: list[ClientUpdate], state: GlobalState | None = None) -> GlobalState:
         weights = data_weights(updates)
