@@ -13,6 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from flexlora.config import ConfigError, load_config
+from flexlora.data.types import DataError
 
 
 def _run(args) -> None:
@@ -22,6 +23,26 @@ def _run(args) -> None:
     run_experiment(cfg)
 
 
+def _list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _compare(args) -> None:
+    from flexlora.compare import command_line, run_grid, write_report
+
+    if args.report_only:
+        write_report(args.out)
+        return
+    try:
+        seeds = [int(s) for s in _list(args.seeds)]
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated integers, got '{args.seeds}'") from None
+    run_grid(
+        args.out, _list(args.methods), _list(args.profiles), seeds, args.config, args.overrides,
+        baseline=args.baseline, command=command_line(),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexlora", description="Federated LoRA fine-tuning under heterogeneous tasks and resources")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -29,6 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", "-c", help="YAML config file")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federation.rounds=5 method=fedit")
     run.set_defaults(func=_run)
+    cmp = sub.add_parser(
+        "compare",
+        help="methods x resource profiles x seeds on one data source: a resumable grid and a Markdown/CSV/PNG report",
+    )
+    cmp.add_argument("--config", "-c", help="YAML config file shared by every cell")
+    cmp.add_argument("--out", required=True, help="grid folder (cells/, compare.md/.csv/.png); rerun to resume")
+    cmp.add_argument("--methods", default="fedit,flexlora", help="comma-separated, e.g. fedit,hetlora,flexlora")
+    cmp.add_argument("--profiles", default="uniform,heavy-tail-light,heavy-tail-strong", help="comma-separated resource profiles")
+    cmp.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    cmp.add_argument("--baseline", default="fedit", help="method the report measures improvements against")
+    cmp.add_argument("--report-only", action="store_true", help="only rewrite the report from the finished cells")
+    cmp.add_argument("overrides", nargs="*", help="key=value overrides for every cell, e.g. data.source=natural-instructions")
+    cmp.set_defaults(func=_compare)
     return parser
 
 
@@ -37,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"flexlora: error: {e}", file=sys.stderr)
         return 2
     return 0

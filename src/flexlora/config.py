@@ -21,12 +21,27 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic (built in); other sources register in flexlora.data.sources
-    path: str | None = None
-    num_clients: int = 24  # synthetic: number of training clients
-    train_per_client: int = 24
-    test_per_client: int = 8
+    # synthetic (built in) | natural-instructions (per-client folder) | dolly (JSONL, Dirichlet
+    # split) | json (generic JSON/JSONL instruction records); see flexlora.data.sources
+    source: str = "synthetic"
+    path: str | None = None  # the folder or file of a non-synthetic source
+    num_clients: int = 24  # synthetic; dolly/json without a client field: clients to split into
+    train_per_client: int = 24  # synthetic
+    test_per_client: int = 8  # synthetic
     heldout_tasks: list[str] | None = None  # synthetic: task types kept for evaluation only
+    # Held-out (evaluation-only) clients, never sampled for training; the three add up.
+    heldout_ids: list[str | int] | None = None
+    heldout_fraction: float | None = None  # drawn with split_seed, so the same in every run
+    heldout_categories: list[str] | None = None  # whole task categories, e.g. ["Word Analogy"]
+    split_seed: int = 0  # held-out draw and Dirichlet split: fixed across runs and seeds
+    dirichlet_alpha: float = 0.5  # dolly/json: Dirichlet(alpha) over categories; small = skewed
+    min_client_size: int = 2  # dolly/json: the Dirichlet split is redrawn until every client has this many
+    client_field: str = "client"  # json: record field naming the client
+    test_path: str | None = None  # dolly/json: records kept out of training as the test split
+    test_per_category: int = 10  # dolly/json without test_path: records per category held out for test
+    weight_by: str = "auto"  # auto | local | source: n_k = local training-set size or clients.json's source size
+    max_train_per_client: int | None = None  # keep a seeded subset of each client's training examples
+    bad_records: str = "skip"  # skip (report file:line and go on) | error (stop at the first)
     template: str = "alpaca"  # alpaca | chat
     cutoff_len: int = 192
     train_on_inputs: bool = False
@@ -255,6 +270,7 @@ def validate(c: ExperimentConfig) -> None:
     _require(c.data.template in TEMPLATES, f"data.template: unknown template '{c.data.template}'; choose from: {', '.join(TEMPLATES)}")
     _require(c.data.cutoff_len >= 16, f"data.cutoff_len: must be >= 16, got {c.data.cutoff_len}")
     _require(c.data.num_clients >= 1, f"data.num_clients: must be >= 1, got {c.data.num_clients}")
+    validate_data(c.data)
     _require(c.eval.max_new_tokens >= 1, f"eval.max_new_tokens: must be >= 1, got {c.eval.max_new_tokens}")
     _require(c.eval.every >= 1, f"eval.every: must be >= 1, got {c.eval.every}")
     if c.eval.export_rank is not None:
@@ -268,3 +284,23 @@ def validate(c: ExperimentConfig) -> None:
         c.device in ("auto", "cpu") or c.device.startswith("cuda"),
         f"device: must be auto, cpu or cuda[:N], got '{c.device}'",
     )
+
+
+def validate_data(d: DataConfig) -> None:
+    from flexlora.data.sources import SOURCES
+
+    _require(d.source in SOURCES, f"data.source: unknown data source '{d.source}'; choose from: {', '.join(SOURCES)}")
+    if d.source != "synthetic":
+        _require(d.path is not None, f"data.path: data.source={d.source} needs data.path (a folder or file)")
+        _require(Path(d.path).expanduser().exists(), f"data.path: not found: {d.path}")
+    if d.test_path is not None:
+        _require(Path(d.test_path).expanduser().exists(), f"data.test_path: not found: {d.test_path}")
+    if d.heldout_fraction is not None:
+        _require(0 < d.heldout_fraction < 1, f"data.heldout_fraction: must be in (0, 1), got {d.heldout_fraction}")
+    _require(d.dirichlet_alpha > 0, f"data.dirichlet_alpha: must be > 0, got {d.dirichlet_alpha}")
+    _require(d.min_client_size >= 1, f"data.min_client_size: must be >= 1, got {d.min_client_size}")
+    _require(d.test_per_category >= 0, f"data.test_per_category: must be >= 0, got {d.test_per_category}")
+    _require(d.weight_by in ("auto", "local", "source"), f"data.weight_by: must be auto, local or source, got '{d.weight_by}'")
+    _require(d.bad_records in ("skip", "error"), f"data.bad_records: must be skip or error, got '{d.bad_records}'")
+    if d.max_train_per_client is not None:
+        _require(d.max_train_per_client >= 1, f"data.max_train_per_client: must be >= 1, got {d.max_train_per_client}")

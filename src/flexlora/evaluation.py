@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from flexlora import lora
 from flexlora.aggregation.base import Factors
-from flexlora.data.prompts import collate, render_prompt, tokenize_for_training
+from flexlora.data.prompts import collate, fit_prompt, tokenize_for_training
 from flexlora.data.types import ClientData, Example
 
 METRIC = "rougeL_generated"
@@ -71,7 +71,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[
 
 @torch.no_grad()
 def teacher_forced(model, tokenizer, examples: list[Example], template: str, cutoff_len: int):
-    """(summed answer loss, answer tokens, argmax answers) under teacher forcing."""
+    """Per example: (summed answer loss, answer tokens, argmax answer) under teacher forcing."""
     device = next(model.parameters()).device
     features = [tokenize_for_training(ex, tokenizer, template, cutoff_len, train_on_inputs=False) for ex in examples]
     batch = {k: v.to(device) for k, v in collate(features, tokenizer.pad_token_id).items()}
@@ -80,10 +80,21 @@ def teacher_forced(model, tokenizer, examples: list[Example], template: str, cut
     mask = labels != -100
     loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), labels.clamp(min=0), reduction="none")
     argmax = logits.argmax(-1)
+    losses = (loss * mask).sum(1).tolist()
+    tokens = mask.sum(1).tolist()
     answers = [
         clean_generation(tokenizer.decode(argmax[i][mask[i]], skip_special_tokens=True)) for i in range(len(examples))
     ]
-    return float((loss * mask).sum()), int(mask.sum()), answers
+    return list(zip(losses, tokens, answers))
+
+
+def _finish(stats: dict) -> dict:
+    return {
+        "n": stats["n"],
+        "rougeL_generated": stats["gen"] / stats["n"],
+        "rougeL_teacher_forced": stats["tf"] / stats["n"],
+        "eval_loss": stats["loss"] / max(stats["tokens"], 1),
+    }
 
 
 def evaluate(
@@ -102,42 +113,56 @@ def evaluate(
     max_examples_per_client: int | None = None,
     desc: str = "eval",
 ) -> dict:
-    """Weighted Rouge-L (generated and teacher-forced) and eval loss over the clients' test sets."""
+    """Weighted Rouge-L (generated and teacher-forced) and eval loss over the clients' test
+    sets, overall, per client and per category (the client's task category, e.g. NI's
+    'Word Analogy' for 'Word Analogy 266.json'). With factors=None the model is evaluated as
+    given (the base model, or a model that already carries an adapter)."""
+    from flexlora.data.split import task_category
+
     started = time.perf_counter()
     work = [(c, ex) for c in clients for ex in c.test[:max_examples_per_client]]
     if not work:
         raise ValueError("evaluation needs at least one test example")
-    per_client: dict[str, dict] = {c.client_id: {"category": c.category, "n": 0, "gen": 0.0, "tf": 0.0} for c in clients}
-    loss_sum, loss_tokens = 0.0, 0
+    empty = {"n": 0, "gen": 0.0, "tf": 0.0, "loss": 0.0, "tokens": 0}
+    per_client: dict[str, dict] = {c.client_id: dict(empty) for c in clients}
+    per_category: dict[str, dict] = {}
+    categories = {c.client_id: c.category for c in clients}
     samples = []
     with adapter(model, factors, ranks, alpha, target_modules) as m:
         m.eval()
         for start in tqdm(range(0, len(work), batch_size), desc=desc, leave=False, unit="batch"):
             chunk = work[start : start + batch_size]
             examples = [ex for _, ex in chunk]
-            prompts = [render_prompt(ex, template, tokenizer) for ex in examples]
+            # The same prompts as in training: shortened to leave room for an answer.
+            prompts = [fit_prompt(ex, tokenizer, template, cutoff_len, max_new_tokens)[0] for ex in examples]
             generated = generate(m, tokenizer, prompts, max_new_tokens)
-            batch_loss, tokens, argmax_answers = teacher_forced(m, tokenizer, examples, template, cutoff_len)
-            loss_sum, loss_tokens = loss_sum + batch_loss, loss_tokens + tokens
-            for (client, ex), gen, tf in zip(chunk, generated, argmax_answers):
-                stats = per_client[client.client_id]
-                stats["n"] += 1
-                stats["gen"] += rouge_l(gen, ex.output)
-                stats["tf"] += rouge_l(tf, ex.output)
+            scored = teacher_forced(m, tokenizer, examples, template, cutoff_len)
+            for (client, ex), gen, (loss, tokens, tf) in zip(chunk, generated, scored):
+                gen_score, tf_score = rouge_l(gen, ex.output), rouge_l(tf, ex.output)
+                category = task_category(client.category)
+                for stats in (per_client[client.client_id], per_category.setdefault(category, dict(empty))):
+                    stats["n"] += 1
+                    stats["gen"] += gen_score
+                    stats["tf"] += tf_score
+                    stats["loss"] += loss
+                    stats["tokens"] += tokens
                 if len(samples) < 6:
                     samples.append({"client": client.client_id, "input": ex.input[:200], "reference": ex.output, "generated": gen})
-    total = sum(s["n"] for s in per_client.values())
-    # Weighting clients by test-set size makes the weighted mean the mean over all examples.
+    total = {k: sum(s[k] for s in per_client.values()) for k in empty}
+    # Weighting clients by test-set size makes the weighted mean the mean over all examples;
+    # the eval loss is per answer token.
+    overall = _finish(total)
     return {
-        "rougeL_generated": sum(s["gen"] for s in per_client.values()) / total,
-        "rougeL_teacher_forced": sum(s["tf"] for s in per_client.values()) / total,
-        "eval_loss": loss_sum / max(loss_tokens, 1),
-        "num_examples": total,
+        "rougeL_generated": overall["rougeL_generated"],
+        "rougeL_teacher_forced": overall["rougeL_teacher_forced"],
+        "eval_loss": overall["eval_loss"],
+        "num_examples": total["n"],
         "per_client": {
-            cid: {"category": s["category"], "n": s["n"], "rougeL_generated": s["gen"] / s["n"], "rougeL_teacher_forced": s["tf"] / s["n"]}
+            cid: {"category": categories[cid], **_finish(s)}
             for cid, s in per_client.items()
             if s["n"]
         },
+        "per_category": {cat: _finish(s) for cat, s in sorted(per_category.items())},
         "samples": samples,
         "eval_time_s": time.perf_counter() - started,
     }

@@ -46,12 +46,41 @@ def prepare_run_dir(cfg: ExperimentConfig) -> Path:
     return run_dir
 
 
-def run_experiment(cfg: ExperimentConfig, echo=print) -> Path:
-    """Run the configured experiment; returns the run folder."""
+def truncation_line(truncation: dict | None) -> str | None:
+    """'k_proj r8 err 0.41, r200 err 0.00; ...': the mean approximation error ratio per rank."""
+    if not truncation:
+        return None
+    parts = []
+    for kind, by_rank in truncation.items():
+        parts.append(f"{kind} " + ", ".join(f"r{r} {v['err']:.2f}" for r, v in by_rank.items()))
+    return "rank-r slice error ‖ΔW−Ŵ_r‖/‖ΔW‖: " + "; ".join(parts)
+
+
+def run_experiment(cfg: ExperimentConfig, echo=print, zero_shot: dict | None = None) -> Path:
+    """Run the configured experiment; returns the run folder. `zero_shot`: the base model's
+    held-out metrics if already known (a comparison grid evaluates the base model once)."""
     device = resolve_device(cfg.device)
     dataset = load_federated_dataset(cfg.data, cfg.seed)  # bad data fails before any run folder exists
+    if not dataset.heldout:
+        raise ConfigError(
+            f"data: no held-out clients to evaluate on; choose them with data.heldout_ids, "
+            f"data.heldout_fraction or data.heldout_categories (source {cfg.data.source})"
+        )
     run_dir = prepare_run_dir(cfg)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_json(
+        run_dir / "data.json",
+        {
+            "source": cfg.data.source,
+            "path": cfg.data.path,
+            "training_clients": len(dataset.clients),
+            "heldout_clients": {c.client_id: c.category for c in dataset.heldout},
+            "heldout_examples": sum(len(c.test[: cfg.eval.max_examples_per_client]) for c in dataset.heldout),
+            "issues": dataset.issues,
+        },
+    )
+    if dataset.issues:
+        echo(f"data: {len(dataset.issues)} issue(s) while loading (see data.json), first: {dataset.issues[0]}")
     started = time.perf_counter()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -74,6 +103,8 @@ def run_experiment(cfg: ExperimentConfig, echo=print) -> Path:
     )
 
     def evaluate_global(state, round_):
+        if state is None and zero_shot is not None:
+            return zero_shot
         factors, ranks = (None, None) if state is None else server.global_adapter()
         return evaluate(
             model, tokenizer, dataset.heldout,
@@ -90,6 +121,9 @@ def run_experiment(cfg: ExperimentConfig, echo=print) -> Path:
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         ev = record["eval"]
+        line = truncation_line(record.get("truncation"))
+        if line:
+            echo(f"round {record['round']}: {line}")
         if ev is None:
             echo(f"round {record['round']}: trained {len(record['clients'])} clients in {record['time']['total_s']:.0f} s")
             return
@@ -121,6 +155,8 @@ def run_experiment(cfg: ExperimentConfig, echo=print) -> Path:
         "zero_shot_eval_loss": evaluated[0]["eval"]["eval_loss"],
         "final_eval_loss": evaluated[-1]["eval"]["eval_loss"],
         "per_round": {r["round"]: r["eval"][METRIC] for r in evaluated},
+        "final_per_category": evaluated[-1]["eval"].get("per_category"),
+        "truncation": {r["round"]: r["truncation"] for r in history if r.get("truncation")},
         "adapter": str(adapter_dir) if adapter_dir else None,
         "wall_time_s": time.perf_counter() - started,
     }

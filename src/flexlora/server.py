@@ -51,6 +51,7 @@ class FederatedServer:
             self.client_ranks = {cid: dict(floor) for cid in self.client_ids}
         self.state: GlobalState | None = None
         self.round = 0
+        self.last_truncation: dict | None = None  # see aggregate()
 
     def sample(self, round_: int) -> list[str]:
         fed = self.cfg.federation
@@ -76,6 +77,11 @@ class FederatedServer:
 
     def aggregate(self, updates: list[ClientUpdate]) -> None:
         self.state = self.method.aggregate(updates, self.state)
+        # Methods that keep ΔW's spectrum report what each client rank's slice of it loses.
+        report = getattr(self.method, "truncation", None)
+        if report is not None:
+            ranks = {m: {u.rank(m) for u in updates} for m in updates[0].factors}
+            self.last_truncation = report(self.state, ranks)
 
     def global_adapter(self, rank: int | None = None):
         """(factors, ranks) of the global model, optionally truncated to `rank`."""
@@ -121,6 +127,7 @@ def run_rounds(server: FederatedServer, runtime: Runtime, evaluate: Evaluator, l
                 "clients": {u.client_id: u.metrics for u in updates},
                 "failures": {f.client_id: f.reason for f in failures},
                 "eval": metrics,
+                "truncation": server.last_truncation if updates else None,
                 "time": {
                     "client_training_s": train_time,
                     "aggregation_s": aggregation_time,

@@ -91,6 +91,48 @@ def dense_delta(state: GlobalState, module: str) -> torch.Tensor:
     return (U * S) @ Vh
 
 
+def energy_kept(S: torch.Tensor, ranks) -> dict[int, float]:
+    """Per rank r, the share of ΔW's energy (squared Frobenius norm) that its best rank-r
+    approximation keeps: Σ_{i<r} S_i² / Σ S_i². The paper's approximation error ratio
+    ‖ΔW − Ŵ_r‖_F / ‖ΔW‖_F is sqrt(1 − kept). S must be ΔW's whole spectrum (it is, unless the
+    state was capped with max_global_rank)."""
+    energy = S.detach().to(torch.float64).square()
+    total = float(energy.sum())
+    cumulative = energy.cumsum(0)
+    out = {}
+    for r in ranks:
+        k = min(int(r), energy.shape[0])
+        out[int(r)] = 1.0 if total == 0 else min(1.0, float(cumulative[k - 1]) / total)  # zero ΔW: nothing lost
+    return out
+
+
+def module_kind(module: str) -> str:
+    """'model.layers.3.self_attn.k_proj' -> 'k_proj'."""
+    return module.rsplit(".", 1)[-1]
+
+
+def truncation_summary(state: GlobalState, module_ranks: dict[str, set[int]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per module kind (q_proj, k_proj, ...) and per client rank r of the round: the energy
+    share kept by the rank-r slice and the approximation error ratio, averaged over layers
+    (err_max: the worst layer). JSON-ready: {kind: {str(r): {kept, err, err_max}}}."""
+    per_kind: dict[str, dict[int, list[float]]] = {}
+    for module, ranks in module_ranks.items():
+        key = f"{module}.S"
+        if key not in state:
+            continue
+        slot = per_kind.setdefault(module_kind(module), {})
+        for r, kept in energy_kept(state[key], ranks).items():
+            slot.setdefault(r, []).append(kept)
+    out = {}
+    for kind in sorted(per_kind):
+        out[kind] = {}
+        for r in sorted(per_kind[kind]):
+            kept = per_kind[kind][r]
+            errs = [max(0.0, 1.0 - k) ** 0.5 for k in kept]
+            out[kind][str(r)] = {"kept": sum(kept) / len(kept), "err": sum(errs) / len(errs), "err_max": max(errs)}
+    return out
+
+
 class FlexLoRA:
     """FlexLoRA aggregation: exact ΔW via a truncated SVD of the stacked client factors."""
 
@@ -145,6 +187,10 @@ class FlexLoRA:
             new[f"{module}.S"] = S.to(home).contiguous()
             new[f"{module}.Vh"] = Vh.to(home).contiguous()
         return new
+
+    def truncation(self, state: GlobalState, module_ranks: dict[str, set[int]]) -> dict:
+        """What handing each client rank its rank-r slice of ΔW loses (see truncation_summary)."""
+        return truncation_summary(state, module_ranks)
 
     def client_factors(
         self, state: GlobalState | None, module_ranks: dict[str, int], lora_alpha: float

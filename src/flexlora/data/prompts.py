@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from flexlora.data.types import Example
@@ -33,15 +35,51 @@ def render_prompt(example: Example, template: str, tokenizer=None) -> str:
     raise ValueError(f"unknown prompt template '{template}'; choose from: {', '.join(TEMPLATES)}")
 
 
+def _shorten(text: str, tokenizer, drop: int) -> str:
+    """text without its last `drop` tokens (plus an ellipsis marking the cut)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    keep = max(len(ids) - drop, 0)
+    return tokenizer.decode(ids[:keep], skip_special_tokens=True).rstrip() + " ..." if keep else ""
+
+
+def fit_prompt(example: Example, tokenizer, template: str, cutoff_len: int, answer_len: int | None = None) -> tuple[str, list[int]]:
+    """(prompt text, prompt ids) that leave room for the answer within cutoff_len tokens.
+
+    NI inputs can run to thousands of tokens; cutting prompt+answer at cutoff_len would leave
+    such examples with no answer tokens (no training signal, a NaN loss). Instead the prompt
+    is shortened, the input's tail first, then the instruction's, until it leaves
+    min(answer tokens, cutoff_len // 4) tokens for the answer. Generation at evaluation sees
+    the same shortened prompt. `answer_len`: the answer's length in tokens (None: not known,
+    reserve cutoff_len // 4)."""
+    reserve = cutoff_len // 4 if answer_len is None else min(answer_len, cutoff_len // 4)
+    budget = cutoff_len - reserve
+    text = render_prompt(example, template, tokenizer)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for _ in range(4):  # re-tokenising a cut text can differ by a token or two
+        excess = len(ids) - budget
+        if excess <= 0:
+            break
+        inp = tokenizer(example.input, add_special_tokens=False)["input_ids"] if example.input else []
+        if len(inp) > excess:
+            example = replace(example, input=_shorten(example.input, tokenizer, excess + 2))
+        else:
+            rest = excess + 2 - len(inp)
+            example = replace(example, input="", instruction=_shorten(example.instruction, tokenizer, rest) or example.instruction[:64])
+        text = render_prompt(example, template, tokenizer)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text, ids
+
+
 def tokenize_for_training(
     example: Example, tokenizer, template: str, cutoff_len: int, train_on_inputs: bool
 ) -> dict[str, list[int]]:
     """input_ids and labels (-100 on the prompt unless train_on_inputs), ending in EOS so the
-    model learns to stop, truncated to cutoff_len tokens."""
-    prompt_ids = tokenizer(render_prompt(example, template, tokenizer), add_special_tokens=False)["input_ids"]
+    model learns to stop, at most cutoff_len tokens; a long prompt is shortened (fit_prompt)
+    so that the answer keeps at least min(its length, cutoff_len // 4) tokens."""
     answer_ids = tokenizer(example.output, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         answer_ids = answer_ids + [tokenizer.eos_token_id]
+    _, prompt_ids = fit_prompt(example, tokenizer, template, cutoff_len, len(answer_ids))
     input_ids = (prompt_ids + answer_ids)[:cutoff_len]
     labels = list(input_ids) if train_on_inputs else ([-100] * len(prompt_ids) + answer_ids)[:cutoff_len]
     return {"input_ids": input_ids, "labels": labels}

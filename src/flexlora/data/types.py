@@ -5,6 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+class DataError(ValueError):
+    """Unusable input data; the one-line message names the file (and line) and the problem."""
+
+    def __init__(self, message: str, path: str | None = None, line: int | None = None):
+        self.path, self.line, self.reason = path, line, message
+        where = f"{path}:{line}: " if path and line is not None else (f"{path}: " if path else "")
+        super().__init__(f"{where}{message}")
+
+
 @dataclass(frozen=True)
 class Example:
     instruction: str
@@ -30,11 +39,16 @@ class ClientData:
 
 @dataclass
 class FederatedDataset:
-    """Training clients (sampled each round) and held-out clients (evaluation only)."""
+    """Training clients (sampled each round) and held-out clients (evaluation only).
+
+    `issues` lists the problems found while loading (bad records skipped, empty clients
+    dropped), one line each, so that a run can report them instead of crashing.
+    """
 
     name: str
     clients: list[ClientData]
     heldout: list[ClientData]
+    issues: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         train_ids = {c.client_id for c in self.clients}

@@ -1,0 +1,386 @@
+"""`flexlora compare`: methods x resource profiles x seeds on one data source, one report.
+
+Every cell is an ordinary run (its own run folder under <out>/cells/) from the same base
+config. All cells share the data split and the held-out clients (both seeded by
+data.split_seed, not by the run seed), and cells with the same seed sample the same clients
+each round and draw the same rank types. A cell is done once its summary.json exists, so an
+interrupted grid resumes cell by cell, and cells can be added later (a new method, more
+seeds) to the same folder. A homogeneous method (FedIT) cuts every client to the smallest
+rank whatever the profile, so it runs once per seed, under the profile 'homo', and is the
+reference ("improvement over homogeneous FedIT") for every profile.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from flexlora.config import ConfigError, ExperimentConfig, load_config
+from flexlora.evaluation import METRIC
+from flexlora.reporting import write_json
+
+GRID_FILE = "grid.json"
+# Settings a cell sets itself; everything else must match between runs of one grid folder.
+CELL_KEYS = ("method", "seed", "resources.profile", "output.dir", "output.name", "output.overwrite")
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    profile: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-{self.profile}-seed{self.seed}"
+
+
+def is_homogeneous(method: str) -> bool:
+    from flexlora.aggregation import METHODS
+
+    return bool(getattr(METHODS[method], "homogeneous", False))
+
+
+def grid_cells(methods: list[str], profiles: list[str], seeds: list[int]) -> list[Cell]:
+    """Seed-major order, so that a partial grid already compares every method on seed 0."""
+    cells: list[Cell] = []
+    for seed in seeds:
+        for method in methods:
+            for profile in ["homo"] if is_homogeneous(method) else profiles:
+                cell = Cell(method, profile, seed)
+                if cell not in cells:
+                    cells.append(cell)
+    return cells
+
+
+def _base_settings(cfg: ExperimentConfig) -> dict:
+    tree = cfg.to_dict()
+    for key in CELL_KEYS:
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            node = node[p]
+        node.pop(leaf, None)
+    return tree
+
+
+def _first_difference(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            diff = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+            if diff:
+                return diff
+        return None
+    return prefix.rstrip(".") if a != b else None
+
+
+def run_grid(
+    out_dir: str | Path,
+    methods: list[str],
+    profiles: list[str],
+    seeds: list[int],
+    config_path: str | None = None,
+    overrides: list[str] = (),
+    baseline: str | None = "fedit",
+    command: str | None = None,
+    echo=print,
+) -> Path:
+    """Run every missing cell, then write the report; returns the report's Markdown path."""
+    from flexlora.experiment import run_experiment
+
+    out = Path(out_dir)
+    base = load_config(config_path, list(overrides))
+    for key in CELL_KEYS:
+        if any(o.split("=", 1)[0].strip() == key for o in overrides):
+            raise ConfigError(f"compare: '{key}' is set per cell; use --methods/--profiles/--seeds/--out instead")
+    cells = grid_cells(methods, profiles, seeds)
+    for cell in cells:  # every cell's config is valid before the first one starts
+        load_config(config_path, [*overrides, f"method={cell.method}", f"resources.profile={cell.profile}", f"seed={cell.seed}"])
+    settings = _base_settings(base)
+    grid_path = out / GRID_FILE
+    if grid_path.is_file():
+        stored = json.loads(grid_path.read_text())
+        diff = _first_difference(stored["settings"], settings)
+        if diff:
+            raise ConfigError(f"compare: {out} holds a grid run with other settings ({diff} differs); use another --out")
+        known = [Cell(**c) for c in stored["cells"]]
+        cells_all = known + [c for c in cells if c not in known]
+        commands = stored.get("commands", [])
+    else:
+        cells_all, commands = cells, []
+    out.mkdir(parents=True, exist_ok=True)
+    if command and command not in commands:
+        commands.append(command)
+    write_json(grid_path, {"settings": settings, "cells": [c.__dict__ for c in cells_all], "baseline": baseline, "commands": commands})
+
+    cells_dir = out / "cells"
+    todo = [c for c in cells if not (cells_dir / c.name / "summary.json").is_file()]
+    echo(f"compare: {len(cells)} cells ({len(cells) - len(todo)} done), writing to {out}")
+    for i, cell in enumerate(todo, start=1):
+        cfg = load_config(
+            config_path,
+            [*overrides, f"method={cell.method}", f"resources.profile={cell.profile}", f"seed={cell.seed}",
+             f"output.dir={cells_dir}", f"output.name={cell.name}", "output.overwrite=true"],
+        )
+        zero_path = out / f"zero_shot-seed{cell.seed}.json"  # the base model's scores, once per seed
+        zero_shot = json.loads(zero_path.read_text()) if zero_path.is_file() else None
+        echo(f"compare: cell {i}/{len(todo)}: {cell.name}")
+        started = time.perf_counter()
+        try:
+            run_dir = run_experiment(cfg, echo=lambda line, c=cell: echo(f"  [{c.name}] {line}"), zero_shot=zero_shot)
+        except (ConfigError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # one failing cell is reported; the others still run
+            echo(f"compare: cell {cell.name} failed after {time.perf_counter() - started:.0f} s: {type(e).__name__}: {e}")
+            (cells_dir / cell.name).mkdir(parents=True, exist_ok=True)
+            (cells_dir / cell.name / "error.txt").write_text(traceback.format_exc())
+            continue
+        if zero_shot is None:
+            first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+            write_json(zero_path, first["eval"])
+        write_report(out, echo=None)
+    return write_report(out, echo=echo)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _fmt(values: list[float], digits: int = 4, signed: bool = False) -> str:
+    if not values:
+        return "–"
+    mean, sd = _mean_sd(values)
+    sign = "+" if signed else ""
+    return f"{mean:{sign}.{digits}f} ± {sd:.{digits}f}" + ("" if len(values) > 1 else " (1 seed)")
+
+
+def load_cells(out: Path) -> tuple[dict, list[dict]]:
+    grid = json.loads((out / GRID_FILE).read_text())
+    rows = []
+    for c in grid["cells"]:
+        cell = Cell(**c)
+        run_dir = out / "cells" / cell.name
+        summary_path = run_dir / "summary.json"
+        if not summary_path.is_file():
+            continue
+        summary = json.loads(summary_path.read_text())
+        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows.append({"cell": cell, "summary": summary, "history": history})
+    return grid, rows
+
+
+def write_report(out: str | Path, echo=print) -> Path:
+    """compare.md, compare.csv (mean ± spread per method and profile), cells.csv (one row per
+    cell) and compare.png (the metric per round) from the finished cells."""
+    out = Path(out)
+    grid, rows = load_cells(out)
+    cells = [Cell(**c) for c in grid["cells"]]
+    baseline = grid.get("baseline")
+    methods = list(dict.fromkeys(c.method for c in cells))
+    profiles = list(dict.fromkeys(c.profile for c in cells if not is_homogeneous(c.method))) or ["homo"]
+    seeds = sorted({c.seed for c in cells})
+    by_cell = {r["cell"]: r for r in rows}
+
+    def cell_for(method: str, profile: str, seed: int):
+        return by_cell.get(Cell(method, "homo" if is_homogeneous(method) else profile, seed))
+
+    def values(method, profile, key):
+        return [r["summary"][key] for s in seeds if (r := cell_for(method, profile, s))]
+
+    def paired_delta(method, profile, key="final"):
+        out_ = []
+        for s in seeds:
+            r, b = cell_for(method, profile, s), cell_for(baseline, profile, s)
+            if r and b:
+                out_.append(r["summary"][key] - b["summary"][key])
+        return out_
+
+    def label(method):
+        return f"{method} (homo)" if is_homogeneous(method) else method
+
+    settings = grid["settings"]
+    lines = [
+        "# Comparison grid",
+        "",
+        f"Data: `{settings['data']['source']}` at `{settings['data']['path']}`; model `{settings['model']}`; "
+        f"{settings['federation']['rounds']} rounds, {settings['federation']['clients_per_round']} clients per round, "
+        f"{settings['train']['steps']} local steps of batch {settings['train']['batch_size']}, seeds {', '.join(map(str, seeds))}; "
+        f"{len(rows)}/{len(cells)} cells done.",
+        "",
+        f"Metric: **{METRIC}** — Rouge-L F1 of greedy generations (max {settings['eval']['max_new_tokens']} new tokens) "
+        "on the held-out clients (tasks never trained on), weighted by test-set size, after the last round. "
+        "`rougeL_teacher_forced` is the released FlexLoRA code's metric (argmax of teacher-forced logits), for comparison. "
+        "Mean ± sample standard deviation over seeds. A homogeneous method trains every client at the smallest rank "
+        "whatever the profile, so its one run per seed is repeated in every profile column.",
+        "",
+    ]
+    if rows:
+        zero = [r["summary"]["zero_shot"] for r in rows]
+        lines += [f"Zero-shot (base model, no adapter): {METRIC} {statistics.fmean(zero):.4f}, "
+                  f"teacher-forced {statistics.fmean(r['summary']['zero_shot_teacher_forced'] for r in rows):.4f}, "
+                  f"eval loss {statistics.fmean(r['summary']['zero_shot_eval_loss'] for r in rows):.3f}.", ""]
+
+    def table(title, key, digits=4, delta=False):
+        head = ["method", *profiles]
+        body = []
+        for m in methods:
+            if delta:
+                cols = [_fmt(paired_delta(m, p, key), digits, signed=True) for p in profiles]
+            else:
+                cols = [_fmt(values(m, p, key), digits) for p in profiles]
+            body.append([label(m), *cols])
+        return [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                *("| " + " | ".join(row) + " |" for row in body), ""]
+
+    lines += table(f"Final {METRIC} (held-out clients)", "final")
+    if baseline in methods:
+        lines += table(f"Improvement over {label(baseline)} in {METRIC} (paired by seed)", "final", delta=True)
+    lines += table("Final rougeL_teacher_forced (released code's metric)", "final_teacher_forced")
+    lines += table("Final eval loss (per answer token; lower is better)", "final_eval_loss", digits=3)
+    lines += table(f"Best {METRIC} over rounds", "best")
+    lines += _truncation_table(rows, profiles)
+    lines += _category_table(rows, methods, profiles, label)
+    lines += ["### Cells", "", "| cell | zero-shot | final | teacher-forced | eval loss | wall time (s) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        s = r["summary"]
+        lines.append(f"| {r['cell'].name} | {s['zero_shot']:.4f} | {s['final']:.4f} | {s['final_teacher_forced']:.4f} | "
+                     f"{s['final_eval_loss']:.3f} | {s['wall_time_s']:.0f} |")
+    failed = [c.name for c in cells if (out / "cells" / c.name / "error.txt").is_file() and c not in by_cell]
+    if failed:
+        lines += ["", f"Failed cells (see their error.txt): {', '.join(failed)}"]
+    if grid.get("commands"):
+        lines += ["", "### Command", "", "```", *grid["commands"], "```"]
+    md = out / "compare.md"
+    md.write_text("\n".join(lines) + "\n")
+
+    import csv
+
+    with open(out / "compare.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "profile", "seeds", "final_mean", "final_sd", f"delta_vs_{baseline}_mean", f"delta_vs_{baseline}_sd",
+                    "teacher_forced_mean", "teacher_forced_sd", "eval_loss_mean", "eval_loss_sd", "best_mean", "zero_shot"])
+        for m in methods:
+            for p in profiles:
+                final = values(m, p, "final")
+                if not final:
+                    continue
+                d = paired_delta(m, p, "final") if baseline in methods else []
+                row = [label(m), p, len(final), *_mean_sd(final), *_mean_sd(d), *_mean_sd(values(m, p, "final_teacher_forced")),
+                       *_mean_sd(values(m, p, "final_eval_loss")), _mean_sd(values(m, p, "best"))[0], _mean_sd(values(m, p, "zero_shot"))[0]]
+                w.writerow([f"{v:.6f}" if isinstance(v, float) else v for v in row])
+    with open(out / "cells.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "profile", "seed", "round", METRIC, "rougeL_teacher_forced", "eval_loss"])
+        for r in rows:
+            for rec in r["history"]:
+                if rec.get("eval"):
+                    e = rec["eval"]
+                    w.writerow([r["cell"].method, r["cell"].profile, r["cell"].seed, rec["round"],
+                                f"{e[METRIC]:.6f}", f"{e['rougeL_teacher_forced']:.6f}", f"{e['eval_loss']:.6f}"])
+    if rows:
+        _plot(out / "compare.png", rows, methods, profiles, seeds, cell_for, label)
+    if echo:
+        echo(f"compare: report {md} ({len(rows)}/{len(cells)} cells)")
+    return md
+
+
+def _truncation_table(rows, profiles) -> list[str]:
+    """Mean over seeds and rounds of the rank-r slice's error ratio, per profile and module kind."""
+    acc: dict[tuple[str, str, str], dict[int, list[float]]] = {}
+    for r in rows:
+        for trunc in r["summary"].get("truncation", {}).values():
+            for kind, by_rank in trunc.items():
+                slot = acc.setdefault((r["cell"].method, r["cell"].profile, kind), {})
+                for rank, v in by_rank.items():
+                    slot.setdefault(int(rank), []).append(v["err"])
+    if not acc:
+        return []
+    ranks = sorted({rank for slot in acc.values() for rank in slot})
+    lines = [
+        "### What truncation costs: ‖ΔW − Ŵ_r‖_F / ‖ΔW‖_F of the rank-r slice a client receives",
+        "",
+        "Mean over layers, rounds and seeds (the paper's approximation error ratio; 0 = the client gets ΔW exactly). "
+        "Each round's ΔW has rank at most the sum of that round's client ranks.",
+        "",
+        "| method | profile | module | " + " | ".join(f"r={r}" for r in ranks) + " |",
+        "|---|---|---|" + "---|" * len(ranks),
+    ]
+    order = {p: i for i, p in enumerate(profiles)}
+    for (method, profile, kind) in sorted(acc, key=lambda k: (k[0], order.get(k[1], 99), k[2])):
+        slot = acc[(method, profile, kind)]
+        cols = [f"{statistics.fmean(slot[r]):.3f}" if r in slot else "–" for r in ranks]
+        lines.append(f"| {method} | {profile} | {kind} | " + " | ".join(cols) + " |")
+    return lines + [""]
+
+
+def _category_table(rows, methods, profiles, label) -> list[str]:
+    cats = sorted({c for r in rows for c in (r["summary"].get("final_per_category") or {})})
+    if len(cats) < 2:
+        return []
+    lines = [f"### Final {METRIC} per held-out category (mean over seeds)", "",
+             "| method | profile | " + " | ".join(cats) + " |", "|---|---|" + "---|" * len(cats)]
+    zero = {}
+    for r in rows:
+        for rec in r["history"][:1]:
+            for c, v in (rec["eval"] or {}).get("per_category", {}).items():
+                zero.setdefault(c, []).append(v[METRIC])
+    if zero:
+        lines.append("| zero-shot | – | " + " | ".join(f"{statistics.fmean(zero[c]):.3f}" if c in zero else "–" for c in cats) + " |")
+    for m in methods:
+        for p in (["homo"] if is_homogeneous(m) else profiles):
+            vals = {c: [r["summary"]["final_per_category"][c][METRIC] for r in rows
+                        if r["cell"].method == m and r["cell"].profile == p and c in (r["summary"].get("final_per_category") or {})]
+                    for c in cats}
+            if any(vals.values()):
+                lines.append(f"| {label(m)} | {p} | " + " | ".join(f"{statistics.fmean(v):.3f}" if v else "–" for v in vals.values()) + " |")
+    return lines + [""]
+
+
+def _plot(path: Path, rows, methods, profiles, seeds, cell_for, label) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(profiles), figsize=(4.2 * len(profiles), 3.6), sharey=True, squeeze=False)
+    for ax, profile in zip(axes[0], profiles):
+        for method in methods:
+            curves = [
+                {int(k): v for k, v in r["summary"]["per_round"].items()}
+                for s in seeds if (r := cell_for(method, profile, s))
+            ]
+            if not curves:
+                continue
+            rounds = sorted(set.intersection(*(set(c) for c in curves)))
+            mean = [statistics.fmean(c[t] for c in curves) for t in rounds]
+            lo = [min(c[t] for c in curves) for t in rounds]
+            hi = [max(c[t] for c in curves) for t in rounds]
+            style = "--" if is_homogeneous(method) else "-"
+            line, = ax.plot(rounds, mean, style, marker="o", label=f"{label(method)} (n={len(curves)})")
+            if len(curves) > 1:
+                ax.fill_between(rounds, lo, hi, color=line.get_color(), alpha=0.15)
+        ax.set_title(profile)
+        ax.set_xlabel("round (0 = zero-shot)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{METRIC} (held-out)")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle("Mean over seeds (band: min–max)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    return "flexlora " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
