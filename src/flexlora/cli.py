@@ -23,6 +23,30 @@ def _run(args) -> None:
     run_experiment(cfg)
 
 
+def _eval(args) -> None:
+    from pathlib import Path
+
+    from flexlora.experiment import run_evaluation
+    from flexlora.reporting import write_json
+
+    config, adapter = args.config, args.adapter
+    if args.run:
+        run_dir = Path(args.run)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--run: {run_dir} is not a run folder (no config.yaml)")
+        config = config or str(run_dir / "config.yaml")
+        if adapter is None and not args.base:
+            adapter = str(run_dir / "adapter")
+    if args.base and adapter is not None:
+        raise ConfigError("--base evaluates the model without an adapter; drop --adapter")
+    if adapter is None and not args.base:
+        raise ConfigError("flexlora eval needs --adapter DIR, --run RUN_DIR or --base")
+    metrics = run_evaluation(load_config(config, args.overrides), adapter, args.clients)
+    if args.out:
+        write_json(Path(args.out), metrics)
+        print(f"metrics: {args.out}")
+
+
 def _list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -39,7 +63,7 @@ def _compare(args) -> None:
         raise ConfigError(f"--seeds: expected comma-separated integers, got '{args.seeds}'") from None
     run_grid(
         args.out, _list(args.methods), _list(args.profiles), seeds, args.config, args.overrides,
-        baseline=args.baseline, command=command_line(),
+        baseline=args.baseline, command=command_line(args.argv),
     )
 
 
@@ -50,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", "-c", help="YAML config file")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federation.rounds=5 method=fedit")
     run.set_defaults(func=_run)
+    ev = sub.add_parser("eval", help="evaluate a saved global adapter (or the base model) on any data source")
+    ev.add_argument("--config", "-c", help="YAML config (default with --run: the run's config.yaml)")
+    ev.add_argument("--run", help="a run folder: its config and its adapter/")
+    ev.add_argument("--adapter", help="a PEFT adapter folder")
+    ev.add_argument("--base", action="store_true", help="evaluate the base model without an adapter")
+    ev.add_argument("--clients", default="heldout", help="heldout (default) | training | all: whose test sets")
+    ev.add_argument("--out", help="write the metrics (overall, per client, per category) to this JSON file")
+    ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.source=dolly data.path=...")
+    ev.set_defaults(func=_eval)
     cmp = sub.add_parser(
         "compare",
         help="methods x resource profiles x seeds on one data source: a resumable grid and a Markdown/CSV/PNG report",
@@ -69,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # for the report's "exact command"
     try:
         args.func(args)
     except (ConfigError, DataError, FileNotFoundError) as e:

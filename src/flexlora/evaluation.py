@@ -39,15 +39,27 @@ def clean_generation(text: str) -> str:
 
 @contextmanager
 def adapter(model, factors: dict[str, Factors] | None, ranks: dict[str, int] | None, alpha, target_modules):
-    """The model with the given adapter (no dropout) attached, or the bare model if None."""
+    """The model with the given adapter (no dropout) merged into its weights, or the bare model
+    if None. A global adapter can have a high rank (FlexLoRA's ΔW: up to min(m, n)), which
+    would make every forward pass several times dearer than the base model; merged, evaluation
+    costs the same for every method. The touched base weights are copied first and restored
+    exactly afterwards (no merge/unmerge rounding drift across rounds)."""
     if factors is None:
         yield model
         return
     peft_model = lora.attach(model, ranks, alpha, 0.0, target_modules, factors)
+    saved = {}
+    for name, layer in lora._lora_layers(peft_model):
+        weight = layer.get_base_layer().weight
+        saved[name] = (weight, weight.detach().clone())
     try:
+        peft_model.merge_adapter()
         yield peft_model
     finally:
         lora.detach(peft_model)
+        with torch.no_grad():
+            for weight, original in saved.values():
+                weight.copy_(original)
 
 
 @torch.no_grad()
@@ -75,8 +87,20 @@ def teacher_forced(model, tokenizer, examples: list[Example], template: str, cut
     device = next(model.parameters()).device
     features = [tokenize_for_training(ex, tokenizer, template, cutoff_len, train_on_inputs=False) for ex in examples]
     batch = {k: v.to(device) for k, v in collate(features, tokenizer.pad_token_id).items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
+    # Only answer positions are scored: ask the model for the logits of the last `keep`
+    # positions (right padding puts every answer there), not all of them. With a 49k-token
+    # vocabulary, full float32 logits of a batch of long NI prompts run to gigabytes.
+    width = batch["input_ids"].shape[1]
+    first_answer = min(next((i for i, l in enumerate(f["labels"]) if l != -100), len(f["labels"])) for f in features)
+    keep = width - max(first_answer - 1, 0)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    try:
+        logits = model(**inputs, logits_to_keep=keep).logits
+    except TypeError:  # an architecture without logits_to_keep
+        logits = model(**inputs).logits
+    offset = width - logits.shape[1]  # position of logits[:, 0]
+    logits = logits[:, :-1]
+    labels = batch["labels"][:, offset + 1 :]
     mask = labels != -100
     loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), labels.clamp(min=0), reduction="none")
     argmax = logits.argmax(-1)

@@ -172,3 +172,45 @@ def run_experiment(cfg: ExperimentConfig, echo=print, zero_shot: dict | None = N
     )
     echo(f"run folder: {run_dir}")
     return run_dir
+
+
+EVAL_CLIENTS = ("heldout", "training", "all")
+
+
+def run_evaluation(cfg: ExperimentConfig, adapter: str | Path | None, clients: str = "heldout", echo=print) -> dict:
+    """Evaluate a saved PEFT adapter (or, with adapter=None, the base model) on the test sets
+    of a data source's held-out clients, training clients, or all of them."""
+    from peft import PeftModel
+
+    if clients not in EVAL_CLIENTS:
+        raise ConfigError(f"--clients: must be one of {', '.join(EVAL_CLIENTS)}, got '{clients}'")
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"--adapter: {adapter} is not a PEFT adapter folder (no adapter_config.json)")
+    device = resolve_device(cfg.device)
+    dataset = load_federated_dataset(cfg.data, cfg.seed)
+    chosen = {"heldout": dataset.heldout, "training": dataset.clients, "all": dataset.heldout + dataset.clients}[clients]
+    if not any(c.test for c in chosen):
+        hint = " (choose held-out clients with data.heldout_*)" if clients == "heldout" else ""
+        raise ConfigError(f"data: the {clients} clients of {cfg.data.source} have no test examples{hint}")
+    model, tokenizer = load_model(cfg.model, device, seed=cfg.seed)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    target_modules = cfg.lora.target_modules or default_target_modules(model)
+    metrics = evaluate(
+        model, tokenizer, chosen,
+        factors=None, ranks=None, alpha=cfg.lora.alpha, target_modules=target_modules,
+        template=cfg.data.template, cutoff_len=cfg.data.cutoff_len,
+        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+        max_examples_per_client=cfg.eval.max_examples_per_client, desc="eval",
+    )
+    metrics["adapter"] = str(adapter) if adapter is not None else None
+    metrics["clients"] = clients
+    what = f"adapter {adapter}" if adapter is not None else f"base model {cfg.model}"
+    echo(
+        f"{what} on {len([c for c in chosen if c.test])} {clients} clients of {cfg.data.source} "
+        f"({metrics['num_examples']} examples): {METRIC} {metrics[METRIC]:.4f}, "
+        f"rougeL_teacher_forced {metrics['rougeL_teacher_forced']:.4f}, eval loss {metrics['eval_loss']:.3f}"
+    )
+    for category, m in metrics["per_category"].items():
+        echo(f"  {category or '(none)'}: n={m['n']} {METRIC} {m[METRIC]:.4f}, teacher-forced {m['rougeL_teacher_forced']:.4f}, loss {m['eval_loss']:.3f}")
+    return metrics

@@ -55,18 +55,21 @@ def fit_prompt(example: Example, tokenizer, template: str, cutoff_len: int, answ
     budget = cutoff_len - reserve
     text = render_prompt(example, template, tokenizer)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    for _ in range(4):  # re-tokenising a cut text can differ by a token or two
-        excess = len(ids) - budget
-        if excess <= 0:
-            break
-        inp = tokenizer(example.input, add_special_tokens=False)["input_ids"] if example.input else []
-        if len(inp) > excess:
-            example = replace(example, input=_shorten(example.input, tokenizer, excess + 2))
+    if len(ids) <= budget:
+        return text, ids
+    input_len = len(tokenizer(example.input, add_special_tokens=False)["input_ids"]) if example.input else 0
+    drop = len(ids) - budget + 4  # + room for the ellipsis
+    for _ in range(8):  # re-tokenising a cut text can differ by a token or two: cut a little more
+        if drop < input_len:
+            short = replace(example, input=_shorten(example.input, tokenizer, drop))
         else:
-            rest = excess + 2 - len(inp)
-            example = replace(example, input="", instruction=_shorten(example.instruction, tokenizer, rest) or example.instruction[:64])
-        text = render_prompt(example, template, tokenizer)
+            cut = _shorten(example.instruction, tokenizer, drop - input_len + 4)
+            short = replace(example, input="", instruction=cut or example.instruction[:32])
+        text = render_prompt(short, template, tokenizer)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= budget:
+            break
+        drop += len(ids) - budget
     return text, ids
 
 

@@ -1,0 +1,107 @@
+"""The comparison grid end to end on the tiny model and a small NI-layout folder written here,
+`flexlora eval` on its adapter, and held-out clients never reaching training."""
+
+import csv
+import json
+
+from flexlora.cli import main
+from flexlora.compare import grid_cells
+
+
+def write_ni_fixture(folder):
+    """Eight clients in the NI per-client layout; ids not contiguous; two categories."""
+    folder.mkdir(parents=True)
+    meta = {}
+    for k, cid in enumerate([1, 2, 4, 5, 9, 11, 20, 21]):
+        category = "Mathematics 8.json" if cid in (20, 21) else f"Word Analogy {cid}.json"
+        train = [{"instruction": "Answer with one word.", "input": f"x{cid}{i}", "output": f"y{cid}", "category": category} for i in range(4)]
+        test = [{"instruction": "Answer with one word.", "input": f"t{cid}", "output": f"y{cid}", "category": category}]
+        (folder / f"local_training_{cid}.json").write_text(json.dumps(train))
+        (folder / f"local_test_{cid}.json").write_text(json.dumps(test))
+        meta[str(cid)] = {"category": category, "train_examples_in_source": 10 + k, "holdout": False}
+    (folder / "clients.json").write_text(json.dumps(meta))
+    return folder
+
+
+def tiny_grid_overrides(tmp_path):
+    data = write_ni_fixture(tmp_path / "ni")
+    return [
+        "model=tiny-llama", "device=cpu",
+        "data.source=natural-instructions", f"data.path={data}", "data.heldout_categories=[Mathematics]",
+        "data.cutoff_len=256", "federation.rounds=2", "federation.clients_per_round=3",
+        "train.steps=1", "train.batch_size=2", "eval.max_new_tokens=3",
+        "resources.t1=2", "resources.t2=4", "resources.t3_attention=4", "resources.t3_mlp=8", "resources.t4=8",
+    ]
+
+
+def test_grid_cells_run_fedit_once_per_seed():
+    cells = grid_cells(["fedit", "flexlora"], ["uniform", "heavy-tail-strong"], [0, 1])
+    assert [c.name for c in cells] == [
+        "fedit-homo-seed0", "flexlora-uniform-seed0", "flexlora-heavy-tail-strong-seed0",
+        "fedit-homo-seed1", "flexlora-uniform-seed1", "flexlora-heavy-tail-strong-seed1",
+    ]
+
+
+def test_two_cell_grid_end_to_end_resumes_and_never_trains_heldout_clients(tmp_path, capsys):
+    overrides = tiny_grid_overrides(tmp_path)
+    out = tmp_path / "grid"
+    args = ["compare", "--out", str(out), "--methods", "fedit,flexlora", "--profiles", "uniform", "--seeds", "0", *overrides]
+    assert main(args) == 0
+    cells = out / "cells"
+    assert sorted(p.name for p in cells.iterdir()) == ["fedit-homo-seed0", "flexlora-uniform-seed0"]
+
+    heldout = {"20", "21"}
+    for cell in cells.iterdir():
+        data = json.loads((cell / "data.json").read_text())
+        assert set(data["heldout_clients"]) == heldout
+        records = [json.loads(line) for line in (cell / "metrics.jsonl").read_text().splitlines()]
+        trained = {cid for r in records[1:] for cid in r["clients"]}
+        assert trained and not trained & heldout  # held-out clients never train
+        assert records[-1]["eval"]["per_category"].keys() == {"Mathematics"}
+    # Both cells sampled the same clients each round (same seed).
+    rounds = [[sorted(json.loads(l)["clients"]) for l in (c / "metrics.jsonl").read_text().splitlines()[1:]] for c in cells.iterdir()]
+    assert rounds[0] == rounds[1]
+    flex = [json.loads(l) for l in (cells / "flexlora-uniform-seed0" / "metrics.jsonl").read_text().splitlines()]
+    trunc = flex[1]["truncation"]
+    assert set(trunc) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    for by_rank in trunc.values():
+        for v in by_rank.values():
+            assert 0 <= v["err"] <= v["err_max"] <= 1 and 0 <= v["kept"] <= 1
+
+    md = (out / "compare.md").read_text()
+    assert "| fedit (homo) |" in md and "| flexlora |" in md and "Improvement over fedit (homo)" in md
+    assert "What truncation costs" in md and "flexlora compare --out" in md
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert [(r["method"], r["profile"]) for r in rows] == [("fedit (homo)", "uniform"), ("flexlora", "uniform")]
+    flex_row = rows[1]
+    fedit_final = json.loads((cells / "fedit-homo-seed0" / "summary.json").read_text())["final"]
+    flex_final = json.loads((cells / "flexlora-uniform-seed0" / "summary.json").read_text())["final"]
+    assert abs(float(flex_row["delta_vs_fedit_mean"]) - (flex_final - fedit_final)) < 1e-6
+    assert (out / "compare.png").stat().st_size > 1000
+    capsys.readouterr()
+
+    # Resuming runs nothing that is done; a finished cell is never redone.
+    stamp = (cells / "fedit-homo-seed0" / "summary.json").stat().st_mtime_ns
+    assert main(args) == 0
+    assert "2 cells (2 done)" in capsys.readouterr().out
+    assert (cells / "fedit-homo-seed0" / "summary.json").stat().st_mtime_ns == stamp
+
+    # The same folder with other base settings is refused.
+    assert main([*args, "train.lr=0.1"]) == 2
+    assert "holds a grid run with other settings (train.lr differs)" in capsys.readouterr().err
+
+    # `flexlora eval` of a cell's saved adapter on the same held-out clients reproduces its final score.
+    metrics_path = tmp_path / "eval.json"
+    assert main(["eval", "--run", str(cells / "flexlora-uniform-seed0"), "--out", str(metrics_path)]) == 0
+    metrics = json.loads(metrics_path.read_text())
+    assert abs(metrics["rougeL_generated"] - flex_final) < 1e-6
+    assert abs(metrics["eval_loss"] - flex[-1]["eval"]["eval_loss"]) < 1e-4
+    assert main(["eval", "--run", str(cells / "flexlora-uniform-seed0"), "--base", "--clients", "training"]) == 0
+    assert "base model tiny-llama on 6 training clients" in capsys.readouterr().out
+
+
+def test_eval_needs_an_adapter_or_base(tmp_path, capsys):
+    assert main(["eval", "model=tiny-llama"]) == 2
+    assert "needs --adapter DIR, --run RUN_DIR or --base" in capsys.readouterr().err
+    assert main(["eval", "--adapter", str(tmp_path), "model=tiny-llama"]) == 2
+    assert "is not a PEFT adapter folder" in capsys.readouterr().err
