@@ -5,7 +5,9 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see flexlora/cli.py
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# ../shared/data beside the repository; FLEXLORA_SHARED_DATA points elsewhere (e.g. from a
+# git worktree that does not sit beside it).
+SHARED_DATA = Path(os.environ.get("FLEXLORA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 @pytest.fixture

@@ -255,3 +255,38 @@ def test_long_prompts_are_shortened_so_the_answer_survives_the_cutoff():
     assert answer == tokenizer("word", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     text, ids = fit_prompt(ex, tokenizer, "alpaca", 256, 16)
     assert len(ids) <= 256 - 16 and text.endswith("### Response:\n") and "Copy the last word." in text
+
+
+# ----------------------------------------------------------------------------- real data
+
+from conftest import SHARED_DATA, requires_shared_data  # noqa: E402
+
+NI = SHARED_DATA / "natural-instructions-1613-mini"
+DOLLY = SHARED_DATA / "dolly-15k"
+
+
+@requires_shared_data()
+def test_real_ni_mini_split_loads_with_source_weights_and_unseen_categories():
+    data = load_federated_dataset(ni_cfg(NI, "data.heldout_categories=[Word Analogy, Mathematics]"), seed=0)
+    ids = {c.client_id for c in data.clients} | {c.client_id for c in data.heldout}
+    assert len(ids) > 1500 and "967" not in ids  # the source lacks client 967
+    assert {task_category(c.category) for c in data.heldout} == {"Word Analogy", "Mathematics"}
+    assert not {task_category(c.category) for c in data.clients} & {"Word Analogy", "Mathematics"}
+    meta = json.loads((NI / "clients.json").read_text())
+    first = data.clients[0]
+    assert first.num_examples == meta[first.client_id]["train_examples_in_source"] and len(first.train) <= 16
+    assert all(line.split(":")[0].startswith(str(NI)) for line in data.issues)  # empty outputs: reported, skipped
+    assert 76 == len({task_category(c.category) for c in data.clients + data.heldout})
+
+
+@requires_shared_data()
+def test_real_dolly_split_with_its_published_test_set():
+    cfg = load_config(overrides=["data.source=dolly", f"data.path={DOLLY}", "data.num_clients=10",
+                                 "data.dirichlet_alpha=0.5", f"data.test_path={DOLLY / 'test-10-per-category.json'}"]).data
+    data = load_federated_dataset(cfg, seed=0)
+    assert len(data.clients) == 10 and len(data.heldout) == 8
+    assert sum(len(c.test) for c in data.heldout) == 80
+    train = sum(len(c.train) for c in data.clients)
+    assert 15011 - 80 - 50 < train <= 15011 - 80  # every other record trains, once
+    test_keys = {(e.instruction, e.output) for c in data.heldout for e in c.test}
+    assert not any((e.instruction, e.output) in test_keys for c in data.clients for e in c.train)
