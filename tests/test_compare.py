@@ -30,6 +30,7 @@ def tiny_grid_overrides(tmp_path):
         "data.source=natural-instructions", f"data.path={data}", "data.heldout_categories=[Mathematics]",
         "data.cutoff_len=256", "federation.rounds=2", "federation.clients_per_round=3",
         "train.steps=1", "train.batch_size=2", "eval.max_new_tokens=3",
+        "eval.export_rank=1000",  # export the whole global ΔW, so `flexlora eval` reproduces the run's score
         "resources.t1=2", "resources.t2=4", "resources.t3_attention=4", "resources.t3_mlp=8", "resources.t4=8",
     ]
 

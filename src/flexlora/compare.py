@@ -72,8 +72,10 @@ def _base_settings(cfg: ExperimentConfig) -> dict:
 
 
 def _first_difference(a, b, prefix=""):
+    """First setting that differs; keys only one side has are ignored (a newer version of the
+    package may add settings whose defaults keep the old behaviour)."""
     if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
+        for key in sorted(set(a) & set(b)):
             diff = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
             if diff:
                 return diff
