@@ -13,11 +13,12 @@ import torch
 import yaml
 
 from flexlora import lora
+from flexlora.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from flexlora.config import ConfigError, ExperimentConfig
 from flexlora.data.sources import load_federated_dataset
 from flexlora.evaluation import METRIC, evaluate
 from flexlora.models import default_device, default_target_modules, load_model
-from flexlora.reporting import plot_metric, write_json
+from flexlora.reporting import plot_metric, write_json, write_jsonl
 from flexlora.runtime.local import LocalRuntime
 from flexlora.server import FederatedServer, run_rounds
 
@@ -40,17 +41,52 @@ def prepare_run_dir(cfg: ExperimentConfig) -> Path:
     run_dir = Path(cfg.output.dir) / name
     if run_dir.exists() and any(run_dir.iterdir()):
         if not cfg.output.overwrite:
-            raise ConfigError(f"run folder {run_dir} already exists; pass output.overwrite=true to replace it")
+            raise ConfigError(
+                f"run folder {run_dir} already exists; pass --overwrite to replace it or --resume {run_dir} to continue it"
+            )
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
-def run_experiment(cfg: ExperimentConfig, echo=print) -> Path:
-    """Run the configured experiment; returns the run folder."""
+# What may differ between a run and its resumption (everything else must match the checkpoint).
+RESUME_MAY_CHANGE = ("federation.rounds", "device", "output")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "method_args":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resumable(saved: dict, cfg: ExperimentConfig, round_: int) -> None:
+    """ConfigError unless `cfg` continues the run whose checkpoint recorded `saved`."""
+    now = _flatten(cfg.to_dict())
+    for key, value in _flatten(saved).items():
+        if key.startswith(RESUME_MAY_CHANGE):
+            continue
+        if now.get(key) != value:
+            raise ConfigError(f"--resume: {key} is {now.get(key)!r} but the checkpoint was written with {value!r}")
+    if cfg.federation.rounds < round_:
+        raise ConfigError(f"--resume: federation.rounds={cfg.federation.rounds} but the checkpoint is already at round {round_}")
+
+
+def run_experiment(cfg: ExperimentConfig, echo=print, resume: str | Path | None = None) -> Path:
+    """Run the configured experiment, or continue the one in the run folder `resume` from its
+    last checkpoint; returns the run folder."""
     device = resolve_device(cfg.device)
     dataset = load_federated_dataset(cfg.data, cfg.seed)  # bad data fails before any run folder exists
-    run_dir = prepare_run_dir(cfg)
+    if resume is None:
+        run_dir, ckpt = prepare_run_dir(cfg), None
+    else:
+        run_dir = Path(resume)
+        ckpt = load_checkpoint(run_dir / "checkpoint")
+        if ckpt is not None:
+            check_resumable(ckpt.config, cfg, ckpt.round)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     started = time.perf_counter()
     random.seed(cfg.seed)
@@ -67,6 +103,14 @@ def run_experiment(cfg: ExperimentConfig, echo=print) -> Path:
             for cid in server.client_ids
         },
     )
+    history: list[dict] = []
+    if ckpt is not None:
+        server.load_state_dict(ckpt.tensors, ckpt.meta)
+        history = ckpt.history
+        echo(f"flexlora: resuming {run_dir} after round {ckpt.round} of {cfg.federation.rounds}")
+    # metrics.jsonl always equals the checkpointed history: a round logged after the last
+    # checkpoint (the process died before the next one) is run again, not logged twice.
+    write_jsonl(run_dir / "metrics.jsonl", history)
     runtime = LocalRuntime(model, tokenizer, dataset.clients, cfg, target_modules, getattr(server.method, "regularizer", None))
     echo(
         f"flexlora: {cfg.method} on {cfg.model} ({device}), {len(dataset.clients)} training clients "
@@ -83,10 +127,7 @@ def run_experiment(cfg: ExperimentConfig, echo=print) -> Path:
             max_examples_per_client=cfg.eval.max_examples_per_client, desc=f"eval round {round_}",
         )
 
-    history = []
-
     def log(record):
-        history.append(record)
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         ev = record["eval"]
@@ -99,7 +140,12 @@ def run_experiment(cfg: ExperimentConfig, echo=print) -> Path:
             f"eval loss {ev['eval_loss']:.3f}" + (f", {record['time']['total_s']:.0f} s" if record["round"] else "")
         )
 
-    run_rounds(server, runtime, evaluate_global, log)
+    def checkpoint(server, history):
+        save_checkpoint(run_dir / "checkpoint", server, history, cfg.to_dict())
+
+    if ckpt is not None:
+        restore_rng(ckpt.rng["tensors"], ckpt.rng["meta"])  # where the interrupted run stood
+    history = run_rounds(server, runtime, evaluate_global, log, checkpoint if cfg.output.checkpoint else None, history)
 
     adapter_dir = None
     if server.state is not None:

@@ -1,0 +1,161 @@
+"""Checks on what clients send back, before anything reaches an aggregation method.
+
+Pure functions on ``ClientUpdate``s and the ``ClientTask``s the server sent: no I/O, no model,
+no transport, so every runtime (in-process, Flower) gets the same checks from the server.
+A check returns a one-line reason (naming the module or field) or None when the update is fine.
+
+What a valid update is, for every method:
+- it comes from a client sampled this round, once;
+- num_examples is a positive integer (it is an aggregation weight: a negative or zero one
+  would flip or void the client's contribution), lora_alpha is the server's;
+- metrics are JSON (they go into metrics.jsonl);
+- factors cover exactly the modules the server asked for, each a pair of 2-D floating-point
+  tensors A (r, n), B (m, r) with (m, n) the module's weight shape and 1 <= r <= the rank the
+  server assigned (a smaller rank is allowed: HetLoRA clients may prune theirs; homogeneous
+  methods need exactly the assigned rank), all values finite;
+- its norm ||Σ s B A|| is not far above the others' (``max_norm_ratio``), see ``norm_outliers``.
+Methods may add checks with an optional ``check_update(update, task) -> str | None``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from statistics import median
+
+import torch
+
+from flexlora.aggregation.base import ClientUpdate
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_update(
+    update: ClientUpdate,
+    task,
+    shapes: dict[str, tuple[int, int]],
+    lora_alpha: float,
+    *,
+    exact_rank: bool = False,
+) -> str | None:
+    """The first problem with one update (vs the task it answers), or None if it is well-formed."""
+    n = update.num_examples
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        return f"num_examples must be a positive integer, got {n!r}"
+    alpha = update.lora_alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha != lora_alpha:
+        return f"lora_alpha {alpha!r} differs from the server's {lora_alpha}"
+    try:
+        json.dumps(update.metrics, allow_nan=True)
+    except (TypeError, ValueError) as e:
+        return f"metrics are not JSON-serialisable ({e})"
+    if not isinstance(update.factors, dict) or not update.factors:
+        return "empty update (no factors)"
+    expected = task.module_ranks
+    missing = sorted(set(expected) - set(update.factors))
+    if missing:
+        return f"missing {len(missing)} module(s), e.g. {missing[0]}"
+    extra = sorted(set(update.factors) - set(expected))
+    if extra:
+        return f"{len(extra)} unexpected module(s), e.g. {extra[0]}"
+    for module in sorted(expected):
+        problem = _check_factors(update.factors[module], shapes[module], expected[module], exact_rank)
+        if problem:
+            return f"module {module}: {problem}"
+    return None
+
+
+def _check_factors(pair, shape: tuple[int, int], assigned_rank: int, exact_rank: bool) -> str | None:
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        return "factors must be a pair (A, B)"
+    A, B = pair
+    for name, t in (("A", A), ("B", B)):
+        if not isinstance(t, torch.Tensor):
+            return f"{name} is a {type(t).__name__}, not a tensor"
+        if t.dtype not in FLOAT_DTYPES:
+            return f"{name} has dtype {t.dtype}, expected a floating-point dtype"
+        if t.ndim != 2:
+            return f"{name} must be 2-D, got shape {tuple(t.shape)}"
+    m, n = shape
+    r = A.shape[0]
+    if r == 0 or A.numel() == 0 or B.numel() == 0:
+        return f"empty factors A {tuple(A.shape)}, B {tuple(B.shape)}"
+    if A.shape != (r, n) or B.shape != (m, r):
+        return f"shapes A {tuple(A.shape)}, B {tuple(B.shape)} do not fit weight ({m}, {n}) at rank {r}"
+    if r > assigned_rank:
+        return f"rank {r} above the assigned rank {assigned_rank}"
+    if exact_rank and r != assigned_rank:
+        return f"rank {r}, but this method needs exactly the assigned rank {assigned_rank}"
+    for name, t in (("A", A), ("B", B)):
+        if not bool(torch.isfinite(t).all()):
+            kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            return f"{name} contains {kind}"
+    return None
+
+
+def update_norm(update: ClientUpdate) -> float:
+    """Frobenius norm of the client's whole update, sqrt(Σ_modules ||s B A||²), computed from
+    the r×r Gram matrices (||BA||² = Σ (BᵀB) ⊙ (AAᵀ)) so no (m, n) matrix is formed."""
+    total = 0.0
+    for module, (A, B) in update.factors.items():
+        A64, B64 = A.detach().to(torch.float64), B.detach().to(torch.float64)
+        sq = float(((B64.T @ B64) * (A64 @ A64.T)).sum().clamp_min(0))
+        total += update.scale(module) ** 2 * sq
+    return math.sqrt(total)
+
+
+def norm_outliers(norms: dict[str, float], max_ratio: float | None) -> dict[str, str]:
+    """Clients whose update norm exceeds max_ratio × the median of the *other* clients' norms.
+
+    Leaving the client itself out keeps the bound meaningful with two clients (the plain
+    median of two is their mean, which a single huge update drags up with it). Nothing is
+    rejected with fewer than two clients or when the others' median is zero.
+    """
+    if max_ratio is None or len(norms) < 2:
+        return {}
+    out = {}
+    for cid, norm in norms.items():
+        ref = median(v for c, v in norms.items() if c != cid)
+        if ref > 0 and norm > max_ratio * ref:
+            out[cid] = f"update norm {norm:.3g} is {norm / ref:.1f}x the median of the others ({ref:.3g}), above the bound {max_ratio:g}x"
+    return out
+
+
+def validate_round(
+    results: list[ClientUpdate],
+    tasks: list,
+    shapes: dict[str, tuple[int, int]],
+    lora_alpha: float,
+    *,
+    max_norm_ratio: float | None = None,
+    exact_rank: bool = False,
+    method=None,
+) -> tuple[list[ClientUpdate], dict[str, str]]:
+    """(valid updates, {client_id: reason} of rejected ones) for one round, in the order received."""
+    by_id = {t.client_id: t for t in tasks}
+    rejected: dict[str, str] = {}
+    seen: set[str] = set()
+    well_formed: list[ClientUpdate] = []
+    extra_check = getattr(method, "check_update", None)
+    for u in results:
+        cid = getattr(u, "client_id", None)
+        if not isinstance(u, ClientUpdate):
+            rejected[str(cid)] = f"not a ClientUpdate: {type(u).__name__}"
+            continue
+        if cid not in by_id:
+            rejected[str(cid)] = "client was not sampled this round"
+            continue
+        if cid in seen:
+            rejected[f"{cid}#duplicate"] = "second update from the same client this round"
+            continue
+        seen.add(cid)
+        reason = check_update(u, by_id[cid], shapes, lora_alpha, exact_rank=exact_rank)
+        if reason is None and extra_check is not None:
+            reason = extra_check(u, by_id[cid])
+        if reason is not None:
+            rejected[cid] = reason
+        else:
+            well_formed.append(u)
+    outliers = norm_outliers({u.client_id: update_norm(u) for u in well_formed}, max_norm_ratio)
+    rejected.update(outliers)
+    return [u for u in well_formed if u.client_id not in outliers], rejected
