@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 
 class DataError(ValueError):
-    """Data that cannot be used, as one line naming the file (and line) and the problem:
-    ``DataError("missing field 'output'", path, line=12)`` -> "data.jsonl:12: missing field 'output'".
-    The CLI prints it and exits 2 before any work starts."""
+    """Unusable input data; the one-line message names the file (and line) and the problem."""
 
-    def __init__(self, message: str, path: str | Path | None = None, line: int | None = None):
-        self.path, self.line = path, line
-        where = "" if path is None else f"{path}:{line}: " if line is not None else f"{path}: "
-        super().__init__(f"{where}{' '.join(str(message).split())}")
+    def __init__(self, message: str, path: str | None = None, line: int | None = None):
+        self.path, self.line, self.reason = path, line, message
+        where = f"{path}:{line}: " if path and line is not None else (f"{path}: " if path else "")
+        super().__init__(f"{where}{message}")
 
 
 @dataclass(frozen=True)
