@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from flexlora.config import ConfigError, ExperimentConfig
 from flexlora.faults import fault_point
 from flexlora.reporting import readable
 
@@ -44,6 +45,14 @@ class Checkpoint:
     history: list[dict]
     config: dict
     rng: dict
+
+    def restore(self, server) -> list[dict]:
+        """Put the server back where it was; returns the rounds' records so far."""
+        server.load_state_dict(self.tensors, self.meta)
+        return self.history
+
+    def restore_rng(self) -> None:
+        restore_rng(self.rng["tensors"], self.rng["meta"])
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -178,3 +187,53 @@ def load_checkpoint(folder: str | Path) -> Checkpoint | None:
         config=index["config"],
         rng={"tensors": rng_tensors, "meta": index["rng"]},
     )
+
+
+# --- a run folder's checkpoints ----------------------------------------------------------
+
+SUBDIR = "checkpoint"
+# What may differ between a run and its resumption; everything else must match the checkpoint.
+RESUME_MAY_CHANGE = ("federation.rounds", "device", "output.")
+
+
+class Checkpointer:
+    """`run_rounds`' checkpoint callback for a run folder: RUN_DIR/checkpoint after every round."""
+
+    def __init__(self, run_dir: str | Path, cfg: ExperimentConfig):
+        self.folder = Path(run_dir) / SUBDIR
+        self.config = cfg.to_dict()
+
+    def __call__(self, server, history: list[dict]) -> None:
+        save_checkpoint(self.folder, server, history, self.config)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "method_args":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resumable(saved: dict, cfg: ExperimentConfig, round_: int) -> None:
+    """ConfigError unless `cfg` continues the run whose checkpoint recorded the config `saved`."""
+    now = _flatten(cfg.to_dict())
+    for key, value in _flatten(saved).items():
+        if not key.startswith(RESUME_MAY_CHANGE) and now.get(key) != value:
+            raise ConfigError(f"--resume: {key} is {now.get(key)!r} but the checkpoint was written with {value!r}")
+    if cfg.federation.rounds < round_:
+        raise ConfigError(f"--resume: federation.rounds={cfg.federation.rounds} but the checkpoint is already at round {round_}")
+
+
+def open_checkpoint(run_dir: str | Path, cfg: ExperimentConfig) -> Checkpoint | None:
+    """The last checkpoint of a run folder, checked against `cfg`; None if it has none yet.
+    Problems are one-line ConfigErrors."""
+    try:
+        ckpt = load_checkpoint(Path(run_dir) / SUBDIR)
+    except CheckpointError as e:
+        raise ConfigError(f"--resume: {e}") from None
+    if ckpt is not None:
+        check_resumable(ckpt.config, cfg, ckpt.round)
+    return ckpt

@@ -22,7 +22,6 @@ RESUME_OVERRIDES = ("federation.rounds", "device")
 
 
 def _run(args) -> None:
-    from flexlora.checkpoint import CheckpointError
     from flexlora.experiment import run_experiment
 
     if args.resume is None:
@@ -38,10 +37,7 @@ def _run(args) -> None:
             raise ConfigError(f"--resume: '{key}' cannot be changed when resuming; allowed: {', '.join(RESUME_OVERRIDES)}")
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--resume: {run_dir} is not a run folder (no config.yaml)")
-    try:
-        run_experiment(load_config(run_dir / "config.yaml", args.overrides), resume=run_dir)
-    except CheckpointError as e:
-        raise ConfigError(f"--resume: {e}") from None
+    run_experiment(load_config(run_dir / "config.yaml", args.overrides), resume=run_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from flexlora import lora
-from flexlora.checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from flexlora.checkpoint import Checkpointer, open_checkpoint
 from flexlora.config import ConfigError, ExperimentConfig
 from flexlora.data.sources import load_federated_dataset
 from flexlora.evaluation import METRIC, evaluate
@@ -49,32 +49,6 @@ def prepare_run_dir(cfg: ExperimentConfig) -> Path:
     return run_dir
 
 
-# What may differ between a run and its resumption (everything else must match the checkpoint).
-RESUME_MAY_CHANGE = ("federation.rounds", "device", "output")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key != "method_args":
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def check_resumable(saved: dict, cfg: ExperimentConfig, round_: int) -> None:
-    """ConfigError unless `cfg` continues the run whose checkpoint recorded `saved`."""
-    now = _flatten(cfg.to_dict())
-    for key, value in _flatten(saved).items():
-        if key.startswith(RESUME_MAY_CHANGE):
-            continue
-        if now.get(key) != value:
-            raise ConfigError(f"--resume: {key} is {now.get(key)!r} but the checkpoint was written with {value!r}")
-    if cfg.federation.rounds < round_:
-        raise ConfigError(f"--resume: federation.rounds={cfg.federation.rounds} but the checkpoint is already at round {round_}")
-
-
 def run_experiment(cfg: ExperimentConfig, echo=print, resume: str | Path | None = None) -> Path:
     """Run the configured experiment, or continue the one in the run folder `resume` from its
     last checkpoint; returns the run folder."""
@@ -84,9 +58,7 @@ def run_experiment(cfg: ExperimentConfig, echo=print, resume: str | Path | None 
         run_dir, ckpt = prepare_run_dir(cfg), None
     else:
         run_dir = Path(resume)
-        ckpt = load_checkpoint(run_dir / "checkpoint")
-        if ckpt is not None:
-            check_resumable(ckpt.config, cfg, ckpt.round)
+        ckpt = open_checkpoint(run_dir, cfg)  # None: killed before its first checkpoint
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     started = time.perf_counter()
     random.seed(cfg.seed)
@@ -103,10 +75,8 @@ def run_experiment(cfg: ExperimentConfig, echo=print, resume: str | Path | None 
             for cid in server.client_ids
         },
     )
-    history: list[dict] = []
+    history = [] if ckpt is None else ckpt.restore(server)
     if ckpt is not None:
-        server.load_state_dict(ckpt.tensors, ckpt.meta)
-        history = ckpt.history
         echo(f"flexlora: resuming {run_dir} after round {ckpt.round} of {cfg.federation.rounds}")
     # metrics.jsonl always equals the checkpointed history: a round logged after the last
     # checkpoint (the process died before the next one) is run again, not logged twice.
@@ -140,12 +110,10 @@ def run_experiment(cfg: ExperimentConfig, echo=print, resume: str | Path | None 
             f"eval loss {ev['eval_loss']:.3f}" + (f", {record['time']['total_s']:.0f} s" if record["round"] else "")
         )
 
-    def checkpoint(server, history):
-        save_checkpoint(run_dir / "checkpoint", server, history, cfg.to_dict())
-
     if ckpt is not None:
-        restore_rng(ckpt.rng["tensors"], ckpt.rng["meta"])  # where the interrupted run stood
-    history = run_rounds(server, runtime, evaluate_global, log, checkpoint if cfg.output.checkpoint else None, history)
+        ckpt.restore_rng()  # where the interrupted run stood, right before its next round
+    checkpoint = Checkpointer(run_dir, cfg) if cfg.output.checkpoint else None
+    history = run_rounds(server, runtime, evaluate_global, log, checkpoint, history)
 
     adapter_dir = None
     if server.state is not None:

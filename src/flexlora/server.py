@@ -32,6 +32,17 @@ class ClientFailure:
     reason: str
 
 
+@dataclass
+class RoundOutcome:
+    """What a round's results did to the server (see FederatedServer.complete_round)."""
+
+    updates: list[ClientUpdate]  # valid, aggregated unless kept_previous_state
+    failures: dict[str, str]  # client id -> why it sent nothing (exception, timeout, dropout)
+    rejected: dict[str, str]  # client id -> why its update was left out
+    kept_previous_state: bool  # fewer valid updates than federation.min_updates
+    aggregation_s: float = 0.0
+
+
 class Runtime(Protocol):
     def train(self, tasks: list[ClientTask]) -> list[ClientUpdate | ClientFailure]: ...
 
@@ -104,6 +115,27 @@ class FederatedServer:
 
     def aggregate(self, updates: list[ClientUpdate]) -> None:
         self.state = self.method.aggregate(updates, self.state)
+
+    def complete_round(self, round_: int, tasks: list[ClientTask], results: list) -> RoundOutcome:
+        """Everything the server does with one round's results, whatever the transport:
+        validate each update against its task, leave rejected ones out (logged with the
+        reason), aggregate the valid ones if there are at least federation.min_updates of
+        them (else keep the previous global state), and advance to `round_`."""
+        failures = {r.client_id: r.reason for r in results if isinstance(r, ClientFailure)}
+        updates, rejected = self.validate([r for r in results if not isinstance(r, ClientFailure)], tasks)
+        for cid, reason in rejected.items():
+            logger.warning("round %d: rejected the update of client %s: %s", round_, cid, reason)
+        started = time.perf_counter()
+        kept_previous = len(updates) < self.cfg.federation.min_updates
+        if kept_previous:
+            logger.warning(
+                "round %d: %d valid update(s), fewer than federation.min_updates=%d; keeping the previous global state",
+                round_, len(updates), self.cfg.federation.min_updates,
+            )
+        else:
+            self.aggregate(updates)
+        self.round = round_
+        return RoundOutcome(updates, failures, rejected, kept_previous, time.perf_counter() - started)
 
     # Checkpointing: everything a resumed run needs that the config and seed cannot rebuild.
     # Methods with state outside `self.state` (e.g. a server optimizer's moments) implement
@@ -182,22 +214,8 @@ def run_rounds(
         selected = server.sample(round_)
         tasks = server.configure(round_, selected)
         results = runtime.train(tasks)
-        failures = {r.client_id: r.reason for r in results if isinstance(r, ClientFailure)}
-        updates, rejected = server.validate([r for r in results if not isinstance(r, ClientFailure)], tasks)
-        for cid, reason in rejected.items():
-            logger.warning("round %d: rejected the update of client %s: %s", round_, cid, reason)
         train_time = time.perf_counter() - started
-        t = time.perf_counter()
-        kept_previous = len(updates) < cfg.federation.min_updates
-        if kept_previous:
-            logger.warning(
-                "round %d: %d valid update(s), fewer than federation.min_updates=%d; keeping the previous global state",
-                round_, len(updates), cfg.federation.min_updates,
-            )
-        else:
-            server.aggregate(updates)
-        aggregation_time = time.perf_counter() - t
-        server.round = round_
+        outcome = server.complete_round(round_, tasks, results)
         t = time.perf_counter()
         is_eval_round = round_ % cfg.eval.every == 0 or round_ == cfg.federation.rounds
         if is_eval_round:
@@ -208,17 +226,17 @@ def run_rounds(
         finish(
             {
                 "round": round_,
-                "clients": {u.client_id: u.metrics for u in updates},
-                "failures": failures,
-                "rejected": rejected,
-                "valid_updates": len(updates),
-                "kept_previous_state": kept_previous,
+                "clients": {u.client_id: u.metrics for u in outcome.updates},
+                "failures": outcome.failures,
+                "rejected": outcome.rejected,
+                "valid_updates": len(outcome.updates),
+                "kept_previous_state": outcome.kept_previous_state,
                 "eval": metrics,
                 "time": {
                     "client_training_s": train_time,
-                    "aggregation_s": aggregation_time,
+                    "aggregation_s": outcome.aggregation_s,
                     "evaluation_s": eval_time,
-                    "other_s": total - train_time - aggregation_time - eval_time,
+                    "other_s": total - train_time - outcome.aggregation_s - eval_time,
                     "total_s": total,
                 },
             }
