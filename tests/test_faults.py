@@ -3,6 +3,7 @@ crashing clients; and bad input to the CLI: one line on stderr, exit 2, nothing 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -109,12 +110,20 @@ def test_timeout_and_crash_become_dropouts(tmp_path):
     def task(cid, **options):
         return ClientTask(cid, 1, "T1", ranks, None, seed=1, options=options)
 
-    results = runtime.train([task("ok", timeout_s=600.0), task("slow", timeout_s=1e-9), task("empty"), task("ok", inject_failure=True)])
-    assert [type(r).__name__ for r in results] == ["ClientUpdate", "ClientFailure", "ClientFailure", "ClientFailure"]
+    wrong = {m: (torch.zeros(3, 256), torch.zeros(256, 3)) for m in ranks}  # rank 3, adapter has 2
+    results = runtime.train([
+        task("ok", timeout_s=600.0), task("slow", timeout_s=1e-9), task("empty"), task("ok", inject_failure=True),
+        dataclasses.replace(task("ok"), factors=wrong),
+    ])
+    assert [type(r).__name__ for r in results] == ["ClientUpdate"] + ["ClientFailure"] * 4
     assert "ClientTimeout" in results[1].reason and "timed out after 1e-09 s at step 0/3" in results[1].reason
     assert "no training examples" in results[2].reason
     assert "InjectedFailure" in results[3].reason
-    assert not any("lora" in name for name, _ in model.named_modules())  # failed clients left the model clean
+    assert "do not fit the adapter" in results[4].reason
+    # Failed clients left the shared model clean, and the next client trains as the first did.
+    assert not any("lora" in name for name, _ in model.named_modules())
+    (again,) = runtime.train([task("ok")])
+    assert all(torch.equal(a, b) for m in ranks for a, b in zip(results[0].factors[m], again.factors[m]))
     assert all(not p.requires_grad for p in model.parameters())
 
 
