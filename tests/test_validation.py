@@ -225,7 +225,7 @@ def test_update_norm_matches_the_dense_product():
     u = honest_update(server.configure(1, CLIENTS)[3])
     u = with_factors(u, lambda m, A, B: (A, B + 0.1))
     dense = math.sqrt(sum(float(torch.linalg.matrix_norm(u.scale(m) * B.double() @ A.double())) ** 2 for m, (A, B) in u.factors.items()))
-    assert update_norm(u) == pytest.approx(dense, rel=1e-9)
+    assert update_norm(u) == pytest.approx(dense, rel=1e-6)
 
 
 def test_norm_bound_uses_the_median_of_the_others():
