@@ -26,11 +26,12 @@ def records(run_dir):
 
 @pytest.fixture(scope="module")
 def dropout_run(tmp_path_factory):
-    """A 4-round run in which each sampled client fails with probability 0.3."""
+    """A 5-round run, 4 of 6 clients a round, each sampled client failing with probability 0.3
+    (seed 2 draws 7 failures in 20 client-rounds, at least one in every round)."""
     out = tmp_path_factory.mktemp("dropout")
     overrides = [
-        "model=tiny-llama", "device=cpu", "data.num_clients=6", "data.train_per_client=4", "data.test_per_client=1",
-        "data.cutoff_len=512", "federation.rounds=4", "federation.clients_per_round=3", "federation.dropout_rate=0.3",
+        "seed=2", "model=tiny-llama", "device=cpu", "data.num_clients=6", "data.train_per_client=4", "data.test_per_client=1",
+        "data.cutoff_len=512", "federation.rounds=5", "federation.clients_per_round=4", "federation.dropout_rate=0.3",
         "train.steps=1", "train.batch_size=2", "eval.max_new_tokens=2", "eval.max_examples_per_client=1",
         "resources.t1=2", "resources.t2=4", "resources.t3_attention=4", "resources.t3_mlp=8", "resources.t4=8",
         f"output.dir={out}", "output.name=run",
@@ -43,18 +44,18 @@ def test_30_percent_dropout_over_several_rounds_completes(dropout_run):
     run_dir, overrides = dropout_run
     cfg = load_config(overrides=overrides)
     rec = records(run_dir)
-    assert [r["round"] for r in rec] == [0, 1, 2, 3, 4]
+    assert [r["round"] for r in rec] == [0, 1, 2, 3, 4, 5]
     # Which clients fail is a seeded draw per (seed, round, client): recompute it independently.
     expected = {
         r: {c for c in FederatedServer(cfg, [f"syn-{i:03d}" for i in range(6)], {"m": (4, 4)}).sample(r)
             if random.Random(f"dropout-{cfg.seed}-{r}-{c}").random() < 0.3}
-        for r in range(1, 5)
+        for r in range(1, 6)
     }
-    assert sum(map(len, expected.values())) > 0
+    assert sum(map(len, expected.values())) == 7 and all(expected.values())
     for r in rec[1:]:
         assert set(r["failures"]) == expected[r["round"]]
         assert all("InjectedFailure" in reason and "\n" not in reason for reason in r["failures"].values())
-        assert len(r["clients"]) == 3 - len(r["failures"]) == r["valid_updates"]
+        assert len(r["clients"]) == 4 - len(r["failures"]) == r["valid_updates"]
         assert r["kept_previous_state"] == (r["valid_updates"] == 0)
         assert r["eval"] is not None
     assert json.loads((run_dir / "summary.json").read_text())["adapter"]
@@ -65,9 +66,9 @@ def test_resuming_a_finished_run_changes_nothing(dropout_run, capsys):
     run_dir, _ = dropout_run
     before = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
     assert main(["run", "--resume", str(run_dir)]) == 0
-    assert "after round 4 of 4" in capsys.readouterr().out
+    assert "after round 5 of 5" in capsys.readouterr().out
     assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == before
-    assert [r["round"] for r in records(run_dir)] == [0, 1, 2, 3, 4]
+    assert [r["round"] for r in records(run_dir)] == [0, 1, 2, 3, 4, 5]
 
 
 def test_bad_resumes_are_one_line_errors(dropout_run, tmp_path, capsys):
@@ -81,7 +82,7 @@ def test_bad_resumes_are_one_line_errors(dropout_run, tmp_path, capsys):
     fails(["run", "--resume", str(tmp_path / "nowhere")], "is not a run folder (no config.yaml)")
     fails(["run", "--resume", str(run_dir), "method=fedit"], "'method' cannot be changed when resuming")
     fails(["run", "--resume", str(run_dir), "--overwrite"], "cannot be combined with it")
-    fails(["run", "--resume", str(run_dir), "federation.rounds=2"], "the checkpoint is already at round 4")
+    fails(["run", "--resume", str(run_dir), "federation.rounds=2"], "the checkpoint is already at round 5")
 
     # A config.yaml edited after the run started, and a truncated checkpoint, on a copy.
     import shutil
