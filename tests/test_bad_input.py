@@ -79,7 +79,7 @@ BAD_DATA = [
     ("type.jsonl", jsonl(GOOD, {**GOOD, "instruction": 7}), ["data.bad_records=error"], "{path}:2: field 'instruction' is a int, expected a string"),
     ("empty-out.jsonl", jsonl(GOOD, {**GOOD, "output": "  "}), ["data.bad_records=error"], "{path}:2: empty field 'output'"),
     ("cut.json", json.dumps([GOOD, GOOD], indent=1)[:-30], ["data.bad_records=error"], "invalid JSON"),
-    ("object.json", json.dumps({"records": [GOOD]}), ["data.bad_records=error"], "{path}:1: record 1:"),
+    ("object.json", json.dumps({"records": [GOOD]}), ["data.bad_records=error"], "{path}:1: missing field 'instruction'"),
     ("empty.jsonl", "", [], "{path}: no usable instruction records"),
     ("nothing-usable.jsonl", jsonl([1], "not json"), [], "{path}: no usable instruction records"),
 ]
