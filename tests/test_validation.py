@@ -8,6 +8,7 @@ import dataclasses
 import math
 import random
 import types
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from flexlora.aggregation.base import ClientUpdate
 from flexlora.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from flexlora.config import ExperimentConfig, ResourcesConfig, validate
 from flexlora.server import ClientFailure, FederatedServer, run_rounds
-from flexlora.validation import norm_outliers, update_norm
+from flexlora.validation import norm_outliers, update_norm, validate_round
 
 SHAPES = {"l0.q_proj": (8, 6), "l0.gate_proj": (12, 6), "l1.q_proj": (8, 6)}
 CLIENTS = [f"c{i}" for i in range(4)]
@@ -316,3 +317,78 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
         load_checkpoint(tmp_path)
     assert "\n" not in str(err.value)
     assert load_checkpoint(tmp_path / "nothing-here") is None
+
+
+# --- sparse deltas (SLoRA's first stage) and frozen A (FFA-LoRA) ---------------------------
+
+
+class Delta(NamedTuple):  # the fields of aggregation.base.SparseDelta (duck-typed by validation)
+    indices: torch.Tensor
+    values: torch.Tensor
+    shape: tuple
+
+
+if "deltas" in ClientUpdate.__dataclass_fields__:
+    DeltaUpdate = ClientUpdate
+else:  # before SLoRA's ClientUpdate.deltas is on this branch
+
+    @dataclasses.dataclass(frozen=True)
+    class DeltaUpdate(ClientUpdate):
+        deltas: dict = dataclasses.field(default_factory=dict)
+
+
+def sparse_round(tamper):
+    """validate_round on 3 clients in a sparse round; `tamper(update)` rewrites c1's."""
+    tasks = [types.SimpleNamespace(client_id=c, module_ranks={m: 2 for m in SHAPES}, factors=None, options={"sparse": {"density": 0.1}}) for c in CLIENTS[:3]]
+    updates = []
+    for i, task in enumerate(tasks):
+        g = torch.Generator().manual_seed(i)
+        deltas = {m: Delta(torch.arange(0, m_ * n, 3), 0.01 * torch.randn(len(range(0, m_ * n, 3)), generator=g), (m_, n)) for m, (m_, n) in SHAPES.items()}
+        u = DeltaUpdate(task.client_id, 10, 16.0, {}, {}, deltas=deltas)
+        updates.append(tamper(u) if task.client_id == BAD else u)
+    return validate_round(updates, tasks, SHAPES, 16.0, max_norm_ratio=10.0)
+
+
+def with_delta(fn):
+    first = sorted(SHAPES)[0]
+    return lambda u: dataclasses.replace(u, deltas={m: fn(d) if m == first else d for m, d in u.deltas.items()})
+
+
+SPARSE_MALFORMED = [
+    ("factors instead of deltas", lambda u: dataclasses.replace(u, factors={m: (torch.zeros(2, n), torch.zeros(m_, 2)) for m, (m_, n) in SHAPES.items()}), "sent factors where the task asked for deltas"),
+    ("no deltas", lambda u: dataclasses.replace(u, deltas={}), "empty update (no deltas)"),
+    ("delta shape", with_delta(lambda d: d._replace(shape=(3, 3))), "delta shape (3, 3) differs"),
+    ("int32 indices", with_delta(lambda d: d._replace(indices=d.indices.int())), "delta indices must be 1-D int64"),
+    ("index out of range", with_delta(lambda d: d._replace(indices=d.indices + 10**6)), "delta indices out of range"),
+    ("negative index", with_delta(lambda d: d._replace(indices=d.indices - 1)), "delta indices out of range"),
+    ("values/indices length", with_delta(lambda d: d._replace(values=d.values[:-1])), "match the indices"),
+    ("NaN values", with_delta(lambda d: d._replace(values=d.values * math.nan)), "delta values contain NaN"),
+    ("delta norm 1000x", lambda u: dataclasses.replace(u, deltas={m: d._replace(values=d.values * 1000) for m, d in u.deltas.items()}), "above the bound"),
+]
+
+
+@pytest.mark.parametrize("kind, tamper, reason", SPARSE_MALFORMED, ids=[m[0] for m in SPARSE_MALFORMED])
+def test_malformed_sparse_delta_is_rejected(kind, tamper, reason):
+    valid, rejected = sparse_round(tamper)
+    assert list(rejected) == [BAD] and reason in rejected[BAD], rejected
+    assert [u.client_id for u in valid] == ["c0", "c2"]
+
+
+def test_honest_sparse_round_rejects_nothing():
+    valid, rejected = sparse_round(lambda u: u)
+    assert rejected == {} and len(valid) == 3
+
+
+def test_frozen_A_must_come_back_unchanged():
+    server = make_server(rounds=2)
+    run_rounds(server, FakeRuntime(), lambda s, r: {}, lambda rec: None)  # a state to start from
+    tasks = server.configure(3, CLIENTS)
+    for t in tasks:
+        t.options["freeze_A"] = True
+    updates = [with_factors(honest_update(t), lambda m, A, B: (t.factors[m][0].clone(), B)) for t in tasks]
+    updates[1] = with_factors(updates[1], first_module_only(lambda A, B: (A + 0.5, B)))
+    valid, rejected = server.validate(updates, tasks)
+    assert list(rejected) == [BAD] and "A changed although the task froze it" in rejected[BAD]
+    # A half-precision transport's rounding is not a change.
+    half = [with_factors(u, lambda m, A, B: (A.half().float(), B)) for u in updates]
+    assert list(server.validate(half, tasks)[1]) == [BAD]

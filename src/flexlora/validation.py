@@ -13,6 +13,10 @@ What a valid update is, for every method:
   tensors A (r, n), B (m, r) with (m, n) the module's weight shape and 1 <= r <= the rank the
   server assigned (a smaller rank is allowed: HetLoRA clients may prune theirs; homogeneous
   methods need exactly the assigned rank), all values finite;
+- when the task froze A (option "freeze_A", FFA-LoRA), A comes back as it was sent;
+- when the task asked for sparse weight training (option "sparse", SLoRA's first stage), the
+  update carries `deltas` instead of factors: per module a sparse change (indices, values,
+  shape) of the module's shape, int64 indices in range, finite floating-point values;
 - its norm ||Σ s B A|| is not far above the others' (``max_norm_ratio``), see ``norm_outliers``.
 Methods may add checks with an optional ``check_update(update, task) -> str | None``.
 """
@@ -49,19 +53,60 @@ def check_update(
         json.dumps(update.metrics, allow_nan=True)
     except (TypeError, ValueError) as e:
         return f"metrics are not JSON-serialisable ({e})"
-    if not isinstance(update.factors, dict) or not update.factors:
-        return "empty update (no factors)"
+    options = getattr(task, "options", None) or {}
+    sparse = bool(options.get("sparse"))
+    # Duck-typed: `deltas` exists once SLoRA's sparse stage is in (ClientUpdate.deltas).
+    deltas = getattr(update, "deltas", None) or {}
+    sent, other, kind = (deltas, update.factors, "deltas") if sparse else (update.factors, deltas, "factors")
+    if not isinstance(sent, dict) or not sent:
+        return f"empty update (no {kind})"
+    if other:
+        return f"sent {'factors' if sparse else 'deltas'} where the task asked for {kind}"
     expected = task.module_ranks
-    missing = sorted(set(expected) - set(update.factors))
+    missing = sorted(set(expected) - set(sent))
     if missing:
         return f"missing {len(missing)} module(s), e.g. {missing[0]}"
-    extra = sorted(set(update.factors) - set(expected))
+    extra = sorted(set(sent) - set(expected))
     if extra:
         return f"{len(extra)} unexpected module(s), e.g. {extra[0]}"
+    frozen = task.factors if options.get("freeze_A") and task.factors else {}
     for module in sorted(expected):
-        problem = _check_factors(update.factors[module], shapes[module], expected[module], exact_rank)
+        if sparse:
+            problem = _check_delta(sent[module], shapes[module])
+        else:
+            problem = _check_factors(sent[module], shapes[module], expected[module], exact_rank)
+            if problem is None and module in frozen:
+                problem = _check_frozen(sent[module][0], frozen[module][0])
         if problem:
             return f"module {module}: {problem}"
+    return None
+
+
+def _check_frozen(A: torch.Tensor, A0: torch.Tensor) -> str | None:
+    """A frozen A must come back unchanged; the tolerance allows a half-precision transport."""
+    A0 = A0.to(device=A.device, dtype=A.dtype)
+    if A.shape != A0.shape or float(torch.linalg.norm(A - A0)) > 1e-2 * float(torch.linalg.norm(A0)) + 1e-6:
+        return "A changed although the task froze it (freeze_A)"
+    return None
+
+
+def _check_delta(delta, shape: tuple[int, int]) -> str | None:
+    try:
+        indices, values, dshape = delta.indices, delta.values, tuple(delta.shape)
+    except (AttributeError, TypeError):
+        return "delta must have indices, values and shape"
+    if dshape != tuple(shape):
+        return f"delta shape {dshape} differs from the weight's {tuple(shape)}"
+    if not isinstance(indices, torch.Tensor) or not isinstance(values, torch.Tensor):
+        return "delta indices and values must be tensors"
+    if indices.dtype != torch.int64 or indices.ndim != 1:
+        return f"delta indices must be 1-D int64, got {indices.dtype} of shape {tuple(indices.shape)}"
+    if values.dtype not in FLOAT_DTYPES or values.shape != indices.shape:
+        return f"delta values must be floating point and match the indices, got {values.dtype} of shape {tuple(values.shape)}"
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= shape[0] * shape[1]):
+        return f"delta indices out of range for a {shape[0]}x{shape[1]} weight"
+    if not bool(torch.isfinite(values).all()):
+        return f"delta values contain {'NaN' if bool(torch.isnan(values).any()) else 'Inf'}"
     return None
 
 
@@ -95,8 +140,9 @@ def _check_factors(pair, shape: tuple[int, int], assigned_rank: int, exact_rank:
 
 def update_norm(update: ClientUpdate) -> float:
     """Frobenius norm of the client's whole update, sqrt(Σ_modules ||s B A||²), computed from
-    the r×r Gram matrices (||BA||² = Σ (BᵀB) ⊙ (AAᵀ)) so no (m, n) matrix is formed."""
-    total = 0.0
+    the r×r Gram matrices (||BA||² = Σ (BᵀB) ⊙ (AAᵀ)) so no (m, n) matrix is formed; sparse
+    deltas add the squares of their values."""
+    total = sum(float(d.values.double().square().sum()) for d in (getattr(update, "deltas", None) or {}).values())
     for module, (A, B) in update.factors.items():
         dtype = compute_dtype(A, B)  # float32 (2.6x faster than float64 here, relative error ~1e-8)
         A, B = A.detach().to(dtype), B.detach().to(dtype)
