@@ -105,8 +105,9 @@ def _check_delta(delta, shape: tuple[int, int]) -> str | None:
         return f"delta values must be floating point and match the indices, got {values.dtype} of shape {tuple(values.shape)}"
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= shape[0] * shape[1]):
         return f"delta indices out of range for a {shape[0]}x{shape[1]} weight"
-    if not bool(torch.isfinite(values).all()):
-        return f"delta values contain {'NaN' if bool(torch.isnan(values).any()) else 'Inf'}"
+    problem = _nonfinite(values)
+    if problem:
+        return f"delta values {problem.replace('contains', 'contain')}"
     return None
 
 
@@ -132,10 +133,22 @@ def _check_factors(pair, shape: tuple[int, int], assigned_rank: int, exact_rank:
     if exact_rank and r != assigned_rank:
         return f"rank {r}, but this method needs exactly the assigned rank {assigned_rank}"
     for name, t in (("A", A), ("B", B)):
-        if not bool(torch.isfinite(t).all()):
-            kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
-            return f"{name} contains {kind}"
+        problem = _nonfinite(t)
+        if problem:
+            return f"{name} {problem}"
     return None
+
+
+def _nonfinite(t: torch.Tensor) -> str | None:
+    """'contains NaN' / 'contains Inf', or None. Any NaN or Inf makes the sum non-finite, so the
+    elementwise scan only runs when the (cheap, allocation-free) sum says something is wrong."""
+    if t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=torch.float64))):
+        return None
+    if bool(torch.isnan(t).any()):
+        return "contains NaN"
+    if bool(torch.isinf(t).any()):
+        return "contains Inf"
+    return None  # finite values whose float64 sum overflowed: left to the norm bound
 
 
 def update_norm(update: ClientUpdate) -> float:
@@ -202,6 +215,8 @@ def validate_round(
             rejected[cid] = reason
         else:
             well_formed.append(u)
-    outliers = norm_outliers({u.client_id: update_norm(u) for u in well_formed}, max_norm_ratio)
+    outliers = {}
+    if max_norm_ratio is not None and len(well_formed) >= 2:
+        outliers = norm_outliers({u.client_id: update_norm(u) for u in well_formed}, max_norm_ratio)
     rejected.update(outliers)
     return [u for u in well_formed if u.client_id not in outliers], rejected
