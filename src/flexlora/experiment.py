@@ -13,11 +13,12 @@ import torch
 import yaml
 
 from flexlora import lora
+from flexlora.checkpoint import Checkpointer, open_checkpoint
 from flexlora.config import ConfigError, ExperimentConfig
 from flexlora.data.sources import load_federated_dataset
 from flexlora.evaluation import METRIC, evaluate
 from flexlora.models import default_device, default_target_modules, load_model
-from flexlora.reporting import plot_metric, write_json
+from flexlora.reporting import plot_metric, write_json, write_jsonl
 from flexlora.runtime.local import LocalRuntime
 from flexlora.server import FederatedServer, run_rounds
 
@@ -40,14 +41,16 @@ def prepare_run_dir(cfg: ExperimentConfig) -> Path:
     run_dir = Path(cfg.output.dir) / name
     if run_dir.exists() and any(run_dir.iterdir()):
         if not cfg.output.overwrite:
-            raise ConfigError(f"run folder {run_dir} already exists; pass output.overwrite=true to replace it")
+            raise ConfigError(
+                f"run folder {run_dir} already exists; pass --overwrite to replace it or --resume {run_dir} to continue it"
+            )
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
 def truncation_line(truncation: dict | None) -> str | None:
-    """'k_proj r8 err 0.41, r200 err 0.00; ...': the mean approximation error ratio per rank."""
+    """'k_proj r8 0.41, r200 0.00; ...': the mean approximation error ratio per client rank."""
     if not truncation:
         return None
     parts = []
@@ -56,9 +59,12 @@ def truncation_line(truncation: dict | None) -> str | None:
     return "rank-r slice error ‖ΔW−Ŵ_r‖/‖ΔW‖: " + "; ".join(parts)
 
 
-def run_experiment(cfg: ExperimentConfig, echo=print, zero_shot: dict | None = None) -> Path:
-    """Run the configured experiment; returns the run folder. `zero_shot`: the base model's
-    held-out metrics if already known (a comparison grid evaluates the base model once)."""
+def run_experiment(
+    cfg: ExperimentConfig, echo=print, resume: str | Path | None = None, zero_shot: dict | None = None
+) -> Path:
+    """Run the configured experiment, or continue the one in the run folder `resume` from its
+    last checkpoint; returns the run folder. `zero_shot`: the base model's held-out metrics if
+    already known (a comparison grid evaluates the base model once per seed)."""
     device = resolve_device(cfg.device)
     dataset = load_federated_dataset(cfg.data, cfg.seed)  # bad data fails before any run folder exists
     if not dataset.heldout:
@@ -66,7 +72,11 @@ def run_experiment(cfg: ExperimentConfig, echo=print, zero_shot: dict | None = N
             f"data: no held-out clients to evaluate on; choose them with data.heldout_ids, "
             f"data.heldout_fraction or data.heldout_categories (source {cfg.data.source})"
         )
-    run_dir = prepare_run_dir(cfg)
+    if resume is None:
+        run_dir, ckpt = prepare_run_dir(cfg), None
+    else:
+        run_dir = Path(resume)
+        ckpt = open_checkpoint(run_dir, cfg)  # None: killed before its first checkpoint
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     write_json(
         run_dir / "data.json",
@@ -96,6 +106,12 @@ def run_experiment(cfg: ExperimentConfig, echo=print, zero_shot: dict | None = N
             for cid in server.client_ids
         },
     )
+    history = [] if ckpt is None else ckpt.restore(server)
+    if ckpt is not None:
+        echo(f"flexlora: resuming {run_dir} after round {ckpt.round} of {cfg.federation.rounds}")
+    # metrics.jsonl always equals the checkpointed history: a round logged after the last
+    # checkpoint (the process died before the next one) is run again, not logged twice.
+    write_jsonl(run_dir / "metrics.jsonl", history)
     runtime = LocalRuntime(model, tokenizer, dataset.clients, cfg, target_modules, getattr(server.method, "regularizer", None))
     echo(
         f"flexlora: {cfg.method} on {cfg.model} ({device}), {len(dataset.clients)} training clients "
@@ -114,10 +130,7 @@ def run_experiment(cfg: ExperimentConfig, echo=print, zero_shot: dict | None = N
             max_examples_per_client=cfg.eval.max_examples_per_client, desc=f"eval round {round_}",
         )
 
-    history = []
-
     def log(record):
-        history.append(record)
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         ev = record["eval"]
@@ -133,7 +146,10 @@ def run_experiment(cfg: ExperimentConfig, echo=print, zero_shot: dict | None = N
             f"eval loss {ev['eval_loss']:.3f}" + (f", {record['time']['total_s']:.0f} s" if record["round"] else "")
         )
 
-    run_rounds(server, runtime, evaluate_global, log)
+    if ckpt is not None:
+        ckpt.restore_rng()  # where the interrupted run stood, right before its next round
+    checkpoint = Checkpointer(run_dir, cfg) if cfg.output.checkpoint else None
+    history = run_rounds(server, runtime, evaluate_global, log, checkpoint, history)
 
     adapter_dir = None
     if server.state is not None:
