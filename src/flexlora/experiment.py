@@ -99,6 +99,9 @@ def run_experiment(
     target_modules = cfg.lora.target_modules or default_target_modules(model)
     shapes = lora.module_shapes(model, target_modules)
     server = FederatedServer(cfg, [c.client_id for c in dataset.clients], shapes)
+    leaked = set(server.client_ids) & {c.client_id for c in dataset.heldout}
+    if leaked:  # FederatedDataset refuses this already; a held-out client must never train
+        raise RuntimeError(f"held-out clients in the training pool: {sorted(leaked)[:5]}")
     write_json(
         run_dir / "clients.json",
         {
