@@ -165,7 +165,9 @@ def _fmt(values: list[float], digits: int = 4, signed: bool = False) -> str:
         return "–"
     mean, sd = _mean_sd(values)
     sign = "+" if signed else ""
-    return f"{mean:{sign}.{digits}f} ± {sd:.{digits}f}" + ("" if len(values) > 1 else " (1 seed)")
+    if len(values) == 1:
+        return f"{mean:{sign}.{digits}f} (1 seed)"
+    return f"{mean:{sign}.{digits}f} ± {sd:.{digits}f}"
 
 
 def load_cells(out: Path) -> tuple[dict, list[dict]]:
@@ -238,6 +240,8 @@ def write_report(out: str | Path, echo=print) -> Path:
         head = ["method", *profiles]
         body = []
         for m in methods:
+            if delta and m == baseline:
+                continue
             if delta:
                 cols = [_fmt(paired_delta(m, p, key), digits, signed=True) for p in profiles]
             else:
@@ -249,6 +253,8 @@ def write_report(out: str | Path, echo=print) -> Path:
     lines += table(f"Final {METRIC} (held-out clients)", "final")
     if baseline in methods:
         lines += table(f"Improvement over {label(baseline)} in {METRIC} (paired by seed)", "final", delta=True)
+        lines += table(f"Change in eval loss against {label(baseline)} (paired by seed; negative is better)",
+                       "final_eval_loss", digits=3, delta=True)
     lines += table("Final rougeL_teacher_forced (released code's metric)", "final_teacher_forced")
     lines += table("Final eval loss (per answer token; lower is better)", "final_eval_loss", digits=3)
     lines += table(f"Best {METRIC} over rounds", "best")
@@ -272,15 +278,18 @@ def write_report(out: str | Path, echo=print) -> Path:
     with open(out / "compare.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "profile", "seeds", "final_mean", "final_sd", f"delta_vs_{baseline}_mean", f"delta_vs_{baseline}_sd",
-                    "teacher_forced_mean", "teacher_forced_sd", "eval_loss_mean", "eval_loss_sd", "best_mean", "zero_shot"])
+                    "teacher_forced_mean", "teacher_forced_sd", "eval_loss_mean", "eval_loss_sd",
+                    f"eval_loss_delta_vs_{baseline}_mean", f"eval_loss_delta_vs_{baseline}_sd", "best_mean", "zero_shot"])
         for m in methods:
             for p in profiles:
                 final = values(m, p, "final")
                 if not final:
                     continue
                 d = paired_delta(m, p, "final") if baseline in methods else []
+                dl = paired_delta(m, p, "final_eval_loss") if baseline in methods else []
                 row = [label(m), p, len(final), *_mean_sd(final), *_mean_sd(d), *_mean_sd(values(m, p, "final_teacher_forced")),
-                       *_mean_sd(values(m, p, "final_eval_loss")), _mean_sd(values(m, p, "best"))[0], _mean_sd(values(m, p, "zero_shot"))[0]]
+                       *_mean_sd(values(m, p, "final_eval_loss")), *_mean_sd(dl),
+                       _mean_sd(values(m, p, "best"))[0], _mean_sd(values(m, p, "zero_shot"))[0]]
                 w.writerow([f"{v:.6f}" if isinstance(v, float) else v for v in row])
     with open(out / "cells.csv", "w", newline="") as f:
         w = csv.writer(f)
