@@ -87,6 +87,14 @@ def test_two_cell_grid_end_to_end_resumes_and_never_trains_heldout_clients(tmp_p
     assert "2 cells (2 done)" in capsys.readouterr().out
     assert (cells / "fedit-homo-seed0" / "summary.json").stat().st_mtime_ns == stamp
 
+    # A cell killed after its last round (no summary yet) resumes from its checkpoint.
+    flex_dir = cells / "flexlora-uniform-seed0"
+    (flex_dir / "summary.json").unlink()
+    assert main(args) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert json.loads((flex_dir / "summary.json").read_text())["final"] == flex_final
+    assert [json.loads(l)["round"] for l in (flex_dir / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
     # The same folder with other base settings is refused.
     assert main([*args, "train.lr=0.1"]) == 2
     assert "holds a grid run with other settings (train.lr differs)" in capsys.readouterr().err

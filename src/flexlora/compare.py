@@ -4,7 +4,7 @@ Every cell is an ordinary run (its own run folder under <out>/cells/) from the s
 config. All cells share the data split and the held-out clients (both seeded by
 data.split_seed, not by the run seed), and cells with the same seed sample the same clients
 each round and draw the same rank types. A cell is done once its summary.json exists, so an
-interrupted grid resumes cell by cell, and cells can be added later (a new method, more
+interrupted grid resumes cell by cell (an interrupted cell from its last round checkpoint), and cells can be added later (a new method, more
 seeds) to the same folder. A homogeneous method (FedIT) cuts every client to the smallest
 rank whatever the profile, so it runs once per seed, under the profile 'homo', and is the
 reference ("improvement over homogeneous FedIT") for every profile.
@@ -135,8 +135,17 @@ def run_grid(
         zero_shot = json.loads(zero_path.read_text()) if zero_path.is_file() else None
         echo(f"compare: cell {i}/{len(todo)}: {cell.name}")
         started = time.perf_counter()
+        cell_echo = lambda line, c=cell: echo(f"  [{c.name}] {line}")  # noqa: E731
+        # An interrupted cell continues from its last round checkpoint, if it wrote one.
+        resume = cells_dir / cell.name if (cells_dir / cell.name / "config.yaml").is_file() else None
         try:
-            run_dir = run_experiment(cfg, echo=lambda line, c=cell: echo(f"  [{c.name}] {line}"), zero_shot=zero_shot)
+            try:
+                run_dir = run_experiment(cfg, echo=cell_echo, zero_shot=zero_shot, resume=resume)
+            except ConfigError as e:
+                if resume is None:
+                    raise
+                echo(f"compare: cell {cell.name} cannot resume ({e}); starting it again")
+                run_dir = run_experiment(cfg, echo=cell_echo, zero_shot=zero_shot)
         except (ConfigError, KeyboardInterrupt):
             raise
         except Exception as e:  # one failing cell is reported; the others still run
