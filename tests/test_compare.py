@@ -114,3 +114,9 @@ def test_eval_needs_an_adapter_or_base(tmp_path, capsys):
     assert "needs --adapter DIR, --run RUN_DIR or --base" in capsys.readouterr().err
     assert main(["eval", "--adapter", str(tmp_path), "model=tiny-llama"]) == 2
     assert "is not a PEFT adapter folder" in capsys.readouterr().err
+
+
+def test_chat_template_without_one_fails_before_training(tmp_path, capsys):
+    overrides = tiny_grid_overrides(tmp_path)
+    assert main(["run", *overrides, "data.template=chat", f"output.dir={tmp_path / 'runs'}", "output.name=x"]) == 2
+    assert "data.template: model tiny-llama has no chat template" in capsys.readouterr().err

@@ -49,6 +49,12 @@ def prepare_run_dir(cfg: ExperimentConfig) -> Path:
     return run_dir
 
 
+def check_template(cfg: ExperimentConfig, tokenizer) -> None:
+    """Before any training: a chat template the tokenizer lacks would fail every client."""
+    if cfg.data.template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"data.template: model {cfg.model} has no chat template; use data.template=alpaca")
+
+
 def truncation_line(truncation: dict | None) -> str | None:
     """'k_proj r8 0.41, r200 0.00; ...': the mean approximation error ratio per client rank."""
     if not truncation:
@@ -96,6 +102,7 @@ def run_experiment(
     torch.manual_seed(cfg.seed)
 
     model, tokenizer = load_model(cfg.model, device, seed=cfg.seed)
+    check_template(cfg, tokenizer)
     target_modules = cfg.lora.target_modules or default_target_modules(model)
     shapes = lora.module_shapes(model, target_modules)
     server = FederatedServer(cfg, [c.client_id for c in dataset.clients], shapes)
@@ -215,6 +222,7 @@ def run_evaluation(cfg: ExperimentConfig, adapter: str | Path | None, clients: s
         hint = " (choose held-out clients with data.heldout_*)" if clients == "heldout" else ""
         raise ConfigError(f"data: the {clients} clients of {cfg.data.source} have no test examples{hint}")
     model, tokenizer = load_model(cfg.model, device, seed=cfg.seed)
+    check_template(cfg, tokenizer)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter))
     target_modules = cfg.lora.target_modules or default_target_modules(model)
