@@ -45,7 +45,8 @@ class Cell:
 def is_homogeneous(method: str) -> bool:
     from flexlora.aggregation import METHODS
 
-    return bool(getattr(METHODS[method], "homogeneous", False))
+    # A grid folder may list a method this version lacks (cells added by a newer version).
+    return bool(getattr(METHODS.get(method), "homogeneous", False))
 
 
 def grid_cells(methods: list[str], profiles: list[str], seeds: list[int]) -> list[Cell]:
