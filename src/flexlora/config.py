@@ -89,7 +89,9 @@ class ExperimentConfig:
     seed: int = 0
     model: str = "smollm2-135m-instruct"  # smollm2-135m-instruct | tiny-llama | HF path or id
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    method: str = "flexlora"
+    method: str = "flexlora"  # flexlora | fedit | hetlora | slora | flora | ffa
+    # Arguments of the method (see docs/baselines.md), plus server_opt: {name: fedavgm|fedadam|
+    # fedyogi, lr, ...} (flexlora, fedit) and fedprox_mu (any method).
     method_args: dict = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
@@ -219,11 +221,15 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(c: ExperimentConfig) -> None:
     """Value checks that types alone cannot express."""
-    from flexlora.aggregation import METHODS
+    from flexlora.aggregation import METHODS, make_method
     from flexlora.data.prompts import TEMPLATES
     from flexlora.resources import PROFILES, paper_rank_types
 
     _require(c.method in METHODS, f"method: unknown aggregation method '{c.method}'; choose from: {', '.join(METHODS)}")
+    try:  # constructing a method is cheap and checks its arguments (one-line errors)
+        make_method(c.method, **c.method_args)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"method_args: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if isinstance(c.resources.profile, str):
         _require(
             c.resources.profile in PROFILES,

@@ -67,7 +67,7 @@ def run_experiment(cfg: ExperimentConfig, echo=print) -> Path:
             for cid in server.client_ids
         },
     )
-    runtime = LocalRuntime(model, tokenizer, dataset.clients, cfg, target_modules, getattr(server.method, "regularizer", None))
+    runtime = LocalRuntime(model, tokenizer, dataset.clients, cfg, target_modules)
     echo(
         f"flexlora: {cfg.method} on {cfg.model} ({device}), {len(dataset.clients)} training clients "
         f"({profile_label(cfg)} ranks), {len(dataset.heldout)} held-out clients, {cfg.federation.rounds} rounds"
@@ -75,13 +75,15 @@ def run_experiment(cfg: ExperimentConfig, echo=print) -> Path:
 
     def evaluate_global(state, round_):
         factors, ranks = (None, None) if state is None else server.global_adapter()
-        return evaluate(
-            model, tokenizer, dataset.heldout,
-            factors=factors, ranks=ranks, alpha=cfg.lora.alpha, target_modules=target_modules,
-            template=cfg.data.template, cutoff_len=cfg.data.cutoff_len,
-            max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-            max_examples_per_client=cfg.eval.max_examples_per_client, desc=f"eval round {round_}",
-        )
+        offset = None if state is None else server.base_offset()
+        with lora.base_weights(model, offset):  # FLoRA, SLoRA's sparse stage: base + offset
+            return evaluate(
+                model, tokenizer, dataset.heldout,
+                factors=factors, ranks=ranks, alpha=cfg.lora.alpha, target_modules=target_modules,
+                template=cfg.data.template, cutoff_len=cfg.data.cutoff_len,
+                max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                max_examples_per_client=cfg.eval.max_examples_per_client, desc=f"eval round {round_}",
+            )
 
     history = []
 
@@ -101,10 +103,14 @@ def run_experiment(cfg: ExperimentConfig, echo=print) -> Path:
 
     run_rounds(server, runtime, evaluate_global, log)
 
-    adapter_dir = None
+    adapter_dir = merged_dir = None
     if server.state is not None:
         factors, ranks = server.global_adapter(cfg.eval.export_rank)
-        adapter_dir = lora.save_adapter(model, factors, ranks, cfg.lora.alpha, target_modules, run_dir / "adapter")
+        offset = server.base_offset()
+        if offset:  # a LoRA adapter cannot hold a dense change of the base: export merged weights
+            merged_dir = lora.save_merged(model, tokenizer, run_dir / "merged", offset, factors, ranks, cfg.lora.alpha)
+        elif factors:
+            adapter_dir = lora.save_adapter(model, factors, ranks, cfg.lora.alpha, target_modules, run_dir / "adapter")
     evaluated = [r for r in history if r["eval"] is not None]
     summary = {
         "metric": METRIC,
@@ -122,6 +128,7 @@ def run_experiment(cfg: ExperimentConfig, echo=print) -> Path:
         "final_eval_loss": evaluated[-1]["eval"]["eval_loss"],
         "per_round": {r["round"]: r["eval"][METRIC] for r in evaluated},
         "adapter": str(adapter_dir) if adapter_dir else None,
+        "merged_model": str(merged_dir) if merged_dir else None,
         "wall_time_s": time.perf_counter() - started,
     }
     write_json(run_dir / "summary.json", summary)

@@ -6,13 +6,14 @@ knows which aggregation method runs.
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from flexlora.aggregation import make_method
+from flexlora.aggregation import METHODS, make_method
 from flexlora.aggregation.base import ClientUpdate, GlobalState
 from flexlora.client import ClientTask
 from flexlora.config import ExperimentConfig
@@ -39,7 +40,7 @@ class FederatedServer:
         self.cfg = cfg
         self.client_ids = list(client_ids)
         self.shapes = shapes
-        self.method = make_method(cfg.method, **cfg.method_args)
+        self.method = make_method(cfg.method, **method_arguments(cfg))
         r = cfg.resources
         self.rank_types = paper_rank_types(r.t1, r.t2, r.t3_attention, r.t3_mlp, r.t4)
         self.client_types = assign_rank_types(self.client_ids, r.profile, cfg.seed)
@@ -49,7 +50,8 @@ class FederatedServer:
             # rank per module (the "bucket effect" FlexLoRA avoids).
             floor = {m: min(ranks[m] for ranks in self.client_ranks.values()) for m in shapes}
             self.client_ranks = {cid: dict(floor) for cid in self.client_ids}
-        self.state: GlobalState | None = None
+        init_state = getattr(self.method, "init_state", None)
+        self.state: GlobalState | None = init_state(shapes) if init_state is not None else None
         self.round = 0
 
     def sample(self, round_: int) -> list[str]:
@@ -60,31 +62,58 @@ class FederatedServer:
 
     def configure(self, round_: int, client_ids: list[str]) -> list[ClientTask]:
         tasks = []
+        offset = self.base_offset()  # one object shared by the round's tasks
+        client_options = getattr(self.method, "client_options", None)
         for i, cid in enumerate(client_ids):
             ranks = self.client_ranks[cid]
+            rank_type = self.client_types[cid]
             tasks.append(
                 ClientTask(
                     client_id=cid,
                     round=round_,
-                    rank_type=self.client_types[cid],
+                    rank_type=rank_type,
                     module_ranks=ranks,
                     factors=self.method.client_factors(self.state, ranks, self.cfg.lora.alpha),
                     seed=hash_seed(self.cfg.seed, round_, cid),
+                    options=dict(client_options(self.state, round_, rank_type)) if client_options else {},
+                    base_offset=offset,
                 )
             )
         return tasks
 
     def aggregate(self, updates: list[ClientUpdate]) -> None:
         self.state = self.method.aggregate(updates, self.state)
+        if getattr(self.method, "prunes_ranks", False):
+            # HetLoRA: a client that pruned a module's rank keeps the smaller rank from now on.
+            for u in updates:
+                ranks = self.client_ranks[u.client_id]
+                for module, (A, _) in u.factors.items():
+                    ranks[module] = min(ranks[module], A.shape[0])
+
+    def base_offset(self) -> dict | None:
+        """The global model's change of the base weights (module -> (out, in)), if the method has one."""
+        hook = getattr(self.method, "base_offset", None)
+        return hook(self.state) if hook is not None and self.state is not None else None
 
     def global_adapter(self, rank: int | None = None):
-        """(factors, ranks) of the global model, optionally truncated to `rank`."""
+        """(factors, ranks) of the global model, optionally truncated to `rank`; (None, None) when
+        the global model has no adapter (e.g. FLoRA: everything is in the base offset)."""
         factors, ranks = self.method.global_factors(self.state, self.cfg.lora.alpha)
+        if not factors:
+            return None, None
         if rank is not None:
             capped = {m: min(rank, r) for m, r in ranks.items()}
             factors = self.method.client_factors(self.state, capped, self.cfg.lora.alpha)
             ranks = capped
         return factors, ranks
+
+
+def method_arguments(cfg: ExperimentConfig) -> dict:
+    """cfg.method_args, with the run's seed as the method's `seed` unless it is given there."""
+    args = dict(cfg.method_args)
+    if "seed" not in args and "seed" in inspect.signature(METHODS[cfg.method]).parameters:
+        args["seed"] = cfg.seed
+    return args
 
 
 def hash_seed(*parts) -> int:

@@ -6,8 +6,10 @@ depends on R against min(m, n) (measurements in DESIGN.md, "The fast, exact SVD"
 - "factored":   QR of B̃ and of Ãᵀ, SVD of the small core, rotate back. Never forms the
                 m×n matrix; exact. The choice when R < min(m, n).
 - "dense":      form ΔW in one product, then the exact top-k: eigen-decomposition of the
-                smaller Gram matrix (in float64) followed by a Rayleigh-Ritz step when k is
-                much smaller than min(m, n), else a full ``torch.linalg.svd``.
+                smaller Gram matrix followed by a Rayleigh-Ritz step when k is much smaller
+                than min(m, n), else a full ``torch.linalg.svd``. The Gram matrix is float32
+                for float32 input when a bound on the resulting loss of accuracy allows it
+                (see ``_gram_svd``), else float64.
 - "randomized": ``torch.svd_lowrank`` on the dense ΔW (oversampling + power iterations);
                 fast but approximate, never picked by "auto".
 - "auto":       "factored" when R < min(m, n), else "dense".
@@ -34,6 +36,12 @@ MODES = ("auto", "factored", "dense", "randomized")
 GRAM_MAX_FRACTION = 0.5
 # Column block used to accumulate the float64 Gram matrix without a float64 copy of ΔW.
 _GRAM_BLOCK = 2048
+# The Rayleigh-Ritz step uses this many eigenvectors beyond the k wanted: the top-k are then
+# resolved against the gap λ_k − λ_{k+p+1} rather than λ_k − λ_{k+1}.
+GRAM_OVERSAMPLE = 16
+# A float32 Gram matrix is used when the predicted excess of the rank-k squared error over the
+# optimum, relative to the optimum, is below this (about 5e-7 on the error itself).
+GRAM32_MAX_LOSS = 1e-6
 
 
 class TruncatedSVD(NamedTuple):
@@ -117,29 +125,61 @@ def dense_svd(dense: torch.Tensor, k: int) -> TruncatedSVD:
 def _gram_svd(dense: torch.Tensor, k: int) -> TruncatedSVD:
     """Top-k SVD via the smaller Gram matrix, then a Rayleigh-Ritz step.
 
-    The top-k eigenvectors of G = ΔW ΔWᵀ (float64, so that squaring the singular values
-    costs no accuracy that matters for the top k) span the top-k left singular subspace.
-    Projecting ΔW onto it and taking the SVD of that k×n matrix gives singular values read
-    off ΔW itself (not square roots of eigenvalues), an orthonormal Vh without dividing by
-    possibly-zero singular values, and the same triplets as a full SVD.
+    The top eigenvectors of G = ΔW ΔWᵀ span the top left singular subspace. Projecting ΔW
+    onto the top k + GRAM_OVERSAMPLE of them and taking the SVD of that small matrix (in
+    float64) gives singular values read off ΔW itself (not square roots of eigenvalues), an
+    orthonormal Vh without dividing by possibly-zero singular values, and the same triplets
+    as a full SVD.
+
+    Precision: G squares the singular values, so its rounding error, about
+    ε·(√q + √p)·λ_1, limits how well the subspace is resolved. For float32 input, G is first
+    formed and decomposed in float32 (3× faster than float64 at 2048×5504, measured here);
+    Davis-Kahan then bounds the excess squared error of the rank-k result by
+    Σ_{i≤k} λ_i·‖E‖²/(λ_i − λ_{l+1})² (l = k + oversample). If that bound, relative to the
+    optimal squared error Σ_{i>k} λ_i, exceeds GRAM32_MAX_LOSS (a small or
+    rank-deficient tail, a tiny gap, a fast-decaying spectrum), G is recomputed in float64.
     """
     transposed = dense.shape[0] > dense.shape[1]
     X = dense.T if transposed else dense  # (p, q) with p <= q
-    p, q = X.shape
-    G = torch.zeros(p, p, dtype=torch.float64, device=X.device)
-    for j in range(0, q, _GRAM_BLOCK):
-        block = X[:, j : j + _GRAM_BLOCK].double()
-        G += block @ block.T
-    _, evecs = torch.linalg.eigh(G)  # ascending
-    Qk = evecs[:, -k:].flip(-1)  # (p, k), top-k first
-    M = Qk.to(X.dtype).T @ X  # (k, q)
-    u, s, vh = torch.linalg.svd(M.double(), full_matrices=False)
-    U = (Qk @ u).to(X.dtype)
-    S = s.to(X.dtype)
-    Vh = vh.to(X.dtype)
+    result = None
+    if X.dtype == torch.float32:
+        result = _gram_rayleigh_ritz(X, k, torch.float32)
+    if result is None:
+        result = _gram_rayleigh_ritz(X, k, torch.float64)
+    U, S, Vh = result
     if transposed:  # X = ΔWᵀ = U S Vh  =>  ΔW = Vhᵀ S Uᵀ
         U, Vh = Vh.T, U.T
     return TruncatedSVD(U.contiguous(), S, Vh.contiguous())
+
+
+def _gram_rayleigh_ritz(X: torch.Tensor, k: int, gram_dtype: torch.dtype) -> TruncatedSVD | None:
+    """Top-k SVD of X (p, q), p <= q, through a Gram matrix of `gram_dtype`; None when a
+    float32 Gram matrix cannot guarantee the accuracy (see _gram_svd)."""
+    p, q = X.shape
+    if gram_dtype == X.dtype:
+        G = X @ X.T
+    else:  # accumulate by column blocks: no full-size float64 copy of X
+        G = torch.zeros(p, p, dtype=gram_dtype, device=X.device)
+        for j in range(0, q, _GRAM_BLOCK):
+            block = X[:, j : j + _GRAM_BLOCK].to(gram_dtype)
+            G.addmm_(block, block.T)
+    evals, evecs = torch.linalg.eigh(G)  # ascending
+    lam = evals.double().flip(0).clamp_min(0)  # descending
+    l = min(p, k + GRAM_OVERSAMPLE)
+    if gram_dtype == torch.float32 and l < p:
+        noise = (q**0.5 + p**0.5) * torch.finfo(torch.float32).eps * lam[0]
+        gaps = lam[:k] - lam[l]
+        tail = lam[k:].sum()
+        if not bool(gaps[-1] > 0) or not bool(tail > 0):
+            return None
+        excess = (lam[:k] * noise**2 / gaps**2).sum()
+        if excess > GRAM32_MAX_LOSS * tail:
+            return None
+    Q = evecs[:, -l:].flip(-1)  # (p, l), top first
+    M = Q.to(X.dtype).T @ X  # (l, q)
+    u, s, vh = torch.linalg.svd(M.double(), full_matrices=False)
+    U = (Q.double() @ u[:, :k]).to(X.dtype)
+    return TruncatedSVD(U, s[:k].to(X.dtype), vh[:k].to(X.dtype))
 
 
 def randomized_svd(dense: torch.Tensor, k: int, *, oversample: int = 64, niter: int = 2, seed: int = 0) -> TruncatedSVD:
