@@ -276,6 +276,42 @@ def test_dense_paths_agree(monkeypatch, fraction, shape):
         assert (d.S - S[:k]).abs().max() < 1e-10 * S[0]
 
 
+def test_float32_gram_route_is_used_when_safe_and_exact(monkeypatch):
+    """float32 input: the Gram matrix is float32 when its predicted loss is tiny (flat spectrum),
+    float64 otherwise (fast decay), and the result is within 1e-5 of optimal either way."""
+    routes = []
+    real = svd_mod._gram_rayleigh_ritz
+
+    def spy(X, k, gram_dtype):
+        out = real(X, k, gram_dtype)
+        routes.append((gram_dtype, out is not None))
+        return out
+
+    monkeypatch.setattr(svd_mod, "_gram_rayleigh_ritz", spy)
+    for decay, expected in ((False, [(torch.float32, True)]), (True, [(torch.float32, False), (F64, True)])):
+        routes.clear()
+        B, A = stacked(120, 260, 400, seed=5, dtype=torch.float32, decay=decay)
+        dense = B @ A
+        ref = B.double() @ A.double()
+        k = 30
+        res = svd_mod.dense_svd(dense, k)
+        assert routes == expected
+        err = torch.linalg.norm(ref - res.matrix().double()).item()
+        assert err / optimal_error(ref, k) <= 1 + 1e-5
+        S_ref = torch.linalg.svdvals(ref)[:k]
+        assert (res.S.double() - S_ref).abs().max() <= 1e-5 * S_ref[0]
+        eye = torch.eye(k, dtype=F64)
+        assert (res.U.double().T @ res.U.double() - eye).abs().max() < 1e-4
+
+
+def test_dense_delta_is_built_group_by_group():
+    ups = hetero_updates(seed=2)
+    weights = agg.data_weights(ups)
+    for group_rank in (1, 7, 10_000):  # one client per product ... all clients in one product
+        got = agg.flexlora.delta_matrix(ups, "attn", weights, group_rank=group_rank)
+        assert rel(got, delta_formula(ups, "attn")) < 1e-12
+
+
 def test_randomized_within_tolerance_and_leaves_rng_alone():
     # A flat-ish spectrum is the hard case for a randomized range finder.
     B, A = stacked(200, 300, 400, seed=2, dtype=torch.float32, decay=False)
