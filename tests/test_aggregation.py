@@ -276,28 +276,39 @@ def test_dense_paths_agree(monkeypatch, fraction, shape):
         assert (d.S - S[:k]).abs().max() < 1e-10 * S[0]
 
 
-def test_float32_gram_route_is_used_when_safe_and_exact(monkeypatch):
-    """float32 input: the Gram matrix is float32 when its predicted loss is tiny (flat spectrum),
-    float64 otherwise (fast decay), and the result is within 1e-5 of optimal either way."""
+def test_float32_gram_route_is_certified_or_redone_in_float64(monkeypatch):
+    """float32 input: the Gram matrix is float32 when the a-posteriori bound certifies the
+    result, else float64 (here: a matrix of rank exactly k, whose optimal error is zero), and
+    the result is within 1e-5 of optimal either way."""
     routes = []
-    real = svd_mod._gram_rayleigh_ritz
+    real_eig, real_rr = svd_mod._top_eigenvectors, svd_mod._rayleigh_ritz
+    monkeypatch.setattr(svd_mod, "_top_eigenvectors", lambda X, l, dt: routes.append(dt) or real_eig(X, l, dt))
 
-    def spy(X, k, gram_dtype):
-        out = real(X, k, gram_dtype)
-        routes.append((gram_dtype, out is not None))
+    def rr(X, Q, k, certify_against=None):
+        out = real_rr(X, Q, k, certify_against)
+        routes.append("certified" if certify_against is not None and out is not None else "rejected" if out is None else "float64 RR")
         return out
 
-    monkeypatch.setattr(svd_mod, "_gram_rayleigh_ritz", spy)
-    for decay, expected in ((False, [(torch.float32, True)]), (True, [(torch.float32, False), (F64, True)])):
+    monkeypatch.setattr(svd_mod, "_rayleigh_ritz", rr)
+    k = 30
+    for R, decay, expected in (
+        (400, False, [torch.float32, "certified"]),
+        (400, True, None),  # fast decay: either route, as long as the result is exact
+        (k, False, [torch.float32, "rejected", F64, "float64 RR"]),
+    ):
         routes.clear()
-        B, A = stacked(120, 260, 400, seed=5, dtype=torch.float32, decay=decay)
+        B, A = stacked(120, 260, R, seed=5, dtype=torch.float32, decay=decay)
         dense = B @ A
         ref = B.double() @ A.double()
-        k = 30
         res = svd_mod.dense_svd(dense, k)
-        assert routes == expected
+        if expected is not None:
+            assert routes == expected
         err = torch.linalg.norm(ref - res.matrix().double()).item()
-        assert err / optimal_error(ref, k) <= 1 + 1e-5
+        opt = optimal_error(ref, k)
+        if R > k:
+            assert err / opt <= 1 + 1e-5
+        else:
+            assert err <= 1e-5 * torch.linalg.norm(ref).item()
         S_ref = torch.linalg.svdvals(ref)[:k]
         assert (res.S.double() - S_ref).abs().max() <= 1e-5 * S_ref[0]
         eye = torch.eye(k, dtype=F64)

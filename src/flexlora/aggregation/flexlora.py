@@ -48,7 +48,7 @@ def stack_factors(updates: list[ClientUpdate], module: str, weights: list[float]
 # Clients are stacked into groups of about this total rank for the dense product: each group
 # is one full-speed matrix product accumulated in place, and memory stays one ΔW plus one
 # group's factors instead of every client's factors stacked at once.
-DENSE_GROUP_RANK = 4096
+DENSE_GROUP_RANK = 2048
 
 
 def delta_matrix(

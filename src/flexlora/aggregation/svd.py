@@ -126,60 +126,82 @@ def _gram_svd(dense: torch.Tensor, k: int) -> TruncatedSVD:
     """Top-k SVD via the smaller Gram matrix, then a Rayleigh-Ritz step.
 
     The top eigenvectors of G = ΔW ΔWᵀ span the top left singular subspace. Projecting ΔW
-    onto the top k + GRAM_OVERSAMPLE of them and taking the SVD of that small matrix (in
-    float64) gives singular values read off ΔW itself (not square roots of eigenvalues), an
+    (in float64) onto the top l = k + GRAM_OVERSAMPLE of them and taking the SVD of that l×q
+    matrix gives singular values read off ΔW itself (not square roots of eigenvalues), an
     orthonormal Vh without dividing by possibly-zero singular values, and the same triplets
     as a full SVD.
 
-    Precision: G squares the singular values, so its rounding error, about
-    ε·(√q + √p)·λ_1, limits how well the subspace is resolved. For float32 input, G is first
-    formed and decomposed in float32 (3× faster than float64 at 2048×5504, measured here);
-    Davis-Kahan then bounds the excess squared error of the rank-k result by
-    Σ_{i≤k} λ_i·‖E‖²/(λ_i − λ_{l+1})² (l = k + oversample). If that bound, relative to the
-    optimal squared error Σ_{i>k} λ_i, exceeds GRAM32_MAX_LOSS (a small or
-    rank-deficient tail, a tiny gap, a fast-decaying spectrum), G is recomputed in float64.
+    Precision: G squares the singular values, so its rounding error limits how well the
+    subspace is resolved. For float32 input, G is first formed and decomposed in float32
+    (3× faster than float64, measured at 2048×5504) and the result is certified a posteriori
+    in float64: with Ritz values θ_i and residuals r_i = ‖G y_i − θ_i y_i‖ of the top-k Ritz
+    vectors y_i, Davis-Kahan bounds the excess of the rank-k squared error over the optimum by
+    Σ_{i≤k} θ_i r_i² / (θ_i − λ_{l+1})². If that bound exceeds GRAM32_MAX_LOSS times the
+    optimal squared error ‖ΔW‖² − Σ_{i≤k} θ_i (tiny gap, near-exact rank ≤ k, ...), G is
+    recomputed in float64. The certificate costs two float64 products with l columns.
     """
     transposed = dense.shape[0] > dense.shape[1]
     X = dense.T if transposed else dense  # (p, q) with p <= q
+    l = min(X.shape[0], k + GRAM_OVERSAMPLE)
     result = None
     if X.dtype == torch.float32:
-        result = _gram_rayleigh_ritz(X, k, torch.float32)
+        Q, lam = _top_eigenvectors(X, l, torch.float32)
+        result = _rayleigh_ritz(X, Q, k, certify_against=lam if l < X.shape[0] else None)
     if result is None:
-        result = _gram_rayleigh_ritz(X, k, torch.float64)
+        Q, _ = _top_eigenvectors(X, l, torch.float64)
+        result = _rayleigh_ritz(X, Q, k)
     U, S, Vh = result
     if transposed:  # X = ΔWᵀ = U S Vh  =>  ΔW = Vhᵀ S Uᵀ
         U, Vh = Vh.T, U.T
     return TruncatedSVD(U.contiguous(), S, Vh.contiguous())
 
 
-def _gram_rayleigh_ritz(X: torch.Tensor, k: int, gram_dtype: torch.dtype) -> TruncatedSVD | None:
-    """Top-k SVD of X (p, q), p <= q, through a Gram matrix of `gram_dtype`; None when a
-    float32 Gram matrix cannot guarantee the accuracy (see _gram_svd)."""
+def _top_eigenvectors(X: torch.Tensor, l: int, gram_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-l eigenvectors of X Xᵀ as a (p, l) float64 matrix, top first; all eigenvalues,
+    descending, float64), with the Gram matrix formed and decomposed in `gram_dtype`."""
     p, q = X.shape
     if gram_dtype == X.dtype:
         G = X @ X.T
-    else:  # accumulate by column blocks: no full-size float64 copy of X
+    else:  # accumulate by column blocks: no full-size copy of X in gram_dtype
         G = torch.zeros(p, p, dtype=gram_dtype, device=X.device)
         for j in range(0, q, _GRAM_BLOCK):
             block = X[:, j : j + _GRAM_BLOCK].to(gram_dtype)
             G.addmm_(block, block.T)
     evals, evecs = torch.linalg.eigh(G)  # ascending
-    lam = evals.double().flip(0).clamp_min(0)  # descending
-    l = min(p, k + GRAM_OVERSAMPLE)
-    if gram_dtype == torch.float32 and l < p:
-        noise = (q**0.5 + p**0.5) * torch.finfo(torch.float32).eps * lam[0]
-        gaps = lam[:k] - lam[l]
-        tail = lam[k:].sum()
-        if not bool(gaps[-1] > 0) or not bool(tail > 0):
+    return evecs[:, -l:].flip(-1).double(), evals.double().flip(0)
+
+
+def _rayleigh_ritz(X: torch.Tensor, Q: torch.Tensor, k: int, certify_against: torch.Tensor | None = None) -> TruncatedSVD | None:
+    """Top-k SVD of X restricted to span(Q), computed in float64. With `certify_against` (the
+    float32 Gram eigenvalues), None unless the a-posteriori bound of _gram_svd holds."""
+    p, q = X.shape
+    l = Q.shape[1]
+    certify = certify_against is not None
+    Z = torch.empty(q, l, dtype=torch.float64, device=X.device)  # Xᵀ Q = (Qᵀ X)ᵀ
+    Y = torch.zeros(p, l, dtype=torch.float64, device=X.device) if certify else None  # G Q = X Xᵀ Q
+    total = torch.zeros((), dtype=torch.float64, device=X.device)  # ‖X‖²
+    for j in range(0, q, _GRAM_BLOCK):
+        block = X[:, j : j + _GRAM_BLOCK].double()
+        Z[j : j + _GRAM_BLOCK] = block.T @ Q
+        if certify:
+            Y.addmm_(block, Z[j : j + _GRAM_BLOCK])
+            total += block.pow(2).sum()
+    u, s, vh = torch.linalg.svd(Z.T, full_matrices=False)  # Qᵀ X = u s vh
+    if certify:
+        # Ritz vectors of G in span(Q) are Q u with Ritz values s²; their residuals:
+        theta = s[:k] ** 2
+        residual = torch.linalg.vector_norm(Y @ u[:, :k] - (Q @ u[:, :k]) * theta, dim=0)
+        lam = certify_against
+        weyl = 4 * (p**0.5 + q**0.5) * torch.finfo(torch.float32).eps * lam[0]  # |λ̂ − λ| of a float32 Gram
+        gaps = theta - (lam[l] + weyl)  # distance to the eigenvalues outside span(Q)
+        optimal = total - theta.sum()
+        if not bool(gaps[-1] > 0) or not bool(optimal > 1e-10 * total):
             return None
-        excess = (lam[:k] * noise**2 / gaps**2).sum()
-        if excess > GRAM32_MAX_LOSS * tail:
+        excess = (theta * residual**2 / gaps**2).sum()
+        if not bool(excess <= GRAM32_MAX_LOSS * optimal):
             return None
-    Q = evecs[:, -l:].flip(-1)  # (p, l), top first
-    M = Q.to(X.dtype).T @ X  # (l, q)
-    u, s, vh = torch.linalg.svd(M.double(), full_matrices=False)
-    U = (Q.double() @ u[:, :k]).to(X.dtype)
-    return TruncatedSVD(U, s[:k].to(X.dtype), vh[:k].to(X.dtype))
+    dtype = X.dtype
+    return TruncatedSVD((Q @ u[:, :k]).to(dtype), s[:k].to(dtype), vh[:k].to(dtype))
 
 
 def randomized_svd(dense: torch.Tensor, k: int, *, oversample: int = 64, niter: int = 2, seed: int = 0) -> TruncatedSVD:
