@@ -126,6 +126,7 @@ def train_client(
                 local.mask_gradients()
                 torch.nn.utils.clip_grad_norm_(local.params, cfg.train.max_grad_norm)
                 optimizer.step()
+                local.after_step()
             factors, deltas, extra_metrics = local.result()
         finally:
             local.close()
@@ -169,6 +170,9 @@ class Adapter:
     def mask_gradients(self) -> None:
         pass
 
+    def after_step(self) -> None:
+        pass
+
     def result(self):
         factors = lora.get_factors(self.net)
         metrics = {"trainable_params": lora.trainable_parameters(self.net)}
@@ -207,6 +211,13 @@ class SparseWeights:
         for name, layer in self.layers.items():
             if layer.weight.grad is not None:
                 lora.weight_matrix_of(layer, layer.weight.grad).mul_(self.masks[name])
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        # Decoupled weight decay (AdamW) moves every entry; masked-out ones must not train.
+        for name, layer in self.layers.items():
+            W = lora.weight_matrix(layer)
+            W.copy_(torch.where(self.masks[name], W, self.start[name]))
 
     def result(self):
         deltas = {

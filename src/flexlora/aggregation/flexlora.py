@@ -149,13 +149,14 @@ class FlexLoRA:
         max_global_rank: int | None = None,
         split: str = "all_in_B",
         *,
-        device: str | torch.device | None = None,
+        device: str | torch.device | None = "auto",
         seed: int = 0,
         oversample: int = 64,
         niter: int = 2,
     ):
-        """device: where the SVDs run (None = where the client tensors are); the state goes
-        back to the clients' device. seed: for padding rows (see split_factors) and the
+        """device: where the SVDs run ("auto": a CUDA GPU if there is one, else where the
+        client tensors are; None: where the client tensors are); the state goes back to the
+        clients' device. seed: for padding rows (see split_factors) and the
         randomized SVD. oversample, niter: randomized SVD only."""
         if svd_mode not in MODES:
             raise ValueError(f"unknown svd_mode {svd_mode!r}; choose from: {', '.join(MODES)}")
@@ -166,7 +167,12 @@ class FlexLoRA:
         self.svd_mode = svd_mode
         self.max_global_rank = max_global_rank
         self.split = split
-        self.device = torch.device(device) if device is not None else None
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else None
+        try:
+            self.device = torch.device(device) if device is not None else None
+        except (RuntimeError, TypeError):
+            raise ValueError(f"flexlora: device must be auto, cpu, cuda[:N] or null, got {device!r}") from None
         self.seed = seed
         self.oversample = oversample
         self.niter = niter
