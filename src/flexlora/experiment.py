@@ -105,7 +105,10 @@ def run_experiment(cfg: ExperimentConfig, echo=print) -> Path:
 
     adapter_dir = merged_dir = None
     if server.state is not None:
-        factors, ranks = server.global_adapter(cfg.eval.export_rank)
+        # Default export rank: what the largest client receives (the full-rank ΔW can be as
+        # large as the base model itself).
+        export_rank = cfg.eval.export_rank or max(max(r.values()) for r in server.client_ranks.values())
+        factors, ranks = server.global_adapter(export_rank)
         offset = server.base_offset()
         if offset:  # a LoRA adapter cannot hold a dense change of the base: export merged weights
             merged_dir = lora.save_merged(model, tokenizer, run_dir / "merged", offset, factors, ranks, cfg.lora.alpha)
