@@ -294,7 +294,7 @@ def goals(rows: list[Row]) -> list[str]:
     """The issue's goals, checked on the measured rows."""
     out = []
     for r in rows:
-        if r.mode == "reference":
+        if r.mode == "reference" or r.size == "quick":
             continue
         worst = max(abs(q - 1) for q in r.quality.values())
         label = f"{r.size} case {r.case} {r.module} {r.mode}"
@@ -302,8 +302,9 @@ def goals(rows: list[Row]) -> list[str]:
             out.append(f"{label}: quality <= 1.01: {'yes' if worst <= 0.01 else 'NO'} ({1 + worst:.5f})")
             continue
         out.append(f"{label}: within 1e-5 of optimal: {'yes' if worst <= 1e-5 else 'NO'} ({worst:.1e})")
-        target = {"a": 30.0, "b": 2.5}[r.case]
-        out.append(f"{label}: >= {target:g}x faster: {'yes' if r.speedup >= target else 'NO'} ({r.speedup:.1f}x)")
+        if r.mode.startswith("auto"):  # the speed goals are for the mode the server picks
+            target = {"a": 30.0, "b": 2.5}[r.case]
+            out.append(f"{label}: >= {target:g}x faster: {'yes' if r.speedup >= target else 'NO'} ({r.speedup:.1f}x)")
     return out
 
 
