@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import platform
 import threading
@@ -163,6 +164,26 @@ def measure(device: torch.device, result: dict):
             result["peak_mb"] = (max(peak[0], _rss_bytes()) - start_mem) / 2**20
 
 
+@contextmanager
+def gram_routes():
+    """Collects which Gram route the dense kernel took ("float32 Gram certified", ...)."""
+    routes: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            routes.append(record.getMessage().split(": ", 1)[-1])
+
+    logger = logging.getLogger("flexlora.aggregation.svd")
+    handler, level = Collect(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield routes
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def best_of(repeat: int, device: torch.device, fn):
     """(last result of fn, min time, max peak) over `repeat` runs."""
     times, peaks, out = [], [], None
@@ -219,7 +240,8 @@ def run_case(size: str, case: str, module: str, shape, modes, *, seed, device, r
             continue
         seen.add(resolved)
         method = FlexLoRA(svd_mode=mode, max_global_rank=max_rank, oversample=oversample, niter=niter, seed=seed, device=device)
-        state, t, peak = best_of(repeat, device, lambda: method.aggregate(updates, None))
+        with gram_routes() as routes:
+            state, t, peak = best_of(repeat, device, lambda: method.aggregate(updates, None))
         row = Row(**common, mode=f"auto->{resolved}" if mode == "auto" else mode, time_s=t, peak_mb=peak, speedup=t_ref / t)
         row.quality = slice_quality(dense, S, lambda r: method.client_factors(state, {module: r}, ALPHA)[module], ranks)
         if resolved in ("dense", "randomized"):
@@ -230,6 +252,8 @@ def run_case(size: str, case: str, module: str, shape, modes, *, seed, device, r
             row.floor_s = floor
         if mode == "randomized":
             row.note = f"q = k + {oversample}, {niter} power iterations"
+        elif routes:
+            row.note = routes[-1]
         rows.append(row)
         del state
         worst = max(abs(q - 1) for q in row.quality.values())

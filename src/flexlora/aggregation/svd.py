@@ -22,6 +22,7 @@ rank-deficient input.
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import torch
@@ -29,6 +30,7 @@ import torch
 from .base import compute_dtype
 
 MODES = ("auto", "factored", "dense", "randomized")
+log = logging.getLogger(__name__)  # DEBUG: which Gram route the dense kernel took
 
 # "dense" uses the Gram route when k <= GRAM_MAX_FRACTION * min(m, n). Measured on 2 cores
 # (1024×2752, 576×1536) it beats a full SVD up to about 0.6·min(m, n); above that a full SVD
@@ -147,9 +149,11 @@ def _gram_svd(dense: torch.Tensor, k: int) -> TruncatedSVD:
     if X.dtype == torch.float32:
         Q, lam = _top_eigenvectors(X, l, torch.float32)
         result = _rayleigh_ritz(X, Q, k, certify_against=lam if l < X.shape[0] else None)
+        log.debug("top-%d of %dx%d: float32 Gram %s", k, *dense.shape, "certified" if result is not None else "not certified")
     if result is None:
         Q, _ = _top_eigenvectors(X, l, torch.float64)
         result = _rayleigh_ritz(X, Q, k)
+        log.debug("top-%d of %dx%d: float64 Gram", k, *dense.shape)
     U, S, Vh = result
     if transposed:  # X = ΔWᵀ = U S Vh  =>  ΔW = Vhᵀ S Uᵀ
         U, Vh = Vh.T, U.T
