@@ -174,14 +174,16 @@ def gram_routes():
             routes.append(record.getMessage().split(": ", 1)[-1])
 
     logger = logging.getLogger("flexlora.aggregation.svd")
-    handler, level = Collect(), logger.level
+    handler, level, propagate = Collect(), logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # collected here, not printed
     try:
         yield routes
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def best_of(repeat: int, device: torch.device, fn):

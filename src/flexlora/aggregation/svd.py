@@ -23,6 +23,7 @@ rank-deficient input.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -95,6 +96,27 @@ def truncated_svd(
     return randomized_svd(dense, k, oversample=oversample, niter=niter, seed=seed)
 
 
+# Tall-skinny QR and the small core SVD are chains of small LAPACK steps, each ending at a
+# thread barrier; on a busy machine a barrier waits for a descheduled thread. Measured here
+# (2 shared cores): QR of a 5504×272 matrix 35-50 ms on one thread, 240-700 ms on two. The
+# factored kernel runs on one CPU thread while its work is below this many flops.
+SINGLE_THREAD_MAX_FLOPS = 4e9
+
+
+@contextmanager
+def _cpu_threads(n: int, device: torch.device):
+    """torch's intra-op CPU threads capped at n for the block (process-wide, restored after)."""
+    previous = torch.get_num_threads()
+    if device.type != "cpu" or n >= previous:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def factored_svd(B_stack: torch.Tensor, A_stack: torch.Tensor, k: int) -> TruncatedSVD:
     """Exact top-k SVD of B_stack @ A_stack without forming it.
 
@@ -102,10 +124,13 @@ def factored_svd(B_stack: torch.Tensor, A_stack: torch.Tensor, k: int) -> Trunca
     R_b R_aᵀ, rotated back by the orthonormal Q's, is the SVD of B A. The core carries all
     the conditioning, so it is formed and decomposed in float64 (it is only R×R).
     """
-    Qb, Rb = torch.linalg.qr(B_stack)  # (m, p), (p, R), p = min(m, R)
-    Qa, Ra = torch.linalg.qr(A_stack.T)  # (n, q), (q, R), q = min(n, R)
-    core = Rb.double() @ Ra.double().T  # (p, q)
-    u, s, vh = torch.linalg.svd(core, full_matrices=False)  # descending
+    (m, R), n = B_stack.shape, A_stack.shape[1]
+    flops = 4 * (m + n) * R * R + 20 * R**3
+    with _cpu_threads(1 if flops <= SINGLE_THREAD_MAX_FLOPS else torch.get_num_threads(), B_stack.device):
+        Qb, Rb = torch.linalg.qr(B_stack)  # (m, p), (p, R), p = min(m, R)
+        Qa, Ra = torch.linalg.qr(A_stack.T)  # (n, q), (q, R), q = min(n, R)
+        core = Rb.double() @ Ra.double().T  # (p, q)
+        u, s, vh = torch.linalg.svd(core, full_matrices=False)  # descending
     dtype = B_stack.dtype
     U = Qb @ u[:, :k].to(dtype)
     Vh = vh[:k].to(dtype) @ Qa.T
