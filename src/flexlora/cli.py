@@ -18,8 +18,20 @@ from flexlora.config import ConfigError, load_config
 def _run(args) -> None:
     from flexlora.experiment import run_experiment
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"engine={args.engine}"] if args.engine else [])
+    cfg = load_config(args.config, overrides)
     run_experiment(cfg)
+
+
+def _flower_certs(args) -> None:
+    from flexlora.runtime.flower_certs import make_node_keys, make_tls_certificates
+
+    tls = make_tls_certificates(args.out, args.host or ["127.0.0.1", "localhost"], args.days)
+    keys = make_node_keys(args.out, [f"supernode-{i}" for i in range(1, args.nodes + 1)])
+    for label, path in tls.items():
+        print(f"{label}: {path}")
+    for name, (private, public) in keys.items():
+        print(f"{name}: {private} (private), {public} (public)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a federated experiment (default: FlexLoRA on SmolLM2-135M, built-in tasks)")
     run.add_argument("--config", "-c", help="YAML config file")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federation.rounds=5 method=fedit")
+    run.add_argument(
+        "--engine", choices=["local", "flower"],
+        help="local: in-process (default); flower: Flower's simulation engine (same as engine=flower)",
+    )
     run.set_defaults(func=_run)
+    certs = sub.add_parser(
+        "flower-certs",
+        help="write a test CA, a SuperLink TLS certificate and SuperNode auth keys (trials/CI only)",
+    )
+    certs.add_argument("--out", required=True, help="folder to write into")
+    certs.add_argument("--host", action="append", help="SuperLink host name or IP for the certificate (repeatable; default 127.0.0.1 and localhost)")
+    certs.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs to make (default 2)")
+    certs.add_argument("--days", type=int, default=30, help="certificate validity in days (default 30)")
+    certs.set_defaults(func=_flower_certs)
     return parser
 
 

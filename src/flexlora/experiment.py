@@ -46,48 +46,68 @@ def prepare_run_dir(cfg: ExperimentConfig) -> Path:
     return run_dir
 
 
-def run_experiment(cfg: ExperimentConfig, echo=print) -> Path:
-    """Run the configured experiment; returns the run folder."""
-    device = resolve_device(cfg.device)
-    dataset = load_federated_dataset(cfg.data, cfg.seed)  # bad data fails before any run folder exists
-    run_dir = prepare_run_dir(cfg)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    started = time.perf_counter()
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+class Experiment:
+    """One experiment's wiring, shared by every engine: model, data, server, evaluation of the
+    global adapter on the held-out clients, the per-round log and the run folder. An engine only
+    supplies the runtime that trains the sampled clients (and, in a Flower deployment, the list
+    of clients, which are the connected nodes)."""
 
-    model, tokenizer = load_model(cfg.model, device, seed=cfg.seed)
-    target_modules = cfg.lora.target_modules or default_target_modules(model)
-    shapes = lora.module_shapes(model, target_modules)
-    server = FederatedServer(cfg, [c.client_id for c in dataset.clients], shapes)
-    write_json(
-        run_dir / "clients.json",
-        {
-            cid: {"rank_type": server.client_types[cid], "max_rank": max(server.client_ranks[cid].values())}
-            for cid in server.client_ids
-        },
-    )
-    runtime = LocalRuntime(model, tokenizer, dataset.clients, cfg, target_modules, getattr(server.method, "regularizer", None))
-    echo(
-        f"flexlora: {cfg.method} on {cfg.model} ({device}), {len(dataset.clients)} training clients "
-        f"({profile_label(cfg)} ranks), {len(dataset.heldout)} held-out clients, {cfg.federation.rounds} rounds"
-    )
+    def __init__(self, cfg: ExperimentConfig, echo=print, engine: str = "local"):
+        self.cfg = cfg
+        self.echo = echo
+        self.engine = engine
+        self.device = resolve_device(cfg.device)
+        self.dataset = load_federated_dataset(cfg.data, cfg.seed)  # bad data fails before any run folder exists
+        self.run_dir = prepare_run_dir(cfg)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.started = time.perf_counter()
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.model, self.tokenizer = load_model(cfg.model, self.device, seed=cfg.seed)
+        self.target_modules = cfg.lora.target_modules or default_target_modules(self.model)
+        self.shapes = lora.module_shapes(self.model, self.target_modules)
+        self.server: FederatedServer | None = None
+        self.history: list[dict] = []
 
-    def evaluate_global(state, round_):
-        factors, ranks = (None, None) if state is None else server.global_adapter()
+    def make_server(self, client_ids: list[str], declared_types=None) -> FederatedServer:
+        cfg = self.cfg
+        self.server = server = FederatedServer(cfg, client_ids, self.shapes, declared_types)
+        write_json(
+            self.run_dir / "clients.json",
+            {
+                cid: {"rank_type": server.client_types[cid], "max_rank": max(server.client_ranks[cid].values())}
+                for cid in server.client_ids
+            },
+        )
+        engine = "" if self.engine == "local" else f" through {self.engine}"
+        self.echo(
+            f"flexlora: {cfg.method} on {cfg.model} ({self.device}){engine}, {len(client_ids)} training clients "
+            f"({profile_label(cfg)} ranks), {len(self.dataset.heldout)} held-out clients, {cfg.federation.rounds} rounds"
+        )
+        return server
+
+    def local_runtime(self) -> LocalRuntime:
+        return LocalRuntime(
+            self.model, self.tokenizer, self.dataset.clients, self.cfg, self.target_modules,
+            getattr(self.server.method, "regularizer", None),
+        )
+
+    def evaluate(self, state, round_: int) -> dict:
+        """Centralised evaluation of the global adapter (None: the base model) on held-out clients."""
+        cfg = self.cfg
+        factors, ranks = (None, None) if state is None else self.server.global_adapter()
         return evaluate(
-            model, tokenizer, dataset.heldout,
-            factors=factors, ranks=ranks, alpha=cfg.lora.alpha, target_modules=target_modules,
+            self.model, self.tokenizer, self.dataset.heldout,
+            factors=factors, ranks=ranks, alpha=cfg.lora.alpha, target_modules=self.target_modules,
             template=cfg.data.template, cutoff_len=cfg.data.cutoff_len,
             max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
             max_examples_per_client=cfg.eval.max_examples_per_client, desc=f"eval round {round_}",
         )
 
-    history = []
-
-    def log(record):
-        history.append(record)
-        with open(run_dir / "metrics.jsonl", "a") as f:
+    def log(self, record: dict) -> None:
+        cfg, echo = self.cfg, self.echo
+        self.history.append(record)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         ev = record["eval"]
         if ev is None:
@@ -99,40 +119,57 @@ def run_experiment(cfg: ExperimentConfig, echo=print) -> Path:
             f"eval loss {ev['eval_loss']:.3f}" + (f", {record['time']['total_s']:.0f} s" if record["round"] else "")
         )
 
-    run_rounds(server, runtime, evaluate_global, log)
+    def run(self, runtime) -> None:
+        run_rounds(self.server, runtime, self.evaluate, self.log)
 
-    adapter_dir = None
-    if server.state is not None:
-        factors, ranks = server.global_adapter(cfg.eval.export_rank)
-        adapter_dir = lora.save_adapter(model, factors, ranks, cfg.lora.alpha, target_modules, run_dir / "adapter")
-    evaluated = [r for r in history if r["eval"] is not None]
-    summary = {
-        "metric": METRIC,
-        "metric_description": "Rouge-L F1 of greedy generations on held-out (unseen-task) clients, weighted by test-set size",
-        "method": cfg.method,
-        "profile": profile_label(cfg),
-        "model": cfg.model,
-        "seed": cfg.seed,
-        "zero_shot": evaluated[0]["eval"][METRIC],
-        "final": evaluated[-1]["eval"][METRIC],
-        "best": max(r["eval"][METRIC] for r in evaluated),
-        "zero_shot_teacher_forced": evaluated[0]["eval"]["rougeL_teacher_forced"],
-        "final_teacher_forced": evaluated[-1]["eval"]["rougeL_teacher_forced"],
-        "zero_shot_eval_loss": evaluated[0]["eval"]["eval_loss"],
-        "final_eval_loss": evaluated[-1]["eval"]["eval_loss"],
-        "per_round": {r["round"]: r["eval"][METRIC] for r in evaluated},
-        "adapter": str(adapter_dir) if adapter_dir else None,
-        "wall_time_s": time.perf_counter() - started,
-    }
-    write_json(run_dir / "summary.json", summary)
-    plot_metric(
-        {cfg.method: [(r["round"], r["eval"][METRIC]) for r in evaluated]},
-        run_dir / "metric.png",
-        title=f"{cfg.method}, {profile_label(cfg)} ranks: held-out clients",
-    )
-    echo(
-        f"held-out {METRIC}: zero-shot {summary['zero_shot']:.4f} -> final {summary['final']:.4f} "
-        f"({summary['wall_time_s']:.0f} s)"
-    )
-    echo(f"run folder: {run_dir}")
-    return run_dir
+    def finish(self) -> Path:
+        """Export the global adapter, write summary.json and the plot; returns the run folder."""
+        cfg, server, run_dir = self.cfg, self.server, self.run_dir
+        adapter_dir = None
+        if server.state is not None:
+            factors, ranks = server.global_adapter(cfg.eval.export_rank)
+            adapter_dir = lora.save_adapter(self.model, factors, ranks, cfg.lora.alpha, self.target_modules, run_dir / "adapter")
+        evaluated = [r for r in self.history if r["eval"] is not None]
+        summary = {
+            "metric": METRIC,
+            "metric_description": "Rouge-L F1 of greedy generations on held-out (unseen-task) clients, weighted by test-set size",
+            "method": cfg.method,
+            "engine": self.engine,
+            "profile": profile_label(cfg),
+            "model": cfg.model,
+            "seed": cfg.seed,
+            "zero_shot": evaluated[0]["eval"][METRIC],
+            "final": evaluated[-1]["eval"][METRIC],
+            "best": max(r["eval"][METRIC] for r in evaluated),
+            "zero_shot_teacher_forced": evaluated[0]["eval"]["rougeL_teacher_forced"],
+            "final_teacher_forced": evaluated[-1]["eval"]["rougeL_teacher_forced"],
+            "zero_shot_eval_loss": evaluated[0]["eval"]["eval_loss"],
+            "final_eval_loss": evaluated[-1]["eval"]["eval_loss"],
+            "per_round": {r["round"]: r["eval"][METRIC] for r in evaluated},
+            "adapter": str(adapter_dir) if adapter_dir else None,
+            "wall_time_s": time.perf_counter() - self.started,
+        }
+        write_json(run_dir / "summary.json", summary)
+        plot_metric(
+            {cfg.method: [(r["round"], r["eval"][METRIC]) for r in evaluated]},
+            run_dir / "metric.png",
+            title=f"{cfg.method}, {profile_label(cfg)} ranks: held-out clients",
+        )
+        self.echo(
+            f"held-out {METRIC}: zero-shot {summary['zero_shot']:.4f} -> final {summary['final']:.4f} "
+            f"({summary['wall_time_s']:.0f} s)"
+        )
+        self.echo(f"run folder: {run_dir}")
+        return run_dir
+
+
+def run_experiment(cfg: ExperimentConfig, echo=print) -> Path:
+    """Run the configured experiment on its engine; returns the run folder."""
+    if cfg.engine == "flower":
+        from flexlora.runtime.flower import run_simulation
+
+        return run_simulation(cfg, echo)
+    exp = Experiment(cfg, echo)
+    exp.make_server([c.client_id for c in exp.dataset.clients])
+    exp.run(exp.local_runtime())
+    return exp.finish()

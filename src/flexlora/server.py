@@ -16,7 +16,7 @@ from flexlora.aggregation import make_method
 from flexlora.aggregation.base import ClientUpdate, GlobalState
 from flexlora.client import ClientTask
 from flexlora.config import ExperimentConfig
-from flexlora.resources import assign_rank_types, module_ranks, paper_rank_types
+from flexlora.resources import RankType, assign_rank_types, module_ranks, paper_rank_types
 
 
 @dataclass
@@ -35,7 +35,15 @@ Evaluator = Callable[[GlobalState | None, int], dict]  # (global state, round) -
 class FederatedServer:
     """Holds the global state and decides, each round, who trains at which rank from what."""
 
-    def __init__(self, cfg: ExperimentConfig, client_ids: list[str], shapes: dict[str, tuple[int, int]]):
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        client_ids: list[str],
+        shapes: dict[str, tuple[int, int]],
+        declared_types: dict[str, RankType] | None = None,
+    ):
+        """`declared_types`: rank types that clients state themselves (a Flower node's config);
+        every other client gets one drawn from the resource profile."""
         self.cfg = cfg
         self.client_ids = list(client_ids)
         self.shapes = shapes
@@ -43,6 +51,9 @@ class FederatedServer:
         r = cfg.resources
         self.rank_types = paper_rank_types(r.t1, r.t2, r.t3_attention, r.t3_mlp, r.t4)
         self.client_types = assign_rank_types(self.client_ids, r.profile, cfg.seed)
+        for cid, rank_type in (declared_types or {}).items():
+            self.rank_types.setdefault(rank_type.name, rank_type)
+            self.client_types[cid] = rank_type.name
         self.client_ranks = {cid: module_ranks(self.rank_types[t], shapes) for cid, t in self.client_types.items()}
         if getattr(self.method, "homogeneous", False):
             # Homogeneous baselines: every client is cut down to the federation's smallest
