@@ -225,3 +225,39 @@ def test_run_config_of_a_deployment(tmp_path):
     cfg = flower.config_from_run_config({"config-file": str(tmp_path / "exp.yaml"), "overrides": "federation.rounds=2 'output.name=a b'"})
     assert (cfg.method, cfg.federation.rounds, cfg.output.name, cfg.engine) == ("fedit", 2, "a b", "flower")
     assert flower.config_from_run_config({}).method == "flexlora"
+
+
+def test_flower_certs_command_writes_a_verifiable_chain_and_node_keys(tmp_path, capsys):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    from flexlora.cli import main
+
+    assert main(["flower-certs", "--out", str(tmp_path), "--host", "10.1.2.3", "--host", "link.example.org", "--nodes", "2"]) == 0
+    assert "supernode-2" in capsys.readouterr().out
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.1.2.3"]
+    assert san.get_values_for_type(x509.DNSName) == ["link.example.org"]
+    private = load_ssh_private_key((tmp_path / "supernode-1").read_bytes(), None)
+    public = load_ssh_public_key((tmp_path / "supernode-1.pub").read_bytes())
+    assert private.curve.name == "secp384r1" and private.public_key() == public
+    assert (tmp_path / "supernode-1").stat().st_mode & 0o077 == 0  # private keys: owner only
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("engine=ray", "engine: must be local or flower"),
+        ("flower.transport_dtype=bfloat16", "flower.transport_dtype: must be float32 or float16"),
+        ("flower.workers=0", "flower.workers: must be >= 1"),
+        ("flower.round_timeout_s=0", "flower.round_timeout_s: must be > 0"),
+    ],
+)
+def test_bad_flower_settings_are_one_line_errors(override, message):
+    from flexlora.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
