@@ -194,7 +194,7 @@ def test_two_rounds_of_flexlora_on_a_tls_authenticated_loopback_deployment(tmp_p
             "data.num_clients=3", "data.train_per_client=6", "data.test_per_client=2", "data.cutoff_len=512",
             "federation.rounds=2", "federation.clients_per_round=3", "flower.min_nodes=3", "flower.node_wait_s=120",
             "flower.round_timeout_s=300", "train.steps=2", "train.batch_size=2", "train.micro_batch_size=1",
-            "eval.max_new_tokens=4", "eval.max_examples_per_client=1", *RANKS,
+            "eval.max_new_tokens=4", "eval.max_examples_per_client=1", "eval.export_rank=64", *RANKS,
             f"output.dir={run_dir.parent}", f"output.name={run_dir.name}",
         ]
         (tmp_path / "run.toml").write_text(f'overrides = "{" ".join(overrides)}"\n')
@@ -223,8 +223,9 @@ def test_two_rounds_of_flexlora_on_a_tls_authenticated_loopback_deployment(tmp_p
             assert up["site-2"] < up["site-1"] < up["site-3"]
         assert records[2]["clients"]["site-1"]["payload_bytes_down"] == records[2]["clients"]["site-1"]["payload_bytes_up"]
 
-        # The global FlexLoRA adapter: per module, rank = the sum of the three clients' ranks
-        # (the exact SVD keeps all of sum_k p_k s_k B_k A_k), a PEFT adapter that changes the model.
+        # The global FlexLoRA adapter, exported at full rank (eval.export_rank=64): per module,
+        # rank = the sum of the three clients' ranks (the exact SVD keeps all of
+        # sum_k p_k s_k B_k A_k), a PEFT adapter that changes the model.
         config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
         base, _ = load_model(TINY, "cpu")
         ids = torch.arange(12).unsqueeze(0)

@@ -74,7 +74,7 @@ class EvalConfig:
     batch_size: int = 16
     every: int = 1  # evaluate after every `every` rounds (and always after the last)
     max_examples_per_client: int | None = None
-    export_rank: int | None = None  # rank of the exported global adapter; None: its full rank
+    export_rank: int | None = None  # rank of the exported global adapter; None: the largest client rank
 
 
 @dataclass

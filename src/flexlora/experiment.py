@@ -127,7 +127,10 @@ class Experiment:
         cfg, server, run_dir = self.cfg, self.server, self.run_dir
         adapter_dir = None
         if server.state is not None:
-            factors, ranks = server.global_adapter(cfg.eval.export_rank)
+            # Default export rank: what the largest client receives (the full-rank ΔW can be as
+            # large as the base model itself).
+            export_rank = cfg.eval.export_rank or max(max(r.values()) for r in server.client_ranks.values())
+            factors, ranks = server.global_adapter(export_rank)
             adapter_dir = lora.save_adapter(self.model, factors, ranks, cfg.lora.alpha, self.target_modules, run_dir / "adapter")
         evaluated = [r for r in self.history if r["eval"] is not None]
         summary = {
