@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from peft import PeftModel
@@ -60,6 +61,15 @@ class Processes:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
     def stop_all(self) -> None:
+        """SIGTERM each started process's group, then SIGKILL whatever is left, by PID: the
+        groups, and every descendant seen before (the SuperLink starts its SuperExec in a
+        session of its own, which a group signal does not reach)."""
+        descendants = []
+        for _, proc in self.started:
+            try:
+                descendants += psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
         for _, proc in reversed(self.started):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -69,12 +79,20 @@ class Processes:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
+        _, alive = psutil.wait_procs(descendants, timeout=max(0.1, deadline - time.monotonic()))
         for _, proc in self.started:
             try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the group: stray children of a stopped process too
+                os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             proc.wait(timeout=10)
+        for child in alive:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+        self.descendants = descendants
 
 
 def wait_for(check, timeout: float, what: str, procs: Processes, name: str, proc: subprocess.Popen):
@@ -242,3 +260,5 @@ def test_two_rounds_of_flexlora_on_a_tls_authenticated_loopback_deployment(tmp_p
         procs.stop_all()
     for name, proc in procs.started:
         assert proc.poll() is not None, f"{name} (pid {proc.pid}) is still running"
+    for child in procs.descendants:
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, f"{child} is still running"
