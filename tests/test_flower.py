@@ -14,7 +14,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from flexlora import lora
 from flexlora.client import ClientTask
-from flexlora.config import load_config
+from flexlora.config import ConfigError, load_config
 from flexlora.data.synthetic import make_federation
 from flexlora.models import TINY, default_target_modules, load_model
 from flexlora.resources import adapter_training_bytes, declared_rank_type, module_ranks, paper_rank_types, rank_type_for_memory
@@ -222,9 +222,18 @@ def test_node_failures_are_dropouts_not_crashes(tiny_federation, run_identity, c
 
 def test_run_config_of_a_deployment(tmp_path):
     (tmp_path / "exp.yaml").write_text("method: fedit\nfederation:\n  rounds: 7\n")
-    cfg = flower.config_from_run_config({"config-file": str(tmp_path / "exp.yaml"), "overrides": "federation.rounds=2 'output.name=a b'"})
-    assert (cfg.method, cfg.federation.rounds, cfg.output.name, cfg.engine) == ("fedit", 2, "a b", "flower")
-    assert flower.config_from_run_config({}).method == "flexlora"
+    cfg, resume = flower.config_from_run_config(
+        {"config-file": str(tmp_path / "exp.yaml"), "overrides": "federation.rounds=2 'output.name=a b'", "resume": ""}
+    )
+    assert (cfg.method, cfg.federation.rounds, cfg.output.name, cfg.engine, resume) == ("fedit", 2, "a b", "flower", None)
+    assert flower.config_from_run_config({})[0].method == "flexlora"
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("method: fedit\n")
+    cfg, resume = flower.config_from_run_config({"resume": str(run_dir), "overrides": "federation.rounds=9"})
+    assert (cfg.method, cfg.federation.rounds, resume) == ("fedit", 9, run_dir)
+    with pytest.raises(ConfigError, match="not a run folder"):
+        flower.config_from_run_config({"resume": str(tmp_path)})
 
 
 def test_flower_certs_command_writes_a_verifiable_chain_and_node_keys(tmp_path, capsys):

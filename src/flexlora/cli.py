@@ -12,15 +12,34 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pathlib import Path
+
 from flexlora.config import ConfigError, load_config
+from flexlora.data.types import DataError
+
+# Overrides that --resume accepts (e.g. to extend a finished run by more rounds).
+RESUME_OVERRIDES = ("federation.rounds", "device")
 
 
 def _run(args) -> None:
     from flexlora.experiment import run_experiment
 
-    overrides = list(args.overrides) + ([f"engine={args.engine}"] if args.engine else [])
-    cfg = load_config(args.config, overrides)
-    run_experiment(cfg)
+    engine = [f"engine={args.engine}"] if args.engine else []
+    if args.resume is None:
+        overrides = list(args.overrides) + (["output.overwrite=true"] if args.overwrite else []) + engine
+        run_experiment(load_config(args.config, overrides))
+        return
+    run_dir = Path(args.resume)
+    if args.config or args.overwrite:
+        raise ConfigError("--resume takes its config from the run folder; --config and --overwrite cannot be combined with it")
+    for text in args.overrides:
+        key = text.split("=", 1)[0].strip()
+        if key not in RESUME_OVERRIDES:
+            raise ConfigError(f"--resume: '{key}' cannot be changed when resuming; allowed: {', '.join(RESUME_OVERRIDES)}")
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume: {run_dir} is not a run folder (no config.yaml)")
+    # The engine may change on resume: the checkpoint does not depend on it.
+    run_experiment(load_config(run_dir / "config.yaml", [*args.overrides, *engine]), resume=run_dir)
 
 
 def _flower_certs(args) -> None:
@@ -39,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a federated experiment (default: FlexLoRA on SmolLM2-135M, built-in tasks)")
     run.add_argument("--config", "-c", help="YAML config file")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run folder (output.overwrite=true)")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federation.rounds=5 method=fedit")
     run.add_argument(
         "--engine", choices=["local", "flower"],
@@ -62,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"flexlora: error: {e}", file=sys.stderr)
         return 2
     return 0

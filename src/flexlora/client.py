@@ -16,6 +16,15 @@ from flexlora.aggregation.base import ClientUpdate, Factors
 from flexlora.config import ExperimentConfig
 from flexlora.data.prompts import collate, tokenize_for_training
 from flexlora.data.types import ClientData
+from flexlora.faults import fault_point
+
+
+class ClientTimeout(RuntimeError):
+    """Local training ran past the task's deadline (options["timeout_s"])."""
+
+
+class InjectedFailure(RuntimeError):
+    """A failure the server asked for (options["inject_failure"]), to test dropout handling."""
 
 
 @dataclass
@@ -28,7 +37,9 @@ class ClientTask:
     module_ranks: dict[str, int]
     factors: dict[str, Factors] | None  # None: fresh PEFT init
     seed: int
-    # Method-specific client-side extras (e.g. a regularizer's settings), plain JSON values.
+    # Client-side extras, plain JSON values: method-specific ones (e.g. a regularizer's
+    # settings) and the reliability ones, "timeout_s" (deadline of local training) and
+    # "inject_failure" (fault injection: the client fails on purpose).
     options: dict = field(default_factory=dict)
 
 
@@ -60,9 +71,14 @@ def train_client(
     regularizer: Callable[[torch.nn.Module], torch.Tensor] | None = None,
 ) -> ClientUpdate:
     """Local training of one client; `regularizer(peft_model)` is added to the loss if given."""
+    if task.options.get("inject_failure"):
+        raise InjectedFailure(f"client {data.client_id}: injected failure (federation.dropout_rate)")
     if not data.train:
         raise ValueError(f"client {data.client_id} has no training examples")
     started = time.perf_counter()
+    # A thread cannot be killed, so the deadline is checked between optimizer steps: a client
+    # overruns it by at most one step (see docs/reliability.md).
+    timeout_s = task.options.get("timeout_s")
     device = next(model.parameters()).device
     features = [
         tokenize_for_training(ex, tokenizer, cfg.data.template, cfg.data.cutoff_len, cfg.data.train_on_inputs)
@@ -81,7 +97,10 @@ def train_client(
         torch.manual_seed(task.seed)  # dropout masks
         peft_model.train()
         losses = []
-        for batch in batches(len(features), batch_size, num_steps, random.Random(task.seed)):
+        for step, batch in enumerate(batches(len(features), batch_size, num_steps, random.Random(task.seed))):
+            if timeout_s is not None and time.perf_counter() - started > timeout_s:
+                raise ClientTimeout(f"client {data.client_id}: timed out after {timeout_s:g} s at step {step}/{num_steps}")
+            fault_point("train_step", task.round)
             optimizer.zero_grad(set_to_none=True)
             # Normalise by the batch's answer tokens so micro-batching doesn't change the loss.
             batch_tokens = sum(sum(l != -100 for l in features[i]["labels"][1:]) for i in batch)

@@ -54,6 +54,15 @@ class FederationConfig:
     rounds: int = 3
     clients_per_round: int = 4
     fraction: float | None = None  # if set, overrides clients_per_round: ceil(fraction * N)
+    # Reliability (docs/reliability.md). A round with fewer valid updates than min_updates keeps
+    # the previous global state.
+    min_updates: int = 1
+    # Reject an update whose norm exceeds this multiple of the median of the round's others; null: off.
+    max_norm_ratio: float | None = 10.0
+    # A client still training after this many seconds is dropped for the round (checked per step).
+    client_timeout_s: float | None = None
+    # Fault injection for tests: each sampled client fails with this probability (seeded).
+    dropout_rate: float = 0.0
 
 
 @dataclass
@@ -81,7 +90,8 @@ class EvalConfig:
 class OutputConfig:
     dir: str = "runs"
     name: str | None = None  # None: <method>-<profile>-seed<seed>-<timestamp>
-    overwrite: bool = False
+    overwrite: bool = False  # CLI: --overwrite
+    checkpoint: bool = True  # write the server state after every round (needed by --resume)
 
 
 @dataclass
@@ -267,6 +277,18 @@ def validate(c: ExperimentConfig) -> None:
     _require(c.federation.clients_per_round >= 1, f"federation.clients_per_round: must be >= 1, got {c.federation.clients_per_round}")
     if c.federation.fraction is not None:
         _require(0 < c.federation.fraction <= 1, f"federation.fraction: must be in (0, 1], got {c.federation.fraction}")
+    _require(c.federation.min_updates >= 1, f"federation.min_updates: must be >= 1, got {c.federation.min_updates}")
+    if c.federation.fraction is None:
+        _require(
+            c.federation.min_updates <= c.federation.clients_per_round,
+            f"federation.min_updates: {c.federation.min_updates} is more than federation.clients_per_round "
+            f"({c.federation.clients_per_round}); no round could ever aggregate",
+        )
+    if c.federation.max_norm_ratio is not None:
+        _require(c.federation.max_norm_ratio > 1, f"federation.max_norm_ratio: must be > 1 (or null to disable), got {c.federation.max_norm_ratio}")
+    if c.federation.client_timeout_s is not None:
+        _require(c.federation.client_timeout_s > 0, f"federation.client_timeout_s: must be > 0 (or null), got {c.federation.client_timeout_s}")
+    _require(0 <= c.federation.dropout_rate <= 1, f"federation.dropout_rate: must be in [0, 1], got {c.federation.dropout_rate}")
     _require(c.train.optimizer in ("adamw", "sgd"), f"train.optimizer: must be adamw or sgd, got '{c.train.optimizer}'")
     _require(c.train.lr > 0, f"train.lr: must be > 0, got {c.train.lr}")
     if c.train.steps is not None:

@@ -1,4 +1,5 @@
-"""One experiment end to end on the in-process runtime: model, data, server, rounds, outputs."""
+"""One experiment end to end: model, data, server, rounds, outputs; the engine (in-process or
+Flower) only supplies the runtime that trains the clients."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ import torch
 import yaml
 
 from flexlora import lora
+from flexlora.checkpoint import Checkpointer, open_checkpoint
 from flexlora.config import ConfigError, ExperimentConfig
 from flexlora.data.sources import load_federated_dataset
 from flexlora.evaluation import METRIC, evaluate
 from flexlora.models import default_device, default_target_modules, load_model
-from flexlora.reporting import plot_metric, write_json
+from flexlora.reporting import plot_metric, write_json, write_jsonl
 from flexlora.runtime.local import LocalRuntime
 from flexlora.server import FederatedServer, run_rounds
 
@@ -40,7 +42,9 @@ def prepare_run_dir(cfg: ExperimentConfig) -> Path:
     run_dir = Path(cfg.output.dir) / name
     if run_dir.exists() and any(run_dir.iterdir()):
         if not cfg.output.overwrite:
-            raise ConfigError(f"run folder {run_dir} already exists; pass output.overwrite=true to replace it")
+            raise ConfigError(
+                f"run folder {run_dir} already exists; pass --overwrite to replace it or --resume {run_dir} to continue it"
+            )
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -52,13 +56,18 @@ class Experiment:
     supplies the runtime that trains the sampled clients (and, in a Flower deployment, the list
     of clients, which are the connected nodes)."""
 
-    def __init__(self, cfg: ExperimentConfig, echo=print, engine: str = "local"):
+    def __init__(self, cfg: ExperimentConfig, echo=print, engine: str = "local", resume: str | Path | None = None):
+        """`resume`: continue the run in that folder from its last checkpoint."""
         self.cfg = cfg
         self.echo = echo
         self.engine = engine
         self.device = resolve_device(cfg.device)
         self.dataset = load_federated_dataset(cfg.data, cfg.seed)  # bad data fails before any run folder exists
-        self.run_dir = prepare_run_dir(cfg)
+        if resume is None:
+            self.run_dir, self.ckpt = prepare_run_dir(cfg), None
+        else:
+            self.run_dir = Path(resume)
+            self.ckpt = open_checkpoint(self.run_dir, cfg)  # None: killed before its first checkpoint
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.started = time.perf_counter()
         random.seed(cfg.seed)
@@ -72,6 +81,12 @@ class Experiment:
     def make_server(self, client_ids: list[str], declared_types=None) -> FederatedServer:
         cfg = self.cfg
         self.server = server = FederatedServer(cfg, client_ids, self.shapes, declared_types)
+        self.history = [] if self.ckpt is None else self.ckpt.restore(server)
+        if self.ckpt is not None:
+            self.echo(f"flexlora: resuming {self.run_dir} after round {self.ckpt.round} of {cfg.federation.rounds}")
+        # metrics.jsonl always equals the checkpointed history: a round logged after the last
+        # checkpoint (the process died before the next one) is run again, not logged twice.
+        write_jsonl(self.run_dir / "metrics.jsonl", self.history)
         write_json(
             self.run_dir / "clients.json",
             {
@@ -106,7 +121,6 @@ class Experiment:
 
     def log(self, record: dict) -> None:
         cfg, echo = self.cfg, self.echo
-        self.history.append(record)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         ev = record["eval"]
@@ -120,7 +134,10 @@ class Experiment:
         )
 
     def run(self, runtime) -> None:
-        run_rounds(self.server, runtime, self.evaluate, self.log)
+        if self.ckpt is not None:
+            self.ckpt.restore_rng()  # where the interrupted run stood, right before its next round
+        checkpoint = Checkpointer(self.run_dir, self.cfg) if self.cfg.output.checkpoint else None
+        self.history = run_rounds(self.server, runtime, self.evaluate, self.log, checkpoint, self.history)
 
     def finish(self) -> Path:
         """Export the global adapter, write summary.json and the plot; returns the run folder."""
@@ -166,13 +183,14 @@ class Experiment:
         return run_dir
 
 
-def run_experiment(cfg: ExperimentConfig, echo=print) -> Path:
-    """Run the configured experiment on its engine; returns the run folder."""
+def run_experiment(cfg: ExperimentConfig, echo=print, resume: str | Path | None = None) -> Path:
+    """Run the configured experiment on its engine, or continue the one in the run folder
+    `resume` from its last checkpoint; returns the run folder."""
     if cfg.engine == "flower":
         from flexlora.runtime.flower import run_simulation
 
-        return run_simulation(cfg, echo)
-    exp = Experiment(cfg, echo)
+        return run_simulation(cfg, echo, resume)
+    exp = Experiment(cfg, echo, resume=resume)
     exp.make_server([c.client_id for c in exp.dataset.clients])
     exp.run(exp.local_runtime())
     return exp.finish()

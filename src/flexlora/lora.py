@@ -67,7 +67,11 @@ def attach(
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
     if factors is not None:
-        set_factors(peft_model, factors)
+        try:
+            set_factors(peft_model, factors)
+        except BaseException:
+            detach(peft_model)  # the base model is shared: never leave it wrapped
+            raise
     return peft_model
 
 

@@ -224,15 +224,14 @@ class FederatedStrategy(Strategy):
         return messages
 
     def aggregate_train(self, server_round: int, replies):
-        from flexlora.aggregation.base import ClientUpdate
-
         tasks, messages = self._pending.pop(server_round)
         self.last_results = self.collect(tasks, messages, list(replies))
-        updates = [r for r in self.last_results if isinstance(r, ClientUpdate)]
-        if not updates:
+        # The server validates each update against its task, leaves rejected ones out and
+        # aggregates (or keeps the previous state), exactly as for the in-process runtime.
+        outcome = self.server.complete_round(server_round, tasks, self.last_results)
+        updates = outcome.updates
+        if outcome.kept_previous_state:
             return None, None
-        self.server.aggregate(updates)
-        self.server.round = server_round
         state = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in (self.server.state or {}).items()})
         losses = [u.metrics["train_loss_last"] for u in updates if "train_loss_last" in u.metrics]
         metrics = MetricRecord({"clients": len(updates), "train_loss_last": float(np.mean(losses)) if losses else 0.0})
@@ -322,12 +321,21 @@ def serve(exp, grid: Grid, min_nodes: int | None = None) -> Path:
     return exp.finish()
 
 
-def config_from_run_config(run_config) -> ExperimentConfig:
-    """The experiment config of a deployment run: `config-file` (a YAML path on the SuperLink's
-    machine, may be empty) and `overrides` (key=value words, shell-quoted where needed)."""
+def config_from_run_config(run_config) -> tuple[ExperimentConfig, Path | None]:
+    """(experiment config, run folder to resume or None) of a deployment run, from its run
+    config: `config-file` (a YAML path on the SuperLink's machine, may be empty), `overrides`
+    (key=value words, shell-quoted where needed) and `resume` (a run folder to continue from
+    its last checkpoint; its config.yaml is then the config file)."""
+    resume = str(run_config.get("resume", "") or "") or None
     path = str(run_config.get("config-file", "") or "") or None
+    if resume is not None:
+        if path is not None:
+            raise ConfigError("run config: resume takes its config from the run folder; leave config-file empty")
+        path = str(Path(resume) / "config.yaml")
+        if not Path(path).is_file():
+            raise ConfigError(f"run config: resume: {resume} is not a run folder (no config.yaml)")
     overrides = shlex.split(str(run_config.get("overrides", "") or ""))
-    return load_config(path, [*overrides, "engine=flower"])
+    return load_config(path, [*overrides, "engine=flower"]), Path(resume) if resume else None
 
 
 server_app = ServerApp()
@@ -337,8 +345,8 @@ server_app = ServerApp()
 def _server_main(grid: Grid, context: Context) -> None:
     from flexlora.experiment import Experiment
 
-    cfg = config_from_run_config(context.run_config)
-    serve(Experiment(cfg, engine="flower-deployment"), grid)
+    cfg, resume = config_from_run_config(context.run_config)
+    serve(Experiment(cfg, engine="flower-deployment", resume=resume), grid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,14 +500,15 @@ def backend_config(cfg: ExperimentConfig, device: torch.device) -> dict:
     return {"client_resources": {"num_cpus": cpus, "num_gpus": gpus}, "init_args": init_args}
 
 
-def run_simulation(cfg: ExperimentConfig, echo=print) -> Path:
-    """Run the experiment on Flower's simulation engine (Ray actors as ClientApps); returns the
-    run folder, with the same files as the in-process runtime's."""
+def run_simulation(cfg: ExperimentConfig, echo=print, resume: str | Path | None = None) -> Path:
+    """Run the experiment on Flower's simulation engine (Ray actors as ClientApps), or continue
+    the run in the folder `resume`; returns the run folder, with the same files as the
+    in-process runtime's."""
     from flwr.simulation import run_simulation as flower_simulation
 
     from flexlora.experiment import Experiment
 
-    exp = Experiment(cfg, echo, engine="flower-simulation")
+    exp = Experiment(cfg, echo, engine="flower-simulation", resume=resume)
     # Flower's files stay inside the run folder; no telemetry, no update check, no installs.
     flower_env = {
         "FLWR_HOME": str(exp.run_dir / "flwr-home"),
