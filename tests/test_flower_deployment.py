@@ -182,7 +182,7 @@ def test_two_rounds_of_flexlora_on_a_tls_authenticated_loopback_deployment(tmp_p
         for i in (1, 2, 3):
             reg = subprocess.run(
                 [str(BIN / "flwr"), "supernode", "register", str(keys[f"node-{i}"][1]), "loopback"],
-                env=cli_env, capture_output=True, text=True, timeout=90,
+                env=cli_env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=90,
             )
             assert reg.returncode == 0 and "registered successfully" in reg.stdout, reg.stdout + reg.stderr
 
@@ -218,7 +218,7 @@ def test_two_rounds_of_flexlora_on_a_tls_authenticated_loopback_deployment(tmp_p
         (tmp_path / "run.toml").write_text(f'overrides = "{" ".join(overrides)}"\n')
         run = subprocess.run(
             [str(BIN / "flwr"), "run", str(APP), "loopback", "--run-config", str(tmp_path / "run.toml"), "--stream"],
-            env=cli_env, capture_output=True, text=True, timeout=420,
+            env=cli_env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=420,
         )
         output = run.stdout + run.stderr
         assert run.returncode == 0, output[-4000:]

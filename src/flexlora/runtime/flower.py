@@ -289,6 +289,9 @@ def discover(grid: Grid, cfg: ExperimentConfig, min_nodes: int, echo=print) -> d
         if cid in found:
             raise RuntimeError(f"nodes {found[cid]['node_id']} and {node} both hold client {cid}; give each a distinct client-id")
         found[cid] = {**info, "node_id": node}
+    silent = sorted(set(nodes) - {r.metadata.src_node_id for r in replies})
+    if silent:
+        echo(f"flexlora: warning: {len(silent)} node(s) did not answer within {cfg.flower.round_timeout_s:.0f} s and are left out: {silent}")
     if not found:
         raise RuntimeError("no Flower node answered with a usable client")
     return found
