@@ -13,13 +13,15 @@ from flwr.app import ArrayRecord, Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from flexlora import lora
+from flexlora.aggregation import METHODS
 from flexlora.client import ClientTask
 from flexlora.config import ConfigError, load_config
-from flexlora.data.synthetic import make_federation
+from flexlora.data.sources import load_federated_dataset
 from flexlora.models import TINY, default_target_modules, load_model
 from flexlora.resources import adapter_training_bytes, declared_rank_type, module_ranks, paper_rank_types, rank_type_for_memory
 from flexlora.runtime import flower
-from flexlora.server import ClientFailure, FederatedServer
+from flexlora.runtime.local import LocalRuntime
+from flexlora.server import FederatedServer
 
 
 @pytest.fixture
@@ -144,7 +146,7 @@ def test_declared_types_override_the_profile_in_the_server(tiny_overrides):
 @pytest.fixture
 def tiny_federation(tiny_overrides):
     cfg = load_config(overrides=tiny_overrides + ["resources.profile=[T1, T3, T4]", "data.num_clients=3"])
-    data = make_federation(num_clients=3, train_per_client=6, test_per_client=2, seed=cfg.seed)
+    data = load_federated_dataset(cfg.data, cfg.seed)  # what each node loads for its partition
     model, _ = load_model(TINY, "cpu", seed=cfg.seed)
     shapes = lora.module_shapes(model, default_target_modules(model))
     return cfg, data, shapes
@@ -201,6 +203,36 @@ def test_float16_transport_halves_the_payload(tiny_federation, run_identity):
         assert all(a.dtype == torch.float32 for a, _ in r16.factors.values())  # decoded for the math
         # Half precision on the wire changes training only slightly.
         assert r16.metrics["train_loss_last"] == pytest.approx(r32.metrics["train_loss_last"], rel=1e-2)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_gives_the_same_global_state_through_flower(method, tiny_overrides, run_identity):
+    """The Flower path (messages, ClientApp, codecs) changes nothing: two rounds give the
+    in-process runtime's global state exactly, for every registered aggregation method."""
+    cfg = load_config(overrides=tiny_overrides + [
+        f"method={method}", "data.num_clients=2", "federation.clients_per_round=2", "train.steps=1", "resources.profile=[T1, T4]",
+    ])
+    data = load_federated_dataset(cfg.data, cfg.seed)
+    model, tokenizer = load_model(TINY, "cpu", seed=cfg.seed)
+    targets = default_target_modules(model)
+    shapes = lora.module_shapes(model, targets)
+    ids = [c.client_id for c in data.clients]
+    local, through_flower = FederatedServer(cfg, ids, shapes), FederatedServer(cfg, ids, shapes)
+    runtimes = {
+        id(local): LocalRuntime(model, tokenizer, data.clients, cfg, targets, getattr(local.method, "regularizer", None)),
+        id(through_flower): flower.FlowerRuntime(
+            flower.FederatedStrategy(through_flower, {cid: 100 + i for i, cid in enumerate(ids)}),
+            InProcessGrid({100 + i: {"partition-id": i} for i in range(len(ids))}),
+        ),
+    }
+    for round_ in (1, 2):
+        for server in (local, through_flower):
+            tasks = server.configure(round_, server.sample(round_))
+            outcome = server.complete_round(round_, tasks, runtimes[id(server)].train(tasks))
+            assert len(outcome.updates) == 2 and not outcome.failures and not outcome.rejected
+    assert local.state.keys() == through_flower.state.keys()
+    for key, value in local.state.items():
+        assert torch.equal(through_flower.state[key], value), key
 
 
 def test_node_failures_are_dropouts_not_crashes(tiny_federation, run_identity, capsys):
