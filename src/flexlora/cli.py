@@ -12,14 +12,45 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pathlib import Path
+
 from flexlora.config import ConfigError, load_config
+from flexlora.data.types import DataError
+
+# Overrides that --resume accepts (e.g. to extend a finished run by more rounds).
+RESUME_OVERRIDES = ("federation.rounds", "device")
 
 
 def _run(args) -> None:
     from flexlora.experiment import run_experiment
 
-    cfg = load_config(args.config, args.overrides)
-    run_experiment(cfg)
+    engine = [f"engine={args.engine}"] if args.engine else []
+    if args.resume is None:
+        overrides = list(args.overrides) + (["output.overwrite=true"] if args.overwrite else []) + engine
+        run_experiment(load_config(args.config, overrides))
+        return
+    run_dir = Path(args.resume)
+    if args.config or args.overwrite:
+        raise ConfigError("--resume takes its config from the run folder; --config and --overwrite cannot be combined with it")
+    for text in args.overrides:
+        key = text.split("=", 1)[0].strip()
+        if key not in RESUME_OVERRIDES:
+            raise ConfigError(f"--resume: '{key}' cannot be changed when resuming; allowed: {', '.join(RESUME_OVERRIDES)}")
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume: {run_dir} is not a run folder (no config.yaml)")
+    # The engine may change on resume: the checkpoint does not depend on it.
+    run_experiment(load_config(run_dir / "config.yaml", [*args.overrides, *engine]), resume=run_dir)
+
+
+def _flower_certs(args) -> None:
+    from flexlora.runtime.flower_certs import make_node_keys, make_tls_certificates
+
+    tls = make_tls_certificates(args.out, args.host or ["127.0.0.1", "localhost"], args.days)
+    keys = make_node_keys(args.out, [f"supernode-{i}" for i in range(1, args.nodes + 1)])
+    for label, path in tls.items():
+        print(f"{label}: {path}")
+    for name, (private, public) in keys.items():
+        print(f"{name}: {private} (private), {public} (public)")
 
 
 def _bench_aggregate(args) -> None:
@@ -50,8 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a federated experiment (default: FlexLoRA on SmolLM2-135M, built-in tasks)")
     run.add_argument("--config", "-c", help="YAML config file")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run folder (output.overwrite=true)")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federation.rounds=5 method=fedit")
+    run.add_argument(
+        "--engine", choices=["local", "flower"],
+        help="local: in-process (default); flower: Flower's simulation engine (same as engine=flower)",
+    )
     run.set_defaults(func=_run)
+    certs = sub.add_parser(
+        "flower-certs",
+        help="write a test CA, a SuperLink TLS certificate and SuperNode auth keys (trials/CI only)",
+    )
+    certs.add_argument("--out", required=True, help="folder to write into")
+    certs.add_argument("--host", action="append", help="SuperLink host name or IP for the certificate (repeatable; default 127.0.0.1 and localhost)")
+    certs.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs to make (default 2)")
+    certs.add_argument("--days", type=int, default=30, help="certificate validity in days (default 30)")
+    certs.set_defaults(func=_flower_certs)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     agg = bench.add_parser(
@@ -77,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"flexlora: error: {e}", file=sys.stderr)
         return 2
     return 0

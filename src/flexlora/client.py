@@ -28,6 +28,15 @@ from flexlora.client_options import (
 from flexlora.config import ExperimentConfig
 from flexlora.data.prompts import collate, tokenize_for_training
 from flexlora.data.types import ClientData
+from flexlora.faults import fault_point
+
+
+class ClientTimeout(RuntimeError):
+    """Local training ran past the task's deadline (options["timeout_s"])."""
+
+
+class InjectedFailure(RuntimeError):
+    """A failure the server asked for (options["inject_failure"]), to test dropout handling."""
 
 
 @dataclass
@@ -40,7 +49,9 @@ class ClientTask:
     module_ranks: dict[str, int]
     factors: dict[str, Factors] | None  # None: fresh PEFT init
     seed: int
-    # Method-specific client-side behaviour, plain JSON values (see flexlora.client_options).
+    # Client-side behaviour, plain JSON values: the method's (see flexlora.client_options) and
+    # the reliability ones, "timeout_s" (deadline of local training) and "inject_failure"
+    # (fault injection: the client fails on purpose).
     options: dict = field(default_factory=dict)
     # The global model's change of the base weights (FLoRA, SLoRA's sparse stage): module name
     # -> (out, in) tensor, applied for the duration of the task. The same object for every
@@ -92,10 +103,15 @@ def train_client(
     target_modules: list[str],
 ) -> ClientUpdate:
     """Local training of one client, as the task (and its options) ask."""
+    if task.options.get("inject_failure"):
+        raise InjectedFailure(f"client {data.client_id}: injected failure (federation.dropout_rate)")
     if not data.train:
         raise ValueError(f"client {data.client_id} has no training examples")
     opts = ClientOptions.parse(task.options)
     started = time.perf_counter()
+    # A thread cannot be killed, so the deadline is checked between optimizer steps: a client
+    # overruns it by at most one step (see docs/reliability.md).
+    timeout_s = task.options.get("timeout_s")
     device = next(model.parameters()).device
     features = [
         tokenize_for_training(ex, tokenizer, cfg.data.template, cfg.data.cutoff_len, cfg.data.train_on_inputs)
@@ -114,7 +130,10 @@ def train_client(
             torch.manual_seed(task.seed)  # dropout masks
             local.net.train()
             losses = []
-            for batch in batches(len(features), batch_size, num_steps, random.Random(task.seed)):
+            for step, batch in enumerate(batches(len(features), batch_size, num_steps, random.Random(task.seed))):
+                if timeout_s is not None and time.perf_counter() - started > timeout_s:
+                    raise ClientTimeout(f"client {data.client_id}: timed out after {timeout_s:g} s at step {step}/{num_steps}")
+                fault_point("train_step", task.round)
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(backward_batch(local.net, features, batch, micro, device, tokenizer.pad_token_id))
                 penalty = local.penalty()

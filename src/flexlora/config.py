@@ -54,6 +54,15 @@ class FederationConfig:
     rounds: int = 3
     clients_per_round: int = 4
     fraction: float | None = None  # if set, overrides clients_per_round: ceil(fraction * N)
+    # Reliability (docs/reliability.md). A round with fewer valid updates than min_updates keeps
+    # the previous global state.
+    min_updates: int = 1
+    # Reject an update whose norm exceeds this multiple of the median of the round's others; null: off.
+    max_norm_ratio: float | None = 10.0
+    # A client still training after this many seconds is dropped for the round (checked per step).
+    client_timeout_s: float | None = None
+    # Fault injection for tests: each sampled client fails with this probability (seeded).
+    dropout_rate: float = 0.0
 
 
 @dataclass
@@ -81,12 +90,28 @@ class EvalConfig:
 class OutputConfig:
     dir: str = "runs"
     name: str | None = None  # None: <method>-<profile>-seed<seed>-<timestamp>
-    overwrite: bool = False
+    overwrite: bool = False  # CLI: --overwrite
+    checkpoint: bool = True  # write the server state after every round (needed by --resume)
+
+
+@dataclass
+class FlowerConfig:
+    """Settings of the Flower engine (`engine: flower`); ignored by the in-process runtime."""
+
+    transport_dtype: str = "float32"  # float32 | float16: LoRA factors on the wire, both ways
+    workers: int = 1  # simulation: ClientApps training at once (each holds its own model copy)
+    cpus_per_worker: int | None = None  # simulation: CPU cores per ClientApp; None: all cores / workers
+    gpus_per_worker: float | None = None  # simulation: GPU share per ClientApp; None: 1/workers on CUDA, else 0
+    ray_object_store_mb: int = 512  # simulation: Ray's shared-memory object store
+    min_nodes: int | None = None  # nodes to wait for before round 1; None: every client (simulation), clients_per_round (deployment)
+    node_wait_s: float = 300.0  # how long the ServerApp waits for min_nodes to connect
+    round_timeout_s: float = 3600.0  # how long it waits for a round's replies; a missing reply is a dropout
 
 
 @dataclass
 class ExperimentConfig:
     seed: int = 0
+    engine: str = "local"  # local (in-process) | flower (Flower's simulation engine; deployment: flower_app/)
     model: str = "smollm2-135m-instruct"  # smollm2-135m-instruct | tiny-llama | HF path or id
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     method: str = "flexlora"  # flexlora | fedit | hetlora | slora | flora | ffa
@@ -100,6 +125,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -214,6 +240,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
     return config
 
 
+def config_from_dict(tree: dict, check: bool = True) -> ExperimentConfig:
+    """An ExperimentConfig from a plain mapping (e.g. `to_dict()` sent to a Flower client).
+    `check=False` skips the value checks that look at this machine (paths), for a config that
+    was already checked where it was written."""
+    config = _build(ExperimentConfig, tree)
+    if check:
+        validate(config)
+    return config
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -247,6 +283,18 @@ def validate(c: ExperimentConfig) -> None:
     _require(c.federation.clients_per_round >= 1, f"federation.clients_per_round: must be >= 1, got {c.federation.clients_per_round}")
     if c.federation.fraction is not None:
         _require(0 < c.federation.fraction <= 1, f"federation.fraction: must be in (0, 1], got {c.federation.fraction}")
+    _require(c.federation.min_updates >= 1, f"federation.min_updates: must be >= 1, got {c.federation.min_updates}")
+    if c.federation.fraction is None:
+        _require(
+            c.federation.min_updates <= c.federation.clients_per_round,
+            f"federation.min_updates: {c.federation.min_updates} is more than federation.clients_per_round "
+            f"({c.federation.clients_per_round}); no round could ever aggregate",
+        )
+    if c.federation.max_norm_ratio is not None:
+        _require(c.federation.max_norm_ratio > 1, f"federation.max_norm_ratio: must be > 1 (or null to disable), got {c.federation.max_norm_ratio}")
+    if c.federation.client_timeout_s is not None:
+        _require(c.federation.client_timeout_s > 0, f"federation.client_timeout_s: must be > 0 (or null), got {c.federation.client_timeout_s}")
+    _require(0 <= c.federation.dropout_rate <= 1, f"federation.dropout_rate: must be in [0, 1], got {c.federation.dropout_rate}")
     _require(c.train.optimizer in ("adamw", "sgd"), f"train.optimizer: must be adamw or sgd, got '{c.train.optimizer}'")
     _require(c.train.lr > 0, f"train.lr: must be > 0, got {c.train.lr}")
     if c.train.steps is not None:
@@ -265,6 +313,22 @@ def validate(c: ExperimentConfig) -> None:
     _require(c.eval.every >= 1, f"eval.every: must be >= 1, got {c.eval.every}")
     if c.eval.export_rank is not None:
         _require(c.eval.export_rank >= 1, f"eval.export_rank: must be >= 1, got {c.eval.export_rank}")
+    _require(c.engine in ("local", "flower"), f"engine: must be local or flower, got '{c.engine}'")
+    f = c.flower
+    _require(
+        f.transport_dtype in ("float32", "float16"),
+        f"flower.transport_dtype: must be float32 or float16, got '{f.transport_dtype}'",
+    )
+    _require(f.workers >= 1, f"flower.workers: must be >= 1, got {f.workers}")
+    if f.cpus_per_worker is not None:
+        _require(f.cpus_per_worker >= 1, f"flower.cpus_per_worker: must be >= 1, got {f.cpus_per_worker}")
+    if f.gpus_per_worker is not None:
+        _require(f.gpus_per_worker >= 0, f"flower.gpus_per_worker: must be >= 0, got {f.gpus_per_worker}")
+    _require(f.ray_object_store_mb >= 64, f"flower.ray_object_store_mb: must be >= 64, got {f.ray_object_store_mb}")
+    if f.min_nodes is not None:
+        _require(f.min_nodes >= 1, f"flower.min_nodes: must be >= 1, got {f.min_nodes}")
+    _require(f.node_wait_s > 0, f"flower.node_wait_s: must be > 0, got {f.node_wait_s}")
+    _require(f.round_timeout_s > 0, f"flower.round_timeout_s: must be > 0, got {f.round_timeout_s}")
     looks_like_path = c.model.startswith((".", "/", "~"))
     _require(
         not looks_like_path or Path(c.model).expanduser().exists(),

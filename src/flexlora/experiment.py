@@ -1,4 +1,5 @@
-"""One experiment end to end on the in-process runtime: model, data, server, rounds, outputs."""
+"""One experiment end to end: model, data, server, rounds, outputs; the engine (in-process or
+Flower) only supplies the runtime that trains the clients."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ import torch
 import yaml
 
 from flexlora import lora
+from flexlora.checkpoint import Checkpointer, open_checkpoint
 from flexlora.config import ConfigError, ExperimentConfig
 from flexlora.data.sources import load_federated_dataset
 from flexlora.evaluation import METRIC, evaluate
 from flexlora.models import default_device, default_target_modules, load_model
-from flexlora.reporting import plot_metric, write_json
+from flexlora.reporting import plot_metric, write_json, write_jsonl
 from flexlora.runtime.local import LocalRuntime
 from flexlora.server import FederatedServer, run_rounds
 
@@ -40,56 +42,86 @@ def prepare_run_dir(cfg: ExperimentConfig) -> Path:
     run_dir = Path(cfg.output.dir) / name
     if run_dir.exists() and any(run_dir.iterdir()):
         if not cfg.output.overwrite:
-            raise ConfigError(f"run folder {run_dir} already exists; pass output.overwrite=true to replace it")
+            raise ConfigError(
+                f"run folder {run_dir} already exists; pass --overwrite to replace it or --resume {run_dir} to continue it"
+            )
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
-def run_experiment(cfg: ExperimentConfig, echo=print) -> Path:
-    """Run the configured experiment; returns the run folder."""
-    device = resolve_device(cfg.device)
-    dataset = load_federated_dataset(cfg.data, cfg.seed)  # bad data fails before any run folder exists
-    run_dir = prepare_run_dir(cfg)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    started = time.perf_counter()
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+class Experiment:
+    """One experiment's wiring, shared by every engine: model, data, server, evaluation of the
+    global adapter on the held-out clients, the per-round log and the run folder. An engine only
+    supplies the runtime that trains the sampled clients (and, in a Flower deployment, the list
+    of clients, which are the connected nodes)."""
 
-    model, tokenizer = load_model(cfg.model, device, seed=cfg.seed)
-    target_modules = cfg.lora.target_modules or default_target_modules(model)
-    shapes = lora.module_shapes(model, target_modules)
-    server = FederatedServer(cfg, [c.client_id for c in dataset.clients], shapes)
-    write_json(
-        run_dir / "clients.json",
-        {
-            cid: {"rank_type": server.client_types[cid], "max_rank": max(server.client_ranks[cid].values())}
-            for cid in server.client_ids
-        },
-    )
-    runtime = LocalRuntime(model, tokenizer, dataset.clients, cfg, target_modules)
-    echo(
-        f"flexlora: {cfg.method} on {cfg.model} ({device}), {len(dataset.clients)} training clients "
-        f"({profile_label(cfg)} ranks), {len(dataset.heldout)} held-out clients, {cfg.federation.rounds} rounds"
-    )
+    def __init__(self, cfg: ExperimentConfig, echo=print, engine: str = "local", resume: str | Path | None = None):
+        """`resume`: continue the run in that folder from its last checkpoint."""
+        self.cfg = cfg
+        self.echo = echo
+        self.engine = engine
+        self.device = resolve_device(cfg.device)
+        self.dataset = load_federated_dataset(cfg.data, cfg.seed)  # bad data fails before any run folder exists
+        if resume is None:
+            self.run_dir, self.ckpt = prepare_run_dir(cfg), None
+        else:
+            self.run_dir = Path(resume)
+            self.ckpt = open_checkpoint(self.run_dir, cfg)  # None: killed before its first checkpoint
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.started = time.perf_counter()
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.model, self.tokenizer = load_model(cfg.model, self.device, seed=cfg.seed)
+        self.target_modules = cfg.lora.target_modules or default_target_modules(self.model)
+        self.shapes = lora.module_shapes(self.model, self.target_modules)
+        self.server: FederatedServer | None = None
+        self.history: list[dict] = []
 
-    def evaluate_global(state, round_):
-        factors, ranks = (None, None) if state is None else server.global_adapter()
-        offset = None if state is None else server.base_offset()
-        with lora.base_weights(model, offset):  # FLoRA, SLoRA's sparse stage: base + offset
+    def make_server(self, client_ids: list[str], declared_types=None) -> FederatedServer:
+        cfg = self.cfg
+        self.server = server = FederatedServer(cfg, client_ids, self.shapes, declared_types)
+        self.history = [] if self.ckpt is None else self.ckpt.restore(server)
+        if self.ckpt is not None:
+            self.echo(f"flexlora: resuming {self.run_dir} after round {self.ckpt.round} of {cfg.federation.rounds}")
+        # metrics.jsonl always equals the checkpointed history: a round logged after the last
+        # checkpoint (the process died before the next one) is run again, not logged twice.
+        write_jsonl(self.run_dir / "metrics.jsonl", self.history)
+        write_json(
+            self.run_dir / "clients.json",
+            {
+                cid: {"rank_type": server.client_types[cid], "max_rank": max(server.client_ranks[cid].values())}
+                for cid in server.client_ids
+            },
+        )
+        engine = "" if self.engine == "local" else f" through {self.engine}"
+        self.echo(
+            f"flexlora: {cfg.method} on {cfg.model} ({self.device}){engine}, {len(client_ids)} training clients "
+            f"({profile_label(cfg)} ranks), {len(self.dataset.heldout)} held-out clients, {cfg.federation.rounds} rounds"
+        )
+        return server
+
+    def local_runtime(self) -> LocalRuntime:
+        return LocalRuntime(self.model, self.tokenizer, self.dataset.clients, self.cfg, self.target_modules)
+
+    def evaluate(self, state, round_: int) -> dict:
+        """Centralised evaluation of the global model (None: the base model) on held-out
+        clients: its adapter, on the base weights plus the method's base offset if any."""
+        cfg = self.cfg
+        factors, ranks = (None, None) if state is None else self.server.global_adapter()
+        offset = None if state is None else self.server.base_offset()
+        with lora.base_weights(self.model, offset):  # FLoRA, SLoRA's sparse stage: base + offset
             return evaluate(
-                model, tokenizer, dataset.heldout,
-                factors=factors, ranks=ranks, alpha=cfg.lora.alpha, target_modules=target_modules,
+                self.model, self.tokenizer, self.dataset.heldout,
+                factors=factors, ranks=ranks, alpha=cfg.lora.alpha, target_modules=self.target_modules,
                 template=cfg.data.template, cutoff_len=cfg.data.cutoff_len,
                 max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                 max_examples_per_client=cfg.eval.max_examples_per_client, desc=f"eval round {round_}",
             )
 
-    history = []
-
-    def log(record):
-        history.append(record)
-        with open(run_dir / "metrics.jsonl", "a") as f:
+    def log(self, record: dict) -> None:
+        cfg, echo = self.cfg, self.echo
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         ev = record["eval"]
         if ev is None:
@@ -101,48 +133,72 @@ def run_experiment(cfg: ExperimentConfig, echo=print) -> Path:
             f"eval loss {ev['eval_loss']:.3f}" + (f", {record['time']['total_s']:.0f} s" if record["round"] else "")
         )
 
-    run_rounds(server, runtime, evaluate_global, log)
+    def run(self, runtime) -> None:
+        if self.ckpt is not None:
+            self.ckpt.restore_rng()  # where the interrupted run stood, right before its next round
+        checkpoint = Checkpointer(self.run_dir, self.cfg) if self.cfg.output.checkpoint else None
+        self.history = run_rounds(self.server, runtime, self.evaluate, self.log, checkpoint, self.history)
 
-    adapter_dir = merged_dir = None
-    if server.state is not None:
-        # Default export rank: what the largest client receives (the full-rank ΔW can be as
-        # large as the base model itself).
-        export_rank = cfg.eval.export_rank or max(max(r.values()) for r in server.client_ranks.values())
-        factors, ranks = server.global_adapter(export_rank)
-        offset = server.base_offset()
-        if offset:  # a LoRA adapter cannot hold a dense change of the base: export merged weights
-            merged_dir = lora.save_merged(model, tokenizer, run_dir / "merged", offset, factors, ranks, cfg.lora.alpha)
-        elif factors:
-            adapter_dir = lora.save_adapter(model, factors, ranks, cfg.lora.alpha, target_modules, run_dir / "adapter")
-    evaluated = [r for r in history if r["eval"] is not None]
-    summary = {
-        "metric": METRIC,
-        "metric_description": "Rouge-L F1 of greedy generations on held-out (unseen-task) clients, weighted by test-set size",
-        "method": cfg.method,
-        "profile": profile_label(cfg),
-        "model": cfg.model,
-        "seed": cfg.seed,
-        "zero_shot": evaluated[0]["eval"][METRIC],
-        "final": evaluated[-1]["eval"][METRIC],
-        "best": max(r["eval"][METRIC] for r in evaluated),
-        "zero_shot_teacher_forced": evaluated[0]["eval"]["rougeL_teacher_forced"],
-        "final_teacher_forced": evaluated[-1]["eval"]["rougeL_teacher_forced"],
-        "zero_shot_eval_loss": evaluated[0]["eval"]["eval_loss"],
-        "final_eval_loss": evaluated[-1]["eval"]["eval_loss"],
-        "per_round": {r["round"]: r["eval"][METRIC] for r in evaluated},
-        "adapter": str(adapter_dir) if adapter_dir else None,
-        "merged_model": str(merged_dir) if merged_dir else None,
-        "wall_time_s": time.perf_counter() - started,
-    }
-    write_json(run_dir / "summary.json", summary)
-    plot_metric(
-        {cfg.method: [(r["round"], r["eval"][METRIC]) for r in evaluated]},
-        run_dir / "metric.png",
-        title=f"{cfg.method}, {profile_label(cfg)} ranks: held-out clients",
-    )
-    echo(
-        f"held-out {METRIC}: zero-shot {summary['zero_shot']:.4f} -> final {summary['final']:.4f} "
-        f"({summary['wall_time_s']:.0f} s)"
-    )
-    echo(f"run folder: {run_dir}")
-    return run_dir
+    def finish(self) -> Path:
+        """Export the global model (a PEFT adapter; merged full weights for a method whose global
+        model changes the base weights), write summary.json and the plot; returns the run folder."""
+        cfg, server, run_dir = self.cfg, self.server, self.run_dir
+        adapter_dir = merged_dir = None
+        if server.state is not None:
+            # Default export rank: what the largest client receives (the full-rank ΔW can be as
+            # large as the base model itself).
+            export_rank = cfg.eval.export_rank or max(max(r.values()) for r in server.client_ranks.values())
+            factors, ranks = server.global_adapter(export_rank)
+            offset = server.base_offset()
+            if offset:  # a LoRA adapter cannot hold a dense change of the base: export merged weights
+                merged_dir = lora.save_merged(
+                    self.model, self.tokenizer, run_dir / "merged", offset, factors, ranks, cfg.lora.alpha
+                )
+            elif factors:
+                adapter_dir = lora.save_adapter(self.model, factors, ranks, cfg.lora.alpha, self.target_modules, run_dir / "adapter")
+        evaluated = [r for r in self.history if r["eval"] is not None]
+        summary = {
+            "metric": METRIC,
+            "metric_description": "Rouge-L F1 of greedy generations on held-out (unseen-task) clients, weighted by test-set size",
+            "method": cfg.method,
+            "engine": self.engine,
+            "profile": profile_label(cfg),
+            "model": cfg.model,
+            "seed": cfg.seed,
+            "zero_shot": evaluated[0]["eval"][METRIC],
+            "final": evaluated[-1]["eval"][METRIC],
+            "best": max(r["eval"][METRIC] for r in evaluated),
+            "zero_shot_teacher_forced": evaluated[0]["eval"]["rougeL_teacher_forced"],
+            "final_teacher_forced": evaluated[-1]["eval"]["rougeL_teacher_forced"],
+            "zero_shot_eval_loss": evaluated[0]["eval"]["eval_loss"],
+            "final_eval_loss": evaluated[-1]["eval"]["eval_loss"],
+            "per_round": {r["round"]: r["eval"][METRIC] for r in evaluated},
+            "adapter": str(adapter_dir) if adapter_dir else None,
+            "merged_model": str(merged_dir) if merged_dir else None,
+            "wall_time_s": time.perf_counter() - self.started,
+        }
+        write_json(run_dir / "summary.json", summary)
+        plot_metric(
+            {cfg.method: [(r["round"], r["eval"][METRIC]) for r in evaluated]},
+            run_dir / "metric.png",
+            title=f"{cfg.method}, {profile_label(cfg)} ranks: held-out clients",
+        )
+        self.echo(
+            f"held-out {METRIC}: zero-shot {summary['zero_shot']:.4f} -> final {summary['final']:.4f} "
+            f"({summary['wall_time_s']:.0f} s)"
+        )
+        self.echo(f"run folder: {run_dir}")
+        return run_dir
+
+
+def run_experiment(cfg: ExperimentConfig, echo=print, resume: str | Path | None = None) -> Path:
+    """Run the configured experiment on its engine, or continue the one in the run folder
+    `resume` from its last checkpoint; returns the run folder."""
+    if cfg.engine == "flower":
+        from flexlora.runtime.flower import run_simulation
+
+        return run_simulation(cfg, echo, resume)
+    exp = Experiment(cfg, echo, resume=resume)
+    exp.make_server([c.client_id for c in exp.dataset.clients])
+    exp.run(exp.local_runtime())
+    return exp.finish()

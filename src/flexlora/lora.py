@@ -71,7 +71,7 @@ def attach(
         try:
             set_factors(peft_model, factors)
         except BaseException:
-            detach(peft_model)  # never leave the shared model wrapped
+            detach(peft_model)  # the base model is shared: never leave it wrapped
             raise
     return peft_model
 

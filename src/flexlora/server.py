@@ -7,17 +7,24 @@ knows which aggregation method runs.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import random
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+import torch
+
 from flexlora.aggregation import METHODS, make_method
 from flexlora.aggregation.base import ClientUpdate, GlobalState
 from flexlora.client import ClientTask
 from flexlora.config import ExperimentConfig
-from flexlora.resources import assign_rank_types, module_ranks, paper_rank_types
+from flexlora.faults import fault_point
+from flexlora.resources import RankType, assign_rank_types, module_ranks, paper_rank_types
+from flexlora.validation import validate_round
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -26,17 +33,37 @@ class ClientFailure:
     reason: str
 
 
+@dataclass
+class RoundOutcome:
+    """What a round's results did to the server (see FederatedServer.complete_round)."""
+
+    updates: list[ClientUpdate]  # valid, aggregated unless kept_previous_state
+    failures: dict[str, str]  # client id -> why it sent nothing (exception, timeout, dropout)
+    rejected: dict[str, str]  # client id -> why its update was left out
+    kept_previous_state: bool  # fewer valid updates than federation.min_updates
+    aggregation_s: float = 0.0
+
+
 class Runtime(Protocol):
     def train(self, tasks: list[ClientTask]) -> list[ClientUpdate | ClientFailure]: ...
 
 
 Evaluator = Callable[[GlobalState | None, int], dict]  # (global state, round) -> metrics
+Checkpointer = Callable[["FederatedServer", list[dict]], None]  # (server, history so far)
 
 
 class FederatedServer:
     """Holds the global state and decides, each round, who trains at which rank from what."""
 
-    def __init__(self, cfg: ExperimentConfig, client_ids: list[str], shapes: dict[str, tuple[int, int]]):
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        client_ids: list[str],
+        shapes: dict[str, tuple[int, int]],
+        declared_types: dict[str, RankType] | None = None,
+    ):
+        """`declared_types`: rank types that clients state themselves (a Flower node's config);
+        every other client gets one drawn from the resource profile."""
         self.cfg = cfg
         self.client_ids = list(client_ids)
         self.shapes = shapes
@@ -44,6 +71,9 @@ class FederatedServer:
         r = cfg.resources
         self.rank_types = paper_rank_types(r.t1, r.t2, r.t3_attention, r.t3_mlp, r.t4)
         self.client_types = assign_rank_types(self.client_ids, r.profile, cfg.seed)
+        for cid, rank_type in (declared_types or {}).items():
+            self.rank_types.setdefault(rank_type.name, rank_type)
+            self.client_types[cid] = rank_type.name
         self.client_ranks = {cid: module_ranks(self.rank_types[t], shapes) for cid, t in self.client_types.items()}
         if getattr(self.method, "homogeneous", False):
             # Homogeneous baselines: every client is cut down to the federation's smallest
@@ -61,12 +91,20 @@ class FederatedServer:
         return sorted(rng.sample(self.client_ids, min(k, len(self.client_ids))))
 
     def configure(self, round_: int, client_ids: list[str]) -> list[ClientTask]:
+        fed = self.cfg.federation
         tasks = []
         offset = self.base_offset()  # one object shared by the round's tasks
         client_options = getattr(self.method, "client_options", None)
         for i, cid in enumerate(client_ids):
             ranks = self.client_ranks[cid]
             rank_type = self.client_types[cid]
+            # The method's client-side settings, then the reliability ones (all plain JSON).
+            options = dict(client_options(self.state, round_, rank_type)) if client_options else {}
+            if fed.client_timeout_s is not None:
+                options["timeout_s"] = fed.client_timeout_s
+            # Fault injection, seeded per (run, round, client) so a resumed run drops the same clients.
+            if fed.dropout_rate > 0 and random.Random(f"dropout-{self.cfg.seed}-{round_}-{cid}").random() < fed.dropout_rate:
+                options["inject_failure"] = True
             tasks.append(
                 ClientTask(
                     client_id=cid,
@@ -75,11 +113,23 @@ class FederatedServer:
                     module_ranks=ranks,
                     factors=self.method.client_factors(self.state, ranks, self.cfg.lora.alpha),
                     seed=hash_seed(self.cfg.seed, round_, cid),
-                    options=dict(client_options(self.state, round_, rank_type)) if client_options else {},
+                    options=options,
                     base_offset=offset,
                 )
             )
         return tasks
+
+    def validate(self, results: list[ClientUpdate], tasks: list[ClientTask]) -> tuple[list[ClientUpdate], dict[str, str]]:
+        """(valid updates, {client_id: reason}) — see flexlora.validation."""
+        return validate_round(
+            results,
+            tasks,
+            self.shapes,
+            self.cfg.lora.alpha,
+            max_norm_ratio=self.cfg.federation.max_norm_ratio,
+            exact_rank=getattr(self.method, "homogeneous", False),
+            method=self.method,
+        )
 
     def aggregate(self, updates: list[ClientUpdate]) -> None:
         self.state = self.method.aggregate(updates, self.state)
@@ -94,6 +144,60 @@ class FederatedServer:
         """The global model's change of the base weights (module -> (out, in)), if the method has one."""
         hook = getattr(self.method, "base_offset", None)
         return hook(self.state) if hook is not None and self.state is not None else None
+
+    def complete_round(self, round_: int, tasks: list[ClientTask], results: list) -> RoundOutcome:
+        """Everything the server does with one round's results, whatever the transport:
+        validate each update against its task, leave rejected ones out (logged with the
+        reason), aggregate the valid ones if there are at least federation.min_updates of
+        them (else keep the previous global state), and advance to `round_`."""
+        failures = {r.client_id: r.reason for r in results if isinstance(r, ClientFailure)}
+        updates, rejected = self.validate([r for r in results if not isinstance(r, ClientFailure)], tasks)
+        for cid, reason in rejected.items():
+            logger.warning("round %d: rejected the update of client %s: %s", round_, cid, reason)
+        started = time.perf_counter()
+        kept_previous = len(updates) < self.cfg.federation.min_updates
+        if kept_previous:
+            logger.warning(
+                "round %d: %d valid update(s), fewer than federation.min_updates=%d; keeping the previous global state",
+                round_, len(updates), self.cfg.federation.min_updates,
+            )
+        else:
+            self.aggregate(updates)
+        self.round = round_
+        return RoundOutcome(updates, failures, rejected, kept_previous, time.perf_counter() - started)
+
+    # Checkpointing: everything a resumed run needs that the config and seed cannot rebuild.
+    # Methods with state outside `self.state` (e.g. a server optimizer's moments) implement
+    # `extra_state() -> (tensors, json)` and `load_extra_state(tensors, json)`.
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(flat tensors, JSON-ready metadata) of the server."""
+        tensors = {f"state/{k}": v for k, v in (self.state or {}).items()}
+        meta = {
+            "round": self.round,
+            "method": self.method.name,
+            "has_state": self.state is not None,
+            "client_types": self.client_types,
+            "client_ranks": self.client_ranks,
+        }
+        if hasattr(self.method, "extra_state"):
+            extra_tensors, meta["method_extra"] = self.method.extra_state()
+            tensors.update({f"method/{k}": v for k, v in extra_tensors.items()})
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if meta["method"] != self.method.name:
+            raise ValueError(f"checkpoint is of method {meta['method']!r}, this run uses {self.method.name!r}")
+        if set(meta["client_types"]) != set(self.client_ids):
+            raise ValueError("checkpoint was written for a different set of clients")
+        self.round = meta["round"]
+        state = {k[len("state/"):]: v for k, v in tensors.items() if k.startswith("state/")}
+        self.state = state if meta["has_state"] else None
+        self.client_types = dict(meta["client_types"])
+        self.client_ranks = {cid: dict(ranks) for cid, ranks in meta["client_ranks"].items()}
+        if hasattr(self.method, "load_extra_state"):
+            extra = {k[len("method/"):]: v for k, v in tensors.items() if k.startswith("method/")}
+            self.method.load_extra_state(extra, meta.get("method_extra"))
 
     def global_adapter(self, rank: int | None = None):
         """(factors, ranks) of the global model, optionally truncated to `rank`; (None, None) when
@@ -121,41 +225,60 @@ def hash_seed(*parts) -> int:
     return random.Random("-".join(map(str, parts))).getrandbits(31)
 
 
-def run_rounds(server: FederatedServer, runtime: Runtime, evaluate: Evaluator, log: Callable[[dict], None]) -> None:
-    """The federated loop; `log` receives one JSON-ready record per round (round 0 = zero-shot)."""
+def run_rounds(
+    server: FederatedServer,
+    runtime: Runtime,
+    evaluate: Evaluator,
+    log: Callable[[dict], None],
+    checkpoint: Checkpointer | None = None,
+    history: list[dict] | None = None,
+) -> list[dict]:
+    """The federated loop from `server.round + 1`; returns every round's record (round 0 =
+    zero-shot). `history` holds the records of a resumed run. Each record is checkpointed
+    (with the server state) before it is passed to `log`, so a crash never loses a logged round."""
     cfg = server.cfg
-    if server.round == 0:
-        log({"round": 0, "eval": evaluate(None, 0), "time": {}})
+    history = [] if history is None else history
+
+    def finish(record: dict) -> None:
+        history.append(record)
+        if checkpoint is not None:
+            checkpoint(server, history)
+            fault_point("checkpoint", record["round"])
+        log(record)
+
+    if server.round == 0 and not history:
+        fault_point("evaluation", 0)
+        finish({"round": 0, "eval": evaluate(None, 0), "time": {}})
     for round_ in range(server.round + 1, cfg.federation.rounds + 1):
         started = time.perf_counter()
         selected = server.sample(round_)
         tasks = server.configure(round_, selected)
         results = runtime.train(tasks)
-        updates = [r for r in results if isinstance(r, ClientUpdate)]
-        failures = [r for r in results if isinstance(r, ClientFailure)]
         train_time = time.perf_counter() - started
-        t = time.perf_counter()
-        if updates:
-            server.aggregate(updates)
-        aggregation_time = time.perf_counter() - t
-        server.round = round_
+        outcome = server.complete_round(round_, tasks, results)
         t = time.perf_counter()
         is_eval_round = round_ % cfg.eval.every == 0 or round_ == cfg.federation.rounds
+        if is_eval_round:
+            fault_point("evaluation", round_)
         metrics = evaluate(server.state, round_) if is_eval_round else None
         eval_time = time.perf_counter() - t
         total = time.perf_counter() - started
-        log(
+        finish(
             {
                 "round": round_,
-                "clients": {u.client_id: u.metrics for u in updates},
-                "failures": {f.client_id: f.reason for f in failures},
+                "clients": {u.client_id: u.metrics for u in outcome.updates},
+                "failures": outcome.failures,
+                "rejected": outcome.rejected,
+                "valid_updates": len(outcome.updates),
+                "kept_previous_state": outcome.kept_previous_state,
                 "eval": metrics,
                 "time": {
                     "client_training_s": train_time,
-                    "aggregation_s": aggregation_time,
+                    "aggregation_s": outcome.aggregation_s,
                     "evaluation_s": eval_time,
-                    "other_s": total - train_time - aggregation_time - eval_time,
+                    "other_s": total - train_time - outcome.aggregation_s - eval_time,
                     "total_s": total,
                 },
             }
         )
+    return history

@@ -1,5 +1,5 @@
 """Federated instruction data: sources, prompt templates and tokenisation."""
 
-from flexlora.data.types import ClientData, Example, FederatedDataset
+from flexlora.data.types import ClientData, DataError, Example, FederatedDataset
 
-__all__ = ["ClientData", "Example", "FederatedDataset"]
+__all__ = ["ClientData", "DataError", "Example", "FederatedDataset"]

@@ -1,0 +1,222 @@
+"""Checks on what clients send back, before anything reaches an aggregation method.
+
+Pure functions on ``ClientUpdate``s and the ``ClientTask``s the server sent: no I/O, no model,
+no transport, so every runtime (in-process, Flower) gets the same checks from the server.
+A check returns a one-line reason (naming the module or field) or None when the update is fine.
+
+What a valid update is, for every method:
+- it comes from a client sampled this round, once;
+- num_examples is a positive integer (it is an aggregation weight: a negative or zero one
+  would flip or void the client's contribution), lora_alpha is the server's;
+- metrics are JSON (they go into metrics.jsonl);
+- factors cover exactly the modules the server asked for, each a pair of 2-D floating-point
+  tensors A (r, n), B (m, r) with (m, n) the module's weight shape and 1 <= r <= the rank the
+  server assigned (a smaller rank is allowed: HetLoRA clients may prune theirs; homogeneous
+  methods need exactly the assigned rank), all values finite;
+- when the task froze A (option "freeze_A", FFA-LoRA), A comes back as it was sent;
+- when the task asked for sparse weight training (option "sparse", SLoRA's first stage), the
+  update carries `deltas` instead of factors: per module a sparse change (indices, values,
+  shape) of the module's shape, int64 indices in range, finite floating-point values;
+- its norm ||Σ s B A|| is not far above the others' (``max_norm_ratio``), see ``norm_outliers``.
+Methods may add checks with an optional ``check_update(update, task) -> str | None``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from statistics import median
+
+import torch
+
+from flexlora.aggregation.base import ClientUpdate, compute_dtype
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_update(
+    update: ClientUpdate,
+    task,
+    shapes: dict[str, tuple[int, int]],
+    lora_alpha: float,
+    *,
+    exact_rank: bool = False,
+) -> str | None:
+    """The first problem with one update (vs the task it answers), or None if it is well-formed."""
+    n = update.num_examples
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        return f"num_examples must be a positive integer, got {n!r}"
+    alpha = update.lora_alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha != lora_alpha:
+        return f"lora_alpha {alpha!r} differs from the server's {lora_alpha}"
+    try:
+        json.dumps(update.metrics, allow_nan=True)
+    except (TypeError, ValueError) as e:
+        return f"metrics are not JSON-serialisable ({e})"
+    options = getattr(task, "options", None) or {}
+    sparse = bool(options.get("sparse"))
+    # Duck-typed: `deltas` exists once SLoRA's sparse stage is in (ClientUpdate.deltas).
+    deltas = getattr(update, "deltas", None) or {}
+    sent, other, kind = (deltas, update.factors, "deltas") if sparse else (update.factors, deltas, "factors")
+    if not isinstance(sent, dict) or not sent:
+        return f"empty update (no {kind})"
+    if other:
+        return f"sent {'factors' if sparse else 'deltas'} where the task asked for {kind}"
+    expected = task.module_ranks
+    missing = sorted(set(expected) - set(sent))
+    if missing:
+        return f"missing {len(missing)} module(s), e.g. {missing[0]}"
+    extra = sorted(set(sent) - set(expected))
+    if extra:
+        return f"{len(extra)} unexpected module(s), e.g. {extra[0]}"
+    frozen = task.factors if options.get("freeze_A") and task.factors else {}
+    for module in sorted(expected):
+        if sparse:
+            problem = _check_delta(sent[module], shapes[module])
+        else:
+            problem = _check_factors(sent[module], shapes[module], expected[module], exact_rank)
+            if problem is None and module in frozen:
+                problem = _check_frozen(sent[module][0], frozen[module][0])
+        if problem:
+            return f"module {module}: {problem}"
+    return None
+
+
+def _check_frozen(A: torch.Tensor, A0: torch.Tensor) -> str | None:
+    """A frozen A must come back unchanged; the tolerance allows a half-precision transport."""
+    A0 = A0.to(device=A.device, dtype=A.dtype)
+    if A.shape != A0.shape or float(torch.linalg.norm(A - A0)) > 1e-2 * float(torch.linalg.norm(A0)) + 1e-6:
+        return "A changed although the task froze it (freeze_A)"
+    return None
+
+
+def _check_delta(delta, shape: tuple[int, int]) -> str | None:
+    try:
+        indices, values, dshape = delta.indices, delta.values, tuple(delta.shape)
+    except (AttributeError, TypeError):
+        return "delta must have indices, values and shape"
+    if dshape != tuple(shape):
+        return f"delta shape {dshape} differs from the weight's {tuple(shape)}"
+    if not isinstance(indices, torch.Tensor) or not isinstance(values, torch.Tensor):
+        return "delta indices and values must be tensors"
+    if indices.dtype != torch.int64 or indices.ndim != 1:
+        return f"delta indices must be 1-D int64, got {indices.dtype} of shape {tuple(indices.shape)}"
+    if values.dtype not in FLOAT_DTYPES or values.shape != indices.shape:
+        return f"delta values must be floating point and match the indices, got {values.dtype} of shape {tuple(values.shape)}"
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= shape[0] * shape[1]):
+        return f"delta indices out of range for a {shape[0]}x{shape[1]} weight"
+    problem = _nonfinite(values)
+    if problem:
+        return f"delta values {problem.replace('contains', 'contain')}"
+    return None
+
+
+def _check_factors(pair, shape: tuple[int, int], assigned_rank: int, exact_rank: bool) -> str | None:
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        return "factors must be a pair (A, B)"
+    A, B = pair
+    for name, t in (("A", A), ("B", B)):
+        if not isinstance(t, torch.Tensor):
+            return f"{name} is a {type(t).__name__}, not a tensor"
+        if t.dtype not in FLOAT_DTYPES:
+            return f"{name} has dtype {t.dtype}, expected a floating-point dtype"
+        if t.ndim != 2:
+            return f"{name} must be 2-D, got shape {tuple(t.shape)}"
+    m, n = shape
+    r = A.shape[0]
+    if r == 0 or A.numel() == 0 or B.numel() == 0:
+        return f"empty factors A {tuple(A.shape)}, B {tuple(B.shape)}"
+    if A.shape != (r, n) or B.shape != (m, r):
+        return f"shapes A {tuple(A.shape)}, B {tuple(B.shape)} do not fit weight ({m}, {n}) at rank {r}"
+    if r > assigned_rank:
+        return f"rank {r} above the assigned rank {assigned_rank}"
+    if exact_rank and r != assigned_rank:
+        return f"rank {r}, but this method needs exactly the assigned rank {assigned_rank}"
+    for name, t in (("A", A), ("B", B)):
+        problem = _nonfinite(t)
+        if problem:
+            return f"{name} {problem}"
+    return None
+
+
+def _nonfinite(t: torch.Tensor) -> str | None:
+    """'contains NaN' / 'contains Inf', or None. Any NaN or Inf makes the sum non-finite, so the
+    elementwise scan only runs when the (cheap, allocation-free) sum says something is wrong."""
+    if t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=torch.float64))):
+        return None
+    if bool(torch.isnan(t).any()):
+        return "contains NaN"
+    if bool(torch.isinf(t).any()):
+        return "contains Inf"
+    return None  # finite values whose float64 sum overflowed: left to the norm bound
+
+
+def update_norm(update: ClientUpdate) -> float:
+    """Frobenius norm of the client's whole update, sqrt(Σ_modules ||s B A||²), computed from
+    the r×r Gram matrices (||BA||² = Σ (BᵀB) ⊙ (AAᵀ)) so no (m, n) matrix is formed; sparse
+    deltas add the squares of their values."""
+    total = sum(float(d.values.double().square().sum()) for d in (getattr(update, "deltas", None) or {}).values())
+    for module, (A, B) in update.factors.items():
+        dtype = compute_dtype(A, B)  # float32 (2.6x faster than float64 here, relative error ~1e-8)
+        A, B = A.detach().to(dtype), B.detach().to(dtype)
+        total += update.scale(module) ** 2 * float(((B.T @ B) * (A @ A.T)).sum().clamp_min(0))
+    return math.sqrt(total)
+
+
+def norm_outliers(norms: dict[str, float], max_ratio: float | None) -> dict[str, str]:
+    """Clients whose update norm exceeds max_ratio × the median of the *other* clients' norms.
+
+    Leaving the client itself out keeps the bound meaningful with two clients (the plain
+    median of two is their mean, which a single huge update drags up with it). Nothing is
+    rejected with fewer than two clients or when the others' median is zero.
+    """
+    if max_ratio is None or len(norms) < 2:
+        return {}
+    out = {}
+    for cid, norm in norms.items():
+        ref = median(v for c, v in norms.items() if c != cid)
+        if ref > 0 and norm > max_ratio * ref:
+            out[cid] = f"update norm {norm:.3g} is {norm / ref:.1f}x the median of the others ({ref:.3g}), above the bound {max_ratio:g}x"
+    return out
+
+
+def validate_round(
+    results: list[ClientUpdate],
+    tasks: list,
+    shapes: dict[str, tuple[int, int]],
+    lora_alpha: float,
+    *,
+    max_norm_ratio: float | None = None,
+    exact_rank: bool = False,
+    method=None,
+) -> tuple[list[ClientUpdate], dict[str, str]]:
+    """(valid updates, {client_id: reason} of rejected ones) for one round, in the order received."""
+    by_id = {t.client_id: t for t in tasks}
+    rejected: dict[str, str] = {}
+    seen: set[str] = set()
+    well_formed: list[ClientUpdate] = []
+    extra_check = getattr(method, "check_update", None)
+    for u in results:
+        cid = getattr(u, "client_id", None)
+        if not isinstance(u, ClientUpdate):
+            rejected[str(cid)] = f"not a ClientUpdate: {type(u).__name__}"
+            continue
+        if cid not in by_id:
+            rejected[str(cid)] = "client was not sampled this round"
+            continue
+        if cid in seen:
+            rejected[f"{cid}#duplicate"] = "second update from the same client this round"
+            continue
+        seen.add(cid)
+        reason = check_update(u, by_id[cid], shapes, lora_alpha, exact_rank=exact_rank)
+        if reason is None and extra_check is not None:
+            reason = extra_check(u, by_id[cid])
+        if reason is not None:
+            rejected[cid] = reason
+        else:
+            well_formed.append(u)
+    outliers = {}
+    if max_norm_ratio is not None and len(well_formed) >= 2:
+        outliers = norm_outliers({u.client_id: update_norm(u) for u in well_formed}, max_norm_ratio)
+    rejected.update(outliers)
+    return [u for u in well_formed if u.client_id not in outliers], rejected
