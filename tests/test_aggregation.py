@@ -276,6 +276,53 @@ def test_dense_paths_agree(monkeypatch, fraction, shape):
         assert (d.S - S[:k]).abs().max() < 1e-10 * S[0]
 
 
+def test_float32_gram_route_is_certified_or_redone_in_float64(monkeypatch):
+    """float32 input: the Gram matrix is float32 when the a-posteriori bound certifies the
+    result, else float64 (here: a matrix of rank exactly k, whose optimal error is zero), and
+    the result is within 1e-5 of optimal either way."""
+    routes = []
+    real_eig, real_rr = svd_mod._top_eigenvectors, svd_mod._rayleigh_ritz
+    monkeypatch.setattr(svd_mod, "_top_eigenvectors", lambda X, l, dt: routes.append(dt) or real_eig(X, l, dt))
+
+    def rr(X, Q, k, certify_against=None):
+        out = real_rr(X, Q, k, certify_against)
+        routes.append("certified" if certify_against is not None and out is not None else "rejected" if out is None else "float64 RR")
+        return out
+
+    monkeypatch.setattr(svd_mod, "_rayleigh_ritz", rr)
+    k = 30
+    for R, decay, expected in (
+        (400, False, [torch.float32, "certified"]),
+        (400, True, None),  # fast decay: either route, as long as the result is exact
+        (k, False, [torch.float32, "rejected", F64, "float64 RR"]),
+    ):
+        routes.clear()
+        B, A = stacked(120, 260, R, seed=5, dtype=torch.float32, decay=decay)
+        dense = B @ A
+        ref = B.double() @ A.double()
+        res = svd_mod.dense_svd(dense, k)
+        if expected is not None:
+            assert routes == expected
+        err = torch.linalg.norm(ref - res.matrix().double()).item()
+        opt = optimal_error(ref, k)
+        if R > k:
+            assert err / opt <= 1 + 1e-5
+        else:
+            assert err <= 1e-5 * torch.linalg.norm(ref).item()
+        S_ref = torch.linalg.svdvals(ref)[:k]
+        assert (res.S.double() - S_ref).abs().max() <= 1e-5 * S_ref[0]
+        eye = torch.eye(k, dtype=F64)
+        assert (res.U.double().T @ res.U.double() - eye).abs().max() < 1e-4
+
+
+def test_dense_delta_is_built_group_by_group():
+    ups = hetero_updates(seed=2)
+    weights = agg.data_weights(ups)
+    for group_rank in (1, 7, 10_000):  # one client per product ... all clients in one product
+        got = agg.flexlora.delta_matrix(ups, "attn", weights, group_rank=group_rank)
+        assert rel(got, delta_formula(ups, "attn")) < 1e-12
+
+
 def test_randomized_within_tolerance_and_leaves_rng_alone():
     # A flat-ish spectrum is the hard case for a randomized range finder.
     B, A = stacked(200, 300, 400, seed=2, dtype=torch.float32, decay=False)

@@ -193,7 +193,9 @@ def load_checkpoint(folder: str | Path) -> Checkpoint | None:
 
 SUBDIR = "checkpoint"
 # What may differ between a run and its resumption; everything else must match the checkpoint.
-RESUME_MAY_CHANGE = ("federation.rounds", "device", "output.")
+# The engine and its settings too: the checkpoint is the server's state, whatever moved the
+# clients' updates (a run started in-process may continue on Flower and back).
+RESUME_MAY_CHANGE = ("federation.rounds", "device", "output.", "engine", "flower.")
 
 
 class Checkpointer:

@@ -24,8 +24,9 @@ RESUME_OVERRIDES = ("federation.rounds", "device")
 def _run(args) -> None:
     from flexlora.experiment import run_experiment
 
+    engine = [f"engine={args.engine}"] if args.engine else []
     if args.resume is None:
-        overrides = list(args.overrides) + (["output.overwrite=true"] if args.overwrite else [])
+        overrides = list(args.overrides) + (["output.overwrite=true"] if args.overwrite else []) + engine
         run_experiment(load_config(args.config, overrides))
         return
     run_dir = Path(args.resume)
@@ -37,7 +38,42 @@ def _run(args) -> None:
             raise ConfigError(f"--resume: '{key}' cannot be changed when resuming; allowed: {', '.join(RESUME_OVERRIDES)}")
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--resume: {run_dir} is not a run folder (no config.yaml)")
-    run_experiment(load_config(run_dir / "config.yaml", args.overrides), resume=run_dir)
+    # The engine may change on resume: the checkpoint does not depend on it.
+    run_experiment(load_config(run_dir / "config.yaml", [*args.overrides, *engine]), resume=run_dir)
+
+
+def _flower_certs(args) -> None:
+    from flexlora.runtime.flower_certs import make_node_keys, make_tls_certificates
+
+    tls = make_tls_certificates(args.out, args.host or ["127.0.0.1", "localhost"], args.days)
+    keys = make_node_keys(args.out, [f"supernode-{i}" for i in range(1, args.nodes + 1)])
+    for label, path in tls.items():
+        print(f"{label}: {path}")
+    for name, (private, public) in keys.items():
+        print(f"{name}: {private} (private), {public} (public)")
+
+
+def _bench_aggregate(args) -> None:
+    from flexlora import bench
+
+    if args.quick:
+        sizes, repeat = ["quick"], 1
+    else:
+        sizes, repeat = args.sizes.split(","), args.repeat
+    try:
+        rows = bench.run_benchmark(
+            sizes, args.cases.split(","), args.modes.split(","),
+            seed=args.seed, device=args.device, repeat=repeat, oversample=args.oversample, niter=args.niter,
+        )
+    except ValueError as e:
+        raise ConfigError(f"bench aggregate: {e}") from None
+    print()
+    print(bench.format_table(rows))
+    print()
+    print("\n".join(bench.goals(rows)))
+    if args.json:
+        bench.write_json(rows, args.json)
+        print(f"results: {args.json}")
 
 
 def _eval(args) -> None:
@@ -90,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run folder (output.overwrite=true)")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federation.rounds=5 method=fedit")
+    run.add_argument(
+        "--engine", choices=["local", "flower"],
+        help="local: in-process (default); flower: Flower's simulation engine (same as engine=flower)",
+    )
     run.set_defaults(func=_run)
     ev = sub.add_parser("eval", help="evaluate a saved global adapter (or the base model) on any data source")
     ev.add_argument("--config", "-c", help="YAML config (default with --run: the run's config.yaml)")
@@ -113,6 +153,32 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--report-only", action="store_true", help="only rewrite the report from the finished cells")
     cmp.add_argument("overrides", nargs="*", help="key=value overrides for every cell, e.g. data.source=natural-instructions")
     cmp.set_defaults(func=_compare)
+    certs = sub.add_parser(
+        "flower-certs",
+        help="write a test CA, a SuperLink TLS certificate and SuperNode auth keys (trials/CI only)",
+    )
+    certs.add_argument("--out", required=True, help="folder to write into")
+    certs.add_argument("--host", action="append", help="SuperLink host name or IP for the certificate (repeatable; default 127.0.0.1 and localhost)")
+    certs.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs to make (default 2)")
+    certs.add_argument("--days", type=int, default=30, help="certificate validity in days (default 30)")
+    certs.set_defaults(func=_flower_certs)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    agg = bench.add_parser(
+        "aggregate",
+        help="FlexLoRA's server step vs the reference procedure (per-client products + full SVD) on random client factors",
+    )
+    agg.add_argument("--sizes", default="1.3b,8b", help="comma-separated: quick (512x512, 512x1376), 1.3b (2048x2048, 2048x5504), 8b (4096x4096, 4096x14336)")
+    agg.add_argument("--cases", default="a,b", help="a: 10 clients from heavy-tail-light; b: 80 clients from heavy-tail-strong")
+    agg.add_argument("--modes", default="auto,dense,randomized", help="FlexLoRA svd modes: auto, factored, dense, randomized")
+    agg.add_argument("--quick", action="store_true", help="small shapes only, one repeat (seconds)")
+    agg.add_argument("--repeat", type=int, default=1, help="best of N timings (default 1)")
+    agg.add_argument("--seed", type=int, default=0)
+    agg.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    agg.add_argument("--oversample", type=int, default=64, help="randomized mode: extra subspace columns")
+    agg.add_argument("--niter", type=int, default=2, help="randomized mode: power iterations")
+    agg.add_argument("--json", help="also write the rows to this JSON file")
+    agg.set_defaults(func=_bench_aggregate)
     return parser
 
 

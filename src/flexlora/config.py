@@ -110,11 +110,28 @@ class OutputConfig:
 
 
 @dataclass
+class FlowerConfig:
+    """Settings of the Flower engine (`engine: flower`); ignored by the in-process runtime."""
+
+    transport_dtype: str = "float32"  # float32 | float16: LoRA factors on the wire, both ways
+    workers: int = 1  # simulation: ClientApps training at once (each holds its own model copy)
+    cpus_per_worker: int | None = None  # simulation: CPU cores per ClientApp; None: all cores / workers
+    gpus_per_worker: float | None = None  # simulation: GPU share per ClientApp; None: 1/workers on CUDA, else 0
+    ray_object_store_mb: int = 512  # simulation: Ray's shared-memory object store
+    min_nodes: int | None = None  # nodes to wait for before round 1; None: every client (simulation), clients_per_round (deployment)
+    node_wait_s: float = 300.0  # how long the ServerApp waits for min_nodes to connect
+    round_timeout_s: float = 3600.0  # how long it waits for a round's replies; a missing reply is a dropout
+
+
+@dataclass
 class ExperimentConfig:
     seed: int = 0
+    engine: str = "local"  # local (in-process) | flower (Flower's simulation engine; deployment: flower_app/)
     model: str = "smollm2-135m-instruct"  # smollm2-135m-instruct | tiny-llama | HF path or id
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    method: str = "flexlora"
+    method: str = "flexlora"  # flexlora | fedit | hetlora | slora | flora | ffa
+    # Arguments of the method (see docs/baselines.md), plus server_opt: {name: fedavgm|fedadam|
+    # fedyogi, lr, ...} (flexlora, fedit) and fedprox_mu (any method).
     method_args: dict = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
@@ -123,6 +140,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -237,6 +255,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
     return config
 
 
+def config_from_dict(tree: dict, check: bool = True) -> ExperimentConfig:
+    """An ExperimentConfig from a plain mapping (e.g. `to_dict()` sent to a Flower client).
+    `check=False` skips the value checks that look at this machine (paths), for a config that
+    was already checked where it was written."""
+    config = _build(ExperimentConfig, tree)
+    if check:
+        validate(config)
+    return config
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -244,11 +272,15 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(c: ExperimentConfig) -> None:
     """Value checks that types alone cannot express."""
-    from flexlora.aggregation import METHODS
+    from flexlora.aggregation import METHODS, make_method
     from flexlora.data.prompts import TEMPLATES
     from flexlora.resources import PROFILES, paper_rank_types
 
     _require(c.method in METHODS, f"method: unknown aggregation method '{c.method}'; choose from: {', '.join(METHODS)}")
+    try:  # constructing a method is cheap and checks its arguments (one-line errors)
+        make_method(c.method, **c.method_args)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"method_args: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if isinstance(c.resources.profile, str):
         _require(
             c.resources.profile in PROFILES,
@@ -297,6 +329,22 @@ def validate(c: ExperimentConfig) -> None:
     _require(c.eval.every >= 1, f"eval.every: must be >= 1, got {c.eval.every}")
     if c.eval.export_rank is not None:
         _require(c.eval.export_rank >= 1, f"eval.export_rank: must be >= 1, got {c.eval.export_rank}")
+    _require(c.engine in ("local", "flower"), f"engine: must be local or flower, got '{c.engine}'")
+    f = c.flower
+    _require(
+        f.transport_dtype in ("float32", "float16"),
+        f"flower.transport_dtype: must be float32 or float16, got '{f.transport_dtype}'",
+    )
+    _require(f.workers >= 1, f"flower.workers: must be >= 1, got {f.workers}")
+    if f.cpus_per_worker is not None:
+        _require(f.cpus_per_worker >= 1, f"flower.cpus_per_worker: must be >= 1, got {f.cpus_per_worker}")
+    if f.gpus_per_worker is not None:
+        _require(f.gpus_per_worker >= 0, f"flower.gpus_per_worker: must be >= 0, got {f.gpus_per_worker}")
+    _require(f.ray_object_store_mb >= 64, f"flower.ray_object_store_mb: must be >= 64, got {f.ray_object_store_mb}")
+    if f.min_nodes is not None:
+        _require(f.min_nodes >= 1, f"flower.min_nodes: must be >= 1, got {f.min_nodes}")
+    _require(f.node_wait_s > 0, f"flower.node_wait_s: must be > 0, got {f.node_wait_s}")
+    _require(f.round_timeout_s > 0, f"flower.round_timeout_s: must be > 0, got {f.round_timeout_s}")
     looks_like_path = c.model.startswith((".", "/", "~"))
     _require(
         not looks_like_path or Path(c.model).expanduser().exists(),

@@ -1,4 +1,5 @@
-"""One experiment end to end on the in-process runtime: model, data, server, rounds, outputs."""
+"""One experiment end to end: model, data, server, rounds, outputs; the engine (in-process or
+Flower) only supplies the runtime that trains the clients."""
 
 from __future__ import annotations
 
@@ -65,83 +66,109 @@ def truncation_line(truncation: dict | None) -> str | None:
     return "rank-r slice error ‖ΔW−Ŵ_r‖/‖ΔW‖: " + "; ".join(parts)
 
 
-def run_experiment(
-    cfg: ExperimentConfig, echo=print, resume: str | Path | None = None, zero_shot: dict | None = None
-) -> Path:
-    """Run the configured experiment, or continue the one in the run folder `resume` from its
-    last checkpoint; returns the run folder. `zero_shot`: the base model's held-out metrics if
-    already known (a comparison grid evaluates the base model once per seed)."""
-    device = resolve_device(cfg.device)
-    dataset = load_federated_dataset(cfg.data, cfg.seed)  # bad data fails before any run folder exists
-    if not dataset.heldout:
-        raise ConfigError(
-            f"data: no held-out clients to evaluate on; choose them with data.heldout_ids, "
-            f"data.heldout_fraction or data.heldout_categories (source {cfg.data.source})"
+class Experiment:
+    """One experiment's wiring, shared by every engine: model, data, server, evaluation of the
+    global adapter on the held-out clients, the per-round log and the run folder. An engine only
+    supplies the runtime that trains the sampled clients (and, in a Flower deployment, the list
+    of clients, which are the connected nodes)."""
+
+    def __init__(
+        self, cfg: ExperimentConfig, echo=print, engine: str = "local", resume: str | Path | None = None,
+        zero_shot: dict | None = None,
+    ):
+        """`resume`: continue the run in that folder from its last checkpoint. `zero_shot`: the
+        base model's held-out metrics if already known (a comparison grid evaluates the base
+        model once per seed)."""
+        self.cfg = cfg
+        self.echo = echo
+        self.engine = engine
+        self.zero_shot = zero_shot
+        self.device = resolve_device(cfg.device)
+        self.dataset = load_federated_dataset(cfg.data, cfg.seed)  # bad data fails before any run folder exists
+        if not self.dataset.heldout:
+            raise ConfigError(
+                f"data: no held-out clients to evaluate on; choose them with data.heldout_ids, "
+                f"data.heldout_fraction or data.heldout_categories (source {cfg.data.source})"
+            )
+        if resume is None:
+            self.run_dir, self.ckpt = prepare_run_dir(cfg), None
+        else:
+            self.run_dir = Path(resume)
+            self.ckpt = open_checkpoint(self.run_dir, cfg)  # None: killed before its first checkpoint
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        dataset = self.dataset
+        write_json(
+            self.run_dir / "data.json",
+            {
+                "source": cfg.data.source,
+                "path": cfg.data.path,
+                "training_clients": len(dataset.clients),
+                "heldout_clients": {c.client_id: c.category for c in dataset.heldout},
+                "heldout_examples": sum(len(c.test[: cfg.eval.max_examples_per_client]) for c in dataset.heldout),
+                "issues": dataset.issues,
+            },
         )
-    if resume is None:
-        run_dir, ckpt = prepare_run_dir(cfg), None
-    else:
-        run_dir = Path(resume)
-        ckpt = open_checkpoint(run_dir, cfg)  # None: killed before its first checkpoint
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    write_json(
-        run_dir / "data.json",
-        {
-            "source": cfg.data.source,
-            "path": cfg.data.path,
-            "training_clients": len(dataset.clients),
-            "heldout_clients": {c.client_id: c.category for c in dataset.heldout},
-            "heldout_examples": sum(len(c.test[: cfg.eval.max_examples_per_client]) for c in dataset.heldout),
-            "issues": dataset.issues,
-        },
-    )
-    if dataset.issues:
-        echo(f"data: {len(dataset.issues)} issue(s) while loading (see data.json), first: {dataset.issues[0]}")
-    started = time.perf_counter()
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+        if dataset.issues:
+            echo(f"data: {len(dataset.issues)} issue(s) while loading (see data.json), first: {dataset.issues[0]}")
+        self.started = time.perf_counter()
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.model, self.tokenizer = load_model(cfg.model, self.device, seed=cfg.seed)
+        check_template(cfg, self.tokenizer)
+        self.target_modules = cfg.lora.target_modules or default_target_modules(self.model)
+        self.shapes = lora.module_shapes(self.model, self.target_modules)
+        self.server: FederatedServer | None = None
+        self.history: list[dict] = []
 
-    model, tokenizer = load_model(cfg.model, device, seed=cfg.seed)
-    check_template(cfg, tokenizer)
-    target_modules = cfg.lora.target_modules or default_target_modules(model)
-    shapes = lora.module_shapes(model, target_modules)
-    server = FederatedServer(cfg, [c.client_id for c in dataset.clients], shapes)
-    leaked = set(server.client_ids) & {c.client_id for c in dataset.heldout}
-    if leaked:  # FederatedDataset refuses this already; a held-out client must never train
-        raise RuntimeError(f"held-out clients in the training pool: {sorted(leaked)[:5]}")
-    write_json(
-        run_dir / "clients.json",
-        {
-            cid: {"rank_type": server.client_types[cid], "max_rank": max(server.client_ranks[cid].values())}
-            for cid in server.client_ids
-        },
-    )
-    history = [] if ckpt is None else ckpt.restore(server)
-    if ckpt is not None:
-        echo(f"flexlora: resuming {run_dir} after round {ckpt.round} of {cfg.federation.rounds}")
-    # metrics.jsonl always equals the checkpointed history: a round logged after the last
-    # checkpoint (the process died before the next one) is run again, not logged twice.
-    write_jsonl(run_dir / "metrics.jsonl", history)
-    runtime = LocalRuntime(model, tokenizer, dataset.clients, cfg, target_modules, getattr(server.method, "regularizer", None))
-    echo(
-        f"flexlora: {cfg.method} on {cfg.model} ({device}), {len(dataset.clients)} training clients "
-        f"({profile_label(cfg)} ranks), {len(dataset.heldout)} held-out clients, {cfg.federation.rounds} rounds"
-    )
-
-    def evaluate_global(state, round_):
-        if state is None and zero_shot is not None:
-            return zero_shot
-        factors, ranks = (None, None) if state is None else server.global_adapter()
-        return evaluate(
-            model, tokenizer, dataset.heldout,
-            factors=factors, ranks=ranks, alpha=cfg.lora.alpha, target_modules=target_modules,
-            template=cfg.data.template, cutoff_len=cfg.data.cutoff_len,
-            max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-            max_examples_per_client=cfg.eval.max_examples_per_client, desc=f"eval round {round_}",
+    def make_server(self, client_ids: list[str], declared_types=None) -> FederatedServer:
+        cfg = self.cfg
+        self.server = server = FederatedServer(cfg, client_ids, self.shapes, declared_types)
+        leaked = set(server.client_ids) & {c.client_id for c in self.dataset.heldout}
+        if leaked:  # FederatedDataset refuses this already; a held-out client must never train
+            raise RuntimeError(f"held-out clients in the training pool: {sorted(leaked)[:5]}")
+        self.history = [] if self.ckpt is None else self.ckpt.restore(server)
+        if self.ckpt is not None:
+            self.echo(f"flexlora: resuming {self.run_dir} after round {self.ckpt.round} of {cfg.federation.rounds}")
+        # metrics.jsonl always equals the checkpointed history: a round logged after the last
+        # checkpoint (the process died before the next one) is run again, not logged twice.
+        write_jsonl(self.run_dir / "metrics.jsonl", self.history)
+        write_json(
+            self.run_dir / "clients.json",
+            {
+                cid: {"rank_type": server.client_types[cid], "max_rank": max(server.client_ranks[cid].values())}
+                for cid in server.client_ids
+            },
         )
+        engine = "" if self.engine == "local" else f" through {self.engine}"
+        self.echo(
+            f"flexlora: {cfg.method} on {cfg.model} ({self.device}){engine}, {len(client_ids)} training clients "
+            f"({profile_label(cfg)} ranks), {len(self.dataset.heldout)} held-out clients, {cfg.federation.rounds} rounds"
+        )
+        return server
 
-    def log(record):
-        with open(run_dir / "metrics.jsonl", "a") as f:
+    def local_runtime(self) -> LocalRuntime:
+        return LocalRuntime(self.model, self.tokenizer, self.dataset.clients, self.cfg, self.target_modules)
+
+    def evaluate(self, state, round_: int) -> dict:
+        """Centralised evaluation of the global model (None: the base model) on held-out
+        clients: its adapter, on the base weights plus the method's base offset if any."""
+        cfg = self.cfg
+        if state is None and self.zero_shot is not None:
+            return self.zero_shot
+        factors, ranks = (None, None) if state is None else self.server.global_adapter()
+        offset = None if state is None else self.server.base_offset()
+        with lora.base_weights(self.model, offset):  # FLoRA, SLoRA's sparse stage: base + offset
+            return evaluate(
+                self.model, self.tokenizer, self.dataset.heldout,
+                factors=factors, ranks=ranks, alpha=cfg.lora.alpha, target_modules=self.target_modules,
+                template=cfg.data.template, cutoff_len=cfg.data.cutoff_len,
+                max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                max_examples_per_client=cfg.eval.max_examples_per_client, desc=f"eval round {round_}",
+            )
+
+    def log(self, record: dict) -> None:
+        cfg, echo = self.cfg, self.echo
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         ev = record["eval"]
         line = truncation_line(record.get("truncation"))
@@ -156,51 +183,80 @@ def run_experiment(
             f"eval loss {ev['eval_loss']:.3f}" + (f", {record['time']['total_s']:.0f} s" if record["round"] else "")
         )
 
-    if ckpt is not None:
-        ckpt.restore_rng()  # where the interrupted run stood, right before its next round
-    checkpoint = Checkpointer(run_dir, cfg) if cfg.output.checkpoint else None
-    history = run_rounds(server, runtime, evaluate_global, log, checkpoint, history)
+    def run(self, runtime) -> None:
+        if self.ckpt is not None:
+            self.ckpt.restore_rng()  # where the interrupted run stood, right before its next round
+        checkpoint = Checkpointer(self.run_dir, self.cfg) if self.cfg.output.checkpoint else None
+        self.history = run_rounds(self.server, runtime, self.evaluate, self.log, checkpoint, self.history)
 
-    adapter_dir = None
-    if server.state is not None:
-        # Default export rank: what the largest client receives (the full-rank ΔW can be as
-        # large as the base model itself).
-        export_rank = cfg.eval.export_rank or max(max(r.values()) for r in server.client_ranks.values())
-        factors, ranks = server.global_adapter(export_rank)
-        adapter_dir = lora.save_adapter(model, factors, ranks, cfg.lora.alpha, target_modules, run_dir / "adapter")
-    evaluated = [r for r in history if r["eval"] is not None]
-    summary = {
-        "metric": METRIC,
-        "metric_description": "Rouge-L F1 of greedy generations on held-out (unseen-task) clients, weighted by test-set size",
-        "method": cfg.method,
-        "profile": profile_label(cfg),
-        "model": cfg.model,
-        "seed": cfg.seed,
-        "zero_shot": evaluated[0]["eval"][METRIC],
-        "final": evaluated[-1]["eval"][METRIC],
-        "best": max(r["eval"][METRIC] for r in evaluated),
-        "zero_shot_teacher_forced": evaluated[0]["eval"]["rougeL_teacher_forced"],
-        "final_teacher_forced": evaluated[-1]["eval"]["rougeL_teacher_forced"],
-        "zero_shot_eval_loss": evaluated[0]["eval"]["eval_loss"],
-        "final_eval_loss": evaluated[-1]["eval"]["eval_loss"],
-        "per_round": {r["round"]: r["eval"][METRIC] for r in evaluated},
-        "final_per_category": evaluated[-1]["eval"].get("per_category"),
-        "truncation": {r["round"]: r["truncation"] for r in history if r.get("truncation")},
-        "adapter": str(adapter_dir) if adapter_dir else None,
-        "wall_time_s": time.perf_counter() - started,
-    }
-    write_json(run_dir / "summary.json", summary)
-    plot_metric(
-        {cfg.method: [(r["round"], r["eval"][METRIC]) for r in evaluated]},
-        run_dir / "metric.png",
-        title=f"{cfg.method}, {profile_label(cfg)} ranks: held-out clients",
-    )
-    echo(
-        f"held-out {METRIC}: zero-shot {summary['zero_shot']:.4f} -> final {summary['final']:.4f} "
-        f"({summary['wall_time_s']:.0f} s)"
-    )
-    echo(f"run folder: {run_dir}")
-    return run_dir
+    def finish(self) -> Path:
+        """Export the global model (a PEFT adapter; merged full weights for a method whose global
+        model changes the base weights), write summary.json and the plot; returns the run folder."""
+        cfg, server, run_dir = self.cfg, self.server, self.run_dir
+        adapter_dir = merged_dir = None
+        if server.state is not None:
+            # Default export rank: what the largest client receives (the full-rank ΔW can be as
+            # large as the base model itself).
+            export_rank = cfg.eval.export_rank or max(max(r.values()) for r in server.client_ranks.values())
+            factors, ranks = server.global_adapter(export_rank)
+            offset = server.base_offset()
+            if offset:  # a LoRA adapter cannot hold a dense change of the base: export merged weights
+                merged_dir = lora.save_merged(
+                    self.model, self.tokenizer, run_dir / "merged", offset, factors, ranks, cfg.lora.alpha
+                )
+            elif factors:
+                adapter_dir = lora.save_adapter(self.model, factors, ranks, cfg.lora.alpha, self.target_modules, run_dir / "adapter")
+        evaluated = [r for r in self.history if r["eval"] is not None]
+        summary = {
+            "metric": METRIC,
+            "metric_description": "Rouge-L F1 of greedy generations on held-out (unseen-task) clients, weighted by test-set size",
+            "method": cfg.method,
+            "engine": self.engine,
+            "profile": profile_label(cfg),
+            "model": cfg.model,
+            "seed": cfg.seed,
+            "zero_shot": evaluated[0]["eval"][METRIC],
+            "final": evaluated[-1]["eval"][METRIC],
+            "best": max(r["eval"][METRIC] for r in evaluated),
+            "zero_shot_teacher_forced": evaluated[0]["eval"]["rougeL_teacher_forced"],
+            "final_teacher_forced": evaluated[-1]["eval"]["rougeL_teacher_forced"],
+            "zero_shot_eval_loss": evaluated[0]["eval"]["eval_loss"],
+            "final_eval_loss": evaluated[-1]["eval"]["eval_loss"],
+            "per_round": {r["round"]: r["eval"][METRIC] for r in evaluated},
+            "final_per_category": evaluated[-1]["eval"].get("per_category"),
+            "truncation": {r["round"]: r["truncation"] for r in self.history if r.get("truncation")},
+            "adapter": str(adapter_dir) if adapter_dir else None,
+            "merged_model": str(merged_dir) if merged_dir else None,
+            "wall_time_s": time.perf_counter() - self.started,
+        }
+        write_json(run_dir / "summary.json", summary)
+        plot_metric(
+            {cfg.method: [(r["round"], r["eval"][METRIC]) for r in evaluated]},
+            run_dir / "metric.png",
+            title=f"{cfg.method}, {profile_label(cfg)} ranks: held-out clients",
+        )
+        self.echo(
+            f"held-out {METRIC}: zero-shot {summary['zero_shot']:.4f} -> final {summary['final']:.4f} "
+            f"({summary['wall_time_s']:.0f} s)"
+        )
+        self.echo(f"run folder: {run_dir}")
+        return run_dir
+
+
+def run_experiment(
+    cfg: ExperimentConfig, echo=print, resume: str | Path | None = None, zero_shot: dict | None = None
+) -> Path:
+    """Run the configured experiment on its engine, or continue the one in the run folder
+    `resume` from its last checkpoint; returns the run folder. `zero_shot`: the base model's
+    held-out metrics if already known (in-process engine; Flower evaluates it again)."""
+    if cfg.engine == "flower":
+        from flexlora.runtime.flower import run_simulation
+
+        return run_simulation(cfg, echo, resume)
+    exp = Experiment(cfg, echo, resume=resume, zero_shot=zero_shot)
+    exp.make_server([c.client_id for c in exp.dataset.clients])
+    exp.run(exp.local_runtime())
+    return exp.finish()
 
 
 EVAL_CLIENTS = ("heldout", "training", "all")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -98,6 +99,11 @@ def get_factors(peft_model: PeftModel) -> dict[str, Factors]:
     }
 
 
+def lora_weights(peft_model: PeftModel) -> dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+    """The live (A, B) parameters per module (for losses on them, e.g. a regularizer)."""
+    return {name: (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight) for name, layer in _lora_layers(peft_model)}
+
+
 def get_ranks(peft_model: PeftModel) -> dict[str, int]:
     return {name: layer.r[ADAPTER] for name, layer in _lora_layers(peft_model)}
 
@@ -139,4 +145,70 @@ def save_adapter(
         peft_model.save_pretrained(str(folder))
     finally:
         detach(peft_model)
+    return Path(folder)
+
+
+# ---------------------------------------------------------------- the base weights themselves
+
+
+def weight_matrix(module: torch.nn.Module) -> torch.Tensor:
+    """The module's weight as an (out, in) view (GPT-2's Conv1D stores it as (in, out))."""
+    return weight_matrix_of(module, module.weight)
+
+
+def weight_matrix_of(module: torch.nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor laid out like the module's weight (e.g. its gradient), as an (out, in) view."""
+    return tensor.T if type(module).__name__ == "Conv1D" else tensor
+
+
+def target_layers(model, names) -> dict[str, torch.nn.Module]:
+    modules = dict(model.named_modules())
+    missing = sorted(set(names) - set(modules))
+    if missing:
+        raise ValueError(f"{len(missing)} module(s) not in the model, e.g. {missing[0]}")
+    return {name: modules[name] for name in names}
+
+
+@contextmanager
+def base_weights(model, offset: dict[str, torch.Tensor] | None = None, keep=()):
+    """For the duration of the block, the base weights are W + offset (offset: module name ->
+    (out, in) tensor; a global model's change of the base, e.g. FLoRA's merged updates); the
+    weights of the offset's modules and of the modules in `keep` (trained in place inside the
+    block) are restored bit for bit afterwards, from copies."""
+    layers = target_layers(model, set(offset or {}) | set(keep))
+    saved = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+    try:
+        with torch.no_grad():
+            for name, delta in (offset or {}).items():
+                W = weight_matrix(layers[name])
+                if tuple(delta.shape) != tuple(W.shape):
+                    raise ValueError(f"{name}: base offset of shape {tuple(delta.shape)} for a weight of shape {tuple(W.shape)}")
+                W.add_(delta.to(dtype=W.dtype, device=W.device))
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, weight in saved.items():
+                layers[name].weight.copy_(weight)
+
+
+def save_merged(
+    model,
+    tokenizer,
+    folder: str | Path,
+    offset: dict[str, torch.Tensor] | None,
+    factors: dict[str, Factors] | None,
+    module_ranks: dict[str, int] | None,
+    alpha: float,
+) -> Path:
+    """Write the full model with the base offset and the adapter (if any) merged into its weights
+    (safetensors, loadable with AutoModelForCausalLM.from_pretrained); the in-memory model is
+    left as it was. For methods whose global model changes the base weights (FLoRA, SLoRA's
+    sparse stage), which a LoRA adapter cannot hold."""
+    merged = dict(offset or {})
+    for name, (A, B) in (factors or {}).items():
+        update = (alpha / module_ranks[name]) * (B.double() @ A.double())
+        merged[name] = update if name not in merged else merged[name].double() + update
+    with base_weights(model, merged):
+        model.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
     return Path(folder)

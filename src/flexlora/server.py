@@ -6,6 +6,7 @@ knows which aggregation method runs.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import random
@@ -15,12 +16,12 @@ from typing import Callable, Protocol
 
 import torch
 
-from flexlora.aggregation import make_method
+from flexlora.aggregation import METHODS, make_method
 from flexlora.aggregation.base import ClientUpdate, GlobalState
 from flexlora.client import ClientTask
 from flexlora.config import ExperimentConfig
 from flexlora.faults import fault_point
-from flexlora.resources import assign_rank_types, module_ranks, paper_rank_types
+from flexlora.resources import RankType, assign_rank_types, module_ranks, paper_rank_types
 from flexlora.validation import validate_round
 
 logger = logging.getLogger(__name__)
@@ -54,21 +55,33 @@ Checkpointer = Callable[["FederatedServer", list[dict]], None]  # (server, histo
 class FederatedServer:
     """Holds the global state and decides, each round, who trains at which rank from what."""
 
-    def __init__(self, cfg: ExperimentConfig, client_ids: list[str], shapes: dict[str, tuple[int, int]]):
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        client_ids: list[str],
+        shapes: dict[str, tuple[int, int]],
+        declared_types: dict[str, RankType] | None = None,
+    ):
+        """`declared_types`: rank types that clients state themselves (a Flower node's config);
+        every other client gets one drawn from the resource profile."""
         self.cfg = cfg
         self.client_ids = list(client_ids)
         self.shapes = shapes
-        self.method = make_method(cfg.method, **cfg.method_args)
+        self.method = make_method(cfg.method, **method_arguments(cfg))
         r = cfg.resources
         self.rank_types = paper_rank_types(r.t1, r.t2, r.t3_attention, r.t3_mlp, r.t4)
         self.client_types = assign_rank_types(self.client_ids, r.profile, cfg.seed)
+        for cid, rank_type in (declared_types or {}).items():
+            self.rank_types.setdefault(rank_type.name, rank_type)
+            self.client_types[cid] = rank_type.name
         self.client_ranks = {cid: module_ranks(self.rank_types[t], shapes) for cid, t in self.client_types.items()}
         if getattr(self.method, "homogeneous", False):
             # Homogeneous baselines: every client is cut down to the federation's smallest
             # rank per module (the "bucket effect" FlexLoRA avoids).
             floor = {m: min(ranks[m] for ranks in self.client_ranks.values()) for m in shapes}
             self.client_ranks = {cid: dict(floor) for cid in self.client_ids}
-        self.state: GlobalState | None = None
+        init_state = getattr(self.method, "init_state", None)
+        self.state: GlobalState | None = init_state(shapes) if init_state is not None else None
         self.round = 0
         self.last_truncation: dict | None = None  # see aggregate()
 
@@ -81,9 +94,13 @@ class FederatedServer:
     def configure(self, round_: int, client_ids: list[str]) -> list[ClientTask]:
         fed = self.cfg.federation
         tasks = []
+        offset = self.base_offset()  # one object shared by the round's tasks
+        client_options = getattr(self.method, "client_options", None)
         for i, cid in enumerate(client_ids):
             ranks = self.client_ranks[cid]
-            options = {}
+            rank_type = self.client_types[cid]
+            # The method's client-side settings, then the reliability ones (all plain JSON).
+            options = dict(client_options(self.state, round_, rank_type)) if client_options else {}
             if fed.client_timeout_s is not None:
                 options["timeout_s"] = fed.client_timeout_s
             # Fault injection, seeded per (run, round, client) so a resumed run drops the same clients.
@@ -93,11 +110,12 @@ class FederatedServer:
                 ClientTask(
                     client_id=cid,
                     round=round_,
-                    rank_type=self.client_types[cid],
+                    rank_type=rank_type,
                     module_ranks=ranks,
                     factors=self.method.client_factors(self.state, ranks, self.cfg.lora.alpha),
                     seed=hash_seed(self.cfg.seed, round_, cid),
                     options=options,
+                    base_offset=offset,
                 )
             )
         return tasks
@@ -121,6 +139,17 @@ class FederatedServer:
         if report is not None:
             ranks = {m: {u.rank(m) for u in updates} for m in updates[0].factors}
             self.last_truncation = report(self.state, ranks)
+        if getattr(self.method, "prunes_ranks", False):
+            # HetLoRA: a client that pruned a module's rank keeps the smaller rank from now on.
+            for u in updates:
+                ranks = self.client_ranks[u.client_id]
+                for module, (A, _) in u.factors.items():
+                    ranks[module] = min(ranks[module], A.shape[0])
+
+    def base_offset(self) -> dict | None:
+        """The global model's change of the base weights (module -> (out, in)), if the method has one."""
+        hook = getattr(self.method, "base_offset", None)
+        return hook(self.state) if hook is not None and self.state is not None else None
 
     def complete_round(self, round_: int, tasks: list[ClientTask], results: list) -> RoundOutcome:
         """Everything the server does with one round's results, whatever the transport:
@@ -177,13 +206,24 @@ class FederatedServer:
             self.method.load_extra_state(extra, meta.get("method_extra"))
 
     def global_adapter(self, rank: int | None = None):
-        """(factors, ranks) of the global model, optionally truncated to `rank`."""
+        """(factors, ranks) of the global model, optionally truncated to `rank`; (None, None) when
+        the global model has no adapter (e.g. FLoRA: everything is in the base offset)."""
         factors, ranks = self.method.global_factors(self.state, self.cfg.lora.alpha)
+        if not factors:
+            return None, None
         if rank is not None:
             capped = {m: min(rank, r) for m, r in ranks.items()}
             factors = self.method.client_factors(self.state, capped, self.cfg.lora.alpha)
             ranks = capped
         return factors, ranks
+
+
+def method_arguments(cfg: ExperimentConfig) -> dict:
+    """cfg.method_args, with the run's seed as the method's `seed` unless it is given there."""
+    args = dict(cfg.method_args)
+    if "seed" not in args and "seed" in inspect.signature(METHODS[cfg.method]).parameters:
+        args["seed"] = cfg.seed
+    return args
 
 
 def hash_seed(*parts) -> int:

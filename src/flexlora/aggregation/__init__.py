@@ -1,26 +1,40 @@
 """Aggregation methods behind one interface (see base.py), and a registry to pick one by name.
 
 To add a method: write a module with a class that has a ``name`` and the three methods of
-``AggregationMethod``, import it here and add it to ``METHODS`` (or call ``register_method``).
+``AggregationMethod`` (plus any optional hooks it needs, see base.py), import it here and add
+it to ``METHODS`` (or call ``register_method``).
+
+Two settings compose with methods rather than being one: ``server_opt`` (a server optimizer
+on the aggregated update; flexlora and fedit) and ``fedprox_mu`` (FedProx on the clients; any
+method). ``make_method`` takes them out of the arguments and wraps the method (server_opt.py).
 """
 
 from __future__ import annotations
+
+import inspect
 
 from .base import (
     AggregationMethod,
     ClientUpdate,
     Factors,
     GlobalState,
+    SparseDelta,
     compute_dtype,
     data_weights,
     module_names,
     module_shape,
 )
 from .fedit import FedIT
+from .ffa import FFALoRA
 from .flexlora import FlexLoRA
+from .flora import FLoRA
+from .hetlora import HetLoRA
+from .server_opt import Composed, ServerOptimizer
+from .slora import SLoRA
 from .svd import TruncatedSVD, truncated_svd
 
-METHODS: dict[str, type] = {cls.name: cls for cls in (FlexLoRA, FedIT)}
+METHODS: dict[str, type] = {cls.name: cls for cls in (FlexLoRA, FedIT, HetLoRA, SLoRA, FLoRA, FFALoRA)}
+COMPOSABLE = ("server_opt", "fedprox_mu")  # method_args handled by make_method itself
 
 
 def register_method(cls: type) -> type:
@@ -35,21 +49,42 @@ def register_method(cls: type) -> type:
 
 
 def make_method(name: str, **kwargs) -> AggregationMethod:
-    """Instantiate a registered method by name, passing kwargs to its constructor."""
+    """Instantiate a registered method by name, passing kwargs to its constructor; the composable
+    arguments ``server_opt`` (mapping) and ``fedprox_mu`` (number) wrap it (see server_opt.py).
+    Bad arguments raise a one-line ValueError naming them."""
     try:
         cls = METHODS[name]
     except KeyError:
         raise ValueError(f"unknown aggregation method {name!r}; choose from: {', '.join(sorted(METHODS))}") from None
-    return cls(**kwargs)
+    own = {k: v for k, v in kwargs.items() if k not in COMPOSABLE}
+    params = inspect.signature(cls).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        accepted = [p for p in params if p != "self"]
+        unknown = sorted(set(own) - set(accepted))
+        if unknown:
+            known = ", ".join([*accepted, *COMPOSABLE])
+            raise ValueError(f"method {name!r} has no argument {unknown[0]!r}; its arguments: {known}")
+    method = cls(**own)
+    if "server_opt" in kwargs or kwargs.get("fedprox_mu"):
+        server_opt = ServerOptimizer.from_config(kwargs["server_opt"]) if kwargs.get("server_opt") is not None else None
+        method = Composed(method, server_opt, kwargs.get("fedprox_mu", 0.0))
+    return method
 
 
 __all__ = [
     "METHODS",
     "AggregationMethod",
     "ClientUpdate",
+    "Composed",
+    "FFALoRA",
+    "FLoRA",
     "Factors",
     "FedIT",
     "FlexLoRA",
+    "HetLoRA",
+    "SLoRA",
+    "ServerOptimizer",
+    "SparseDelta",
     "GlobalState",
     "TruncatedSVD",
     "compute_dtype",

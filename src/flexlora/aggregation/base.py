@@ -11,13 +11,28 @@ s = lora_alpha / r.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # (A, B): A (r, n), B (m, r)
 GlobalState = dict[str, torch.Tensor]  # flat and safetensors-ready; keys are method-defined
+
+
+class SparseDelta(NamedTuple):
+    """A sparse change of one weight matrix (m, n) = `shape`: the entries at the flat
+    (row-major) `indices` change by `values`. Sent by SLoRA's sparse phase instead of factors."""
+
+    indices: torch.Tensor  # (nnz,) int64
+    values: torch.Tensor  # (nnz,)
+    shape: tuple[int, int]
+
+    def to_dense(self, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+        out = torch.zeros(self.shape[0] * self.shape[1], dtype=dtype or self.values.dtype, device=device)
+        out[self.indices.to(out.device)] = self.values.to(dtype=out.dtype, device=out.device)
+        return out.view(self.shape)
 
 
 @dataclass(frozen=True)
@@ -27,8 +42,10 @@ class ClientUpdate:
     client_id: str
     num_examples: int  # n_k: the aggregation weight is n_k / sum_j n_j over the round
     lora_alpha: float
-    factors: dict[str, Factors]  # target-module name -> (A, B)
+    factors: dict[str, Factors]  # target-module name -> (A, B); empty in SLoRA's sparse phase
     metrics: dict = field(default_factory=dict)
+    # Changes of the base weights themselves (SLoRA's sparse phase): module name -> delta.
+    deltas: dict[str, SparseDelta] = field(default_factory=dict)
 
     def rank(self, module: str) -> int:
         return self.factors[module][0].shape[0]
@@ -73,6 +90,62 @@ def module_shape(updates: list[ClientUpdate], module: str) -> tuple[int, int]:
     return shape
 
 
+def module_seed(seed: int, module: str, *parts: int) -> int:
+    """A deterministic 63-bit seed for (run seed, module name, parts...), stable across processes."""
+    value = seed * 1_000_003 + zlib.crc32(module.encode())
+    for part in parts:
+        value = value * 1_000_003 + part
+    return value % 2**63
+
+
+def fresh_rows(count: int, n: int, seed: int, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+    """`count` rows of a LoRA A drawn like PEFT's fresh init (kaiming-uniform: U(-1/√n, 1/√n)),
+    from a generator seeded with `seed` (deterministic, the global RNG untouched)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = (torch.rand(count, n, generator=gen, dtype=torch.float64) * 2 - 1) / n**0.5
+    return rows.to(dtype=dtype, device=device)
+
+
+def weighted_padded_sum(tensors: list[torch.Tensor], weights: list[float], dim: int, size: int) -> torch.Tensor:
+    """Σ_k w_k · t_k with each t_k zero-padded along `dim` (0: rows, 1: columns) to `size`,
+    accumulated in float32 (float64 if any input is) on the first tensor's device."""
+    dtype, device = compute_dtype(*tensors), tensors[0].device
+    shape = list(tensors[0].shape)
+    shape[dim] = size
+    out = torch.zeros(shape, dtype=dtype, device=device)
+    for w, t in zip(weights, tensors):
+        if w == 0:
+            continue
+        target = out.narrow(dim, 0, t.shape[dim])
+        target.add_(t.to(dtype=dtype, device=device), alpha=w)
+    return out
+
+
+def slice_factors(
+    A: torch.Tensor, B_scaled: torch.Tensor, rank: int, lora_alpha: float, pad_seed: int
+) -> Factors:
+    """A client's (A, B) of `rank` from global factors A (R, n) and B_scaled (m, R) whose
+    product B_scaled @ A is the global update (the LoRA scale folded into B): the first `rank`
+    rows of A, the first `rank` columns of B_scaled divided by the client's scale α/rank.
+    If rank > R, B gets zero columns (the product is unchanged) and A fresh rows (PEFT-like,
+    seeded with `pad_seed`) so that the extra rank can learn. Never aliases the inputs."""
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    k = min(rank, A.shape[0])
+    a = A[:k].clone()
+    b = B_scaled[:, :k] / (lora_alpha / rank)
+    if rank > k:
+        a = torch.cat([a, fresh_rows(rank - k, A.shape[1], pad_seed, a.dtype, a.device)], dim=0)
+        b = torch.cat([b, b.new_zeros(b.shape[0], rank - k)], dim=1)
+    return a.contiguous(), b.contiguous()
+
+
+def update_norm(A: torch.Tensor, B: torch.Tensor) -> float:
+    """‖B A‖_F from the r×r Gram matrices (‖BA‖² = Σ (BᵀB) ⊙ (AAᵀ)), no (m, n) matrix formed."""
+    A64, B64 = A.detach().double(), B.detach().double()
+    return float(((B64.T @ B64) * (A64 @ A64.T)).sum().clamp_min(0).sqrt())
+
+
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32 (half precision is promoted for the sums)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -93,3 +166,19 @@ class AggregationMethod(Protocol):
 
     def global_factors(self, state: GlobalState, lora_alpha: float) -> tuple[dict[str, Factors], dict[str, int]]:
         """The global model as LoRA factors (at its full rank) and the rank of each module."""
+
+    # Optional hooks (looked up with getattr; a method defines only those it needs):
+    #
+    # init_state(shapes: dict[str, (m, n)]) -> GlobalState | None
+    #     The state before round 1 (FFA-LoRA: its frozen A). Default: None.
+    # client_options(state, round_: int, rank_type: str) -> dict
+    #     Plain-JSON settings for the client's local step (see flexlora.client_options):
+    #     a regularizer, a frozen A, a proximal term, sparse full-weight training...
+    # base_offset(state) -> dict[str, Tensor (m, n)] | None
+    #     A dense change of the base weights that is part of the global model (FLoRA's merged
+    #     updates, SLoRA's sparse phase): clients train on base + offset, evaluation and export
+    #     include it. Default: None.
+    # prunes_ranks: bool
+    #     Clients may send back a smaller rank than assigned and keep it (HetLoRA).
+    # homogeneous: bool
+    #     The server cuts every client to the federation's smallest rank (FedIT).

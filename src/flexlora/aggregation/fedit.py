@@ -84,6 +84,14 @@ class FedIT:
         factors = {module: self._factors(state, module, lora_alpha) for module in modules}
         return factors, {module: A.shape[0] for module, (A, _) in factors.items()}
 
+    # The parameters a server optimizer steps (see server_opt.py): A and B of every module.
+
+    def server_params(self, state: GlobalState) -> dict[str, torch.Tensor]:
+        return {key: value for key, value in state.items() if key.endswith((".A", ".B"))}
+
+    def from_server_params(self, params: dict[str, torch.Tensor], like: GlobalState) -> GlobalState:
+        return {**like, **params}
+
     @staticmethod
     def _factors(state: GlobalState, module: str, lora_alpha: float) -> Factors:
         A, B = state[f"{module}.A"], state[f"{module}.B"]

@@ -10,12 +10,20 @@ with K = min(Σ r_k, m, n) (ΔW kept exactly) unless capped by ``max_global_rank
 
 from __future__ import annotations
 
-import zlib
-
 import torch
 
-from .base import ClientUpdate, Factors, GlobalState, compute_dtype, data_weights, module_names, module_shape
-from .svd import MODES, truncated_svd
+from .base import (
+    ClientUpdate,
+    Factors,
+    GlobalState,
+    compute_dtype,
+    data_weights,
+    fresh_rows,
+    module_names,
+    module_seed,
+    module_shape,
+)
+from .svd import MODES, dense_svd, randomized_svd, truncated_svd
 
 SPLITS = ("all_in_B", "sqrt")
 
@@ -35,6 +43,47 @@ def stack_factors(updates: list[ClientUpdate], module: str, weights: list[float]
         Bs.append(B.to(dtype=dtype, device=device) * (p * u.scale(module)))
         As.append(A.to(dtype=dtype, device=device))
     return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
+
+
+# Clients are stacked into groups of about this total rank for the dense product: each group
+# is one full-speed matrix product accumulated in place, and memory stays one ΔW plus one
+# group's factors instead of every client's factors stacked at once.
+DENSE_GROUP_RANK = 2048
+
+
+def delta_matrix(
+    updates: list[ClientUpdate],
+    module: str,
+    weights: list[float],
+    *,
+    device: torch.device | None = None,
+    group_rank: int = DENSE_GROUP_RANK,
+) -> torch.Tensor:
+    """ΔW = Σ_k p_k s_k B_k A_k as one dense (m, n) matrix, on `device` (default: the first
+    client's), in float32 (float64 if any factor is float64)."""
+    pairs = [(p, u) for p, u in zip(weights, updates) if p > 0]
+    tensors = [t for _, u in pairs for t in u.factors[module]]
+    dtype = compute_dtype(*tensors)
+    device = device if device is not None else tensors[0].device
+    m, n = pairs[0][1].factors[module][1].shape[0], pairs[0][1].factors[module][0].shape[1]
+    out = torch.zeros(m, n, dtype=dtype, device=device)
+    group: list[tuple[float, ClientUpdate]] = []
+
+    def flush():
+        if group:
+            B, A = stack_factors([u for _, u in group], module, [p for p, _ in group])
+            out.addmm_(B.to(device), A.to(device))
+            group.clear()
+
+    rank = 0
+    for p, u in pairs:
+        group.append((p, u))
+        rank += u.rank(module)
+        if rank >= group_rank:
+            flush()
+            rank = 0
+    flush()
+    return out
 
 
 def split_factors(
@@ -73,9 +122,7 @@ def split_factors(
         A = Vh[:k] * root[:, None]
     if rank > k:
         m, n = U.shape[0], Vh.shape[1]
-        gen = torch.Generator().manual_seed(pad_seed)
-        extra = (torch.rand(rank - k, n, generator=gen, dtype=torch.float64) * 2 - 1) / n**0.5
-        A = torch.cat([A, extra.to(dtype=A.dtype, device=A.device)], dim=0)
+        A = torch.cat([A, fresh_rows(rank - k, n, pad_seed, A.dtype, A.device)], dim=0)
         B = torch.cat([B, B.new_zeros(m, rank - k)], dim=1)
     return A.contiguous(), B.contiguous()
 
@@ -144,13 +191,14 @@ class FlexLoRA:
         max_global_rank: int | None = None,
         split: str = "all_in_B",
         *,
-        device: str | torch.device | None = None,
+        device: str | torch.device | None = "auto",
         seed: int = 0,
         oversample: int = 64,
         niter: int = 2,
     ):
-        """device: where the SVDs run (None = where the client tensors are); the state goes
-        back to the clients' device. seed: for padding rows (see split_factors) and the
+        """device: where the SVDs run ("auto": a CUDA GPU if there is one, else where the
+        client tensors are; None: where the client tensors are); the state goes back to the
+        clients' device. seed: for padding rows (see split_factors) and the
         randomized SVD. oversample, niter: randomized SVD only."""
         if svd_mode not in MODES:
             raise ValueError(f"unknown svd_mode {svd_mode!r}; choose from: {', '.join(MODES)}")
@@ -161,7 +209,12 @@ class FlexLoRA:
         self.svd_mode = svd_mode
         self.max_global_rank = max_global_rank
         self.split = split
-        self.device = torch.device(device) if device is not None else None
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else None
+        try:
+            self.device = torch.device(device) if device is not None else None
+        except (RuntimeError, TypeError):
+            raise ValueError(f"flexlora: device must be auto, cpu, cuda[:N] or null, got {device!r}") from None
         self.seed = seed
         self.oversample = oversample
         self.niter = niter
@@ -173,16 +226,26 @@ class FlexLoRA:
         new: GlobalState = {}
         for module in module_names(updates):  # one module at a time bounds peak memory
             m, n = module_shape(updates, module)
-            B, A = stack_factors(updates, module, weights)
-            home = B.device
-            if self.device is not None:
-                B, A = B.to(self.device), A.to(self.device)
-            K = min(B.shape[1], m, n)
+            home = updates[0].factors[module][0].device
+            R = sum(u.rank(module) for p, u in zip(weights, updates) if p > 0)
+            K = min(R, m, n)
             if self.max_global_rank is not None:
                 K = min(K, self.max_global_rank)
-            U, S, Vh = truncated_svd(
-                B, A, K, self.svd_mode, oversample=self.oversample, niter=self.niter, seed=self.seed
-            )
+            mode = self.svd_mode
+            if mode == "auto":
+                mode = "factored" if R < min(m, n) else "dense"
+            if mode == "factored":
+                B, A = stack_factors(updates, module, weights)
+                if self.device is not None:
+                    B, A = B.to(self.device), A.to(self.device)
+                U, S, Vh = truncated_svd(B, A, K, "factored")
+            else:  # one dense ΔW, built group by group (see delta_matrix)
+                dense = delta_matrix(updates, module, weights, device=self.device)
+                if mode == "dense":
+                    U, S, Vh = dense_svd(dense, K)
+                else:
+                    U, S, Vh = randomized_svd(dense, K, oversample=self.oversample, niter=self.niter, seed=self.seed)
+                del dense
             new[f"{module}.U"] = U.to(home).contiguous()
             new[f"{module}.S"] = S.to(home).contiguous()
             new[f"{module}.Vh"] = Vh.to(home).contiguous()
@@ -208,10 +271,29 @@ class FlexLoRA:
         ranks = {module: state[f"{module}.S"].shape[0] for module in state_modules(state)}
         return {module: self._split(state, module, K, lora_alpha) for module, K in ranks.items()}, ranks
 
+    # The parameters a server optimizer steps (see server_opt.py): the dense ΔW per module.
+
+    def server_params(self, state: GlobalState) -> dict[str, torch.Tensor]:
+        return {module: dense_delta(state, module) for module in state_modules(state)}
+
+    def from_server_params(self, params: dict[str, torch.Tensor], like: GlobalState) -> GlobalState:
+        """The top-K SVD of each ΔW, K = the rank of that module in `like`."""
+        out: GlobalState = {}
+        for module, dense in params.items():
+            K = like[f"{module}.S"].shape[0]
+            device = self.device if self.device is not None else dense.device
+            if self.svd_mode == "randomized":
+                U, S, Vh = randomized_svd(dense.to(device), K, oversample=self.oversample, niter=self.niter, seed=self.seed)
+            else:
+                U, S, Vh = dense_svd(dense.to(device), K)
+            home = like[f"{module}.U"].device
+            out[f"{module}.U"], out[f"{module}.S"], out[f"{module}.Vh"] = (t.to(home).contiguous() for t in (U, S, Vh))
+        return out
+
     def _split(self, state: GlobalState, module: str, rank: int, lora_alpha: float) -> Factors:
         try:
             U, S, Vh = (state[f"{module}.{part}"] for part in ("U", "S", "Vh"))
         except KeyError:
             raise KeyError(f"module {module!r} is not in the FlexLoRA state") from None
-        pad_seed = (self.seed * 1_000_003 + zlib.crc32(module.encode())) % 2**63
+        pad_seed = module_seed(self.seed, module)
         return split_factors(U, S, Vh, rank, lora_alpha, self.split, pad_seed=pad_seed)

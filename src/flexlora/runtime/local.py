@@ -16,20 +16,19 @@ log = logging.getLogger(__name__)
 
 
 class LocalRuntime:
-    def __init__(self, model, tokenizer, clients: list[ClientData], cfg: ExperimentConfig, target_modules: list[str], regularizer=None):
+    def __init__(self, model, tokenizer, clients: list[ClientData], cfg: ExperimentConfig, target_modules: list[str]):
         self.model = model
         self.tokenizer = tokenizer
         self.clients = {c.client_id: c for c in clients}
         self.cfg = cfg
         self.target_modules = target_modules
-        self.regularizer = regularizer
 
     def train(self, tasks: list[ClientTask]) -> list[ClientUpdate | ClientFailure]:
         results = []
         for task in tqdm(tasks, desc=f"round {tasks[0].round if tasks else '?'} clients", unit="client", leave=False):
             try:
                 results.append(
-                    train_client(self.model, self.tokenizer, self.clients[task.client_id], task, self.cfg, self.target_modules, self.regularizer)
+                    train_client(self.model, self.tokenizer, self.clients[task.client_id], task, self.cfg, self.target_modules)
                 )
             except Exception as e:  # one client's crash is a dropout, not the end of the run
                 log.warning("client %s failed: %s: %s", task.client_id, type(e).__name__, e)

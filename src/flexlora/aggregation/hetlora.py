@@ -1,0 +1,148 @@
+"""HetLoRA (Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation
+Models", 2023/2024): zero-padding aggregation of heterogeneous ranks.
+
+Per module, every client's A_k (r_k, n) is zero-padded to R = max_k r_k rows and B_k (m, r_k) to
+R columns; the server takes the weighted averages and a client of rank r starts from their first
+r rows / columns. Weights are either the data sizes p_k = n_k / Σ n_j (as in the FlexLoRA paper's
+comparison) or HetLoRA's sparsity weights, p_k ∝ ‖s_k B_k A_k‖_F per module.
+
+Scale: PEFT multiplies B A by s = α / r, which differs between ranks. The server averages the
+*scaled* B (s_k B_k) and a client of rank r divides by its own s_r, so that a client's update
+keeps its size whatever rank it is read back at; with one rank (and one α) this is exactly the
+plain average of B_k. State keys per module: f"{module}.A" = Σ p_k pad(A_k) (R, n) and
+f"{module}.B" = Σ p_k s_k pad(B_k) (m, R); the global update is B @ A.
+
+Client side (sent as ClientTask.options["rank_regularizer"], applied in flexlora.client_options):
+the rank self-pruning regularizer λ·‖A[t:]‖_F·‖B[:, t:]‖_F per module, t = ⌊γ r⌋ (at most
+r − 1), with a real gradient, and optionally pruning: when ‖A[t:]‖‖B[:, t:]‖ ≤ prune_threshold ·
+‖A‖‖B‖ after local training the client keeps only the first t ranks (this round and after).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import (
+    ClientUpdate,
+    Factors,
+    GlobalState,
+    data_weights,
+    module_names,
+    module_seed,
+    module_shape,
+    slice_factors,
+    update_norm,
+    weighted_padded_sum,
+)
+
+WEIGHTINGS = ("data", "sparsity")
+
+
+def sparsity_weights(updates: list[ClientUpdate], module: str) -> list[float]:
+    """HetLoRA's sparsity-weighted aggregation: p_k ∝ ‖s_k B_k A_k‖_F (falls back to data
+    weights when every update of the module is zero)."""
+    norms = [u.scale(module) * update_norm(*u.factors[module]) for u in updates]
+    total = sum(norms)
+    if not total > 0:
+        return data_weights(updates)
+    return [v / total for v in norms]
+
+
+def padded_average(updates: list[ClientUpdate], module: str, weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ p_k pad(A_k), Σ p_k s_k pad(B_k)), padded to the largest rank among the clients."""
+    R = max(u.rank(module) for u in updates)
+    A = weighted_padded_sum([u.factors[module][0] for u in updates], weights, dim=0, size=R)
+    B = weighted_padded_sum(
+        [u.factors[module][1] for u in updates], [p * u.scale(module) for p, u in zip(weights, updates)], dim=1, size=R
+    )
+    return A, B
+
+
+def padded_modules(state: GlobalState) -> list[str]:
+    return sorted(key[: -len(".A")] for key in state if key.endswith(".A"))
+
+
+def padded_client_factors(
+    state: GlobalState, module_ranks: dict[str, int], lora_alpha: float, seed: int
+) -> dict[str, Factors]:
+    out = {}
+    for module, rank in module_ranks.items():
+        if f"{module}.A" not in state:
+            raise KeyError(f"module {module!r} is not in the global state")
+        out[module] = slice_factors(state[f"{module}.A"], state[f"{module}.B"], rank, lora_alpha, module_seed(seed, module))
+    return out
+
+
+def padded_global_factors(state: GlobalState, lora_alpha: float, seed: int) -> tuple[dict[str, Factors], dict[str, int]]:
+    ranks = {module: state[f"{module}.A"].shape[0] for module in padded_modules(state)}
+    return padded_client_factors(state, ranks, lora_alpha, seed), ranks
+
+
+class HetLoRA:
+    """Zero-padding aggregation with a rank self-pruning regularizer on the clients."""
+
+    name = "hetlora"
+    prunes_ranks = True  # a client may send back (and keep) a smaller rank than assigned
+
+    def __init__(
+        self,
+        weighting: str = "data",
+        reg_lambda: float = 1e-3,
+        reg_gamma: float = 0.99,
+        prune_threshold: float | None = None,
+        seed: int = 0,
+    ):
+        """weighting: "data" (p_k ∝ n_k) or "sparsity" (p_k ∝ ‖s_k B_k A_k‖). reg_lambda,
+        reg_gamma: the regularizer λ·‖A[⌊γr⌋:]‖‖B[:, ⌊γr⌋:]‖ (λ = 0 turns it off).
+        prune_threshold: prune a module's rank to ⌊γr⌋ when its tail norm is at most this
+        fraction of ‖A‖‖B‖ (None: never). seed: for rows given to ranks above the state's."""
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"hetlora: weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+        if not (isinstance(reg_lambda, (int, float)) and math.isfinite(reg_lambda) and reg_lambda >= 0):
+            raise ValueError(f"hetlora: reg_lambda must be a number >= 0, got {reg_lambda!r}")
+        if not (isinstance(reg_gamma, (int, float)) and 0 < reg_gamma < 1):
+            raise ValueError(f"hetlora: reg_gamma must be in (0, 1), got {reg_gamma!r}")
+        if prune_threshold is not None and not (isinstance(prune_threshold, (int, float)) and 0 <= prune_threshold < 1):
+            raise ValueError(f"hetlora: prune_threshold must be in [0, 1) or null, got {prune_threshold!r}")
+        self.weighting = weighting
+        self.reg_lambda = float(reg_lambda)
+        self.reg_gamma = float(reg_gamma)
+        self.prune_threshold = None if prune_threshold is None else float(prune_threshold)
+        self.seed = seed
+
+    def client_options(self, state: GlobalState | None, round_: int, rank_type: str) -> dict:
+        if self.reg_lambda == 0 and self.prune_threshold is None:
+            return {}
+        return {
+            "rank_regularizer": {
+                "lambda": self.reg_lambda,
+                "gamma": self.reg_gamma,
+                "prune_threshold": self.prune_threshold,
+            }
+        }
+
+    def aggregate(self, updates: list[ClientUpdate], state: GlobalState | None = None) -> GlobalState:
+        """Padded weighted averages of A and of s·B; the previous state is not needed (each
+        client's factors already start from its slice of it)."""
+        new: GlobalState = {}
+        data = data_weights(updates)
+        for module in module_names(updates):
+            module_shape(updates, module)
+            weights = data if self.weighting == "data" else sparsity_weights(updates, module)
+            new[f"{module}.A"], new[f"{module}.B"] = padded_average(updates, module, weights)
+        return new
+
+    def client_factors(
+        self, state: GlobalState | None, module_ranks: dict[str, int], lora_alpha: float
+    ) -> dict[str, Factors] | None:
+        """The first r rows of A and columns of s·B (divided by the client's s); None before
+        the first aggregation (fresh PEFT init)."""
+        if state is None:
+            return None
+        return padded_client_factors(state, module_ranks, lora_alpha, self.seed)
+
+    def global_factors(self, state: GlobalState, lora_alpha: float) -> tuple[dict[str, Factors], dict[str, int]]:
+        """The global update B @ A per module, as factors at the state's rank R."""
+        return padded_global_factors(state, lora_alpha, self.seed)

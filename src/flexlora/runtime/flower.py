@@ -1,0 +1,615 @@
+"""Flower apps: any aggregation method of the project on Flower's simulation and deployment
+engines, with the project's own server, client step and evaluation unchanged.
+
+- ServerApp (`server_app`, or `run_simulation`): builds the same `Experiment` as the in-process
+  runtime (model, data, FederatedServer, centralised evaluation, run folder), finds out which
+  client each node holds, and runs the same `run_rounds` loop with `FlowerRuntime`, which only
+  turns ClientTasks into Flower Messages and replies back into ClientUpdates.
+- `FederatedStrategy`: a Flower Strategy around the FederatedServer. One Message per node, each
+  with the LoRA factors at that client's own ranks (Flower's stock strategies send one shared
+  ArrayRecord to everyone); `configure_train`/`aggregate_train` are built from the same two
+  halves FlowerRuntime uses, so the strategy also works under Flower's own `Strategy.start`.
+- ClientApp (`client_app`): `query` says which client a node holds and what it can afford;
+  `train` runs `client.train_client` on the node's data and replies with the factors.
+
+On the wire (no pickle): factors are an ArrayRecord "factors" with keys `<module>.lora_A` /
+`<module>.lora_B` (numpy .npy bytes, float32 or float16 per `flower.transport_dtype`); the
+ClientTask and the experiment config travel as JSON strings in a ConfigRecord "task"; the
+reply's ClientUpdate fields in a ConfigRecord "update". A method's global base offset (FLoRA,
+SLoRA's sparse stage) goes down as an ArrayRecord "base_offset" (one dense (out, in) array per
+module, transport dtype); SLoRA's sparse deltas come back as an ArrayRecord "deltas"
+(`<module>.indices` int64, `<module>.values`), their shapes in the "update" JSON.
+
+Which client a node is: in simulation, node i holds training client i (`partition-id`); in a
+deployment, the node config names its data (`data-path`, optionally `client-id`) and its
+resources (`lora-rank=N`, `rank-type=T3` or `memory-budget-mb=M`; none: the run's profile).
+
+torch, transformers and PEFT are imported only where a model or tensor is needed: in a
+deployment every Message starts a fresh ClientApp process, and a `query` needs none of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shlex
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+from flexlora.config import ConfigError, ExperimentConfig, config_from_dict, load_config
+from flexlora.data.types import ClientData, Example
+from flexlora.resources import declared_rank_type, paper_rank_types
+
+if TYPE_CHECKING:
+    import torch
+
+    from flexlora.aggregation.base import ClientUpdate, Factors
+    from flexlora.client import ClientTask
+    from flexlora.server import ClientFailure, FederatedServer
+
+log = logging.getLogger(__name__)
+
+TASK, UPDATE, FACTORS, NODE = "task", "update", "factors", "node"
+OFFSET, DELTAS = "base_offset", "deltas"  # FLoRA / SLoRA: a dense base offset down, sparse deltas up
+DTYPES = {"float32": np.float32, "float16": np.float16}
+# Node-config keys a deployment node may set (simulation sets partition-id/num-partitions).
+RESOURCE_KEYS = ("lora-rank", "rank-type", "memory-budget-mb")
+CLIENT_ERROR = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+
+# ---------------------------------------------------------------------------------------------
+# Codecs: ClientTask / ClientUpdate <-> Flower records
+# ---------------------------------------------------------------------------------------------
+
+
+def factors_to_record(factors: dict[str, Factors], dtype: str = "float32") -> ArrayRecord:
+    """LoRA factors as an ArrayRecord, cast to the transport dtype."""
+    import torch
+
+    np_dtype = DTYPES[dtype]
+    record = ArrayRecord()
+    for module, (a, b) in factors.items():
+        for suffix, t in (("lora_A", a), ("lora_B", b)):
+            array = t.detach().to("cpu", torch.float32).numpy().astype(np_dtype)
+            if not np.isfinite(array).all():
+                raise ValueError(f"{module}.{suffix} is not finite as {dtype} (overflow?); use flower.transport_dtype=float32")
+            record[f"{module}.{suffix}"] = Array(array)
+    return record
+
+
+def record_to_factors(record: ArrayRecord) -> dict[str, Factors]:
+    """The inverse of factors_to_record, as float32 tensors."""
+    import torch
+
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, array in record.items():
+        module, _, suffix = key.rpartition(".")
+        if suffix not in ("lora_A", "lora_B") or not module:
+            raise ValueError(f"unexpected array {key!r} in a factors record")
+        pairs.setdefault(module, {})[suffix] = torch.from_numpy(array.numpy().astype(np.float32))
+    missing = [m for m, p in pairs.items() if len(p) != 2]
+    if missing:
+        raise ValueError(f"module {missing[0]} has only one of lora_A / lora_B")
+    return {m: (p["lora_A"], p["lora_B"]) for m, p in pairs.items()}
+
+
+def tensors_to_record(tensors: dict[str, torch.Tensor], dtype: str = "float32") -> ArrayRecord:
+    """Named floating-point tensors (a base offset) as an ArrayRecord, cast to the transport dtype."""
+    import torch
+
+    record = ArrayRecord()
+    for name, t in tensors.items():
+        array = t.detach().to("cpu", torch.float32).numpy().astype(DTYPES[dtype])
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name} is not finite as {dtype} (overflow?); use flower.transport_dtype=float32")
+        record[name] = Array(array)
+    return record
+
+
+def record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    import torch
+
+    return {name: torch.from_numpy(array.numpy().astype(np.float32)) for name, array in record.items()}
+
+
+def deltas_to_record(deltas: dict, dtype: str = "float32") -> ArrayRecord:
+    """Sparse deltas as `<module>.indices` (int64) and `<module>.values` arrays (shapes travel in
+    the update's JSON)."""
+    record = tensors_to_record({f"{m}.values": d.values for m, d in deltas.items()}, dtype)
+    for module, delta in deltas.items():
+        record[f"{module}.indices"] = Array(delta.indices.detach().to("cpu").numpy().astype(np.int64))
+    return record
+
+
+def record_to_deltas(record: ArrayRecord, shapes: dict[str, list[int]]) -> dict:
+    import torch
+
+    from flexlora.aggregation.base import SparseDelta
+
+    out = {}
+    for module, shape in shapes.items():
+        indices = torch.from_numpy(record[f"{module}.indices"].numpy().astype(np.int64))
+        values = torch.from_numpy(record[f"{module}.values"].numpy().astype(np.float32))
+        out[module] = SparseDelta(indices, values, tuple(shape))
+    return out
+
+
+def encode_task(task: ClientTask, cfg: ExperimentConfig) -> RecordDict:
+    meta = {
+        "client_id": task.client_id,
+        "round": task.round,
+        "rank_type": task.rank_type,
+        "module_ranks": task.module_ranks,
+        "seed": task.seed,
+        "options": task.options,
+    }
+    content = RecordDict({TASK: ConfigRecord({"task": json.dumps(meta), "config": json.dumps(cfg.to_dict())})})
+    if task.factors is not None:
+        content[FACTORS] = factors_to_record(task.factors, cfg.flower.transport_dtype)
+    if task.base_offset:
+        content[OFFSET] = tensors_to_record(task.base_offset, cfg.flower.transport_dtype)
+    return content
+
+
+def decode_task(content: RecordDict) -> tuple[ClientTask, ExperimentConfig]:
+    from flexlora.client import ClientTask
+
+    record = content.config_records[TASK]
+    meta = json.loads(record["task"])
+    # Checked on the server already; paths in it are the server's, not this node's.
+    cfg = config_from_dict(json.loads(record["config"]), check=False)
+    factors = record_to_factors(content.array_records[FACTORS]) if FACTORS in content.array_records else None
+    offset = record_to_tensors(content.array_records[OFFSET]) if OFFSET in content.array_records else None
+    return ClientTask(factors=factors, base_offset=offset, **meta), cfg
+
+
+def encode_update(update: ClientUpdate, dtype: str) -> RecordDict:
+    meta = {
+        "client_id": update.client_id,
+        "num_examples": update.num_examples,
+        "lora_alpha": update.lora_alpha,
+        "metrics": update.metrics,
+    }
+    content = RecordDict(
+        {FACTORS: factors_to_record(update.factors, dtype), UPDATE: ConfigRecord({"update": json.dumps(meta)})}
+    )
+    if update.deltas:
+        meta["delta_shapes"] = {m: list(d.shape) for m, d in update.deltas.items()}
+        content[UPDATE] = ConfigRecord({"update": json.dumps(meta)})
+        content[DELTAS] = deltas_to_record(update.deltas, dtype)
+    return content
+
+
+def decode_update(content: RecordDict) -> ClientUpdate:
+    from flexlora.aggregation.base import ClientUpdate
+
+    meta = json.loads(content.config_records[UPDATE]["update"])
+    shapes = meta.pop("delta_shapes", None)
+    deltas = record_to_deltas(content.array_records[DELTAS], shapes) if shapes else {}
+    return ClientUpdate(factors=record_to_factors(content.array_records[FACTORS]), deltas=deltas, **meta)
+
+
+def message_bytes(message: Message) -> int:
+    """Bytes Flower transfers for a message: its serialized objects (identical array chunks,
+    e.g. all-zero B matrices, are sent once). TLS/HTTP framing is not included."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of the tensors alone (numel x itemsize): LoRA factors, and a base offset or sparse
+    deltas where the method sends them."""
+    return sum(
+        int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+        for key in (FACTORS, OFFSET, DELTAS)
+        if key in content.array_records
+        for a in content.array_records[key].values()
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Server side: strategy and runtime
+# ---------------------------------------------------------------------------------------------
+
+
+class FederatedStrategy(Strategy):
+    """A Flower Strategy that sends every sampled client its own task (factors at its own ranks)
+    and hands the replies to the project's FederatedServer, whatever its aggregation method."""
+
+    def __init__(self, server: FederatedServer, nodes: dict[str, int], timeout_s: float = 3600.0):
+        self.server = server
+        self.nodes = dict(nodes)  # client id -> Flower node id
+        self.timeout_s = timeout_s
+        self._pending: dict[int, tuple[list[ClientTask], list[Message]]] = {}
+        self.last_results: list[ClientUpdate | ClientFailure] = []
+
+    # The two halves shared with FlowerRuntime.
+    def task_messages(self, tasks: list[ClientTask]) -> list[Message]:
+        cfg = self.server.cfg
+        unknown = [t.client_id for t in tasks if t.client_id not in self.nodes]
+        if unknown:
+            raise ValueError(f"no Flower node holds client {unknown[0]}")
+        return [
+            Message(encode_task(t, cfg), dst_node_id=self.nodes[t.client_id], message_type=MessageType.TRAIN, group_id=str(t.round))
+            for t in tasks
+        ]
+
+    def collect(self, tasks: list[ClientTask], messages: list[Message], replies) -> list[ClientUpdate | ClientFailure]:
+        """Replies -> one ClientUpdate or ClientFailure per task, in task order (the order the
+        in-process runtime aggregates in), each update's metrics with the bytes moved."""
+        from flexlora.server import ClientFailure
+
+        by_node = {r.metadata.src_node_id: r for r in replies}
+        results: list[ClientUpdate | ClientFailure] = []
+        for task, message in zip(tasks, messages):
+            reply = by_node.get(message.metadata.dst_node_id)
+            if reply is None:
+                results.append(ClientFailure(task.client_id, f"no reply within {self.timeout_s:.0f} s"))
+            elif reply.has_error():
+                results.append(ClientFailure(task.client_id, reply.error.reason))
+            else:
+                try:
+                    update = decode_update(reply.content)
+                    if update.client_id != task.client_id:
+                        raise ValueError(f"reply from client {update.client_id} to a task for {task.client_id}")
+                except (KeyError, ValueError, TypeError) as e:
+                    results.append(ClientFailure(task.client_id, f"bad reply: {type(e).__name__}: {e}"))
+                    continue
+                update.metrics.update(
+                    bytes_down=message_bytes(message),
+                    bytes_up=message_bytes(reply),
+                    payload_bytes_down=payload_bytes(message.content),
+                    payload_bytes_up=payload_bytes(reply.content),
+                )
+                results.append(update)
+        return results
+
+    # Flower's Strategy interface.
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        # The global state lives in the FederatedServer; `arrays` (Flower's shared model) is unused.
+        tasks = self.server.configure(server_round, self.server.sample(server_round))
+        messages = self.task_messages(tasks)
+        self._pending[server_round] = (tasks, messages)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies):
+        tasks, messages = self._pending.pop(server_round)
+        self.last_results = self.collect(tasks, messages, list(replies))
+        # The server validates each update against its task, leaves rejected ones out and
+        # aggregates (or keeps the previous state), exactly as for the in-process runtime.
+        outcome = self.server.complete_round(server_round, tasks, self.last_results)
+        updates = outcome.updates
+        if outcome.kept_previous_state:
+            return None, None
+        state = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in (self.server.state or {}).items()})
+        losses = [u.metrics["train_loss_last"] for u in updates if "train_loss_last" in u.metrics]
+        metrics = MetricRecord({"clients": len(updates), "train_loss_last": float(np.mean(losses)) if losses else 0.0})
+        return state, metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        return []  # evaluation is centralised: the ServerApp scores the global adapter on held-out clients
+
+    def aggregate_evaluate(self, server_round: int, replies):
+        return None
+
+    def summary(self) -> None:
+        log.info("FederatedStrategy: method %s, %d nodes", self.server.cfg.method, len(self.nodes))
+
+
+class FlowerRuntime:
+    """A `server.Runtime` over a Flower Grid: tasks out as Messages, replies back as updates."""
+
+    def __init__(self, strategy: FederatedStrategy, grid: Grid):
+        self.strategy = strategy
+        self.grid = grid
+
+    def train(self, tasks: list[ClientTask]) -> list[ClientUpdate | ClientFailure]:
+        messages = self.strategy.task_messages(tasks)
+        replies = self.grid.send_and_receive(messages, timeout=self.strategy.timeout_s)
+        return self.strategy.collect(tasks, messages, list(replies))
+
+
+def wait_for_nodes(grid: Grid, count: int, wait_s: float) -> list[int]:
+    deadline = time.monotonic() + wait_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= count:
+            return nodes
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of {count} Flower nodes connected within {wait_s:.0f} s (flower.min_nodes, flower.node_wait_s)")
+        time.sleep(0.5)
+
+
+def discover(grid: Grid, cfg: ExperimentConfig, min_nodes: int, echo=print) -> dict[str, dict]:
+    """Ask every connected node which client it holds: client id -> its query reply (node_id,
+    num_examples and any declared resources)."""
+    nodes = wait_for_nodes(grid, min_nodes, cfg.flower.node_wait_s)
+    content = RecordDict({TASK: ConfigRecord({"config": json.dumps(cfg.to_dict())})})
+    messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY, group_id="discover") for n in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=cfg.flower.round_timeout_s))
+    found: dict[str, dict] = {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            echo(f"flexlora: warning: node {node} left out: {reply.error.reason}")
+            continue
+        info = json.loads(reply.content.config_records[NODE]["node"])
+        cid = info["client_id"]
+        if cid in found:
+            raise RuntimeError(f"nodes {found[cid]['node_id']} and {node} both hold client {cid}; give each a distinct client-id")
+        found[cid] = {**info, "node_id": node}
+    silent = sorted(set(nodes) - {r.metadata.src_node_id for r in replies})
+    if silent:
+        echo(f"flexlora: warning: {len(silent)} node(s) did not answer within {cfg.flower.round_timeout_s:.0f} s and are left out: {silent}")
+    if not found:
+        raise RuntimeError("no Flower node answered with a usable client")
+    return found
+
+
+def serve(exp, grid: Grid, min_nodes: int | None = None) -> Path:
+    """The ServerApp's work: discover the nodes' clients, build the server, run every round
+    through Flower, write the run folder (the same files as the in-process runtime)."""
+    cfg = exp.cfg
+    if min_nodes is None:
+        min_nodes = cfg.flower.min_nodes or cfg.federation.clients_per_round
+    found = discover(grid, cfg, min_nodes, exp.echo)
+    order = {c.client_id: i for i, c in enumerate(exp.dataset.clients)}
+    # The server's own dataset order where it knows the clients (simulation: identical rank
+    # draws to the in-process runtime), else by id.
+    client_ids = sorted(found, key=lambda cid: (order.get(cid, math.inf), cid))
+    r = cfg.resources
+    rank_types = paper_rank_types(r.t1, r.t2, r.t3_attention, r.t3_mlp, r.t4)
+    declared = {}
+    for cid in client_ids:
+        try:
+            rank_type = declared_rank_type(found[cid].get("resources", {}), exp.shapes, rank_types)
+        except ValueError as e:
+            raise ConfigError(f"node {found[cid]['node_id']} (client {cid}): {e}") from None
+        if rank_type is not None:
+            declared[cid] = rank_type
+    server = exp.make_server(client_ids, declared)
+    strategy = FederatedStrategy(server, {cid: found[cid]["node_id"] for cid in client_ids}, cfg.flower.round_timeout_s)
+    exp.run(FlowerRuntime(strategy, grid))
+    return exp.finish()
+
+
+def config_from_run_config(run_config) -> tuple[ExperimentConfig, Path | None]:
+    """(experiment config, run folder to resume or None) of a deployment run, from its run
+    config: `config-file` (a YAML path on the SuperLink's machine, may be empty), `overrides`
+    (key=value words, shell-quoted where needed) and `resume` (a run folder to continue from
+    its last checkpoint; its config.yaml is then the config file)."""
+    resume = str(run_config.get("resume", "") or "") or None
+    path = str(run_config.get("config-file", "") or "") or None
+    if resume is not None:
+        if path is not None:
+            raise ConfigError("run config: resume takes its config from the run folder; leave config-file empty")
+        path = str(Path(resume) / "config.yaml")
+        if not Path(path).is_file():
+            raise ConfigError(f"run config: resume: {resume} is not a run folder (no config.yaml)")
+    overrides = shlex.split(str(run_config.get("overrides", "") or ""))
+    return load_config(path, [*overrides, "engine=flower"]), Path(resume) if resume else None
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _server_main(grid: Grid, context: Context) -> None:
+    from flexlora.experiment import Experiment
+
+    cfg, resume = config_from_run_config(context.run_config)
+    serve(Experiment(cfg, engine="flower-deployment", resume=resume), grid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Client side
+# ---------------------------------------------------------------------------------------------
+
+_CACHE: dict[str, tuple] = {}  # one model and one dataset per process (clients swap adapters)
+
+
+def _cached(kind: str, key, build):
+    hit = _CACHE.get(kind)
+    if hit is None or hit[0] != key:
+        _CACHE[kind] = hit = (key, build())
+    return hit[1]
+
+
+def load_node_data(path: str | Path, client_id: str | None = None) -> ClientData:
+    """A deployment node's own training data: a JSON list or JSONL file of
+    {"instruction", "input", "output"} records, or a folder with train.json / train.jsonl
+    (and optionally test.json(l))."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data-path not found: {path}")
+    if path.is_dir():
+        train = _first_existing(path, ("train.json", "train.jsonl"))
+        if train is None:
+            raise FileNotFoundError(f"data-path {path} is a folder without train.json or train.jsonl")
+        test = _first_existing(path, ("test.json", "test.jsonl"))
+        name = path.name
+    else:
+        train, test, name = path, None, path.stem
+    examples = _read_examples(train)
+    if not examples:
+        raise ValueError(f"{train}: no training examples")
+    category = examples[0].category or name
+    return ClientData(client_id or name, category, examples, _read_examples(test) if test else [])
+
+
+def _first_existing(folder: Path, names) -> Path | None:
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
+def _read_examples(path: Path) -> list[Example]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        rows = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of records")
+    examples = []
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not isinstance(row.get("output"), str):
+            raise ValueError(f"{path}: record {i} needs string fields 'instruction' and 'output'")
+        examples.append(Example(row["instruction"], str(row.get("input") or ""), row["output"], str(row.get("category") or "")))
+    return examples
+
+
+def node_client(node_config, cfg: ExperimentConfig) -> ClientData:
+    """The client this node holds: its own files (deployment) or partition i of the run's
+    dataset (simulation)."""
+    if node_config.get("data-path"):
+        path = str(node_config["data-path"])
+        cid = node_config.get("client-id")
+        return _cached("data", ("file", path, cid), lambda: load_node_data(path, str(cid) if cid else None))
+    if "partition-id" in node_config:
+        from flexlora.data.sources import load_federated_dataset
+
+        key = ("dataset", json.dumps(asdict(cfg.data), sort_keys=True), cfg.seed)
+        dataset = _cached("data", key, lambda: load_federated_dataset(cfg.data, cfg.seed))
+        pid = int(node_config["partition-id"])
+        if not 0 <= pid < len(dataset.clients):
+            raise ValueError(f"partition-id {pid} is outside the {len(dataset.clients)} training clients")
+        return dataset.clients[pid]
+    raise ValueError("the node config names no data: set data-path (and optionally client-id)")
+
+
+def node_model(node_config, cfg: ExperimentConfig):
+    """(model, tokenizer, target modules) on this node; node config `model` / `device` override
+    the run's (e.g. a local copy of the same base model)."""
+    from flexlora.experiment import resolve_device
+    from flexlora.models import default_target_modules, load_model
+
+    source = str(node_config.get("model") or cfg.model)
+    device = resolve_device(str(node_config.get("device") or cfg.device))
+    model, tokenizer = _cached("model", (source, str(device), cfg.seed), lambda: load_model(source, device, seed=cfg.seed))
+    return model, tokenizer, cfg.lora.target_modules or default_target_modules(model)
+
+
+def _error_reply(message: Message, e: Exception) -> Message:
+    log.warning("client failed: %s: %s", type(e).__name__, e)
+    return Message(Error(code=CLIENT_ERROR, reason=f"{type(e).__name__}: {e}"), reply_to=message)
+
+
+client_app = ClientApp()
+
+
+@client_app.query()
+def _client_query(message: Message, context: Context) -> Message:
+    try:
+        cfg = config_from_dict(json.loads(message.content.config_records[TASK]["config"]), check=False)
+        data = node_client(context.node_config, cfg)
+        resources = {k: context.node_config[k] for k in RESOURCE_KEYS if k in context.node_config}
+        info = {"client_id": data.client_id, "num_examples": data.num_examples, "resources": resources}
+        return Message(RecordDict({NODE: ConfigRecord({"node": json.dumps(info)})}), reply_to=message)
+    except Exception as e:  # a node's failure is a reply, not a crash of the federation
+        return _error_reply(message, e)
+
+
+@client_app.train()
+def _client_train(message: Message, context: Context) -> Message:
+    from flexlora.client import train_client
+
+    try:
+        task, cfg = decode_task(message.content)
+        data = node_client(context.node_config, cfg)
+        if data.client_id != task.client_id:
+            raise ValueError(f"a task for client {task.client_id} reached the node holding {data.client_id}")
+        model, tokenizer, targets = node_model(context.node_config, cfg)
+        update = train_client(model, tokenizer, data, task, cfg, targets)
+        return Message(encode_update(update, cfg.flower.transport_dtype), reply_to=message)
+    except Exception as e:
+        return _error_reply(message, e)
+
+
+# ---------------------------------------------------------------------------------------------
+# `flexlora run --engine flower`: Flower's simulation engine, in this process
+# ---------------------------------------------------------------------------------------------
+
+
+class _DropRunSimulationDeprecation(logging.Filter):
+    def filter(self, record):  # the project pins flwr 1.41, where run_simulation works
+        return "run_simulation" not in record.getMessage()
+
+
+def backend_config(cfg: ExperimentConfig, device: torch.device) -> dict:
+    import torch
+
+    f = cfg.flower
+    cpus = f.cpus_per_worker or max(1, (os.cpu_count() or 1) // f.workers)
+    cuda = device.type == "cuda"
+    gpus = f.gpus_per_worker if f.gpus_per_worker is not None else (1.0 / f.workers if cuda else 0.0)
+    init_args = {
+        "num_cpus": cpus * f.workers,
+        "num_gpus": torch.cuda.device_count() if cuda else 0,
+        "object_store_memory": f.ray_object_store_mb * 2**20,
+        "include_dashboard": False,
+    }
+    return {"client_resources": {"num_cpus": cpus, "num_gpus": gpus}, "init_args": init_args}
+
+
+def run_simulation(cfg: ExperimentConfig, echo=print, resume: str | Path | None = None) -> Path:
+    """Run the experiment on Flower's simulation engine (Ray actors as ClientApps), or continue
+    the run in the folder `resume`; returns the run folder, with the same files as the
+    in-process runtime's."""
+    from flwr.simulation import run_simulation as flower_simulation
+
+    from flexlora.experiment import Experiment
+
+    exp = Experiment(cfg, echo, engine="flower-simulation", resume=resume)
+    # Flower's files stay inside the run folder; no telemetry, no update check, no installs.
+    flower_env = {
+        "FLWR_HOME": str(exp.run_dir / "flwr-home"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
+    saved_env = {k: os.environ.get(k) for k in flower_env}
+    for k, v in flower_env.items():
+        os.environ.setdefault(k, v)
+    done: dict[str, Path] = {}
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        done["run_dir"] = serve(exp, grid, min_nodes=len(exp.dataset.clients))
+
+    flwr_logger = logging.getLogger("flwr")
+    level, deprecation = flwr_logger.level, _DropRunSimulationDeprecation()
+    flwr_logger.setLevel(logging.WARNING)
+    flwr_logger.addFilter(deprecation)
+    try:
+        flower_simulation(
+            server_app=app,
+            client_app=client_app,
+            num_supernodes=len(exp.dataset.clients),
+            backend_config=backend_config(cfg, exp.device),
+        )
+    finally:
+        flwr_logger.setLevel(level)
+        flwr_logger.removeFilter(deprecation)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    if "run_dir" not in done:
+        raise RuntimeError("the Flower simulation stopped before the run finished; see the log above")
+    return done["run_dir"]

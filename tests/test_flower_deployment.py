@@ -1,0 +1,264 @@
+"""A real Flower deployment on 127.0.0.1: a SuperLink and three SuperNodes as separate processes,
+with TLS (a test CA) and CLI-managed SuperNode authentication, running two rounds of FlexLoRA
+on the tiny model with clients of three different ranks declared in their node configs.
+Every process the test starts is stopped by its PID (its process group) in a `finally`."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from peft import PeftModel
+
+import flexlora
+from flexlora import lora
+from flexlora.data.synthetic import make_federation
+from flexlora.models import TINY, default_target_modules, load_model
+from flexlora.resources import adapter_training_bytes, module_ranks, paper_rank_types, rank_type_for_memory
+from flexlora.runtime.flower_certs import make_node_keys, make_tls_certificates
+
+BIN = Path(sys.executable).parent
+APP = Path(__file__).resolve().parents[1] / "flower_app"
+pytestmark = pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason=f"flower-superlink not found in {BIN}")
+
+# T1=2, T2=4, T3=4 (attention) / 16 (MLP), T4=16 on the tiny model.
+RANKS = ["resources.t1=2", "resources.t2=4", "resources.t3_attention=4", "resources.t3_mlp=16", "resources.t4=16"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Processes:
+    """Processes started by this test, each in its own session so that its children (Flower's
+    SuperExec, ClientApp and ServerApp processes) stop with it."""
+
+    def __init__(self, logs: Path):
+        self.logs = logs
+        self.started: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, argv: list[str], env: dict) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "w")
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        self.started.append((name, proc))
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        """SIGTERM each started process's group, then SIGKILL whatever is left, by PID: the
+        groups, and every descendant seen before (the SuperLink starts its SuperExec in a
+        session of its own, which a group signal does not reach)."""
+        descendants = []
+        for _, proc in self.started:
+            try:
+                descendants += psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
+        for _, proc in reversed(self.started):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for _, proc in self.started:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        _, alive = psutil.wait_procs(descendants, timeout=max(0.1, deadline - time.monotonic()))
+        for _, proc in self.started:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=10)
+        for child in alive:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+        self.descendants = descendants
+
+
+def wait_for(check, timeout: float, what: str, procs: Processes, name: str, proc: subprocess.Popen):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if check():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; log:\n{procs.log(name)[-3000:]}")
+
+
+def superlink_healthy(port: int, ca: Path) -> bool:
+    """True once the SuperLink answers over TLS with a certificate the test CA vouches for."""
+    try:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=2, context=ssl.create_default_context(cafile=str(ca)))
+        conn.request("GET", "/health")
+        ok = conn.getresponse().status == 200
+        conn.close()
+        return ok
+    except (OSError, http.client.HTTPException):
+        return False
+
+
+def test_two_rounds_of_flexlora_on_a_tls_authenticated_loopback_deployment(tmp_path):
+    creds = make_tls_certificates(tmp_path / "creds", ["127.0.0.1", "localhost"])
+    keys = make_node_keys(tmp_path / "creds", ["node-1", "node-2", "node-3", "rogue"])
+
+    # Each node's own data, in the three layouts a node config may point at.
+    fed = make_federation(num_clients=3, train_per_client=6, test_per_client=1, seed=0)
+    records = [[{"instruction": e.instruction, "input": e.input, "output": e.output} for e in c.train] for c in fed.clients]
+    data = tmp_path / "data"
+    (data / "site-3").mkdir(parents=True)
+    (data / "site-1.json").write_text(json.dumps(records[0]))
+    (data / "site-2.jsonl").write_text("\n".join(json.dumps(r) for r in records[1]))
+    (data / "site-3" / "train.json").write_text(json.dumps(records[2]))
+    paths = [data / "site-1.json", data / "site-2.jsonl", data / "site-3"]
+
+    # Node 3 states a memory budget: enough for T3's adapter but not T4's.
+    model, _ = load_model(TINY, "cpu")
+    shapes = lora.module_shapes(model, default_target_modules(model))
+    types = paper_rank_types(2, 4, 4, 16, 16)
+    budget_mb = (adapter_training_bytes(module_ranks(types["T3"], shapes), shapes) + 1000) / 2**20
+    assert rank_type_for_memory(budget_mb, shapes, types).name == "T3"
+    declared = [("lora-rank=8", "r8"), ('rank-type="T1"', "T1"), (f"memory-budget-mb={budget_mb:.6f}", "T3")]
+
+    port = free_port()
+    src = str(Path(flexlora.__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        # Flower starts its own helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name.
+        "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # `flwr run` must never install the app's dependencies from a registry; and if anything
+        # tried, uv/pip would find no index.
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "UV_OFFLINE": "1",
+        "PIP_NO_INDEX": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+    def home(name: str) -> dict:  # every Flower process gets its own FLWR_HOME in tmp_path
+        (tmp_path / "flwr" / name).mkdir(parents=True, exist_ok=True)
+        return {**env, "FLWR_HOME": str(tmp_path / "flwr" / name)}
+
+    cli_env = home("cli")
+    (tmp_path / "flwr" / "cli" / "config.toml").write_text(
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{creds["ca_cert"]}"\n'
+    )
+    (tmp_path / "logs").mkdir()
+    procs = Processes(tmp_path / "logs")
+    try:
+        superlink = procs.start("superlink", [
+            str(BIN / "flower-superlink"),
+            "--ssl-ca-certfile", str(creds["ca_cert"]),
+            "--ssl-certfile", str(creds["server_cert"]),
+            "--ssl-keyfile", str(creds["server_key"]),
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1", "--port", str(port),
+        ], home("superlink"))
+        wait_for(lambda: superlink_healthy(port, creds["ca_cert"]), 90, "the SuperLink (TLS)", procs, "superlink", superlink)
+
+        for i in (1, 2, 3):
+            reg = subprocess.run(
+                [str(BIN / "flwr"), "supernode", "register", str(keys[f"node-{i}"][1]), "loopback"],
+                env=cli_env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=90,
+            )
+            assert reg.returncode == 0 and "registered successfully" in reg.stdout, reg.stdout + reg.stderr
+
+        for i, (path, (resource, _)) in enumerate(zip(paths, declared), 1):
+            procs.start(f"supernode-{i}", [
+                str(BIN / "flower-supernode"),
+                "--root-certificates", str(creds["ca_cert"]),
+                "--superlink", f"127.0.0.1:{port}",
+                "--auth-supernode-private-key", str(keys[f"node-{i}"][0]),
+                "--host", "127.0.0.1", "--port", str(free_port()),
+                "--node-config", f'data-path="{path}" {resource}',
+            ], home(f"supernode-{i}"))
+        # A node whose key was never registered is refused.
+        rogue = procs.start("rogue", [
+            str(BIN / "flower-supernode"),
+            "--root-certificates", str(creds["ca_cert"]),
+            "--superlink", f"127.0.0.1:{port}",
+            "--auth-supernode-private-key", str(keys["rogue"][0]),
+            "--host", "127.0.0.1", "--port", str(free_port()),
+            "--max-retries", "1",
+            "--node-config", f'data-path="{paths[0]}" client-id="intruder"',
+        ], home("rogue"))
+
+        run_dir = tmp_path / "runs" / "deployed"
+        overrides = [
+            "model=tiny-llama", "device=cpu", "method=flexlora", "seed=0",
+            "data.num_clients=3", "data.train_per_client=6", "data.test_per_client=2", "data.cutoff_len=512",
+            "federation.rounds=2", "federation.clients_per_round=3", "flower.min_nodes=3", "flower.node_wait_s=120",
+            "flower.round_timeout_s=300", "train.steps=2", "train.batch_size=2", "train.micro_batch_size=1",
+            "eval.max_new_tokens=4", "eval.max_examples_per_client=1", "eval.export_rank=64", *RANKS,
+            f"output.dir={run_dir.parent}", f"output.name={run_dir.name}",
+        ]
+        (tmp_path / "run.toml").write_text(f'overrides = "{" ".join(overrides)}"\n')
+        run = subprocess.run(
+            [str(BIN / "flwr"), "run", str(APP), "loopback", "--run-config", str(tmp_path / "run.toml"), "--stream"],
+            env=cli_env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=420,
+        )
+        output = run.stdout + run.stderr
+        assert run.returncode == 0, output[-4000:]
+        assert (run_dir / "summary.json").is_file(), output[-4000:] + procs.log("superlink")[-3000:]
+
+        assert rogue.wait(timeout=60) != 0
+        assert "Failed to activate SuperNode" in procs.log("rogue")
+
+        # Each node trained at the rank its node config declared, every round, nobody failed.
+        clients = json.loads((run_dir / "clients.json").read_text())
+        assert {cid: c["rank_type"] for cid, c in clients.items()} == {"site-1": "r8", "site-2": "T1", "site-3": "T3"}
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in records] == [0, 1, 2]
+        for r in records[1:]:
+            assert sorted(r["clients"]) == ["site-1", "site-2", "site-3"] and not r["failures"]
+            for m in r["clients"].values():
+                assert m["bytes_up"] >= m["payload_bytes_up"] > 0
+            # Bytes up follow the ranks: T1 (2) < r8 (8) < T3 (4 attention, 16 MLP).
+            up = {cid: m["payload_bytes_up"] for cid, m in r["clients"].items()}
+            assert up["site-2"] < up["site-1"] < up["site-3"]
+        assert records[2]["clients"]["site-1"]["payload_bytes_down"] == records[2]["clients"]["site-1"]["payload_bytes_up"]
+
+        # The global FlexLoRA adapter, exported at full rank (eval.export_rank=64): per module,
+        # rank = the sum of the three clients' ranks (the exact SVD keeps all of
+        # sum_k p_k s_k B_k A_k), a PEFT adapter that changes the model.
+        config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+        base, _ = load_model(TINY, "cpu")
+        ids = torch.arange(12).unsqueeze(0)
+        before = base(ids).logits
+        peft_model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+        ranks = lora.get_ranks(peft_model)
+        for module, r in ranks.items():
+            mlp = module.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj")
+            assert r == 8 + 2 + (16 if mlp else 4), (module, r, config)
+        assert not torch.allclose(peft_model(ids).logits, before)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["engine"] == "flower-deployment" and summary["per_round"].keys() == {"0", "1", "2"}
+    finally:
+        procs.stop_all()
+    for name, proc in procs.started:
+        assert proc.poll() is not None, f"{name} (pid {proc.pid}) is still running"
+    for child in procs.descendants:
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, f"{child} is still running"
