@@ -393,6 +393,7 @@ def _plot(path: Path, rows, methods, profiles, seeds, cell_for, label) -> None:
             if len(curves) > 1:
                 ax.fill_between(rounds, lo, hi, color=line.get_color(), alpha=0.15)
         ax.set_title(profile)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("round (0 = zero-shot)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"{METRIC} (held-out)")
