@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from flexlora.config import ConfigError, ExperimentConfig
 from flexlora.faults import fault_point
-from flexlora.reporting import readable
+from flexlora.reporting import atomic_path
 
 FORMAT = 1
 INDEX = "checkpoint.json"
@@ -113,20 +112,8 @@ def save_checkpoint(folder: str | Path, server, history: list[dict], config: dic
     rng_tensors, rng_meta = rng_state()
     name = f"state-{server.round:06d}.safetensors"
 
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(folder / name, suffix=".tmp") as tmp:
         save_file(_safe_tensors({**tensors, **rng_tensors}), tmp, metadata={"format": str(FORMAT), "round": str(server.round)})
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        readable(tmp)
-        os.replace(tmp, folder / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     fault_point("checkpoint_write", server.round)
 
     index = {
@@ -139,17 +126,8 @@ def save_checkpoint(folder: str | Path, server, history: list[dict], config: dic
         "config": config,
         "history": history,
     }
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{INDEX}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(index, f)
-            f.flush()
-            os.fsync(f.fileno())
-        readable(tmp)
-        os.replace(tmp, folder / INDEX)  # the commit point
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(folder / INDEX, suffix=".tmp") as tmp, open(tmp, "w") as f:  # the rename is the commit point
+        json.dump(index, f)
     _fsync_dir(folder)
     for old in folder.glob("state-*.safetensors"):
         if old.name != name:
