@@ -212,6 +212,7 @@ def test_sqrt_split_same_product_as_all_in_B():
 
 
 def test_none_state_means_fresh_init():
+    # Only a caller that skips init_state gets None (the server always calls it).
     for method in (FlexLoRA(), FedIT()):
         assert method.client_factors(None, {"q": 8}, 16.0) is None
 

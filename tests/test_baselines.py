@@ -144,7 +144,10 @@ def test_flora_merges_exact_sum_into_the_base():
         second = weighted_delta(ups2, module, data_p(ups2))
         assert rel(method.base_offset(s1)[module], first) < 1e-12
         assert rel(method.base_offset(s2)[module], first + second) < 1e-12  # base + Σ rounds
-    assert method.client_factors(s2, {"attn": 4, "mlp": 4}, ALPHA) is None  # fresh LoRA each round
+    # A fresh LoRA each round, the same for every client: shared A rows (nested), B = 0.
+    small, large = method.client_factors(s2, {"attn": 4, "mlp": 4}, ALPHA), method.client_factors(s2, {"attn": 6, "mlp": 6}, ALPHA)
+    for module in SHAPES:
+        assert torch.equal(small[module][0], large[module][0][:4]) and not small[module][1].any()
     assert method.global_factors(s2, ALPHA) == ({}, {})
     assert method.base_offset(None) is None
 
@@ -299,9 +302,12 @@ def test_fedadam_on_flexlora_steps_the_dense_delta():
     assert any(k.startswith("server_opt.m/") for k in s2) and not any(k.startswith("server_opt.") for k in s1)
     for module, (m, n) in SHAPES.items():
         x1 = weighted_delta(ups1, module, data_p(ups1))
-        delta = weighted_delta(ups2, module, data_p(ups2)) - x1
+        # The step starts from what the clients started from: each its best rank-r_k slice of x1.
+        U1, S1, Vh1 = torch.linalg.svd(x1)
+        start = sum(p * (U1[:, :r[module]] * S1[: r[module]]) @ Vh1[: r[module]] for p, (*_, r) in zip(data_p(ups2), CLIENTS))
+        delta = weighted_delta(ups2, module, data_p(ups2)) - start
         mom, sec = 0.1 * delta, 0.01 * delta**2
-        x2 = x1 + 0.01 * mom / (sec.sqrt() + 1e-3)
+        x2 = start + 0.01 * mom / (sec.sqrt() + 1e-3)
         K = min(sum(r[module] for *_, r in CLIENTS), m, n)
         U, S, Vh = torch.linalg.svd(x2)
         best = (U[:, :K] * S[:K]) @ Vh[:K]  # the state keeps FlexLoRA's K triplets of the new ΔW

@@ -204,10 +204,12 @@ def test_too_few_valid_updates_keep_the_previous_state():
 
 def test_first_round_without_enough_updates_stays_at_the_base_model():
     server = make_server(rounds=1, min_updates=4)
+    initial = server.state  # rank 0: the shared starting adapter, no update
     records = []
-    run_rounds(server, FakeRuntime(lambda u, t: dataclasses.replace(u, factors={})), lambda s, r: {"none": s is None}, records.append)
-    assert records[1]["kept_previous_state"] is True and records[1]["eval"] == {"none": True}
-    assert server.state is None and server.round == 1
+    evaluate = lambda s, r: {"initial": s is initial, "adapter": server.global_adapter() if s is not None else None}  # noqa: E731
+    run_rounds(server, FakeRuntime(lambda u, t: dataclasses.replace(u, factors={})), evaluate, records.append)
+    assert records[1]["kept_previous_state"] is True and records[1]["eval"] == {"initial": True, "adapter": (None, None)}
+    assert server.state is initial and server.round == 1
 
 
 def test_dropout_injection_is_seeded_and_near_its_rate():

@@ -8,6 +8,10 @@ interrupted grid resumes cell by cell (an interrupted cell from its last round c
 seeds) to the same folder. A homogeneous method (FedIT) cuts every client to the smallest
 rank whatever the profile, so it runs once per seed, under the profile 'homo', and is the
 reference ("improvement over homogeneous FedIT") for every profile.
+
+The base model is evaluated once per grid (zero_shot.json): held-out clients and greedy decoding
+do not depend on the seed. Every difference against the baseline is paired (same seed, same test
+examples) and comes with a 95% bootstrap interval over the test examples (flexlora.stats).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 from flexlora.config import ConfigError, ExperimentConfig, load_config
 from flexlora.evaluation import METRIC
 from flexlora.reporting import write_json
+from flexlora.stats import LOSS, MEAN_SCORES, paired_difference
 
 GRID_FILE = "grid.json"
 # Settings a cell sets itself; everything else must match between runs of one grid folder.
@@ -132,7 +137,7 @@ def run_grid(
             [*overrides, f"method={cell.method}", f"resources.profile={cell.profile}", f"seed={cell.seed}",
              f"output.dir={cells_dir}", f"output.name={cell.name}", "output.overwrite=true"],
         )
-        zero_path = out / f"zero_shot-seed{cell.seed}.json"  # the base model's scores, once per seed
+        zero_path = out / "zero_shot.json"  # the base model's scores, once per grid
         zero_shot = json.loads(zero_path.read_text()) if zero_path.is_file() else None
         echo(f"compare: cell {i}/{len(todo)}: {cell.name}")
         started = time.perf_counter()
@@ -261,6 +266,10 @@ def write_report(out: str | Path, echo=print) -> Path:
                 *("| " + " | ".join(row) + " |" for row in body), ""]
 
     lines += table(f"Final {METRIC} (held-out clients)", "final")
+    differences = []
+    if baseline in methods:
+        differences = _differences(methods, profiles, seeds, cell_for, baseline)
+        lines += _difference_tables(differences, profiles, label, baseline)
     if baseline in methods:
         lines += table(f"Improvement over {label(baseline)} in {METRIC} (paired by seed)", "final", delta=True)
         lines += table(f"Change in eval loss against {label(baseline)} (paired by seed; negative is better)",
@@ -301,6 +310,13 @@ def write_report(out: str | Path, echo=print) -> Path:
                        *_mean_sd(values(m, p, "final_eval_loss")), *_mean_sd(dl),
                        _mean_sd(values(m, p, "best"))[0], _mean_sd(values(m, p, "zero_shot"))[0]]
                 w.writerow([f"{v:.6f}" if isinstance(v, float) else v for v in row])
+    with open(out / "differences.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "profile", "metric", f"mean_minus_{baseline}", "ci95_low", "ci95_high", "seed_sd", "seeds", "examples", "significant"])
+        for (m, p), diffs in differences:
+            for d in diffs:
+                w.writerow([label(m), p, d.metric, f"{d.mean:.6f}", f"{d.low:.6f}", f"{d.high:.6f}", f"{d.seed_sd:.6f}",
+                            d.seeds, d.examples, d.significant])
     with open(out / "cells.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "profile", "seed", "round", METRIC, "rougeL_teacher_forced", "eval_loss"])
@@ -315,6 +331,57 @@ def write_report(out: str | Path, echo=print) -> Path:
     if echo:
         echo(f"compare: report {md} ({len(rows)}/{len(cells)} cells)")
     return md
+
+
+def _final_examples(row) -> list[dict] | None:
+    """The per-example records of a cell's last evaluation (None for cells written before
+    evaluation kept them)."""
+    evaluated = [rec for rec in row["history"] if rec.get("eval")]
+    return evaluated[-1]["eval"].get("per_example") if evaluated else None
+
+
+def _differences(methods, profiles, seeds, cell_for, baseline):
+    """[((method, profile), [PairedDifference per metric])] against the baseline, over the seeds
+    where both cells are done."""
+    out = []
+    for m in methods:
+        if m == baseline:
+            continue
+        for p in (["homo"] if is_homogeneous(m) else profiles):
+            pairs = [(_final_examples(r), _final_examples(b)) for s in seeds
+                     if (r := cell_for(m, p, s)) and (b := cell_for(baseline, p, s))]
+            pairs = [(x, y) for x, y in pairs if x and y]
+            if pairs:
+                runs, base = [x for x, _ in pairs], [y for _, y in pairs]
+                out.append(((m, p), [paired_difference(runs, base, metric) for metric in (*MEAN_SCORES, LOSS)]))
+    return out
+
+
+def _difference_tables(differences, profiles, label, baseline) -> list[str]:
+    if not differences:
+        return []
+    lines = [
+        f"### Difference against {label(baseline)}, with 95% intervals",
+        "",
+        "method − baseline, mean over seeds; [95% paired bootstrap interval over the held-out test examples, "
+        "2000 resamples]; sd: standard deviation of the per-seed difference. **n.s.**: the interval contains 0 "
+        "(not significant). Eval loss: negative is better.",
+        "",
+    ]
+    by_key = {key: {d.metric: d for d in diffs} for key, diffs in differences}
+    methods = list(dict.fromkeys(m for m, _ in by_key))
+    for metric, digits in ((METRIC, 4), ("rougeL_teacher_forced", 4), (LOSS, 3)):
+        lines += [f"**{metric}**", "", "| method | " + " | ".join(profiles) + " |", "|---|" + "---|" * len(profiles)]
+        for m in methods:
+            cols = []
+            for p in profiles:
+                d = by_key.get((m, p)) or by_key.get((m, "homo"))
+                cols.append(d[metric].format(digits).replace(" n.s.", " **n.s.**") if d else "–")
+            lines.append(f"| {label(m)} | " + " | ".join(cols) + " |")
+        lines.append("")
+    n = next(iter(by_key.values()))[METRIC]
+    lines += [f"({n.examples} paired test examples, {n.seeds} seed(s) in the first row's cells.)", ""]
+    return lines
 
 
 def _truncation_table(rows, profiles) -> list[str]:

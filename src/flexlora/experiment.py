@@ -149,13 +149,20 @@ class Experiment:
     def local_runtime(self) -> LocalRuntime:
         return LocalRuntime(self.model, self.tokenizer, self.dataset.clients, self.cfg, self.target_modules)
 
+    def export_rank(self) -> int:
+        """The rank of the global adapter that is evaluated and exported: eval.export_rank, or
+        what the largest client receives (FlexLoRA's full-rank ΔW can be as large as the base
+        model itself). Every reported metric is of this adapter, the one written to adapter/."""
+        return self.cfg.eval.export_rank or max(max(r.values()) for r in self.server.client_ranks.values())
+
     def evaluate(self, state, round_: int) -> dict:
         """Centralised evaluation of the global model (None: the base model) on held-out
-        clients: its adapter, on the base weights plus the method's base offset if any."""
+        clients: its adapter at the export rank (what finish() saves), on the base weights plus
+        the method's base offset if any."""
         cfg = self.cfg
         if state is None and self.zero_shot is not None:
             return self.zero_shot
-        factors, ranks = (None, None) if state is None else self.server.global_adapter()
+        factors, ranks = (None, None) if state is None else self.server.global_adapter(self.export_rank())
         offset = None if state is None else self.server.base_offset()
         with lora.base_weights(self.model, offset):  # FLoRA, SLoRA's sparse stage: base + offset
             return evaluate(
@@ -195,10 +202,7 @@ class Experiment:
         cfg, server, run_dir = self.cfg, self.server, self.run_dir
         adapter_dir = merged_dir = None
         if server.state is not None:
-            # Default export rank: what the largest client receives (the full-rank ΔW can be as
-            # large as the base model itself).
-            export_rank = cfg.eval.export_rank or max(max(r.values()) for r in server.client_ranks.values())
-            factors, ranks = server.global_adapter(export_rank)
+            factors, ranks = server.global_adapter(self.export_rank())  # the adapter every round was evaluated with
             offset = server.base_offset()
             if offset:  # a LoRA adapter cannot hold a dense change of the base: export merged weights
                 merged_dir = lora.save_merged(
@@ -215,6 +219,7 @@ class Experiment:
             "profile": profile_label(cfg),
             "model": cfg.model,
             "seed": cfg.seed,
+            "evaluated": f"the exported global model (adapter at rank {self.export_rank()})",
             "zero_shot": evaluated[0]["eval"][METRIC],
             "final": evaluated[-1]["eval"][METRIC],
             "best": max(r["eval"][METRIC] for r in evaluated),
@@ -272,19 +277,27 @@ def run_evaluation(cfg: ExperimentConfig, adapter: str | Path | None, clients: s
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise ConfigError(f"--adapter: {adapter} is not a PEFT adapter folder (no adapter_config.json)")
     device = resolve_device(cfg.device)
-    dataset = load_federated_dataset(cfg.data, cfg.seed)
+    dataset = load_federated_dataset(cfg.data, cfg.seed, for_training=False)  # evaluating needs no training clients
     chosen = {"heldout": dataset.heldout, "training": dataset.clients, "all": dataset.heldout + dataset.clients}[clients]
     if not any(c.test for c in chosen):
         hint = " (choose held-out clients with data.heldout_*)" if clients == "heldout" else ""
         raise ConfigError(f"data: the {clients} clients of {cfg.data.source} have no test examples{hint}")
     model, tokenizer = load_model(cfg.model, device, seed=cfg.seed)
     check_template(cfg, tokenizer)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter))
     target_modules = cfg.lora.target_modules or default_target_modules(model)
+    factors = ranks = None
+    alpha = cfg.lora.alpha
+    if adapter is not None:
+        # Loaded by PEFT, then applied exactly as a run applies its global adapter, so that
+        # `flexlora eval --run RUN` reproduces the run's reported metrics.
+        peft_model = PeftModel.from_pretrained(model, str(adapter))
+        factors, ranks = lora.get_factors(peft_model), lora.get_ranks(peft_model)
+        peft_config = peft_model.peft_config[lora.ADAPTER]
+        alpha, target_modules = peft_config.lora_alpha, sorted(peft_config.target_modules)
+        model = lora.detach(peft_model)
     metrics = evaluate(
         model, tokenizer, chosen,
-        factors=None, ranks=None, alpha=cfg.lora.alpha, target_modules=target_modules,
+        factors=factors, ranks=ranks, alpha=alpha, target_modules=target_modules,
         template=cfg.data.template, cutoff_len=cfg.data.cutoff_len,
         max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
         max_examples_per_client=cfg.eval.max_examples_per_client, desc="eval",

@@ -106,6 +106,18 @@ def fresh_rows(count: int, n: int, seed: int, dtype: torch.dtype = torch.float64
     return rows.to(dtype=dtype, device=device)
 
 
+def zero_rank_state(shapes: dict[str, tuple[int, int]], a_key: str = "A", b_key: str = "B") -> GlobalState:
+    """A state of rank 0 per module (A (0, n), B (m, 0): no update yet) that still records every
+    module's shape, so that a client of round 1 starts from the shared initial adapter (see
+    slice_factors) instead of its own random PEFT init: FedAvg-style averaging of A and B
+    assumes every client started from one point."""
+    state: GlobalState = {}
+    for module, (m, n) in shapes.items():
+        state[f"{module}.{a_key}"] = torch.zeros(0, n)
+        state[f"{module}.{b_key}"] = torch.zeros(m, 0)
+    return state
+
+
 def weighted_padded_sum(tensors: list[torch.Tensor], weights: list[float], dim: int, size: int) -> torch.Tensor:
     """Σ_k w_k · t_k with each t_k zero-padded along `dim` (0: rows, 1: columns) to `size`,
     accumulated in float32 (float64 if any input is) on the first tensor's device."""
@@ -128,7 +140,9 @@ def slice_factors(
     product B_scaled @ A is the global update (the LoRA scale folded into B): the first `rank`
     rows of A, the first `rank` columns of B_scaled divided by the client's scale α/rank.
     If rank > R, B gets zero columns (the product is unchanged) and A fresh rows (PEFT-like,
-    seeded with `pad_seed`) so that the extra rank can learn. Never aliases the inputs."""
+    seeded with `pad_seed`) so that the extra rank can learn; with R = 0 (a zero_rank_state)
+    this is the shared initial adapter, the same rows for every client of the module (a
+    prefix of one seeded draw, so nested across ranks). Never aliases the inputs."""
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     k = min(rank, A.shape[0])

@@ -5,13 +5,27 @@ A = Σ p_k A_k and B = Σ p_k B_k (p_k = n_k / Σ n_j). FedIT and FedAvg differ 
 local optimizer (AdamW vs SGD), which is the client's business, not the aggregator's.
 
 State keys per module: f"{module}.A" (r, n), f"{module}.B" (m, r), f"{module}.alpha" (0-dim).
+Before round 1 the state has rank 0 (see base.zero_rank_state): every client starts from the
+same adapter, A = the module's shared seeded rows and B = 0, so the first average of A and B
+is an average around one point (clients with their own random A's would average to noise).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import ClientUpdate, Factors, GlobalState, compute_dtype, data_weights, module_names, module_shape
+from .base import (
+    ClientUpdate,
+    Factors,
+    GlobalState,
+    compute_dtype,
+    data_weights,
+    module_names,
+    module_seed,
+    module_shape,
+    slice_factors,
+    zero_rank_state,
+)
 
 
 def check_homogeneous(updates: list[ClientUpdate], module: str) -> int:
@@ -41,6 +55,13 @@ class FedIT:
 
     name = "fedit"
     homogeneous = True  # the server cuts every client to the federation's smallest rank
+
+    def __init__(self, seed: int = 0):
+        """seed: of the shared initial A every client of round 1 starts from."""
+        self.seed = seed
+
+    def init_state(self, shapes: dict[str, tuple[int, int]]) -> GlobalState:
+        return zero_rank_state(shapes)
 
     def aggregate(self, updates: list[ClientUpdate], state: GlobalState | None = None) -> GlobalState:
         weights = data_weights(updates)
@@ -72,6 +93,10 @@ class FedIT:
             if f"{module}.A" not in state:
                 raise KeyError(f"module {module!r} is not in the FedIT state")
             state_rank = state[f"{module}.A"].shape[0]
+            if state_rank == 0:  # before the first aggregation: the shared initial adapter
+                A, B = state[f"{module}.A"], state[f"{module}.B"]
+                out[module] = slice_factors(A, B, rank, lora_alpha, module_seed(self.seed, module))
+                continue
             if rank != state_rank:
                 raise ValueError(
                     f"FedIT state has rank {state_rank} on module {module}; a client asked for rank {rank}"
@@ -80,7 +105,7 @@ class FedIT:
         return out
 
     def global_factors(self, state: GlobalState, lora_alpha: float) -> tuple[dict[str, Factors], dict[str, int]]:
-        modules = sorted(key[: -len(".A")] for key in state if key.endswith(".A"))
+        modules = sorted(key[: -len(".A")] for key in state if key.endswith(".A") and state[key].shape[0] > 0)
         factors = {module: self._factors(state, module, lora_alpha) for module in modules}
         return factors, {module: A.shape[0] for module, (A, _) in factors.items()}
 

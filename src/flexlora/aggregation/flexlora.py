@@ -5,7 +5,8 @@ s_k = α_k / r_k), keeps its truncated SVD as the global state, and hands a clie
 the best rank-r approximation of ΔW as LoRA factors. Nothing is merged into the base weights.
 
 State keys per module: f"{module}.U" (m, K), f"{module}.S" (K,), f"{module}.Vh" (K, n),
-with K = min(Σ r_k, m, n) (ΔW kept exactly) unless capped by ``max_global_rank``.
+with K = min(Σ r_k, m, n) (ΔW kept exactly) unless capped by ``max_global_rank``. Before round
+1, K = 0: every client starts from the same adapter (the module's shared seeded A rows, B = 0).
 """
 
 from __future__ import annotations
@@ -219,6 +220,13 @@ class FlexLoRA:
         self.oversample = oversample
         self.niter = niter
 
+    def init_state(self, shapes: dict[str, tuple[int, int]]) -> GlobalState:
+        """ΔW = 0 at rank 0, so that round 1's clients share one starting adapter (split_factors pads)."""
+        state: GlobalState = {}
+        for module, (m, n) in shapes.items():
+            state[f"{module}.U"], state[f"{module}.S"], state[f"{module}.Vh"] = torch.zeros(m, 0), torch.zeros(0), torch.zeros(0, n)
+        return state
+
     def aggregate(self, updates: list[ClientUpdate], state: GlobalState | None = None) -> GlobalState:
         """New global ΔW per module. The previous state is not needed: each client's factors
         already include the global slice it started from."""
@@ -259,7 +267,7 @@ class FlexLoRA:
         self, state: GlobalState | None, module_ranks: dict[str, int], lora_alpha: float
     ) -> dict[str, Factors] | None:
         """Per module, factors of the client's rank whose scaled product is the best
-        rank-min(r, K) approximation of the global ΔW; None before the first aggregation."""
+        rank-min(r, K) approximation of the global ΔW (rank 0: the shared initial adapter)."""
         if state is None:
             return None
         return {
@@ -269,6 +277,7 @@ class FlexLoRA:
     def global_factors(self, state: GlobalState, lora_alpha: float) -> tuple[dict[str, Factors], dict[str, int]]:
         """The whole global ΔW per module as rank-K factors, and K per module."""
         ranks = {module: state[f"{module}.S"].shape[0] for module in state_modules(state)}
+        ranks = {module: K for module, K in ranks.items() if K > 0}  # K = 0: no update yet
         return {module: self._split(state, module, K, lora_alpha) for module, K in ranks.items()}, ranks
 
     # The parameters a server optimizer steps (see server_opt.py): the dense ΔW per module.

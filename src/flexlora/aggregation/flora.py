@@ -7,12 +7,16 @@ starts the next round from a fresh LoRA at its own rank on the merged weights. N
 truncated, so heterogeneous ranks aggregate exactly; the price is a dense change of the base
 weights, which the server must send (here: the global base offset, see ``base_offset``).
 
-State keys per module: f"{module}.offset" (m, n) = the sum of every round's ΔW so far.
+State keys per module: f"{module}.offset" (m, n) = the sum of every round's ΔW so far, and
+f"{module}.shape" ([m, n], int64) so that clients can be handed their fresh start: the same
+adapter for all (the module's shared seeded A rows, B = 0), as for every other method.
 """
 
 from __future__ import annotations
 
-from .base import ClientUpdate, Factors, GlobalState, data_weights, module_names, module_shape
+import torch
+
+from .base import ClientUpdate, Factors, GlobalState, data_weights, module_names, module_seed, module_shape, slice_factors
 from .flexlora import delta_matrix
 
 
@@ -21,9 +25,16 @@ class FLoRA:
 
     name = "flora"
 
+    def __init__(self, seed: int = 0):
+        """seed: of the shared A rows of every round's fresh start."""
+        self.seed = seed
+
+    def init_state(self, shapes: dict[str, tuple[int, int]]) -> GlobalState:
+        return {f"{module}.shape": torch.tensor(shape, dtype=torch.int64) for module, shape in shapes.items()}
+
     def aggregate(self, updates: list[ClientUpdate], state: GlobalState | None = None) -> GlobalState:
         weights = data_weights(updates)
-        new: GlobalState = {}
+        new: GlobalState = {k: v for k, v in (state or {}).items() if k.endswith(".shape")}
         for module in module_names(updates):
             module_shape(updates, module)
             delta = delta_matrix(updates, module, weights)
@@ -34,8 +45,21 @@ class FLoRA:
     def client_factors(
         self, state: GlobalState | None, module_ranks: dict[str, int], lora_alpha: float
     ) -> dict[str, Factors] | None:
-        """Always a fresh PEFT init: the previous rounds live in the base offset."""
-        return None
+        """A fresh start every round (the previous rounds live in the base offset), the same for
+        every client: A = the module's shared seeded rows, B = 0."""
+        if state is None:
+            return None
+        out = {}
+        for module, rank in module_ranks.items():
+            if f"{module}.shape" in state:
+                m, n = (int(v) for v in state[f"{module}.shape"])
+            elif f"{module}.offset" in state:
+                m, n = state[f"{module}.offset"].shape
+            else:
+                raise KeyError(f"module {module!r} is not in the FLoRA state")
+            empty_A, empty_B = torch.zeros(0, n), torch.zeros(m, 0)
+            out[module] = slice_factors(empty_A, empty_B, rank, lora_alpha, module_seed(self.seed, module))
+        return out
 
     def global_factors(self, state: GlobalState, lora_alpha: float) -> tuple[dict[str, Factors], dict[str, int]]:
         """No adapter: the whole global model is base + offset."""
@@ -44,4 +68,5 @@ class FLoRA:
     def base_offset(self, state: GlobalState | None) -> dict | None:
         if state is None:
             return None
-        return {key[: -len(".offset")]: value for key, value in state.items() if key.endswith(".offset")}
+        offsets = {key[: -len(".offset")]: value for key, value in state.items() if key.endswith(".offset")}
+        return offsets or None

@@ -35,6 +35,7 @@ from .base import (
     slice_factors,
     update_norm,
     weighted_padded_sum,
+    zero_rank_state,
 )
 
 WEIGHTINGS = ("data", "sparsity")
@@ -77,6 +78,7 @@ def padded_client_factors(
 
 def padded_global_factors(state: GlobalState, lora_alpha: float, seed: int) -> tuple[dict[str, Factors], dict[str, int]]:
     ranks = {module: state[f"{module}.A"].shape[0] for module in padded_modules(state)}
+    ranks = {module: r for module, r in ranks.items() if r > 0}  # rank 0: no update yet
     return padded_client_factors(state, ranks, lora_alpha, seed), ranks
 
 
@@ -112,6 +114,11 @@ class HetLoRA:
         self.prune_threshold = None if prune_threshold is None else float(prune_threshold)
         self.seed = seed
 
+    def init_state(self, shapes: dict[str, tuple[int, int]]) -> GlobalState:
+        """Rank 0: every client of round 1 starts from the shared initial adapter (seeded A
+        rows, nested across ranks; B = 0)."""
+        return zero_rank_state(shapes)
+
     def client_options(self, state: GlobalState | None, round_: int, rank_type: str) -> dict:
         if self.reg_lambda == 0 and self.prune_threshold is None:
             return {}
@@ -137,8 +144,8 @@ class HetLoRA:
     def client_factors(
         self, state: GlobalState | None, module_ranks: dict[str, int], lora_alpha: float
     ) -> dict[str, Factors] | None:
-        """The first r rows of A and columns of s·B (divided by the client's s); None before
-        the first aggregation (fresh PEFT init)."""
+        """The first r rows of A and columns of s·B (divided by the client's s); rows beyond
+        the state's rank are the module's shared seeded rows (with B = 0)."""
         if state is None:
             return None
         return padded_client_factors(state, module_ranks, lora_alpha, self.seed)

@@ -9,8 +9,16 @@ round and x̄ what the method aggregated, Δ = x̄ − x and
     fedyogi:  m as fedadam;  v ← v − (1−β₂) Δ² sign(v − Δ²); x ← x + η m / (√v + τ)
 
 (elementwise, moments start at zero, no bias correction, as in Reddi et al.). With fedavgm,
-μ = 0 and η = 1 the method is unchanged. The first aggregation is taken as is: before it there
-is no common point to step from (FedIT's clients start from different random A's).
+μ = 0 and η = 1 the method is unchanged.
+
+x is what the clients of the round actually started from, not the previous global state: a
+FlexLoRA client of rank r starts from the rank-r truncation of ΔW, so taking the pseudo-gradient
+against the full-rank ΔW would count the truncation loss as a client update (clients that send
+back exactly what they received would move the model). So x = the method's own aggregate of the
+starting factors (what each client was handed, at the rank it sent, with its weight), and
+x ← x + step(x̄ − x); clients that do not train leave the model where it was. Before round 1
+the server's initial state is that common start (a rank-0 state: zero update); only a caller
+that passes no state at all gets the first aggregation as is.
 
 What x is depends on the method (``server_params`` / ``from_server_params``):
 - fedit: A and B of every module;
@@ -31,6 +39,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from dataclasses import replace
 
 from .base import ClientUpdate, Factors, GlobalState
 
@@ -136,7 +146,7 @@ class Composed:
         aggregated = self.inner.aggregate(updates, previous)
         if self.server_opt is None or previous is None:
             return {**aggregated, **slots}
-        x_old = self.inner.server_params(previous)
+        x_old = self.inner.server_params(self.inner.aggregate(self.starting_points(updates, previous), previous))
         x_avg = self.inner.server_params(aggregated)
         x_new, new_slots = {}, {}
         for key, avg in x_avg.items():
@@ -148,6 +158,13 @@ class Composed:
             x_new[key] = self.server_opt.step(old.to(avg), avg - old.to(avg), own)
             new_slots.update({f"{SLOT_PREFIX}{s}/{key}": t for s, t in own.items()})
         return {**self.inner.from_server_params(x_new, aggregated), **new_slots}
+
+    def starting_points(self, updates: list[ClientUpdate], previous: GlobalState) -> list[ClientUpdate]:
+        """Each update replaced by the factors its client was handed (at the ranks it sent)."""
+        return [
+            replace(u, factors=self.inner.client_factors(previous, {m: u.rank(m) for m in u.factors}, u.lora_alpha), deltas={})
+            for u in updates
+        ]
 
     def client_factors(
         self, state: GlobalState | None, module_ranks: dict[str, int], lora_alpha: float

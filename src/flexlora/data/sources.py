@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 SOURCES = ("synthetic", "natural-instructions", "dolly", "json")
 
 
-def load_federated_dataset(cfg: DataConfig, seed: int) -> FederatedDataset:
+def load_federated_dataset(cfg: DataConfig, seed: int, for_training: bool = True) -> FederatedDataset:
+    """`for_training=False` (evaluation only): every client may be held out."""
     if cfg.source == "synthetic":
         from flexlora.data.synthetic import make_federation
 
@@ -53,7 +54,7 @@ def load_federated_dataset(cfg: DataConfig, seed: int) -> FederatedDataset:
         if cfg.weight_by == "source":
             raise ConfigError(f"data.weight_by: 'source' needs a natural-instructions clients.json, not data.source={cfg.source}")
         clients, test_clients = load_records(cfg, issues, dolly=cfg.source == "dolly")
-    dataset = assemble(cfg, clients, issues, marked, test_clients)
+    dataset = assemble(cfg, clients, issues, marked, test_clients, for_training)
     issues.log_summary(dataset.name)
     return dataset
 
@@ -64,6 +65,7 @@ def assemble(
     issues: Issues,
     marked: set[str] = frozenset(),
     extra_heldout: list[ClientData] = (),
+    for_training: bool = True,
 ) -> FederatedDataset:
     """Split clients into training and held-out ones. A held-out client is evaluated on its
     test examples (on all its examples if it has no test split) and keeps no training data."""
@@ -74,6 +76,7 @@ def assemble(
         categories=cfg.heldout_categories,
         seed=cfg.split_seed,
         marked=marked,
+        for_training=for_training,
     )
     training, heldout = [], list(extra_heldout)
     for c in clients:
@@ -89,6 +92,6 @@ def assemble(
                 rng = random.Random(f"cap-{cfg.split_seed}-{c.client_id}")
                 c.train = rng.sample(c.train, cfg.max_train_per_client)
             training.append(c)
-    if not training:
+    if not training and for_training:
         raise DataError("no client with training examples is left after choosing held-out clients", cfg.path)
     return FederatedDataset(cfg.source, training, heldout, issues.lines)

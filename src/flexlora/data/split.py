@@ -70,6 +70,7 @@ def select_heldout(
     categories: list[str] | None,
     seed: int,
     marked: set[str] = frozenset(),
+    for_training: bool = True,
 ) -> set[str]:
     """Ids of the held-out clients: the union of explicit ids, whole categories (matched
     case-insensitively, with or without NI's task-file suffix), a seeded fraction of the
@@ -96,7 +97,7 @@ def select_heldout(
         rest = sorted(known - chosen, key=_natural)
         count = min(len(rest), max(1, round(fraction * len(known))))
         chosen |= set(random.Random(f"heldout-{seed}").sample(rest, count))
-    if chosen and chosen == known:
+    if for_training and chosen and chosen == known:
         raise ConfigError("data: every client is held out; nothing is left to train on")
     return chosen
 
