@@ -120,9 +120,13 @@ class Experiment:
         self.server: FederatedServer | None = None
         self.history: list[dict] = []
 
-    def make_server(self, client_ids: list[str], declared_types=None) -> FederatedServer:
+    def make_server(self, client_ids: list[str], declared_types=None, declared_sizes=None) -> FederatedServer:
+        """`declared_sizes`: client id -> the most examples its replies may claim; default: the
+        training-set size (data weight) of each client the server's own dataset holds."""
         cfg = self.cfg
-        self.server = server = FederatedServer(cfg, client_ids, self.shapes, declared_types)
+        if declared_sizes is None:
+            declared_sizes = {c.client_id: c.num_examples for c in self.dataset.clients}
+        self.server = server = FederatedServer(cfg, client_ids, self.shapes, declared_types, declared_sizes)
         leaked = set(server.client_ids) & {c.client_id for c in self.dataset.heldout}
         if leaked:  # FederatedDataset refuses this already; a held-out client must never train
             raise RuntimeError(f"held-out clients in the training pool: {sorted(leaked)[:5]}")
