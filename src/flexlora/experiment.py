@@ -20,6 +20,7 @@ from flexlora.data.sources import load_federated_dataset
 from flexlora.evaluation import METRIC, evaluate
 from flexlora.models import default_device, default_target_modules, load_model
 from flexlora.reporting import plot_metric, write_json, write_jsonl
+from flexlora.runlock import LOCK_NAME, RunLock
 from flexlora.runtime.local import LocalRuntime
 from flexlora.server import FederatedServer, run_rounds
 
@@ -37,17 +38,33 @@ def profile_label(cfg: ExperimentConfig) -> str:
     return p if isinstance(p, str) else "explicit"
 
 
-def prepare_run_dir(cfg: ExperimentConfig) -> Path:
+def _has_content(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir())
+
+
+def prepare_run_dir(cfg: ExperimentConfig) -> tuple[Path, RunLock]:
+    """The run folder, empty, and its lock (held): a folder another process is using is
+    refused whatever the options, before anything in it is written or removed."""
     name = cfg.output.name or f"{cfg.method}-{profile_label(cfg)}-seed{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(cfg.output.dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not cfg.output.overwrite:
-            raise ConfigError(
-                f"run folder {run_dir} already exists; pass --overwrite to replace it or --resume {run_dir} to continue it"
-            )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    lock = RunLock(run_dir).acquire()
+    try:
+        if _has_content(run_dir):
+            if not cfg.output.overwrite:
+                raise ConfigError(
+                    f"run folder {run_dir} already exists; pass --overwrite to replace it or --resume {run_dir} to continue it"
+                )
+            for entry in run_dir.iterdir():  # everything but the lock file we hold
+                if entry.name == LOCK_NAME:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+    except BaseException:
+        lock.release()
+        raise
+    return run_dir, lock
 
 
 def check_template(cfg: ExperimentConfig, tokenizer) -> None:
@@ -90,11 +107,29 @@ class Experiment:
                 f"data: no held-out clients to evaluate on; choose them with data.heldout_ids, "
                 f"data.heldout_fraction or data.heldout_categories (source {cfg.data.source})"
             )
+        # One writer per run folder: the lock is held until close() (or this process ends).
         if resume is None:
-            self.run_dir, self.ckpt = prepare_run_dir(cfg), None
+            (self.run_dir, self.lock), self.ckpt = prepare_run_dir(cfg), None
         else:
             self.run_dir = Path(resume)
-            self.ckpt = open_checkpoint(self.run_dir, cfg)  # None: killed before its first checkpoint
+            self.lock = RunLock(self.run_dir).acquire(create=False)
+            try:
+                self.ckpt = open_checkpoint(self.run_dir, cfg)  # None: killed before its first checkpoint
+            except BaseException:
+                self.lock.release()
+                raise
+        try:
+            self._start()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def close(self) -> None:
+        """Release the run folder (its lock); the Experiment writes nothing more."""
+        self.lock.release()
+
+    def _start(self) -> None:
+        cfg, echo = self.cfg, self.echo
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         dataset = self.dataset
         write_json(
@@ -258,9 +293,12 @@ def run_experiment(
 
         return run_simulation(cfg, echo, resume)
     exp = Experiment(cfg, echo, resume=resume, zero_shot=zero_shot)
-    exp.make_server([c.client_id for c in exp.dataset.clients])
-    exp.run(exp.local_runtime())
-    return exp.finish()
+    try:
+        exp.make_server([c.client_id for c in exp.dataset.clients])
+        exp.run(exp.local_runtime())
+        return exp.finish()
+    finally:
+        exp.close()
 
 
 EVAL_CLIENTS = ("heldout", "training", "all")

@@ -414,7 +414,11 @@ def _server_main(grid: Grid, context: Context) -> None:
     from flexlora.experiment import Experiment
 
     cfg, resume = config_from_run_config(context.run_config)
-    serve(Experiment(cfg, engine="flower-deployment", resume=resume), grid)
+    exp = Experiment(cfg, engine="flower-deployment", resume=resume)
+    try:
+        serve(exp, grid)
+    finally:
+        exp.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -614,6 +618,7 @@ def run_simulation(cfg: ExperimentConfig, echo=print, resume: str | Path | None 
             backend_config=backend_config(cfg, exp.device),
         )
     finally:
+        exp.close()
         flwr_logger.setLevel(level)
         flwr_logger.removeFilter(deprecation)
         for k, v in saved_env.items():
