@@ -143,3 +143,107 @@ def test_a_second_process_is_refused_while_a_run_holds_its_folder_and_a_kill_lea
     resumed = flexlora(["--resume", str(run_dir)], tmp_path / "resumed.txt")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
     assert [r["round"] for r in records(run_dir)] == [0, 1] and (run_dir / "adapter").is_dir()
+
+
+# --- a full disk or a failed write ----------------------------------------------------------
+
+from safetensors.torch import load_file  # noqa: E402
+
+from flexlora.checkpoint import load_checkpoint  # noqa: E402
+from flexlora.faults import WRITE_ENV  # noqa: E402
+
+WRITE_ARGS = [a for a in ARGS if not a.startswith("federation.rounds")] + ["federation.rounds=2"]
+
+
+def adapter(run_dir: Path) -> dict:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The reference run, keeping two checkpoints (output.* does not change the results)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert main(["run", *WRITE_ARGS, f"output.dir={out}", "output.name=run", "output.keep_checkpoints=2"]) == 0
+    return out / "run"
+
+
+@pytest.mark.parametrize(
+    "point, code, what, committed",
+    [
+        ("checkpoint_tensors", "ENOSPC", "writing the checkpoint tensors", 1),
+        ("checkpoint_tensors", "EACCES", "writing the checkpoint tensors", 1),
+        ("checkpoint_index", "ENOSPC", "writing the checkpoint index", 1),
+        ("checkpoint_index", "EIO", "writing the checkpoint index", 1),
+        ("metrics_line", "ENOSPC", "appending its line to", 2),
+    ],
+)
+def test_a_failed_write_in_a_round_loses_nothing_and_says_how_to_resume(
+    tmp_path, uninterrupted, monkeypatch, capsys, point, code, what, committed
+):
+    """The disk fills (or permission is lost, or an I/O error) at one write of round 2: the run
+    stops with one line naming the write and the resume command, exit 1; the previous
+    checkpoint and metrics.jsonl are intact and loadable (no partial line, no temporary file);
+    --resume then ends with the uninterrupted run's adapter."""
+    import errno
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv(WRITE_ENV, f"{point}:2:{code}")
+    assert main(["run", *WRITE_ARGS, f"output.dir={tmp_path}", "output.name=run"]) == 1
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("flexlora")]
+    assert len(ours) == 1 and ours[0].startswith("flexlora: error: round 2: " + what), err
+    assert os.strerror(getattr(errno, code)) in ours[0] and ours[0].endswith(f"continue with: flexlora run --resume {run_dir}")
+    assert not (run_dir / "adapter").exists() and not (run_dir / "summary.json").exists()
+    text = (run_dir / "metrics.jsonl").read_text()
+    assert text.endswith("\n") and [json.loads(line)["round"] for line in text.splitlines()] == [0, 1]
+    assert not [p for p in (run_dir / "checkpoint").iterdir() if p.name.endswith(".tmp")]
+    ckpt = load_checkpoint(run_dir / "checkpoint")
+    assert ckpt.round == committed and [r["round"] for r in ckpt.history] == list(range(committed + 1))
+
+    monkeypatch.delenv(WRITE_ENV)
+    assert main(["run", "--resume", str(run_dir)]) == 0
+    assert f"resuming {run_dir} after round {committed} of 2" in capsys.readouterr().out
+    assert [r["round"] for r in records(run_dir)] == [0, 1, 2]
+    expected, got = adapter(uninterrupted), adapter(run_dir)
+    assert got.keys() == expected.keys() and len(got) > 0
+    for key in expected:
+        assert (got[key] - expected[key]).abs().max().item() <= 1e-6, key
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the checksum can tell
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupted_checkpoint_is_a_clear_error_or_falls_back_to_a_kept_one(tmp_path, uninterrupted, capsys):
+    import shutil
+
+    folder = uninterrupted / "checkpoint"
+    assert {p.name for p in folder.iterdir()} == {
+        "checkpoint.json", "checkpoint-000001.json", "checkpoint-000002.json", "state-000001.safetensors", "state-000002.safetensors",
+    }
+    index = json.loads((folder / "checkpoint.json").read_text())
+    assert len(index["tensors_sha256"]) == 64
+
+    # Only the newest checkpoint (keep_checkpoints=1 keeps no other): a one-line error, exit 2.
+    alone = tmp_path / "alone"
+    shutil.copytree(uninterrupted, alone)
+    for extra in ("checkpoint-000001.json", "checkpoint-000002.json", "state-000001.safetensors"):
+        (alone / "checkpoint" / extra).unlink()
+    flip_a_byte(alone / "checkpoint" / "state-000002.safetensors")
+    assert main(["run", "--resume", str(alone)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("flexlora")]
+    assert len(err) == 1 and "state-000002.safetensors are corrupted: sha256" in err[0], err
+
+    # Two kept: the resume falls back to round 1, says so, runs round 2 again, same adapter.
+    kept = tmp_path / "kept"
+    shutil.copytree(uninterrupted, kept)
+    flip_a_byte(kept / "checkpoint" / "state-000002.safetensors")
+    assert main(["run", "--resume", str(kept)]) == 0
+    out = capsys.readouterr().out
+    assert "are corrupted" in out and "falling back to the checkpoint of round 1" in out and f"resuming {kept} after round 1 of 2" in out
+    assert [r["round"] for r in records(kept)] == [0, 1, 2]
+    expected, got = adapter(uninterrupted), adapter(kept)
+    assert all((got[k] - expected[k]).abs().max().item() <= 1e-6 for k in expected)
+    assert load_checkpoint(kept / "checkpoint").round == 2  # rewritten, verifies again

@@ -19,7 +19,7 @@ from flexlora.config import ConfigError, ExperimentConfig
 from flexlora.data.sources import load_federated_dataset
 from flexlora.evaluation import METRIC, evaluate
 from flexlora.models import default_device, default_target_modules, load_model
-from flexlora.reporting import plot_metric, write_json, write_jsonl
+from flexlora.reporting import WriteError, append_line, plot_metric, write_json, write_jsonl
 from flexlora.runlock import LOCK_NAME, RunLock
 from flexlora.runtime.local import LocalRuntime
 from flexlora.server import FederatedServer, run_rounds
@@ -114,7 +114,8 @@ class Experiment:
             self.run_dir = Path(resume)
             self.lock = RunLock(self.run_dir).acquire(create=False)
             try:
-                self.ckpt = open_checkpoint(self.run_dir, cfg)  # None: killed before its first checkpoint
+                self.ckpt = open_checkpoint(self.run_dir, cfg, warn=lambda m: echo(f"flexlora: warning: {m}"))
+                # (None: killed before its first checkpoint)
             except BaseException:
                 self.lock.release()
                 raise
@@ -207,8 +208,19 @@ class Experiment:
 
     def log(self, record: dict) -> None:
         cfg, echo = self.cfg, self.echo
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.run_dir / "metrics.jsonl"
+        try:
+            append_line(path, json.dumps(record), record["round"])
+        except OSError as e:
+            committed = (
+                f"the checkpoint of round {record['round']} committed" if cfg.output.checkpoint
+                else "no checkpoint (output.checkpoint is off, so a resume starts over)"
+            )
+            raise WriteError(
+                f"round {record['round']}: appending its line to {path} failed: {e.strerror or e} (errno {e.errno}); "
+                f"the run stopped with {committed} and metrics.jsonl intact up to the round before; "
+                f"free space or fix the folder, then continue with: flexlora run --resume {self.run_dir}"
+            ) from None
         ev = record["eval"]
         line = truncation_line(record.get("truncation"))
         if line:
@@ -230,7 +242,18 @@ class Experiment:
 
     def finish(self) -> Path:
         """Export the global model (a PEFT adapter; merged full weights for a method whose global
-        model changes the base weights), write summary.json and the plot; returns the run folder."""
+        model changes the base weights), write summary.json and the plot; returns the run folder.
+        A failed write is a one-line WriteError: every round is checkpointed, and resuming the
+        finished run exports again."""
+        try:
+            return self._finish()
+        except OSError as e:
+            raise WriteError(
+                f"exporting the results to {self.run_dir} failed: {e.strerror or e} (errno {e.errno}); every round is "
+                f"checkpointed: free space or fix the folder, then export again with: flexlora run --resume {self.run_dir}"
+            ) from None
+
+    def _finish(self) -> Path:
         cfg, server, run_dir = self.cfg, self.server, self.run_dir
         adapter_dir = merged_dir = None
         if server.state is not None:
