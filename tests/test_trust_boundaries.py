@@ -122,9 +122,13 @@ def test_a_second_process_is_refused_while_a_run_holds_its_folder_and_a_kill_lea
             time.sleep(0.1)
         before = snapshot(run_dir)
         assert "config.yaml" in before and LOCK_NAME in before
-        # A --resume of the same folder, and a fresh run started again with --overwrite: both are
-        # refused with one line naming the folder and the holder, exit 2, and touch nothing.
-        for argv in (["--resume", str(run_dir)], ["--overwrite", *ARGS, f"output.dir={tmp_path}", "output.name=run"]):
+        # A --resume of the same folder, and the run started again with and without --overwrite:
+        # each is refused with one line naming the folder and the holder, exit 2, touching nothing.
+        for argv in (
+            ["--resume", str(run_dir)],
+            ["--overwrite", *ARGS, f"output.dir={tmp_path}", "output.name=run"],
+            [*ARGS, f"output.dir={tmp_path}", "output.name=run"],  # without --overwrite: says who holds it
+        ):
             second = flexlora(argv, tmp_path / "second.txt")
             assert second.wait(timeout=240) == 2, second.stderr.read()
             err = second.stderr.read()

@@ -47,13 +47,15 @@ def prepare_run_dir(cfg: ExperimentConfig) -> tuple[Path, RunLock]:
     refused whatever the options, before anything in it is written or removed."""
     name = cfg.output.name or f"{cfg.method}-{profile_label(cfg)}-seed{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(cfg.output.dir) / name
+    exists = ConfigError(f"run folder {run_dir} already exists; pass --overwrite to replace it or --resume {run_dir} to continue it")
+    if _has_content(run_dir) and not cfg.output.overwrite:
+        RunLock(run_dir).check_free()  # in use: say by whom; either way nothing is written
+        raise exists
     lock = RunLock(run_dir).acquire()
     try:
         if _has_content(run_dir):
-            if not cfg.output.overwrite:
-                raise ConfigError(
-                    f"run folder {run_dir} already exists; pass --overwrite to replace it or --resume {run_dir} to continue it"
-                )
+            if not cfg.output.overwrite:  # appeared since the check above
+                raise exists
             for entry in run_dir.iterdir():  # everything but the lock file we hold
                 if entry.name == LOCK_NAME:
                     continue

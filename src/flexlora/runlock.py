@@ -42,11 +42,9 @@ class RunLock:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
-            holder = f.read().strip().replace("\n", " ") or "another process"
+            holder = f.read()
             f.close()
-            raise ConfigError(
-                f"run folder {self.run_dir} is in use by {holder}; wait for it to end (or stop it) and try again"
-            ) from None
+            raise self._in_use(holder) from None
         f.seek(0)
         f.truncate()
         prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
@@ -59,6 +57,24 @@ class RunLock:
         f.flush()
         self._file = f
         return self
+
+    def check_free(self) -> None:
+        """ConfigError naming the holder if another process holds the lock; changes nothing
+        (no file is created, the lock file is not written)."""
+        try:
+            f = open(self.path)
+        except FileNotFoundError:
+            return
+        with f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise self._in_use(f.read()) from None
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def _in_use(self, holder: str) -> ConfigError:
+        holder = holder.strip().replace("\n", " ") or "another process"
+        return ConfigError(f"run folder {self.run_dir} is in use by {holder}; wait for it to end (or stop it) and try again")
 
     def release(self) -> None:
         if self._file is not None:
