@@ -302,3 +302,44 @@ def test_bad_flower_settings_are_one_line_errors(override, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=[override])
+
+
+def test_a_node_declaring_a_billion_examples_is_capped_and_one_claiming_more_than_it_declared_is_rejected(
+    tiny_federation, run_identity
+):
+    """Through the ClientApp and the codecs: node 100's operator declares num-examples=10⁹ at
+    discovery; with federation.max_weight_share=0.5 it gets weight 0.5 and the global state is
+    the aggregate of the decoded replies with the bounded weights. Node 101 declared its true
+    size but its reply then claims 10⁹: rejected, with the reason."""
+    from flexlora.aggregation.flexlora import dense_delta
+
+    cfg, data, shapes = tiny_federation
+    cfg.federation.max_weight_share = 0.5
+    grid = InProcessGrid({100: {"partition-id": 0, "num-examples": 10**9}, 101: {"partition-id": 1}, 102: {"partition-id": 2}})
+    found = flower.discover(grid, cfg, min_nodes=3)
+    ids = [c.client_id for c in data.clients]
+    assert [found[c]["num_examples"] for c in ids] == [10**9, len(data.clients[1].train), len(data.clients[2].train)]
+    server = FederatedServer(cfg, ids, shapes, declared_sizes={c: found[c]["num_examples"] for c in ids})
+    strategy = flower.FederatedStrategy(server, {c: found[c]["node_id"] for c in ids})
+    runtime = flower.FlowerRuntime(strategy, grid)
+
+    tasks = server.configure(1, ids)
+    results = runtime.train(tasks)
+    assert results[0].num_examples == 10**9  # what the node claims, and declared
+    outcome = server.complete_round(1, tasks, results)
+    n1, n2 = len(data.clients[1].train), len(data.clients[2].train)
+    assert outcome.rejected == {}
+    assert outcome.weights[ids[0]] == 0.5
+    assert outcome.weights[ids[1]] == pytest.approx(0.5 * n1 / (n1 + n2)) and sum(outcome.weights.values()) == pytest.approx(1.0)
+    for module in shapes:
+        expected = sum(
+            outcome.weights[u.client_id] * u.scale(module) * (u.factors[module][1].double() @ u.factors[module][0].double())
+            for u in results
+        )
+        torch.testing.assert_close(dense_delta(server.state, module).double(), expected, rtol=1e-5, atol=1e-6)
+
+    grid.node_configs[101]["num-examples"] = 10**9  # after discovery: claims more than it declared
+    tasks = server.configure(2, ids)
+    outcome = server.complete_round(2, tasks, runtime.train(tasks))
+    assert outcome.rejected == {ids[1]: f"num_examples 1000000000 is above the {n1} this client declared"}
+    assert set(outcome.weights) == {ids[0], ids[2]} and outcome.weights[ids[0]] == 0.5

@@ -129,6 +129,7 @@ def test_two_rounds_of_flexlora_on_a_tls_authenticated_loopback_deployment(tmp_p
     (data / "site-2.jsonl").write_text("\n".join(json.dumps(r) for r in records[1]))
     (data / "site-3" / "train.json").write_text(json.dumps(records[2]))
     paths = [data / "site-1.json", data / "site-2.jsonl", data / "site-3"]
+    n2, n3 = len(records[1]), len(records[2])
 
     # Node 3 states a memory budget: enough for T3's adapter but not T4's.
     model, _ = load_model(TINY, "cpu")
@@ -136,7 +137,9 @@ def test_two_rounds_of_flexlora_on_a_tls_authenticated_loopback_deployment(tmp_p
     types = paper_rank_types(2, 4, 4, 16, 16)
     budget_mb = (adapter_training_bytes(module_ranks(types["T3"], shapes), shapes) + 1000) / 2**20
     assert rank_type_for_memory(budget_mb, shapes, types).name == "T3"
-    declared = [("lora-rank=8", "r8"), ('rank-type="T1"', "T1"), (f"memory-budget-mb={budget_mb:.6f}", "T3")]
+    # Node 1's operator also declares a size of 10⁹ examples (it trains on 6): with
+    # federation.max_weight_share=0.5 it must get half of the weight, not all of it.
+    declared = [("lora-rank=8 num-examples=1000000000", "r8"), ('rank-type="T1"', "T1"), (f"memory-budget-mb={budget_mb:.6f}", "T3")]
 
     port = free_port()
     src = str(Path(flexlora.__file__).resolve().parents[1])
@@ -210,7 +213,7 @@ def test_two_rounds_of_flexlora_on_a_tls_authenticated_loopback_deployment(tmp_p
         overrides = [
             "model=tiny-llama", "device=cpu", "method=flexlora", "seed=0",
             "data.num_clients=3", "data.train_per_client=6", "data.test_per_client=2", "data.cutoff_len=512",
-            "federation.rounds=2", "federation.clients_per_round=3", "flower.min_nodes=3", "flower.node_wait_s=120",
+            "federation.rounds=2", "federation.clients_per_round=3", "federation.max_weight_share=0.5", "flower.min_nodes=3", "flower.node_wait_s=120",
             "flower.round_timeout_s=300", "train.steps=2", "train.batch_size=2", "train.micro_batch_size=1",
             "eval.max_new_tokens=4", "eval.max_examples_per_client=1", "eval.export_rank=64", *RANKS,
             f"output.dir={run_dir.parent}", f"output.name={run_dir.name}",
@@ -233,7 +236,9 @@ def test_two_rounds_of_flexlora_on_a_tls_authenticated_loopback_deployment(tmp_p
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in records] == [0, 1, 2]
         for r in records[1:]:
-            assert sorted(r["clients"]) == ["site-1", "site-2", "site-3"] and not r["failures"]
+            assert sorted(r["clients"]) == ["site-1", "site-2", "site-3"] and not r["failures"] and not r["rejected"]
+            # The node claiming 10⁹ examples gets the cap; the two others share the rest by size.
+            assert r["weights"] == pytest.approx({"site-1": 0.5, "site-2": 0.5 * n2 / (n2 + n3), "site-3": 0.5 * n3 / (n2 + n3)}, abs=1e-12)
             for m in r["clients"].values():
                 assert m["bytes_up"] >= m["payload_bytes_up"] > 0
             # Bytes up follow the ranks: T1 (2) < r8 (8) < T3 (4 attention, 16 MLP).

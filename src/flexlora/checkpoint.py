@@ -4,12 +4,18 @@ A checkpoint is a folder (``RUN_DIR/checkpoint``) with
 - ``state-RRRRRR.safetensors``: the server's tensors (global state per module, method extras)
   and the torch RNG states;
 - ``checkpoint.json``: round, client rank assignment, Python/NumPy RNG states, method metadata,
-  the run's config, every round's metrics so far, and the name and size of the tensor file.
+  the run's config, every round's metrics so far, and the name, size and sha256 of the tensor
+  file (verified on resume: a corrupted file is a clear error, not a silently wrong state);
+- with ``output.keep_checkpoints=K`` > 1, ``checkpoint-RRRRRR.json`` (a copy of each of the K
+  newest indexes) and their tensor files: a resume whose newest checkpoint is corrupted falls
+  back to the newest one that verifies.
 
 Both files are written to a temporary name, fsync'ed and renamed; the JSON is renamed last and
 is the commit point: a crash at any moment leaves either the previous checkpoint or the new
-one, never a mix. Tensor files of older rounds are deleted only after the commit. No pickle:
-tensors go through safetensors, everything else through JSON.
+one, never a mix. Tensor files of older rounds are deleted only after the commit. A write that
+fails (no space, permission, I/O error) removes its temporary file and raises a one-line
+`WriteError` naming the file; the previous checkpoint is untouched. No pickle: tensors go
+through safetensors, everything else through JSON.
 """
 
 from __future__ import annotations
@@ -25,11 +31,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flexlora.config import ConfigError, ExperimentConfig
-from flexlora.faults import fault_point
-from flexlora.reporting import atomic_path
+from flexlora.faults import fault_point, fault_write
+from flexlora.reporting import WriteError, atomic_path, sha256_file
 
 FORMAT = 1
 INDEX = "checkpoint.json"
+KEPT_INDEX = "checkpoint-{round:06d}.json"  # copies of older indexes (output.keep_checkpoints > 1)
 
 
 class CheckpointError(ValueError):
@@ -104,45 +111,103 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_checkpoint(folder: str | Path, server, history: list[dict], config: dict) -> Path:
-    """Write the server's state after `server.round`; returns the index file."""
+def save_checkpoint(folder: str | Path, server, history: list[dict], config: dict, keep: int = 1) -> Path:
+    """Write the server's state after `server.round`, keeping the `keep` newest checkpoints;
+    returns the index file. A failed write raises WriteError (one line) and leaves the
+    previous checkpoint as it was."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors, meta = server.state_dict()
     rng_tensors, rng_meta = rng_state()
-    name = f"state-{server.round:06d}.safetensors"
+    round_ = server.round
+    name = f"state-{round_:06d}.safetensors"
 
-    with atomic_path(folder / name, suffix=".tmp") as tmp:
-        save_file(_safe_tensors({**tensors, **rng_tensors}), tmp, metadata={"format": str(FORMAT), "round": str(server.round)})
-    fault_point("checkpoint_write", server.round)
+    try:
+        with atomic_path(folder / name, suffix=".tmp") as tmp:
+            save_file(_safe_tensors({**tensors, **rng_tensors}), tmp, metadata={"format": str(FORMAT), "round": str(round_)})
+            fault_write("checkpoint_tensors", round_)
+            digest = sha256_file(tmp)
+    except OSError as e:
+        raise WriteError(f"writing the checkpoint tensors {folder / name} failed: {_reason(e)}") from None
+    fault_point("checkpoint_write", round_)
 
     index = {
         "format": FORMAT,
-        "round": server.round,
+        "round": round_,
         "tensors": name,
         "tensors_bytes": (folder / name).stat().st_size,
+        "tensors_sha256": digest,
         "server": meta,
         "rng": rng_meta,
         "config": config,
         "history": history,
     }
-    with atomic_path(folder / INDEX, suffix=".tmp") as tmp, open(tmp, "w") as f:  # the rename is the commit point
-        json.dump(index, f)
+    targets = ([folder / KEPT_INDEX.format(round=round_)] if keep > 1 else []) + [folder / INDEX]
+    for target in targets:  # the rename of checkpoint.json, last, is the commit point
+        try:
+            with atomic_path(target, suffix=".tmp") as tmp, open(tmp, "w") as f:
+                text = json.dumps(index)
+                f.write(text[: len(text) // 2])
+                f.flush()
+                fault_write("checkpoint_index", round_)
+                f.write(text[len(text) // 2 :])
+        except OSError as e:
+            raise WriteError(f"writing the checkpoint index {target} failed: {_reason(e)}") from None
     _fsync_dir(folder)
-    for old in folder.glob("state-*.safetensors"):
-        if old.name != name:
+    # The `keep` newest rounds up to this one (a resume that fell back may find newer ones).
+    rounds = sorted({_round_of(p) for p in folder.glob("checkpoint-*.json")} | {round_}, reverse=True)
+    kept = set([r for r in rounds if r <= round_][:keep])
+    for old in [*folder.glob("checkpoint-*.json"), *folder.glob("state-*.safetensors")]:
+        if _round_of(old) not in kept:
             old.unlink(missing_ok=True)
     return folder / INDEX
 
 
-def load_checkpoint(folder: str | Path) -> Checkpoint | None:
-    """The last committed checkpoint in `folder`, or None if there is none yet."""
+def _reason(e: OSError) -> str:
+    return f"{e.strerror or e} (errno {e.errno})" if e.errno else str(e)
+
+
+def _round_of(path: Path) -> int:
+    """RRRRRR of checkpoint-RRRRRR.json / state-RRRRRR.safetensors (-1 if not of that form)."""
+    try:
+        return int(path.stem.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def load_checkpoint(folder: str | Path, warn=None) -> Checkpoint | None:
+    """The last committed checkpoint in `folder`, or None if there is none yet. If it does not
+    verify (missing, truncated or corrupted tensors) and older checkpoints were kept
+    (output.keep_checkpoints), the newest one that verifies, after `warn(message)`; else
+    CheckpointError."""
     folder = Path(folder)
     index_path = folder / INDEX
     if not index_path.is_file():
         return None
     for leftover in folder.glob(".*.tmp"):  # a write a crash interrupted; never committed
         leftover.unlink(missing_ok=True)
+    try:
+        return _read_checkpoint(folder, index_path)
+    except CheckpointError as newest:
+        older = sorted(folder.glob("checkpoint-*.json"), key=_round_of, reverse=True)
+        try:
+            newest_round = json.loads(index_path.read_text()).get("round")
+        except (OSError, ValueError, AttributeError):
+            newest_round = None
+        for path in older:
+            if newest_round is not None and _round_of(path) >= newest_round:
+                continue
+            try:
+                ckpt = _read_checkpoint(folder, path)
+            except CheckpointError:
+                continue
+            if warn is not None:
+                warn(f"{newest}; falling back to the checkpoint of round {ckpt.round} ({path.name})")
+            return ckpt
+        raise
+
+
+def _read_checkpoint(folder: Path, index_path: Path) -> Checkpoint:
     try:
         index = json.loads(index_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -152,6 +217,13 @@ def load_checkpoint(folder: str | Path) -> Checkpoint | None:
     tensor_path = folder / index["tensors"]
     if not tensor_path.is_file() or tensor_path.stat().st_size != index["tensors_bytes"]:
         raise CheckpointError(f"checkpoint tensors {tensor_path} are missing or truncated")
+    expected = index.get("tensors_sha256")  # absent in checkpoints written before checksums
+    if expected is not None:
+        got = sha256_file(tensor_path)
+        if got != expected:
+            raise CheckpointError(
+                f"checkpoint tensors {tensor_path} are corrupted: sha256 {got[:16]}... differs from the index's {expected[:16]}..."
+            )
     try:
         tensors = load_file(tensor_path)
     except Exception as e:  # safetensors raises its own error types on a corrupt header
@@ -180,11 +252,20 @@ class Checkpointer:
     """`run_rounds`' checkpoint callback for a run folder: RUN_DIR/checkpoint after every round."""
 
     def __init__(self, run_dir: str | Path, cfg: ExperimentConfig):
-        self.folder = Path(run_dir) / SUBDIR
+        self.run_dir = Path(run_dir)
+        self.folder = self.run_dir / SUBDIR
         self.config = cfg.to_dict()
+        self.keep = cfg.output.keep_checkpoints
 
     def __call__(self, server, history: list[dict]) -> None:
-        save_checkpoint(self.folder, server, history, self.config)
+        try:
+            save_checkpoint(self.folder, server, history, self.config, self.keep)
+        except WriteError as e:
+            before = f"the checkpoint of round {history[-2]['round']}" if len(history) > 1 else "no checkpoint yet (a resume starts over)"
+            raise WriteError(
+                f"round {server.round}: {e}; the run stopped with {before} and metrics.jsonl intact; "
+                f"free space or fix the folder, then continue with: flexlora run --resume {self.run_dir}"
+            ) from None
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -207,11 +288,11 @@ def check_resumable(saved: dict, cfg: ExperimentConfig, round_: int) -> None:
         raise ConfigError(f"--resume: federation.rounds={cfg.federation.rounds} but the checkpoint is already at round {round_}")
 
 
-def open_checkpoint(run_dir: str | Path, cfg: ExperimentConfig) -> Checkpoint | None:
-    """The last checkpoint of a run folder, checked against `cfg`; None if it has none yet.
-    Problems are one-line ConfigErrors."""
+def open_checkpoint(run_dir: str | Path, cfg: ExperimentConfig, warn=None) -> Checkpoint | None:
+    """The last checkpoint of a run folder that verifies, checked against `cfg`; None if it
+    has none yet. Problems are one-line ConfigErrors."""
     try:
-        ckpt = load_checkpoint(Path(run_dir) / SUBDIR)
+        ckpt = load_checkpoint(Path(run_dir) / SUBDIR, warn)
     except CheckpointError as e:
         raise ConfigError(f"--resume: {e}") from None
     if ckpt is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from flexlora.config import ConfigError, load_config
 from flexlora.data.types import DataError
+from flexlora.reporting import WriteError
 
 # Overrides that --resume accepts (e.g. to extend a finished run by more rounds).
 RESUME_OVERRIDES = ("federation.rounds", "device")
@@ -191,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"flexlora: error: {e}", file=sys.stderr)
         return 2
+    except WriteError as e:  # the run started and stopped on a failed write: exit 1, one line
+        print(f"flexlora: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

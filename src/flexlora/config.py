@@ -78,6 +78,11 @@ class FederationConfig:
     client_timeout_s: float | None = None
     # Fault injection for tests: each sampled client fails with this probability (seeded).
     dropout_rate: float = 0.0
+    # No client's share of a round's total aggregation weight exceeds this (the excess is spread
+    # over the others); null: p_k = n_k / sum n_j. A reply claiming more examples than its
+    # client declared (its training-set size in-process, its discovery reply on Flower) is
+    # rejected whatever this is.
+    max_weight_share: float | None = None
 
 
 @dataclass
@@ -107,6 +112,9 @@ class OutputConfig:
     name: str | None = None  # None: <method>-<profile>-seed<seed>-<timestamp>
     overwrite: bool = False  # CLI: --overwrite
     checkpoint: bool = True  # write the server state after every round (needed by --resume)
+    # Checkpoints kept (the newest first); with more than one, a resume whose newest checkpoint
+    # is corrupted (checksum, truncation) falls back to the one before.
+    keep_checkpoints: int = 1
 
 
 @dataclass
@@ -309,6 +317,12 @@ def validate(c: ExperimentConfig) -> None:
         _require(c.federation.max_norm_ratio > 1, f"federation.max_norm_ratio: must be > 1 (or null to disable), got {c.federation.max_norm_ratio}")
     if c.federation.client_timeout_s is not None:
         _require(c.federation.client_timeout_s > 0, f"federation.client_timeout_s: must be > 0 (or null), got {c.federation.client_timeout_s}")
+    if c.federation.max_weight_share is not None:
+        _require(
+            0 < c.federation.max_weight_share <= 1,
+            f"federation.max_weight_share: must be in (0, 1] (or null), got {c.federation.max_weight_share}",
+        )
+    _require(c.output.keep_checkpoints >= 1, f"output.keep_checkpoints: must be >= 1, got {c.output.keep_checkpoints}")
     _require(0 <= c.federation.dropout_rate <= 1, f"federation.dropout_rate: must be in [0, 1], got {c.federation.dropout_rate}")
     _require(c.train.optimizer in ("adamw", "sgd"), f"train.optimizer: must be adamw or sgd, got '{c.train.optimizer}'")
     _require(c.train.lr > 0, f"train.lr: must be > 0, got {c.train.lr}")

@@ -19,7 +19,8 @@ from flexlora.config import ConfigError, ExperimentConfig
 from flexlora.data.sources import load_federated_dataset
 from flexlora.evaluation import METRIC, evaluate
 from flexlora.models import default_device, default_target_modules, load_model
-from flexlora.reporting import plot_metric, write_json, write_jsonl
+from flexlora.reporting import WriteError, append_line, plot_metric, write_json, write_jsonl
+from flexlora.runlock import LOCK_NAME, RunLock
 from flexlora.runtime.local import LocalRuntime
 from flexlora.server import FederatedServer, run_rounds
 
@@ -37,17 +38,35 @@ def profile_label(cfg: ExperimentConfig) -> str:
     return p if isinstance(p, str) else "explicit"
 
 
-def prepare_run_dir(cfg: ExperimentConfig) -> Path:
+def _has_content(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir())
+
+
+def prepare_run_dir(cfg: ExperimentConfig) -> tuple[Path, RunLock]:
+    """The run folder, empty, and its lock (held): a folder another process is using is
+    refused whatever the options, before anything in it is written or removed."""
     name = cfg.output.name or f"{cfg.method}-{profile_label(cfg)}-seed{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(cfg.output.dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not cfg.output.overwrite:
-            raise ConfigError(
-                f"run folder {run_dir} already exists; pass --overwrite to replace it or --resume {run_dir} to continue it"
-            )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    exists = ConfigError(f"run folder {run_dir} already exists; pass --overwrite to replace it or --resume {run_dir} to continue it")
+    if _has_content(run_dir) and not cfg.output.overwrite:
+        RunLock(run_dir).check_free()  # in use: say by whom; either way nothing is written
+        raise exists
+    lock = RunLock(run_dir).acquire()
+    try:
+        if _has_content(run_dir):
+            if not cfg.output.overwrite:  # appeared since the check above
+                raise exists
+            for entry in run_dir.iterdir():  # everything but the lock file we hold
+                if entry.name == LOCK_NAME:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+    except BaseException:
+        lock.release()
+        raise
+    return run_dir, lock
 
 
 def check_template(cfg: ExperimentConfig, tokenizer) -> None:
@@ -90,11 +109,30 @@ class Experiment:
                 f"data: no held-out clients to evaluate on; choose them with data.heldout_ids, "
                 f"data.heldout_fraction or data.heldout_categories (source {cfg.data.source})"
             )
+        # One writer per run folder: the lock is held until close() (or this process ends).
         if resume is None:
-            self.run_dir, self.ckpt = prepare_run_dir(cfg), None
+            (self.run_dir, self.lock), self.ckpt = prepare_run_dir(cfg), None
         else:
             self.run_dir = Path(resume)
-            self.ckpt = open_checkpoint(self.run_dir, cfg)  # None: killed before its first checkpoint
+            self.lock = RunLock(self.run_dir).acquire(create=False)
+            try:
+                self.ckpt = open_checkpoint(self.run_dir, cfg, warn=lambda m: echo(f"flexlora: warning: {m}"))
+                # (None: killed before its first checkpoint)
+            except BaseException:
+                self.lock.release()
+                raise
+        try:
+            self._start()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def close(self) -> None:
+        """Release the run folder (its lock); the Experiment writes nothing more."""
+        self.lock.release()
+
+    def _start(self) -> None:
+        cfg, echo = self.cfg, self.echo
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         dataset = self.dataset
         write_json(
@@ -120,9 +158,13 @@ class Experiment:
         self.server: FederatedServer | None = None
         self.history: list[dict] = []
 
-    def make_server(self, client_ids: list[str], declared_types=None) -> FederatedServer:
+    def make_server(self, client_ids: list[str], declared_types=None, declared_sizes=None) -> FederatedServer:
+        """`declared_sizes`: client id -> the most examples its replies may claim; default: the
+        training-set size (data weight) of each client the server's own dataset holds."""
         cfg = self.cfg
-        self.server = server = FederatedServer(cfg, client_ids, self.shapes, declared_types)
+        if declared_sizes is None:
+            declared_sizes = {c.client_id: c.num_examples for c in self.dataset.clients}
+        self.server = server = FederatedServer(cfg, client_ids, self.shapes, declared_types, declared_sizes)
         leaked = set(server.client_ids) & {c.client_id for c in self.dataset.heldout}
         if leaked:  # FederatedDataset refuses this already; a held-out client must never train
             raise RuntimeError(f"held-out clients in the training pool: {sorted(leaked)[:5]}")
@@ -175,8 +217,19 @@ class Experiment:
 
     def log(self, record: dict) -> None:
         cfg, echo = self.cfg, self.echo
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.run_dir / "metrics.jsonl"
+        try:
+            append_line(path, json.dumps(record), record["round"])
+        except OSError as e:
+            committed = (
+                f"the checkpoint of round {record['round']} committed" if cfg.output.checkpoint
+                else "no checkpoint (output.checkpoint is off, so a resume starts over)"
+            )
+            raise WriteError(
+                f"round {record['round']}: appending its line to {path} failed: {e.strerror or e} (errno {e.errno}); "
+                f"the run stopped with {committed} and metrics.jsonl intact up to the round before; "
+                f"free space or fix the folder, then continue with: flexlora run --resume {self.run_dir}"
+            ) from None
         ev = record["eval"]
         line = truncation_line(record.get("truncation"))
         if line:
@@ -198,7 +251,18 @@ class Experiment:
 
     def finish(self) -> Path:
         """Export the global model (a PEFT adapter; merged full weights for a method whose global
-        model changes the base weights), write summary.json and the plot; returns the run folder."""
+        model changes the base weights), write summary.json and the plot; returns the run folder.
+        A failed write is a one-line WriteError: every round is checkpointed, and resuming the
+        finished run exports again."""
+        try:
+            return self._finish()
+        except OSError as e:
+            raise WriteError(
+                f"exporting the results to {self.run_dir} failed: {e.strerror or e} (errno {e.errno}); every round is "
+                f"checkpointed: free space or fix the folder, then export again with: flexlora run --resume {self.run_dir}"
+            ) from None
+
+    def _finish(self) -> Path:
         cfg, server, run_dir = self.cfg, self.server, self.run_dir
         adapter_dir = merged_dir = None
         if server.state is not None:
@@ -259,9 +323,12 @@ def run_experiment(
 
         return run_simulation(cfg, echo, resume)
     exp = Experiment(cfg, echo, resume=resume, zero_shot=zero_shot)
-    exp.make_server([c.client_id for c in exp.dataset.clients])
-    exp.run(exp.local_runtime())
-    return exp.finish()
+    try:
+        exp.make_server([c.client_id for c in exp.dataset.clients])
+        exp.run(exp.local_runtime())
+        return exp.finish()
+    finally:
+        exp.close()
 
 
 EVAL_CLIENTS = ("heldout", "training", "all")

@@ -10,16 +10,24 @@ the sleep is capped so that a forgotten process still ends.
 Points: ``train_step`` (before each local optimizer step), ``checkpoint_write`` (state file
 written, checkpoint not yet committed), ``checkpoint`` (checkpoint committed), ``evaluation``
 (before the global model is evaluated).
+
+Failed writes: with ``FLEXLORA_FAULT_WRITE="point:round[:ERRNO]"`` (ERRNO a name such as
+ENOSPC, the default, EACCES or EIO), ``fault_write`` raises that OSError at the point, as the
+disk or the filesystem would: ``checkpoint_tensors`` (the tensor file partly written),
+``checkpoint_index`` (the index partly written), ``metrics_line`` (part of the round's line
+appended to metrics.jsonl).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections import Counter
 from pathlib import Path
 
 PAUSE_ENV = "FLEXLORA_FAULT_PAUSE"
+WRITE_ENV = "FLEXLORA_FAULT_WRITE"
 MARKER_ENV = "FLEXLORA_FAULT_MARKER"
 MAX_PAUSE_S = 300.0
 _reached: Counter = Counter()
@@ -42,3 +50,15 @@ def fault_point(point: str, round_: int) -> None:
     while time.monotonic() < deadline:
         time.sleep(0.05)
     os._exit(99)  # nobody killed us: end without running any more of the round
+
+
+def fault_write(point: str, round_: int) -> None:
+    """Raise the OSError FLEXLORA_FAULT_WRITE names when it names this point and round."""
+    spec = os.environ.get(WRITE_ENV)
+    if not spec:
+        return
+    name, rnd, *code = spec.split(":")
+    if name != point or int(rnd) != round_:
+        return
+    number = getattr(errno, code[0]) if code else errno.ENOSPC
+    raise OSError(number, os.strerror(number))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -14,6 +15,49 @@ def readable(tmp: str | Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
+
+
+class WriteError(RuntimeError):
+    """A run output that could not be written (no space, permission, I/O error); the message is
+    one line saying what failed, what is intact and how to continue."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def append_line(path: str | Path, line: str, round_: int | None = None) -> None:
+    """Append one line (newline added) and fsync it; if the write fails part-way, the file is
+    truncated back to where it was, so it never ends in a partial line."""
+    from flexlora.faults import fault_write
+
+    data = (line + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            # Written in two parts only so that a test can fail the write in the middle of the line.
+            half = len(data) // 2
+            _write_all(fd, data[:half])
+            if round_ is not None:
+                fault_write("metrics_line", round_)
+            _write_all(fd, data[half:])
+            os.fsync(fd)
+        except BaseException:
+            os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 @contextmanager

@@ -6,6 +6,7 @@ knows which aggregation method runs.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
@@ -17,7 +18,7 @@ from typing import Callable, Protocol
 import torch
 
 from flexlora.aggregation import METHODS, make_method
-from flexlora.aggregation.base import ClientUpdate, GlobalState
+from flexlora.aggregation.base import ClientUpdate, GlobalState, capped_weights
 from flexlora.client import ClientTask
 from flexlora.config import ExperimentConfig
 from flexlora.faults import fault_point
@@ -42,6 +43,7 @@ class RoundOutcome:
     rejected: dict[str, str]  # client id -> why its update was left out
     kept_previous_state: bool  # fewer valid updates than federation.min_updates
     aggregation_s: float = 0.0
+    weights: dict[str, float] = dataclasses.field(default_factory=dict)  # client id -> p_k used
 
 
 class Runtime(Protocol):
@@ -61,10 +63,14 @@ class FederatedServer:
         client_ids: list[str],
         shapes: dict[str, tuple[int, int]],
         declared_types: dict[str, RankType] | None = None,
+        declared_sizes: dict[str, int] | None = None,
     ):
         """`declared_types`: rank types that clients state themselves (a Flower node's config);
-        every other client gets one drawn from the resource profile."""
+        every other client gets one drawn from the resource profile. `declared_sizes`: the most
+        examples each client may claim in a reply (declared once, before round 1; a checkpoint
+        keeps the sizes first declared); a reply claiming more is rejected."""
         self.cfg = cfg
+        self.declared_sizes = dict(declared_sizes or {})
         self.client_ids = list(client_ids)
         self.shapes = shapes
         self.method = make_method(cfg.method, **method_arguments(cfg))
@@ -130,7 +136,20 @@ class FederatedServer:
             max_norm_ratio=self.cfg.federation.max_norm_ratio,
             exact_rank=getattr(self.method, "homogeneous", False),
             method=self.method,
+            declared_sizes=self.declared_sizes,
         )
+
+    def weights(self, updates: list[ClientUpdate], round_: int) -> list[ClientUpdate]:
+        """The updates with the aggregation weight p_k each gets (ClientUpdate.weight): n_k / Σ n_j,
+        no share above federation.max_weight_share. Every method aggregates with these."""
+        cap = self.cfg.federation.max_weight_share
+        weights, feasible = capped_weights([u.num_examples for u in updates], cap)
+        if not feasible:
+            logger.warning(
+                "round %d: federation.max_weight_share=%g cannot hold with %d update(s) (it needs at least %d); "
+                "every client gets the same weight 1/%d", round_, cap, len(updates), math.ceil(1 / cap), len(updates),
+            )
+        return [dataclasses.replace(u, weight=w) for u, w in zip(updates, weights)]
 
     def aggregate(self, updates: list[ClientUpdate]) -> None:
         self.state = self.method.aggregate(updates, self.state)
@@ -168,9 +187,11 @@ class FederatedServer:
                 round_, len(updates), self.cfg.federation.min_updates,
             )
         else:
+            updates = self.weights(updates, round_)
             self.aggregate(updates)
         self.round = round_
-        return RoundOutcome(updates, failures, rejected, kept_previous, time.perf_counter() - started)
+        weights = {u.client_id: u.weight for u in updates if u.weight is not None}
+        return RoundOutcome(updates, failures, rejected, kept_previous, time.perf_counter() - started, weights)
 
     # Checkpointing: everything a resumed run needs that the config and seed cannot rebuild.
     # Methods with state outside `self.state` (e.g. a server optimizer's moments) implement
@@ -185,6 +206,7 @@ class FederatedServer:
             "has_state": self.state is not None,
             "client_types": self.client_types,
             "client_ranks": self.client_ranks,
+            "declared_sizes": self.declared_sizes,
         }
         if hasattr(self.method, "extra_state"):
             extra_tensors, meta["method_extra"] = self.method.extra_state()
@@ -201,6 +223,9 @@ class FederatedServer:
         self.state = state if meta["has_state"] else None
         self.client_types = dict(meta["client_types"])
         self.client_ranks = {cid: dict(ranks) for cid, ranks in meta["client_ranks"].items()}
+        # Sizes are declared once: a client re-declaring on resume cannot raise its bound.
+        for cid, n in (meta.get("declared_sizes") or {}).items():
+            self.declared_sizes[cid] = min(n, self.declared_sizes.get(cid, n))
         if hasattr(self.method, "load_extra_state"):
             extra = {k[len("method/"):]: v for k, v in tensors.items() if k.startswith("method/")}
             self.method.load_extra_state(extra, meta.get("method_extra"))
@@ -276,6 +301,7 @@ def run_rounds(
                 "failures": outcome.failures,
                 "rejected": outcome.rejected,
                 "valid_updates": len(outcome.updates),
+                "weights": outcome.weights,  # the p_k each aggregated update had
                 "kept_previous_state": outcome.kept_previous_state,
                 "eval": metrics,
                 "truncation": None if outcome.kept_previous_state else server.last_truncation,

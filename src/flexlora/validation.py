@@ -7,7 +7,10 @@ A check returns a one-line reason (naming the module or field) or None when the 
 What a valid update is, for every method:
 - it comes from a client sampled this round, once;
 - num_examples is a positive integer (it is an aggregation weight: a negative or zero one
-  would flip or void the client's contribution), lora_alpha is the server's;
+  would flip or void the client's contribution), and not above the size the client declared
+  once, before round 1 (``declared_sizes``: its training-set size in-process, its discovery
+  reply on Flower), so that a client cannot buy the global model with a claimed size;
+  lora_alpha is the server's;
 - metrics are JSON (they go into metrics.jsonl);
 - factors cover exactly the modules the server asked for, each a pair of 2-D floating-point
   tensors A (r, n), B (m, r) with (m, n) the module's weight shape and 1 <= r <= the rank the
@@ -79,6 +82,13 @@ def check_update(
                 problem = _check_frozen(sent[module][0], frozen[module][0])
         if problem:
             return f"module {module}: {problem}"
+    return None
+
+
+def check_declared_size(claimed: int, declared: int | None) -> str | None:
+    """A reply may not claim more examples than its client declared (None: nothing declared)."""
+    if declared is not None and claimed > declared:
+        return f"num_examples {claimed} is above the {declared} this client declared"
     return None
 
 
@@ -189,8 +199,10 @@ def validate_round(
     max_norm_ratio: float | None = None,
     exact_rank: bool = False,
     method=None,
+    declared_sizes: dict[str, int] | None = None,
 ) -> tuple[list[ClientUpdate], dict[str, str]]:
-    """(valid updates, {client_id: reason} of rejected ones) for one round, in the order received."""
+    """(valid updates, {client_id: reason} of rejected ones) for one round, in the order received.
+    `declared_sizes`: client id -> the most examples it may claim (see check_declared_size)."""
     by_id = {t.client_id: t for t in tasks}
     rejected: dict[str, str] = {}
     seen: set[str] = set()
@@ -209,6 +221,8 @@ def validate_round(
             continue
         seen.add(cid)
         reason = check_update(u, by_id[cid], shapes, lora_alpha, exact_rank=exact_rank)
+        if reason is None and declared_sizes is not None:
+            reason = check_declared_size(u.num_examples, declared_sizes.get(cid))
         if reason is None and extra_check is not None:
             reason = extra_check(u, by_id[cid])
         if reason is not None:

@@ -46,6 +46,9 @@ class ClientUpdate:
     metrics: dict = field(default_factory=dict)
     # Changes of the base weights themselves (SLoRA's sparse phase): module name -> delta.
     deltas: dict[str, SparseDelta] = field(default_factory=dict)
+    # The aggregation weight p_k the server assigned this round (num_examples bounded by
+    # federation.max_weight_share, see capped_weights); None: n_k / sum_j n_j.
+    weight: float | None = None
 
     def rank(self, module: str) -> int:
         return self.factors[module][0].shape[0]
@@ -55,11 +58,45 @@ class ClientUpdate:
 
 
 def data_weights(updates: list[ClientUpdate]) -> list[float]:
-    """p_k = n_k / sum_j n_j over the clients of this round."""
+    """p_k of each update: the weight the server assigned (`ClientUpdate.weight`, set on every
+    update of a round by FederatedServer, already summing to 1), else n_k / sum_j n_j over the
+    clients of this round. Every method takes its weights from here, so a bound the server
+    puts on the weights holds whatever the method."""
+    if updates and all(u.weight is not None for u in updates):
+        return [float(u.weight) for u in updates]
     total = sum(u.num_examples for u in updates)
     if total <= 0:
         raise ValueError("aggregation needs at least one client with num_examples > 0")
     return [u.num_examples / total for u in updates]
+
+
+def capped_weights(sizes: list[float], max_share: float | None) -> tuple[list[float], bool]:
+    """(weights, feasible): p_k = n_k / sum_j n_j, except that no p_k exceeds `max_share`; the
+    excess is spread over the others in proportion to their n_k (water-filling: clients at the
+    cap stay there, the rest share what is left, repeated until nobody is above it), so the
+    weights still sum to 1. With max_share * K < 1 no such weights exist: every client then
+    gets 1/K and `feasible` is False. max_share=None: the plain proportional weights."""
+    total = sum(sizes)
+    if not sizes or total <= 0 or any(n < 0 for n in sizes):
+        raise ValueError("weights need non-negative sizes with a positive sum")
+    plain = [n / total for n in sizes]
+    if max_share is None or max(plain) <= max_share:
+        return plain, True
+    k = len(sizes)
+    if max_share * k < 1:
+        return [1.0 / k] * k, False
+    capped: set[int] = set()
+    while True:
+        free = [i for i in range(k) if i not in capped]
+        left = 1.0 - max_share * len(capped)
+        free_total = sum(sizes[i] for i in free)
+        weights = [max_share] * k
+        for i in free:
+            weights[i] = left * sizes[i] / free_total if free_total > 0 else left / len(free)
+        over = {i for i in free if weights[i] > max_share}
+        if not over:
+            return weights, True
+        capped |= over
 
 
 def module_names(updates: list[ClientUpdate]) -> list[str]:

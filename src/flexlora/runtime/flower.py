@@ -23,6 +23,9 @@ module, transport dtype); SLoRA's sparse deltas come back as an ArrayRecord "del
 Which client a node is: in simulation, node i holds training client i (`partition-id`); in a
 deployment, the node config names its data (`data-path`, optionally `client-id`) and its
 resources (`lora-rank=N`, `rank-type=T3` or `memory-budget-mb=M`; none: the run's profile).
+A node declares its size (aggregation weight n_k) once, in its discovery reply: its training-set
+size, or `num-examples=N` from its node config (set by the node's operator); the server rejects
+a later reply claiming more, and `federation.max_weight_share` bounds what any declared size buys.
 
 torch, transformers and PEFT are imported only where a model or tensor is needed: in a
 deployment every Message starts a fresh ClientApp process, and a `query` needs none of them.
@@ -30,6 +33,7 @@ deployment every Message starts a fresh ClientApp process, and a `query` needs n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -65,7 +69,7 @@ TASK, UPDATE, FACTORS, NODE = "task", "update", "factors", "node"
 OFFSET, DELTAS = "base_offset", "deltas"  # FLoRA / SLoRA: a dense base offset down, sparse deltas up
 DTYPES = {"float32": np.float32, "float16": np.float16}
 # Node-config keys a deployment node may set (simulation sets partition-id/num-partitions).
-RESOURCE_KEYS = ("lora-rank", "rank-type", "memory-budget-mb")
+RESOURCE_KEYS = ("lora-rank", "rank-type", "memory-budget-mb")  # and num-examples, data-path, client-id
 CLIENT_ERROR = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
 
@@ -371,6 +375,7 @@ def serve(exp, grid: Grid, min_nodes: int | None = None) -> Path:
     r = cfg.resources
     rank_types = paper_rank_types(r.t1, r.t2, r.t3_attention, r.t3_mlp, r.t4)
     declared = {}
+    sizes = {cid: found[cid]["num_examples"] for cid in client_ids}
     for cid in client_ids:
         try:
             rank_type = declared_rank_type(found[cid].get("resources", {}), exp.shapes, rank_types)
@@ -378,7 +383,7 @@ def serve(exp, grid: Grid, min_nodes: int | None = None) -> Path:
             raise ConfigError(f"node {found[cid]['node_id']} (client {cid}): {e}") from None
         if rank_type is not None:
             declared[cid] = rank_type
-    server = exp.make_server(client_ids, declared)
+    server = exp.make_server(client_ids, declared, sizes)
     strategy = FederatedStrategy(server, {cid: found[cid]["node_id"] for cid in client_ids}, cfg.flower.round_timeout_s)
     exp.run(FlowerRuntime(strategy, grid))
     return exp.finish()
@@ -409,7 +414,11 @@ def _server_main(grid: Grid, context: Context) -> None:
     from flexlora.experiment import Experiment
 
     cfg, resume = config_from_run_config(context.run_config)
-    serve(Experiment(cfg, engine="flower-deployment", resume=resume), grid)
+    exp = Experiment(cfg, engine="flower-deployment", resume=resume)
+    try:
+        serve(exp, grid)
+    finally:
+        exp.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,7 +479,17 @@ def _read_examples(path: Path) -> list[Example]:
 
 def node_client(node_config, cfg: ExperimentConfig) -> ClientData:
     """The client this node holds: its own files (deployment) or partition i of the run's
-    dataset (simulation)."""
+    dataset (simulation); node config `num-examples` sets its declared size (data weight)."""
+    data = _node_data(node_config, cfg)
+    if "num-examples" in node_config:
+        n = node_config["num-examples"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"node config num-examples must be a positive integer, got {n!r}")
+        data = dataclasses.replace(data, weight=n)
+    return data
+
+
+def _node_data(node_config, cfg: ExperimentConfig) -> ClientData:
     if node_config.get("data-path"):
         path = str(node_config["data-path"])
         cid = node_config.get("client-id")
@@ -599,6 +618,7 @@ def run_simulation(cfg: ExperimentConfig, echo=print, resume: str | Path | None 
             backend_config=backend_config(cfg, exp.device),
         )
     finally:
+        exp.close()
         flwr_logger.setLevel(level)
         flwr_logger.removeFilter(deprecation)
         for k, v in saved_env.items():
