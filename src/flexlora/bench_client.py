@@ -10,7 +10,8 @@ resident memory is its own (in one process the peak never goes down):
 
 Each child loads the model with the option, runs `warmup` steps (not timed), then `steps`
 timed steps on batches of `batch` sequences of exactly `seq` tokens (every token a target).
-Reported: tokens/s of the timed steps; peak RSS of the child (`ru_maxrss`: loading included);
+Reported: tokens/s of the median timed step (the client's last step includes sending the
+factors back and removing the adapter; the mean over the steps is in the JSON); peak RSS of the child (`ru_maxrss`: loading included);
 the resident memory when training starts, and its peak during the timed steps (sampled every
 millisecond); on CUDA the allocator's peak (`torch.cuda.max_memory_allocated`) over the timed
 steps. Options are `<dtype>[+ckpt]` with dtype float32 | bfloat16 | float16 | nf4 (4-bit NF4
@@ -122,6 +123,7 @@ def _peft_loop(model, features, cfg, target_modules, rank, steps, seed, device, 
     ]
     losses = []
     for step in range(steps):
+        stats.setdefault("step_marks", []).append(time.perf_counter())
         x = inputs[step % len(inputs)]
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -164,8 +166,19 @@ def worker(spec: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
+    import flexlora.client as client_module
+
+    real_fault_point = client_module.fault_point
+
+    def mark(*args):  # called by the client at the start of every optimizer step
+        stats.setdefault("step_marks", []).append(time.perf_counter())
+        return real_fault_point(*args)
+
+    client_module.fault_point = mark
+
     def run(steps: int, measure: bool):
         cfg.train.steps = steps
+        stats["step_marks"] = []
         if spec["impl"] == "ours":
             task = ClientTask("bench", 1, "bench", ranks, None, spec["seed"])
             update = train_client(model, tokenizer, data, task, cfg, targets)
@@ -190,6 +203,9 @@ def worker(spec: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
+    marks = stats.pop("step_marks") + [t0 + elapsed]
+    step_times = sorted(b - a for a, b in zip(marks, marks[1:]))
+    median_step = step_times[len(step_times) // 2] if len(step_times) % 2 else sum(step_times[len(step_times) // 2 - 1 : len(step_times) // 2 + 1]) / 2
     tokens = spec["steps"] * spec["batch"] * max(lengths)
     out = {
         **{k: spec[k] for k in ("model", "option", "impl", "batch", "seq", "steps", "rank")},
@@ -197,7 +213,11 @@ def worker(spec: dict) -> dict:
         "seq_tokens": sorted(lengths),
         "load_s": load_s,
         "step_s": elapsed / spec["steps"],
-        "tokens_per_s": tokens / elapsed,
+        # the median step (robust to other jobs' bursts on a shared machine); the mean below
+        "tokens_per_s": spec["batch"] * max(lengths) / median_step,
+        "tokens_per_s_mean": tokens / elapsed,
+        "step_times_s": step_times,
+        "load_avg_1min": os.getloadavg()[0],
         "rss_start_mb": rss_start,
         "rss_loaded_mb": rss_loaded,
         "rss_train_start_mb": rss_train_start,
@@ -276,7 +296,7 @@ def run_benchmark(
                     echo(
                         f"{model} {option} {impl}: {row['tokens_per_s']:.0f} tokens/s, peak RSS {row['peak_rss_mb']:.0f} MB"
                         + (f", CUDA peak {row['cuda_peak_mb']:.0f} MB" if "cuda_peak_mb" in row else "")
-                        + f" ({time.perf_counter() - t0:.0f} s)"
+                        + f" (load avg {row['load_avg_1min']:.1f}; {time.perf_counter() - t0:.0f} s)"
                     )
     return rows
 
