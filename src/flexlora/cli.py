@@ -77,6 +77,26 @@ def _bench_aggregate(args) -> None:
         print(f"results: {args.json}")
 
 
+def _bench_client(args) -> None:
+    from flexlora import bench_client
+
+    try:
+        rows = bench_client.run_benchmark(
+            _list(args.models), _list(args.options), steps=args.steps, warmup=args.warmup, batch=args.batch,
+            seq=args.seq, rank=args.rank, device=args.device, reference=args.reference, seed=args.seed,
+            timeout_s=args.timeout,
+        )
+    except ValueError as e:
+        raise ConfigError(f"bench client: {e}") from None
+    print()
+    print(bench_client.format_table(rows))
+    print()
+    print("\n".join(bench_client.goals(rows)))
+    if args.json:
+        bench_client.write_json(rows, args.json)
+        print(f"results: {args.json}")
+
+
 def _eval(args) -> None:
     from flexlora.experiment import run_evaluation
     from flexlora.reporting import write_json
@@ -180,6 +200,24 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--niter", type=int, default=2, help="randomized mode: power iterations")
     agg.add_argument("--json", help="also write the rows to this JSON file")
     agg.set_defaults(func=_bench_aggregate)
+    cl = bench.add_parser(
+        "client",
+        help="one client's local training per precision option (float32, bfloat16, nf4, +ckpt): peak memory and tokens/s, "
+        "each in a fresh process, next to a bare PEFT training loop",
+    )
+    cl.add_argument("--models", default="smollm2-135m-instruct,random-llama-1b", help="comma-separated model sources (random-llama-1b: TinyLlama-1.1B shapes, random weights)")
+    cl.add_argument("--options", default="float32,bfloat16,bfloat16+ckpt,nf4,nf4+ckpt", help="comma-separated <float32|bfloat16|float16|nf4>[+ckpt]")
+    cl.add_argument("--steps", type=int, default=3, help="timed optimizer steps (default 3)")
+    cl.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    cl.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
+    cl.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
+    cl.add_argument("--rank", type=int, default=8, help="LoRA rank on every default target module (default 8)")
+    cl.add_argument("--reference", default="all", help="options that also get a bare PEFT row: all (default), none, or a comma-separated list")
+    cl.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    cl.add_argument("--seed", type=int, default=0)
+    cl.add_argument("--timeout", type=float, default=1800, help="seconds per child process (default 1800)")
+    cl.add_argument("--json", help="also write the rows to this JSON file")
+    cl.set_defaults(func=_bench_client)
     return parser
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flexlora import lora
+from flexlora import lora, models
 from flexlora.aggregation.base import ClientUpdate, Factors
 from flexlora.client_options import (
     ClientOptions,
@@ -79,18 +79,32 @@ def batches(num_examples: int, batch_size: int, num_steps: int, rng: random.Rand
         order = order[batch_size:]
 
 
-def backward_batch(net, features: list[dict], batch: list[int], micro: int, device, pad_id: int) -> float:
+def autocast_dtype(cfg: ExperimentConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the forward pass: the base's 16-bit dtype on CUDA (so the float32
+    LoRA matmuls run in it too), None (no autocast) on CPU or with a float32 base."""
+    if device.type != "cuda" or cfg.model_dtype == "float32":
+        return None
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model_dtype]
+
+
+def backward_batch(
+    net, features: list[dict], batch: list[int], micro: int, device, pad_id: int,
+    autocast: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
+) -> float:
     """Forward and backward one optimizer step's batch in micro-batches; returns its loss.
-    The loss is normalised by the batch's answer tokens, so micro-batching doesn't change it."""
+    The loss is normalised by the batch's answer tokens, so micro-batching doesn't change it.
+    `autocast`: run the forward under torch.autocast in this dtype; `scaler`: scale the loss
+    before backward (float16 on CUDA)."""
     batch_tokens = sum(sum(l != -100 for l in features[i]["labels"][1:]) for i in batch)
     step_loss = 0.0
     for start in range(0, len(batch), micro):
         inputs = collate([features[i] for i in batch[start : start + micro]], pad_id)
         inputs = {k: v.to(device) for k, v in inputs.items()}
         micro_tokens = int((inputs["labels"][:, 1:] != -100).sum())
-        loss = net(**inputs).loss * micro_tokens / max(batch_tokens, 1)
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            loss = net(**inputs).loss.float() * micro_tokens / max(batch_tokens, 1)
         step_loss += loss.item()
-        loss.backward()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
     return step_loss
 
 
@@ -127,24 +141,30 @@ def train_client(
         try:
             optimizer = make_optimizer(local.params, cfg, lr=opts.sparse.lr if opts.sparse else None)
             anchors = [p.detach().clone() for p in local.params] if opts.fedprox_mu > 0 else None
+            amp = autocast_dtype(cfg, device)
+            # float16 gradients underflow without loss scaling; a disabled scaler is a no-op.
+            scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
             torch.manual_seed(task.seed)  # dropout masks
             local.net.train()
+            checkpointing = models.is_checkpointing(model)
             losses = []
             for step, batch in enumerate(batches(len(features), batch_size, num_steps, random.Random(task.seed))):
                 if timeout_s is not None and time.perf_counter() - started > timeout_s:
                     raise ClientTimeout(f"client {data.client_id}: timed out after {timeout_s:g} s at step {step}/{num_steps}")
                 fault_point("train_step", task.round)
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(backward_batch(local.net, features, batch, micro, device, tokenizer.pad_token_id))
+                losses.append(backward_batch(local.net, features, batch, micro, device, tokenizer.pad_token_id, amp, scaler))
                 penalty = local.penalty()
                 if anchors is not None:
                     prox = proximal_loss(local.params, anchors, opts.fedprox_mu)
                     penalty = prox if penalty is None else penalty + prox
                 if penalty is not None:
-                    penalty.backward()
+                    scaler.scale(penalty).backward()
+                scaler.unscale_(optimizer)
                 local.mask_gradients()
                 torch.nn.utils.clip_grad_norm_(local.params, cfg.train.max_grad_norm)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 local.after_step()
             factors, deltas, extra_metrics = local.result()
         finally:
@@ -162,6 +182,8 @@ def train_client(
             "train_loss_first": losses[0],
             "train_loss_last": losses[-1],
             "train_time_s": time.perf_counter() - started,
+            "base_dtype": cfg.model_dtype if cfg.quantization is None else f"{cfg.quantization}/{cfg.model_dtype}",
+            "gradient_checkpointing": checkpointing,
             **extra_metrics,
         },
     )

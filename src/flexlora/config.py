@@ -95,6 +95,9 @@ class TrainConfig:
     batch_size: int = 4
     micro_batch_size: int | None = None  # None: the whole batch at once; smaller saves memory
     max_grad_norm: float = 1.0
+    # Activation checkpointing of the decoder layers: recompute activations in the backward
+    # pass instead of keeping them (less memory, about a third more compute). docs/memory.md
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -135,7 +138,13 @@ class FlowerConfig:
 class ExperimentConfig:
     seed: int = 0
     engine: str = "local"  # local (in-process) | flower (Flower's simulation engine; deployment: flower_app/)
-    model: str = "smollm2-135m-instruct"  # smollm2-135m-instruct | tiny-llama | HF path or id
+    model: str = "smollm2-135m-instruct"  # smollm2-135m-instruct | tiny-llama | random-llama-1b | HF path or id
+    # Dtype of the frozen base weights: float32 | bfloat16 | float16 (with quantization: the
+    # compute dtype of the 4-bit layers). LoRA factors, their gradients, the optimizer state and
+    # every update sent to the server stay float32 whatever it is. On CUDA, a 16-bit base also
+    # runs the forward pass under autocast. docs/memory.md
+    model_dtype: str = "float32"
+    quantization: str | None = None  # null | nf4: base linear layers in 4-bit NF4 (bitsandbytes, QLoRA)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     method: str = "flexlora"  # flexlora | fedit | hetlora | slora | flora | ffa
     # Arguments of the method (see docs/baselines.md), plus server_opt: {name: fedavgm|fedadam|
@@ -363,6 +372,20 @@ def validate(c: ExperimentConfig) -> None:
     _require(
         not looks_like_path or Path(c.model).expanduser().exists(),
         f"model: model path does not exist: {c.model}",
+    )
+    _require(
+        c.model_dtype in ("float32", "bfloat16", "float16"),
+        f"model_dtype: must be float32, bfloat16 or float16, got '{c.model_dtype}'",
+    )
+    if c.quantization is not None:
+        _require(c.quantization == "nf4", f"quantization: must be nf4 or null, got '{c.quantization}'")
+        _require(
+            c.method not in ("flora", "slora"),
+            f"quantization: nf4 cannot be used with method={c.method}, which changes the base weights (4-bit weights cannot be changed)",
+        )
+    _require(
+        c.model_dtype == "float32" or c.method not in ("flora", "slora"),
+        f"model_dtype: method={c.method} changes the base weights, which must then be float32 (a 16-bit base would round its updates away), got '{c.model_dtype}'",
     )
     _require(
         c.device in ("auto", "cpu") or c.device.startswith("cuda"),

@@ -43,17 +43,27 @@ def adapter(model, factors: dict[str, Factors] | None, ranks: dict[str, int] | N
     if None. A global adapter can have a high rank (FlexLoRA's ΔW: up to min(m, n)), which
     would make every forward pass several times dearer than the base model; merged, evaluation
     costs the same for every method. The touched base weights are copied first and restored
-    exactly afterwards (no merge/unmerge rounding drift across rounds)."""
+    exactly afterwards (no merge/unmerge rounding drift across rounds).
+
+    Merged only into float32 base weights: a 4-bit (NF4) weight cannot hold a merged update,
+    and merging into bfloat16/float16 would round most of a small update away. Such a base runs
+    the adapter unmerged (PEFT's forward: base layer + float32 LoRA path), which gives the same
+    logits as the PEFT model a user loads from the exported adapter."""
     if factors is None:
         yield model
         return
     peft_model = lora.attach(model, ranks, alpha, 0.0, target_modules, factors)
+    layers = dict(lora._lora_layers(peft_model))
+    # a 4-bit weight is stored as uint8 (bitsandbytes' Params4bit): not float32 either
+    mergeable = all(layer.get_base_layer().weight.dtype == torch.float32 for layer in layers.values())
     saved = {}
-    for name, layer in lora._lora_layers(peft_model):
-        weight = layer.get_base_layer().weight
-        saved[name] = (weight, weight.detach().clone())
+    if mergeable:
+        for name, layer in layers.items():
+            weight = layer.get_base_layer().weight
+            saved[name] = (weight, weight.detach().clone())
     try:
-        peft_model.merge_adapter()
+        if mergeable:
+            peft_model.merge_adapter()
         yield peft_model
     finally:
         lora.detach(peft_model)

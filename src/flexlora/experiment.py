@@ -25,6 +25,15 @@ from flexlora.runtime.local import LocalRuntime
 from flexlora.server import FederatedServer, run_rounds
 
 
+def load_base(cfg: ExperimentConfig, device: torch.device, source: str | None = None):
+    """(model, tokenizer) of the run's base model with its memory options (model_dtype,
+    quantization, train.gradient_checkpointing); `source` overrides cfg.model."""
+    return load_model(
+        source or cfg.model, device, seed=cfg.seed, dtype=cfg.model_dtype, quantization=cfg.quantization,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+    )
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return default_device()
@@ -151,7 +160,7 @@ class Experiment:
         self.started = time.perf_counter()
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.model, self.tokenizer = load_model(cfg.model, self.device, seed=cfg.seed)
+        self.model, self.tokenizer = load_base(cfg, self.device)
         check_template(cfg, self.tokenizer)
         self.target_modules = cfg.lora.target_modules or default_target_modules(self.model)
         self.shapes = lora.module_shapes(self.model, self.target_modules)
@@ -349,7 +358,7 @@ def run_evaluation(cfg: ExperimentConfig, adapter: str | Path | None, clients: s
     if not any(c.test for c in chosen):
         hint = " (choose held-out clients with data.heldout_*)" if clients == "heldout" else ""
         raise ConfigError(f"data: the {clients} clients of {cfg.data.source} have no test examples{hint}")
-    model, tokenizer = load_model(cfg.model, device, seed=cfg.seed)
+    model, tokenizer = load_base(cfg, device)
     check_template(cfg, tokenizer)
     target_modules = cfg.lora.target_modules or default_target_modules(model)
     factors = ranks = None

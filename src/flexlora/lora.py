@@ -62,11 +62,12 @@ def attach(
     seed: int = 0,
 ) -> PeftModel:
     """Wrap the base model with a fresh adapter at these ranks; start from `factors` if given,
-    else from PEFT's init (A random from `seed`, B zero)."""
+    else from PEFT's init (A random from `seed`, B zero). The LoRA factors are float32 whatever
+    the base weights' dtype (bfloat16/float16/4-bit): PEFT's `autocast_adapter_dtype`."""
     config = lora_config(module_ranks, alpha, dropout, target_modules)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        peft_model = get_peft_model(model, config)
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
     if factors is not None:
         try:
             set_factors(peft_model, factors)
@@ -89,11 +90,11 @@ def _lora_layers(peft_model: PeftModel):
 
 
 def get_factors(peft_model: PeftModel) -> dict[str, Factors]:
-    """Detached CPU copies of (A, B) per module."""
+    """Detached float32 CPU copies of (A, B) per module (float32 whatever the base's dtype)."""
     return {
         name: (
-            layer.lora_A[ADAPTER].weight.detach().to("cpu", copy=True),
-            layer.lora_B[ADAPTER].weight.detach().to("cpu", copy=True),
+            layer.lora_A[ADAPTER].weight.detach().to("cpu", torch.float32, copy=True),
+            layer.lora_B[ADAPTER].weight.detach().to("cpu", torch.float32, copy=True),
         )
         for name, layer in _lora_layers(peft_model)
     }

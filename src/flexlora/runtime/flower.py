@@ -509,12 +509,16 @@ def _node_data(node_config, cfg: ExperimentConfig) -> ClientData:
 def node_model(node_config, cfg: ExperimentConfig):
     """(model, tokenizer, target modules) on this node; node config `model` / `device` override
     the run's (e.g. a local copy of the same base model)."""
-    from flexlora.experiment import resolve_device
-    from flexlora.models import default_target_modules, load_model
+    from flexlora.experiment import load_base, resolve_device
+    from flexlora.models import default_target_modules
 
     source = str(node_config.get("model") or cfg.model)
     device = resolve_device(str(node_config.get("device") or cfg.device))
-    model, tokenizer = _cached("model", (source, str(device), cfg.seed), lambda: load_model(source, device, seed=cfg.seed))
+    model, tokenizer = _cached(
+        "model",
+        (source, str(device), cfg.seed, cfg.model_dtype, cfg.quantization, cfg.train.gradient_checkpointing),
+        lambda: load_base(cfg, device, source),
+    )
     return model, tokenizer, cfg.lora.target_modules or default_target_modules(model)
 
 
