@@ -16,7 +16,7 @@ from flexlora.client import ClientTask
 from flexlora.config import load_config
 from flexlora.data.types import ClientData, Example
 from flexlora.models import TINY, load_model
-from flexlora.runtime.local import LocalRuntime
+from flexlora.engines.local import LocalRuntime
 from flexlora.server import ClientFailure, FederatedServer
 
 

@@ -19,8 +19,8 @@ from flexlora.config import ConfigError, load_config
 from flexlora.data.sources import load_federated_dataset
 from flexlora.models import TINY, default_target_modules, load_model
 from flexlora.resources import adapter_training_bytes, declared_rank_type, module_ranks, paper_rank_types, rank_type_for_memory
-from flexlora.runtime import flower
-from flexlora.runtime.local import LocalRuntime
+from flexlora.engines import flower
+from flexlora.engines.local import LocalRuntime
 from flexlora.server import FederatedServer
 
 

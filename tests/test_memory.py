@@ -264,7 +264,7 @@ def test_nf4_client_trains_float32_lora_and_training_after_evaluation_is_unchang
 
 @needs_bnb
 def test_nf4_bfloat16_checkpointed_run_end_to_end(tiny_overrides, tmp_path):
-    from flexlora.experiment import run_experiment
+    from flexlora.engines import run_experiment
 
     cfg = load_config(overrides=[*tiny_overrides, "model_dtype=bfloat16", "quantization=nf4", "train.gradient_checkpointing=true",
                                  "federation.rounds=1"])

@@ -9,6 +9,7 @@ import torch
 from flexlora import lora
 from flexlora.cli import main
 from flexlora.config import load_config
+from flexlora.engines.local import local_runtime
 from flexlora.evaluation import evaluate
 from flexlora.experiment import Experiment, run_evaluation
 from test_compare import write_ni_fixture
@@ -53,7 +54,7 @@ def test_flora_is_evaluated_on_base_plus_offset(tmp_path):
                                  f"output.dir={tmp_path / 'runs'}", "output.name=f"])
     exp = Experiment(cfg, echo=lambda *_: None)
     exp.make_server([c.client_id for c in exp.dataset.clients])
-    exp.run(exp.local_runtime())
+    exp.run(local_runtime(exp))
     reported = exp.history[1]["eval"]
     offset = exp.server.base_offset()
     assert offset and exp.server.global_adapter() == (None, None)  # FLoRA's model is all offset

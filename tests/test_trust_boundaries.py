@@ -19,7 +19,7 @@ import torch
 
 import flexlora
 import flexlora.experiment as experiment_module
-import flexlora.runtime.local as local_module
+import flexlora.engines.local as local_module
 from flexlora.aggregation.flexlora import dense_delta
 from flexlora.cli import main
 from flexlora.runlock import LOCK_NAME

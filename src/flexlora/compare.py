@@ -101,7 +101,7 @@ def run_grid(
     echo=print,
 ) -> Path:
     """Run every missing cell, then write the report; returns the report's Markdown path."""
-    from flexlora.experiment import run_experiment
+    from flexlora.engines import run_experiment
 
     out = Path(out_dir)
     base = load_config(config_path, list(overrides))

@@ -15,8 +15,7 @@ from pathlib import Path
 import yaml
 
 
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key."""
+from flexlora.errors import ConfigError  # noqa: E402,F401  (re-exported)
 
 
 @dataclass

@@ -21,7 +21,6 @@ from flexlora.evaluation import METRIC, evaluate
 from flexlora.models import default_device, default_target_modules, load_model
 from flexlora.reporting import WriteError, append_line, plot_metric, write_json, write_jsonl
 from flexlora.runlock import LOCK_NAME, RunLock
-from flexlora.runtime.local import LocalRuntime
 from flexlora.server import FederatedServer, run_rounds
 
 
@@ -197,9 +196,6 @@ class Experiment:
         )
         return server
 
-    def local_runtime(self) -> LocalRuntime:
-        return LocalRuntime(self.model, self.tokenizer, self.dataset.clients, self.cfg, self.target_modules)
-
     def export_rank(self) -> int:
         """The rank of the global adapter that is evaluated and exported: eval.export_rank, or
         what the largest client receives (FlexLoRA's full-rank ΔW can be as large as the base
@@ -319,25 +315,6 @@ class Experiment:
         )
         self.echo(f"run folder: {run_dir}")
         return run_dir
-
-
-def run_experiment(
-    cfg: ExperimentConfig, echo=print, resume: str | Path | None = None, zero_shot: dict | None = None
-) -> Path:
-    """Run the configured experiment on its engine, or continue the one in the run folder
-    `resume` from its last checkpoint; returns the run folder. `zero_shot`: the base model's
-    held-out metrics if already known (in-process engine; Flower evaluates it again)."""
-    if cfg.engine == "flower":
-        from flexlora.runtime.flower import run_simulation
-
-        return run_simulation(cfg, echo, resume)
-    exp = Experiment(cfg, echo, resume=resume, zero_shot=zero_shot)
-    try:
-        exp.make_server([c.client_id for c in exp.dataset.clients])
-        exp.run(exp.local_runtime())
-        return exp.finish()
-    finally:
-        exp.close()
 
 
 EVAL_CLIENTS = ("heldout", "training", "all")

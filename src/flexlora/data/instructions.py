@@ -12,10 +12,14 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from flexlora.config import DataConfig
+from typing import TYPE_CHECKING
+
 from flexlora.data.records import Issues, Record, read_records, report, to_example
 from flexlora.data.split import dirichlet_split
 from flexlora.data.types import ClientData, DataError, Example
+
+if TYPE_CHECKING:  # annotations only: the data layer does not import the configuration
+    from flexlora.config import DataConfig
 
 DOLLY_FILE = "databricks-dolly-15k.jsonl"
 

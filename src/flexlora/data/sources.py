@@ -14,10 +14,15 @@ from __future__ import annotations
 import logging
 import random
 
-from flexlora.config import ConfigError, DataConfig
+from typing import TYPE_CHECKING
+
+from flexlora.errors import ConfigError
 from flexlora.data.records import Issues
 from flexlora.data.split import select_heldout
 from flexlora.data.types import ClientData, DataError, FederatedDataset
+
+if TYPE_CHECKING:  # annotations only: the data layer does not import the configuration
+    from flexlora.config import DataConfig
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from flexlora.config import ConfigError
+from flexlora.errors import ConfigError
 from flexlora.data.types import ClientData, DataError
 
 _TASK_SUFFIX = re.compile(r"\s+\d+\.json$")

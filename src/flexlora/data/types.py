@@ -5,13 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-class DataError(ValueError):
-    """Unusable input data; the one-line message names the file (and line) and the problem."""
-
-    def __init__(self, message: str, path: str | None = None, line: int | None = None):
-        self.path, self.line, self.reason = path, line, message
-        where = f"{path}:{line}: " if path and line is not None else (f"{path}: " if path else "")
-        super().__init__(f"{where}{message}")
+from flexlora.errors import DataError  # noqa: F401  (re-exported: data code raises it)
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 
+from pathlib import Path
+
 from tqdm.auto import tqdm
 
 from flexlora.aggregation.base import ClientUpdate
 from flexlora.client import ClientTask, train_client
 from flexlora.config import ExperimentConfig
 from flexlora.data.types import ClientData
+from flexlora.experiment import Experiment
 from flexlora.server import ClientFailure
 
 log = logging.getLogger(__name__)
@@ -34,3 +37,19 @@ class LocalRuntime:
                 log.warning("client %s failed: %s: %s", task.client_id, type(e).__name__, e)
                 results.append(ClientFailure(task.client_id, f"{type(e).__name__}: {e}"))
         return results
+
+
+def local_runtime(exp: Experiment) -> LocalRuntime:
+    """The in-process runtime over an experiment's model and training clients."""
+    return LocalRuntime(exp.model, exp.tokenizer, exp.dataset.clients, exp.cfg, exp.target_modules)
+
+
+def run_local(cfg: ExperimentConfig, echo=print, resume: str | Path | None = None, zero_shot: dict | None = None) -> Path:
+    """The whole experiment in this process (see flexlora.engines.run_experiment)."""
+    exp = Experiment(cfg, echo, resume=resume, zero_shot=zero_shot)
+    try:
+        exp.make_server([c.client_id for c in exp.dataset.clients])
+        exp.run(local_runtime(exp))
+        return exp.finish()
+    finally:
+        exp.close()

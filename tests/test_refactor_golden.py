@@ -1,0 +1,87 @@
+"""Seeded two-round runs of every method on the tiny model give the numbers recorded before the
+layout refactor of issue 11 (tests/fixtures/golden_runs.json): eval loss per round, each
+client's first/last training loss and trainable parameters, the aggregation weights, and sums of
+the exported adapter (or merged weights). A refactor that changes behaviour changes these.
+
+FLEXLORA_RECORD_GOLDEN=1 rewrites the fixture (only do that for an intended change of behaviour)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flexlora.cli import main
+
+FIXTURE = Path(__file__).parent / "fixtures" / "golden_runs.json"
+CASES = {
+    "flexlora": ["method=flexlora"],
+    "fedit": ["method=fedit"],
+    "hetlora": ["method=hetlora", "method_args={prune_threshold: 0.5, weighting: sparsity}"],
+    "slora": ["method=slora", "method_args={sparse_rounds: 1, densities: {T1: 0.05}}"],
+    "flora": ["method=flora"],
+    "ffa": ["method=ffa"],
+    "fedavgm": ["method=flexlora", "method_args={server_opt: {name: fedavgm}}"],
+    "fedprox": ["method=flexlora", "method_args={fedprox_mu: 0.01}"],
+    "fedit_adam": ["method=fedit", "method_args={server_opt: {name: fedadam, lr: 0.001}}"],
+}
+
+
+def summarize(run_dir: Path) -> dict:
+    rounds = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        rounds.append(
+            {
+                "eval_loss": r["eval"]["eval_loss"] if r.get("eval") else None,
+                "clients": {
+                    cid: [c["train_loss_first"], c["train_loss_last"], c["trainable_params"], c.get("pruned_ranks")]
+                    for cid, c in (r.get("clients") or {}).items()
+                },
+                "weights": r.get("weights"),
+            }
+        )
+    tensors = {}
+    for sub in ("adapter", "merged"):
+        for f in sorted((run_dir / sub).glob("*.safetensors")) if (run_dir / sub).is_dir() else []:
+            for k, v in sorted(load_file(f).items()):
+                if v.is_floating_point():
+                    tensors[f"{sub}/{k}"] = [float(v.double().sum()), float(v.double().abs().sum())]
+    return {"rounds": rounds, "tensors": tensors}
+
+
+def run_case(case: str, tiny_overrides) -> dict:
+    args = ["run", *tiny_overrides, "resources.profile=uniform", *CASES[case]]
+    assert main(args) == 0
+    out = next(a for a in tiny_overrides if a.startswith("output.dir="))
+    return summarize(Path(out.split("=", 1)[1]) / "test")
+
+
+def close(a, b, path=""):
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and sorted(a) == sorted(b), f"{path}: keys {sorted(b)} != {sorted(a)}"
+        for k in a:
+            close(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), f"{path}: {b} != {a}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-6, abs=1e-6), f"{path}: {b} != {a}"
+    else:
+        assert a == b, f"{path}: {b!r} != {a!r}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_seeded_run_matches_the_recorded_one(case, tiny_overrides):
+    got = run_case(case, tiny_overrides)
+    if os.environ.get("FLEXLORA_RECORD_GOLDEN"):
+        recorded = json.loads(FIXTURE.read_text()) if FIXTURE.exists() else {}
+        recorded[case] = got
+        FIXTURE.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+        pytest.skip("recorded")
+    close(json.loads(FIXTURE.read_text())[case], got, case)
