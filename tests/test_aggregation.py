@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import flexlora.aggregation as agg
-from flexlora.aggregation import METHODS, ClientUpdate, FedIT, FlexLoRA, make_method, truncated_svd
-from flexlora.aggregation import svd as svd_mod
+import flexlora.methods as agg
+from flexlora.methods import METHODS, ClientUpdate, FedIT, FlexLoRA, make_method, truncated_svd
+from flexlora.methods import svd as svd_mod
 
 F64 = torch.float64
 

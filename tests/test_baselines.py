@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexlora.aggregation import (
+from flexlora.methods import (
     Composed,
     FedIT,
     FFALoRA,
@@ -18,8 +18,8 @@ from flexlora.aggregation import (
     SparseDelta,
     make_method,
 )
-from flexlora.aggregation.base import ClientUpdate
-from flexlora.aggregation.ffa import shared_A
+from flexlora.methods.base import ClientUpdate
+from flexlora.methods.ffa import shared_A
 from flexlora.config import ConfigError, load_config
 
 F64 = torch.float64

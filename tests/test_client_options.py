@@ -6,18 +6,12 @@ import pytest
 import torch
 
 from flexlora import lora
-from flexlora.aggregation import ClientUpdate, HetLoRA
+from flexlora.methods import ClientUpdate, HetLoRA
 from flexlora.client import ClientTask, train_client
-from flexlora.client_options import (
-    ClientOptions,
-    RankRegularizer,
-    lora_budget_density,
-    prune_factors,
-    proximal_loss,
-    rank_regularizer_loss,
-    sparse_mask,
-    tail_start,
-)
+from flexlora.methods import parse_client_options
+from flexlora.methods.fedprox import proximal_loss
+from flexlora.methods.hetlora import RankRegularizer, prune_factors, rank_regularizer_loss, tail_start
+from flexlora.methods.slora import lora_budget_density, sparse_mask
 from flexlora.config import load_config
 from flexlora.data.synthetic import make_federation
 from flexlora.models import TINY, default_target_modules, load_model
@@ -69,14 +63,14 @@ def random_factors(shapes, r, seed=0, scale=0.05):
 )
 def test_bad_options_are_one_line_errors(options, message):
     with pytest.raises(ValueError) as err:
-        ClientOptions.parse(options)
+        parse_client_options(options)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_options_parse():
-    opts = ClientOptions.parse({"rank_regularizer": {"lambda": 0.1, "gamma": 0.5, "prune_threshold": None}, "fedprox_mu": 0.2, "timeout_s": 3})
-    assert opts.rank_regularizer == RankRegularizer(0.1, 0.5, None) and opts.fedprox_mu == 0.2 and not opts.freeze_A
-    assert ClientOptions.parse({"sparse": {"seed": 3}}).sparse.density == "lora_budget"
+    opts = {h.option: h for h in parse_client_options({"rank_regularizer": {"lambda": 0.1, "gamma": 0.5, "prune_threshold": None}, "fedprox_mu": 0.2, "timeout_s": 3})}
+    assert opts["rank_regularizer"] == RankRegularizer(0.1, 0.5, None) and opts["fedprox_mu"].mu == 0.2 and "freeze_A" not in opts
+    assert parse_client_options({"sparse": {"seed": 3}})[0].density == "lora_budget"
 
 
 # ---------------------------------------------------------------- HetLoRA regularizer and pruning

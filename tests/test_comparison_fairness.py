@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexlora.aggregation import METHODS, FlexLoRA, SLoRA, SparseDelta, make_method
-from flexlora.aggregation.base import ClientUpdate
+from flexlora.methods import METHODS, FlexLoRA, SLoRA, SparseDelta, make_method
+from flexlora.methods.base import ClientUpdate
 from flexlora.config import load_config
 from flexlora.server import FederatedServer
 

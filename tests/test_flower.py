@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from flexlora import lora
-from flexlora.aggregation import METHODS
+from flexlora.methods import METHODS
 from flexlora.client import ClientTask
 from flexlora.config import ConfigError, load_config
 from flexlora.data.sources import load_federated_dataset
@@ -311,7 +311,7 @@ def test_a_node_declaring_a_billion_examples_is_capped_and_one_claiming_more_tha
     discovery; with federation.max_weight_share=0.5 it gets weight 0.5 and the global state is
     the aggregate of the decoded replies with the bounded weights. Node 101 declared its true
     size but its reply then claims 10⁹: rejected, with the reason."""
-    from flexlora.aggregation.flexlora import dense_delta
+    from flexlora.methods.flexlora import dense_delta
 
     cfg, data, shapes = tiny_federation
     cfg.federation.max_weight_share = 0.5

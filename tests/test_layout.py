@@ -1,5 +1,5 @@
 """The layout's rules that code can check: no import cycle anywhere in src/flexlora (imports inside
-functions count; `if TYPE_CHECKING:` blocks, which never run, do not)."""
+functions count; `if TYPE_CHECKING:` blocks, which never run, do not), and the server side of a run imports no PEFT."""
 
 from __future__ import annotations
 
@@ -131,3 +131,11 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
 def test_no_import_cycle_in_src():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+def test_the_server_side_imports_no_peft():
+    code = (
+        "import sys, flexlora.server, flexlora.checkpoint, flexlora.protocol, flexlora.methods;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('peft', 'transformers'));"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(SRC), "PATH": ""})
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -20,7 +20,7 @@ import torch
 import flexlora
 import flexlora.experiment as experiment_module
 import flexlora.engines.local as local_module
-from flexlora.aggregation.flexlora import dense_delta
+from flexlora.methods.flexlora import dense_delta
 from flexlora.cli import main
 from flexlora.runlock import LOCK_NAME
 from flexlora.server import FederatedServer

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import flexlora.checkpoint as checkpoint_module
-from flexlora.aggregation import FlexLoRA, make_method
-from flexlora.aggregation.base import ClientUpdate
+from flexlora.methods import FlexLoRA, make_method
+from flexlora.methods.base import ClientUpdate
 from flexlora.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from flexlora.config import ExperimentConfig, ResourcesConfig, validate
 from flexlora.server import ClientFailure, FederatedServer, run_rounds
@@ -398,8 +398,8 @@ def test_frozen_A_must_come_back_unchanged():
 
 # --- claimed dataset sizes: declared once, and a cap on any client's share ----------------
 
-from flexlora.aggregation import capped_weights  # noqa: E402
-from flexlora.aggregation.flexlora import dense_delta  # noqa: E402
+from flexlora.methods import capped_weights  # noqa: E402
+from flexlora.methods.flexlora import dense_delta  # noqa: E402
 
 
 def test_capped_weights_water_fill_to_the_cap_and_sum_to_one():

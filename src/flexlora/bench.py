@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from flexlora.aggregation.base import ClientUpdate, data_weights
-from flexlora.aggregation.flexlora import FlexLoRA, stack_factors
+from flexlora.methods.base import ClientUpdate, data_weights
+from flexlora.methods.flexlora import FlexLoRA, stack_factors
 from flexlora.resources import assign_rank_types, paper_rank_types
 
 # (m, n) per module kind; attention modules use q_proj's ranks, MLP ones down_proj's.
@@ -173,7 +173,7 @@ def gram_routes():
         def emit(self, record):
             routes.append(record.getMessage().split(": ", 1)[-1])
 
-    logger = logging.getLogger("flexlora.aggregation.svd")
+    logger = logging.getLogger("flexlora.methods.svd")
     handler, level, propagate = Collect(), logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)

@@ -1,34 +1,28 @@
 """One client's local training step: wrap the shared model with an adapter at the client's own
-ranks (or, for SLoRA's sparse stage, train its weights under masks), start from what the server
-sent, train, send back the factors (or the sparse change), unwrap and restore the model.
+ranks (or the local model a method's client hook puts in its place, e.g. one that trains the
+base weights under masks),
+start from what the server sent, train, send back what the hooks make of the result, unwrap and
+restore the model.
 
-What differs between methods on the client arrives as plain JSON in ``ClientTask.options`` and
-is interpreted here with the helpers of ``flexlora.client_options``."""
+What differs between methods on the client arrives as plain JSON in ``ClientTask.options``; each
+key is interpreted by the method's ``ClientHook`` (flexlora.methods), which this loop calls at
+fixed points: start, penalty, mask_gradients, after_step, finish. No method is known here by name."""
 
 from __future__ import annotations
 
 import math
 import random
 import time
-from dataclasses import dataclass, field
 
 import torch
 
 from flexlora import lora, models
-from flexlora.aggregation.base import ClientUpdate, Factors
-from flexlora.client_options import (
-    ClientOptions,
-    lora_budget_density,
-    proximal_loss,
-    prune_factors,
-    rank_regularizer_loss,
-    sparse_delta,
-    sparse_mask,
-)
 from flexlora.config import ExperimentConfig
 from flexlora.data.prompts import collate, tokenize_for_training
 from flexlora.data.types import ClientData
 from flexlora.faults import fault_point
+from flexlora.methods import parse_client_options
+from flexlora.protocol import ClientTask, ClientUpdate, Factors  # noqa: F401  (ClientTask re-exported)
 
 
 class ClientTimeout(RuntimeError):
@@ -39,28 +33,8 @@ class InjectedFailure(RuntimeError):
     """A failure the server asked for (options["inject_failure"]), to test dropout handling."""
 
 
-@dataclass
-class ClientTask:
-    """What the server asks one client to do this round (transport-independent)."""
-
-    client_id: str
-    round: int
-    rank_type: str
-    module_ranks: dict[str, int]
-    factors: dict[str, Factors] | None  # None: fresh PEFT init
-    seed: int
-    # Client-side behaviour, plain JSON values: the method's (see flexlora.client_options) and
-    # the reliability ones, "timeout_s" (deadline of local training) and "inject_failure"
-    # (fault injection: the client fails on purpose).
-    options: dict = field(default_factory=dict)
-    # The global model's change of the base weights (FLoRA, SLoRA's sparse stage): module name
-    # -> (out, in) tensor, applied for the duration of the task. The same object for every
-    # client of a round.
-    base_offset: dict[str, torch.Tensor] | None = None
-
-
 def make_optimizer(params, cfg: ExperimentConfig, lr: float | None = None) -> torch.optim.Optimizer:
-    """The local optimizer: AdamW (FedIT) or SGD (the paper's "FedAvg"); lr defaults to train.lr."""
+    """The local optimizer: AdamW or SGD (train.optimizer); lr defaults to train.lr."""
     lr = cfg.train.lr if lr is None else lr
     if cfg.train.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=cfg.train.weight_decay)
@@ -121,7 +95,7 @@ def train_client(
         raise InjectedFailure(f"client {data.client_id}: injected failure (federation.dropout_rate)")
     if not data.train:
         raise ValueError(f"client {data.client_id} has no training examples")
-    opts = ClientOptions.parse(task.options)
+    hooks = parse_client_options(task.options)
     started = time.perf_counter()
     # A thread cannot be killed, so the deadline is checked between optimizer steps: a client
     # overruns it by at most one step (see docs/reliability.md).
@@ -135,12 +109,16 @@ def train_client(
     micro = min(cfg.train.micro_batch_size or batch_size, batch_size)
     num_steps = cfg.train.steps or math.ceil(cfg.train.epochs * len(features) / batch_size)
 
-    trained_in_place = list(task.module_ranks) if opts.sparse else []
+    in_place = next((h for h in hooks if h.trains_weights), None)  # a hook that replaces the adapter
+    trained_in_place = list(task.module_ranks) if in_place else []
     with lora.base_weights(model, task.base_offset, keep=trained_in_place):  # restored exactly on exit
-        local = SparseWeights(model, task, opts) if opts.sparse else Adapter(model, task, cfg, target_modules, opts)
+        local = in_place.local_model(model, task, cfg, target_modules) if in_place else Adapter(model, task, cfg, target_modules)
         try:
-            optimizer = make_optimizer(local.params, cfg, lr=opts.sparse.lr if opts.sparse else None)
-            anchors = [p.detach().clone() for p in local.params] if opts.fedprox_mu > 0 else None
+            for hook in hooks:
+                hook.start(local)
+            local.params = local.trainable()
+            lr = next((hook.lr() for hook in hooks if hook.lr() is not None), None)
+            optimizer = make_optimizer(local.params, cfg, lr=lr)
             amp = autocast_dtype(cfg, device)
             # float16 gradients underflow without loss scaling; a disabled scaler is a no-op.
             scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
@@ -154,19 +132,24 @@ def train_client(
                 fault_point("train_step", task.round)
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(backward_batch(local.net, features, batch, micro, device, tokenizer.pad_token_id, amp, scaler))
-                penalty = local.penalty()
-                if anchors is not None:
-                    prox = proximal_loss(local.params, anchors, opts.fedprox_mu)
-                    penalty = prox if penalty is None else penalty + prox
+                penalty = None
+                for hook in hooks:
+                    term = hook.penalty(local)
+                    if term is not None:
+                        penalty = term if penalty is None else penalty + term
                 if penalty is not None:
                     scaler.scale(penalty).backward()
                 scaler.unscale_(optimizer)
-                local.mask_gradients()
+                for hook in hooks:
+                    hook.mask_gradients(local)
                 torch.nn.utils.clip_grad_norm_(local.params, cfg.train.max_grad_norm)
                 scaler.step(optimizer)
                 scaler.update()
-                local.after_step()
+                for hook in hooks:
+                    hook.after_step(local)
             factors, deltas, extra_metrics = local.result()
+            for hook in hooks:
+                factors = hook.finish(factors, extra_metrics)
         finally:
             local.close()
     return ClientUpdate(
@@ -191,85 +174,20 @@ def train_client(
 
 class Adapter:
     """The usual local model: a LoRA adapter at the task's ranks on the shared model, started
-    from the server's factors; A frozen if asked (FFA-LoRA), HetLoRA's regularizer if asked."""
+    from the server's factors. ``weights``: module -> (A, B) parameters, for the hooks."""
 
-    def __init__(self, model, task: ClientTask, cfg: ExperimentConfig, target_modules: list[str], opts: ClientOptions):
-        self.opts = opts
+    def __init__(self, model, task: ClientTask, cfg: ExperimentConfig, target_modules: list[str]):
         self.net = lora.attach(
             model, task.module_ranks, cfg.lora.alpha, cfg.lora.dropout, target_modules, task.factors, seed=task.seed
         )
         self.weights = lora.lora_weights(self.net)
-        if opts.freeze_A:
-            for A, _ in self.weights.values():
-                A.requires_grad_(False)
-        self.params = [p for p in self.net.parameters() if p.requires_grad]
+        self.params: list[torch.Tensor] = []
 
-    def penalty(self) -> torch.Tensor | None:
-        reg = self.opts.rank_regularizer
-        return rank_regularizer_loss(self.weights, reg) if reg is not None and reg.lam > 0 else None
-
-    def mask_gradients(self) -> None:
-        pass
-
-    def after_step(self) -> None:
-        pass
+    def trainable(self) -> list[torch.Tensor]:
+        return [p for p in self.net.parameters() if p.requires_grad]
 
     def result(self):
-        factors = lora.get_factors(self.net)
-        metrics = {"trainable_params": lora.trainable_parameters(self.net)}
-        if self.opts.rank_regularizer is not None:
-            factors, pruned = prune_factors(factors, self.opts.rank_regularizer)
-            if pruned:
-                metrics["pruned_ranks"] = pruned
-        return factors, {}, metrics
+        return lora.get_factors(self.net), {}, {"trainable_params": lora.trainable_parameters(self.net)}
 
     def close(self) -> None:
         lora.detach(self.net).eval()
-
-
-class SparseWeights:
-    """SLoRA's sparse stage: the target modules' weights themselves are trained, each entry only
-    where the shared random mask of the task's density is set; sends back the sparse change.
-    (The caller restores the weights afterwards.)"""
-
-    def __init__(self, model, task: ClientTask, opts: ClientOptions):
-        spec = opts.sparse
-        self.net = model
-        self.layers = lora.target_layers(model, task.module_ranks)
-        self.masks, self.start = {}, {}
-        for name, layer in self.layers.items():
-            W = lora.weight_matrix(layer)
-            density = lora_budget_density(task.module_ranks[name], tuple(W.shape)) if spec.density == "lora_budget" else spec.density
-            self.masks[name] = sparse_mask(tuple(W.shape), density, spec.seed, name, W.device)
-            self.start[name] = W.detach().clone()
-            layer.weight.requires_grad_(True)
-        self.params = [layer.weight for layer in self.layers.values()]
-
-    def penalty(self) -> None:
-        return None
-
-    def mask_gradients(self) -> None:
-        for name, layer in self.layers.items():
-            if layer.weight.grad is not None:
-                lora.weight_matrix_of(layer, layer.weight.grad).mul_(self.masks[name])
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        # Decoupled weight decay (AdamW) moves every entry; masked-out ones must not train.
-        for name, layer in self.layers.items():
-            W = lora.weight_matrix(layer)
-            W.copy_(torch.where(self.masks[name], W, self.start[name]))
-
-    def result(self):
-        deltas = {
-            name: sparse_delta(lora.weight_matrix(layer), self.start[name], self.masks[name])
-            for name, layer in self.layers.items()
-        }
-        trained = sum(int(mask.sum()) for mask in self.masks.values())
-        return {}, deltas, {"trainable_params": trained}
-
-    def close(self) -> None:
-        for layer in self.layers.values():
-            layer.weight.requires_grad_(False)
-            layer.weight.grad = None
-        self.net.eval()

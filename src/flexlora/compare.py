@@ -48,7 +48,7 @@ class Cell:
 
 
 def is_homogeneous(method: str) -> bool:
-    from flexlora.aggregation import METHODS
+    from flexlora.methods import METHODS
 
     # A grid folder may list a method this version lacks (cells added by a newer version).
     return bool(getattr(METHODS.get(method), "homogeneous", False))

@@ -288,7 +288,7 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(c: ExperimentConfig) -> None:
     """Value checks that types alone cannot express."""
-    from flexlora.aggregation import METHODS, make_method
+    from flexlora.methods import METHODS, make_method
     from flexlora.data.prompts import TEMPLATES
     from flexlora.resources import PROFILES, paper_rank_types
 

@@ -18,7 +18,7 @@ from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
 from flexlora import lora
-from flexlora.aggregation.base import Factors
+from flexlora.protocol import Factors
 from flexlora.data.prompts import collate, fit_prompt, tokenize_for_training
 from flexlora.data.types import ClientData, Example
 

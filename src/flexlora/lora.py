@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from flexlora.aggregation.base import Factors
+from flexlora.protocol import Factors
 
 ADAPTER = "default"
 

@@ -1,7 +1,8 @@
 """A federated round, independent of transport: sample, configure, aggregate, evaluate, log.
 
-A runtime (in-process, Flower) only moves ClientTasks out and ClientUpdates back; it never
-knows which aggregation method runs.
+An engine (in-process, Flower) only moves ClientTasks out and ClientUpdates back; it never
+knows which method runs. The server calls the method's hooks (flexlora.methods.base.Method),
+every one of them, and knows no method by name.
 """
 
 from __future__ import annotations
@@ -17,21 +18,15 @@ from typing import Callable, Protocol
 
 import torch
 
-from flexlora.aggregation import METHODS, make_method
-from flexlora.aggregation.base import ClientUpdate, GlobalState, capped_weights
-from flexlora.client import ClientTask
 from flexlora.config import ExperimentConfig
 from flexlora.faults import fault_point
+from flexlora.methods import METHODS, make_method
+from flexlora.methods.base import GlobalState, capped_weights
+from flexlora.protocol import ClientFailure, ClientTask, ClientUpdate
 from flexlora.resources import RankType, assign_rank_types, module_ranks, paper_rank_types
 from flexlora.validation import validate_round
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ClientFailure:
-    client_id: str
-    reason: str
 
 
 @dataclass
@@ -81,13 +76,12 @@ class FederatedServer:
             self.rank_types.setdefault(rank_type.name, rank_type)
             self.client_types[cid] = rank_type.name
         self.client_ranks = {cid: module_ranks(self.rank_types[t], shapes) for cid, t in self.client_types.items()}
-        if getattr(self.method, "homogeneous", False):
+        if self.method.homogeneous:
             # Homogeneous baselines: every client is cut down to the federation's smallest
             # rank per module (the "bucket effect" FlexLoRA avoids).
             floor = {m: min(ranks[m] for ranks in self.client_ranks.values()) for m in shapes}
             self.client_ranks = {cid: dict(floor) for cid in self.client_ids}
-        init_state = getattr(self.method, "init_state", None)
-        self.state: GlobalState | None = init_state(shapes) if init_state is not None else None
+        self.state: GlobalState | None = self.method.init_state(shapes)
         self.round = 0
         self.last_truncation: dict | None = None  # see aggregate()
 
@@ -101,12 +95,11 @@ class FederatedServer:
         fed = self.cfg.federation
         tasks = []
         offset = self.base_offset()  # one object shared by the round's tasks
-        client_options = getattr(self.method, "client_options", None)
         for i, cid in enumerate(client_ids):
             ranks = self.client_ranks[cid]
             rank_type = self.client_types[cid]
             # The method's client-side settings, then the reliability ones (all plain JSON).
-            options = dict(client_options(self.state, round_, rank_type)) if client_options else {}
+            options = dict(self.method.client_options(self.state, round_, rank_type))
             if fed.client_timeout_s is not None:
                 options["timeout_s"] = fed.client_timeout_s
             # Fault injection, seeded per (run, round, client) so a resumed run drops the same clients.
@@ -134,8 +127,7 @@ class FederatedServer:
             self.shapes,
             self.cfg.lora.alpha,
             max_norm_ratio=self.cfg.federation.max_norm_ratio,
-            exact_rank=getattr(self.method, "homogeneous", False),
-            method=self.method,
+            exact_rank=self.method.homogeneous,
             declared_sizes=self.declared_sizes,
         )
 
@@ -154,12 +146,10 @@ class FederatedServer:
     def aggregate(self, updates: list[ClientUpdate]) -> None:
         self.state = self.method.aggregate(updates, self.state)
         # Methods that keep ΔW's spectrum report what each client rank's slice of it loses.
-        report = getattr(self.method, "truncation", None)
-        if report is not None:
-            ranks = {m: {u.rank(m) for u in updates} for m in updates[0].factors}
-            self.last_truncation = report(self.state, ranks)
-        if getattr(self.method, "prunes_ranks", False):
-            # HetLoRA: a client that pruned a module's rank keeps the smaller rank from now on.
+        ranks = {m: {u.rank(m) for u in updates} for m in updates[0].factors}
+        self.last_truncation = self.method.truncation(self.state, ranks)
+        if self.method.prunes_ranks:
+            # A client that pruned a module's rank keeps the smaller rank from now on.
             for u in updates:
                 ranks = self.client_ranks[u.client_id]
                 for module, (A, _) in u.factors.items():
@@ -167,8 +157,7 @@ class FederatedServer:
 
     def base_offset(self) -> dict | None:
         """The global model's change of the base weights (module -> (out, in)), if the method has one."""
-        hook = getattr(self.method, "base_offset", None)
-        return hook(self.state) if hook is not None and self.state is not None else None
+        return self.method.base_offset(self.state) if self.state is not None else None
 
     def complete_round(self, round_: int, tasks: list[ClientTask], results: list) -> RoundOutcome:
         """Everything the server does with one round's results, whatever the transport:
@@ -194,8 +183,7 @@ class FederatedServer:
         return RoundOutcome(updates, failures, rejected, kept_previous, time.perf_counter() - started, weights)
 
     # Checkpointing: everything a resumed run needs that the config and seed cannot rebuild.
-    # Methods with state outside `self.state` (e.g. a server optimizer's moments) implement
-    # `extra_state() -> (tensors, json)` and `load_extra_state(tensors, json)`.
+    # A method with state outside `self.state` returns it from `extra_state()` (see Method).
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(flat tensors, JSON-ready metadata) of the server."""
@@ -208,8 +196,9 @@ class FederatedServer:
             "client_ranks": self.client_ranks,
             "declared_sizes": self.declared_sizes,
         }
-        if hasattr(self.method, "extra_state"):
-            extra_tensors, meta["method_extra"] = self.method.extra_state()
+        extra = self.method.extra_state()
+        if extra is not None:
+            extra_tensors, meta["method_extra"] = extra
             tensors.update({f"method/{k}": v for k, v in extra_tensors.items()})
         return tensors, meta
 
@@ -226,13 +215,12 @@ class FederatedServer:
         # Sizes are declared once: a client re-declaring on resume cannot raise its bound.
         for cid, n in (meta.get("declared_sizes") or {}).items():
             self.declared_sizes[cid] = min(n, self.declared_sizes.get(cid, n))
-        if hasattr(self.method, "load_extra_state"):
-            extra = {k[len("method/"):]: v for k, v in tensors.items() if k.startswith("method/")}
-            self.method.load_extra_state(extra, meta.get("method_extra"))
+        extra = {k[len("method/"):]: v for k, v in tensors.items() if k.startswith("method/")}
+        self.method.load_extra_state(extra, meta.get("method_extra"))
 
     def global_adapter(self, rank: int | None = None):
         """(factors, ranks) of the global model, optionally truncated to `rank`; (None, None) when
-        the global model has no adapter (e.g. FLoRA: everything is in the base offset)."""
+        the global model has no adapter (everything is in the method's base offset)."""
         factors, ranks = self.method.global_factors(self.state, self.cfg.lora.alpha)
         if not factors:
             return None, None

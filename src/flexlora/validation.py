@@ -14,14 +14,13 @@ What a valid update is, for every method:
 - metrics are JSON (they go into metrics.jsonl);
 - factors cover exactly the modules the server asked for, each a pair of 2-D floating-point
   tensors A (r, n), B (m, r) with (m, n) the module's weight shape and 1 <= r <= the rank the
-  server assigned (a smaller rank is allowed: HetLoRA clients may prune theirs; homogeneous
+  server assigned (a smaller rank is allowed: a method may let clients prune theirs; homogeneous
   methods need exactly the assigned rank), all values finite;
-- when the task froze A (option "freeze_A", FFA-LoRA), A comes back as it was sent;
-- when the task asked for sparse weight training (option "sparse", SLoRA's first stage), the
-  update carries `deltas` instead of factors: per module a sparse change (indices, values,
-  shape) of the module's shape, int64 indices in range, finite floating-point values;
 - its norm ||Σ s B A|| is not far above the others' (``max_norm_ratio``), see ``norm_outliers``.
-Methods may add checks with an optional ``check_update(update, task) -> str | None``.
+What else a method's update must satisfy is the method's own rule, on the client hooks of the
+task's options (``ClientHook.check_module``, in the method's module): a hook that sends
+"deltas" checks each module's delta instead of (A, B); another may add a rule on (A, B), e.g.
+that a frozen A comes back as it was sent.
 """
 
 from __future__ import annotations
@@ -32,9 +31,10 @@ from statistics import median
 
 import torch
 
-from flexlora.aggregation.base import ClientUpdate, compute_dtype
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from flexlora.methods import parse_client_options
+from flexlora.methods.base import FLOAT_DTYPES, nonfinite
+from flexlora.methods.base import update_norm as factor_norm
+from flexlora.protocol import ClientUpdate
 
 
 def check_update(
@@ -56,15 +56,16 @@ def check_update(
         json.dumps(update.metrics, allow_nan=True)
     except (TypeError, ValueError) as e:
         return f"metrics are not JSON-serialisable ({e})"
-    options = getattr(task, "options", None) or {}
-    sparse = bool(options.get("sparse"))
-    # Duck-typed: `deltas` exists once SLoRA's sparse stage is in (ClientUpdate.deltas).
+    hooks = parse_client_options(getattr(task, "options", None) or {})
+    payload = next((h for h in hooks if h.sends == "deltas"), None)  # checks the deltas it asked for
+    as_deltas = payload is not None
+    # Duck-typed: an update object may lack `deltas` (ClientUpdate has it).
     deltas = getattr(update, "deltas", None) or {}
-    sent, other, kind = (deltas, update.factors, "deltas") if sparse else (update.factors, deltas, "factors")
+    sent, other, kind = (deltas, update.factors, "deltas") if as_deltas else (update.factors, deltas, "factors")
     if not isinstance(sent, dict) or not sent:
         return f"empty update (no {kind})"
     if other:
-        return f"sent {'factors' if sparse else 'deltas'} where the task asked for {kind}"
+        return f"sent {'factors' if as_deltas else 'deltas'} where the task asked for {kind}"
     expected = task.module_ranks
     missing = sorted(set(expected) - set(sent))
     if missing:
@@ -72,14 +73,14 @@ def check_update(
     extra = sorted(set(sent) - set(expected))
     if extra:
         return f"{len(extra)} unexpected module(s), e.g. {extra[0]}"
-    frozen = task.factors if options.get("freeze_A") and task.factors else {}
     for module in sorted(expected):
-        if sparse:
-            problem = _check_delta(sent[module], shapes[module])
+        if as_deltas:
+            problem = payload.check_module(module, sent[module], task, shapes[module])
         else:
             problem = _check_factors(sent[module], shapes[module], expected[module], exact_rank)
-            if problem is None and module in frozen:
-                problem = _check_frozen(sent[module][0], frozen[module][0])
+            for hook in hooks:
+                if problem is None:
+                    problem = hook.check_module(module, sent[module], task, shapes[module])
         if problem:
             return f"module {module}: {problem}"
     return None
@@ -89,35 +90,6 @@ def check_declared_size(claimed: int, declared: int | None) -> str | None:
     """A reply may not claim more examples than its client declared (None: nothing declared)."""
     if declared is not None and claimed > declared:
         return f"num_examples {claimed} is above the {declared} this client declared"
-    return None
-
-
-def _check_frozen(A: torch.Tensor, A0: torch.Tensor) -> str | None:
-    """A frozen A must come back unchanged; the tolerance allows a half-precision transport."""
-    A0 = A0.to(device=A.device, dtype=A.dtype)
-    if A.shape != A0.shape or float(torch.linalg.norm(A - A0)) > 1e-2 * float(torch.linalg.norm(A0)) + 1e-6:
-        return "A changed although the task froze it (freeze_A)"
-    return None
-
-
-def _check_delta(delta, shape: tuple[int, int]) -> str | None:
-    try:
-        indices, values, dshape = delta.indices, delta.values, tuple(delta.shape)
-    except (AttributeError, TypeError):
-        return "delta must have indices, values and shape"
-    if dshape != tuple(shape):
-        return f"delta shape {dshape} differs from the weight's {tuple(shape)}"
-    if not isinstance(indices, torch.Tensor) or not isinstance(values, torch.Tensor):
-        return "delta indices and values must be tensors"
-    if indices.dtype != torch.int64 or indices.ndim != 1:
-        return f"delta indices must be 1-D int64, got {indices.dtype} of shape {tuple(indices.shape)}"
-    if values.dtype not in FLOAT_DTYPES or values.shape != indices.shape:
-        return f"delta values must be floating point and match the indices, got {values.dtype} of shape {tuple(values.shape)}"
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= shape[0] * shape[1]):
-        return f"delta indices out of range for a {shape[0]}x{shape[1]} weight"
-    problem = _nonfinite(values)
-    if problem:
-        return f"delta values {problem.replace('contains', 'contain')}"
     return None
 
 
@@ -143,33 +115,20 @@ def _check_factors(pair, shape: tuple[int, int], assigned_rank: int, exact_rank:
     if exact_rank and r != assigned_rank:
         return f"rank {r}, but this method needs exactly the assigned rank {assigned_rank}"
     for name, t in (("A", A), ("B", B)):
-        problem = _nonfinite(t)
+        problem = nonfinite(t)
         if problem:
             return f"{name} {problem}"
     return None
 
 
-def _nonfinite(t: torch.Tensor) -> str | None:
-    """'contains NaN' / 'contains Inf', or None. Any NaN or Inf makes the sum non-finite, so the
-    elementwise scan only runs when the (cheap, allocation-free) sum says something is wrong."""
-    if t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=torch.float64))):
-        return None
-    if bool(torch.isnan(t).any()):
-        return "contains NaN"
-    if bool(torch.isinf(t).any()):
-        return "contains Inf"
-    return None  # finite values whose float64 sum overflowed: left to the norm bound
-
-
 def update_norm(update: ClientUpdate) -> float:
     """Frobenius norm of the client's whole update, sqrt(Σ_modules ||s B A||²), computed from
-    the r×r Gram matrices (||BA||² = Σ (BᵀB) ⊙ (AAᵀ)) so no (m, n) matrix is formed; sparse
+    the r×r Gram matrices (||BA||² = Σ (BᵀB) ⊙ (AAᵀ)) so no (m, n) matrix is formed;
     deltas add the squares of their values."""
     total = sum(float(d.values.double().square().sum()) for d in (getattr(update, "deltas", None) or {}).values())
     for module, (A, B) in update.factors.items():
-        dtype = compute_dtype(A, B)  # float32 (2.6x faster than float64 here, relative error ~1e-8)
-        A, B = A.detach().to(dtype), B.detach().to(dtype)
-        total += update.scale(module) ** 2 * float(((B.T @ B) * (A @ A.T)).sum().clamp_min(0))
+        # float32 (2.6x faster than float64 here, relative error ~1e-8)
+        total += update.scale(module) ** 2 * factor_norm(A, B, squared=True, exact=False)
     return math.sqrt(total)
 
 
@@ -198,7 +157,6 @@ def validate_round(
     *,
     max_norm_ratio: float | None = None,
     exact_rank: bool = False,
-    method=None,
     declared_sizes: dict[str, int] | None = None,
 ) -> tuple[list[ClientUpdate], dict[str, str]]:
     """(valid updates, {client_id: reason} of rejected ones) for one round, in the order received.
@@ -207,7 +165,6 @@ def validate_round(
     rejected: dict[str, str] = {}
     seen: set[str] = set()
     well_formed: list[ClientUpdate] = []
-    extra_check = getattr(method, "check_update", None)
     for u in results:
         cid = getattr(u, "client_id", None)
         if not isinstance(u, ClientUpdate):
@@ -223,8 +180,6 @@ def validate_round(
         reason = check_update(u, by_id[cid], shapes, lora_alpha, exact_rank=exact_rank)
         if reason is None and declared_sizes is not None:
             reason = check_declared_size(u.num_examples, declared_sizes.get(cid))
-        if reason is None and extra_check is not None:
-            reason = extra_check(u, by_id[cid])
         if reason is not None:
             rejected[cid] = reason
         else:

@@ -59,14 +59,15 @@ from flexlora.resources import declared_rank_type, paper_rank_types
 if TYPE_CHECKING:
     import torch
 
-    from flexlora.aggregation.base import ClientUpdate, Factors
-    from flexlora.client import ClientTask
-    from flexlora.server import ClientFailure, FederatedServer
+    from flexlora.protocol import ClientUpdate, Factors
+    from flexlora.protocol import ClientTask
+    from flexlora.protocol import ClientFailure
+    from flexlora.server import FederatedServer
 
 log = logging.getLogger(__name__)
 
 TASK, UPDATE, FACTORS, NODE = "task", "update", "factors", "node"
-OFFSET, DELTAS = "base_offset", "deltas"  # FLoRA / SLoRA: a dense base offset down, sparse deltas up
+OFFSET, DELTAS = "base_offset", "deltas"  # the protocol's other tensor fields (see protocol.flatten)
 DTYPES = {"float32": np.float32, "float16": np.float16}
 # Node-config keys a deployment node may set (simulation sets partition-id/num-partitions).
 RESOURCE_KEYS = ("lora-rank", "rank-type", "memory-budget-mb")  # and num-examples, data-path, client-id
@@ -78,131 +79,102 @@ CLIENT_ERROR = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 # ---------------------------------------------------------------------------------------------
 
 
-def factors_to_record(factors: dict[str, Factors], dtype: str = "float32") -> ArrayRecord:
-    """LoRA factors as an ArrayRecord, cast to the transport dtype."""
-    import torch
-
-    np_dtype = DTYPES[dtype]
-    record = ArrayRecord()
-    for module, (a, b) in factors.items():
-        for suffix, t in (("lora_A", a), ("lora_B", b)):
-            array = t.detach().to("cpu", torch.float32).numpy().astype(np_dtype)
-            if not np.isfinite(array).all():
-                raise ValueError(f"{module}.{suffix} is not finite as {dtype} (overflow?); use flower.transport_dtype=float32")
-            record[f"{module}.{suffix}"] = Array(array)
-    return record
-
-
-def record_to_factors(record: ArrayRecord) -> dict[str, Factors]:
-    """The inverse of factors_to_record, as float32 tensors."""
-    import torch
-
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, array in record.items():
-        module, _, suffix = key.rpartition(".")
-        if suffix not in ("lora_A", "lora_B") or not module:
-            raise ValueError(f"unexpected array {key!r} in a factors record")
-        pairs.setdefault(module, {})[suffix] = torch.from_numpy(array.numpy().astype(np.float32))
-    missing = [m for m, p in pairs.items() if len(p) != 2]
-    if missing:
-        raise ValueError(f"module {missing[0]} has only one of lora_A / lora_B")
-    return {m: (p["lora_A"], p["lora_B"]) for m, p in pairs.items()}
-
-
 def tensors_to_record(tensors: dict[str, torch.Tensor], dtype: str = "float32") -> ArrayRecord:
-    """Named floating-point tensors (a base offset) as an ArrayRecord, cast to the transport dtype."""
+    """Named tensors as an ArrayRecord: floating-point ones cast to the transport dtype (and
+    checked finite in it), integer ones as int64."""
     import torch
 
     record = ArrayRecord()
     for name, t in tensors.items():
-        array = t.detach().to("cpu", torch.float32).numpy().astype(DTYPES[dtype])
-        if not np.isfinite(array).all():
-            raise ValueError(f"{name} is not finite as {dtype} (overflow?); use flower.transport_dtype=float32")
+        t = t.detach().to("cpu")
+        if t.is_floating_point():
+            array = t.to(torch.float32).numpy().astype(DTYPES[dtype])
+            if not np.isfinite(array).all():
+                raise ValueError(f"{name} is not finite as {dtype} (overflow?); use flower.transport_dtype=float32")
+        else:
+            array = t.numpy().astype(np.int64)
         record[name] = Array(array)
     return record
 
 
 def record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The inverse of tensors_to_record: float32 and int64 tensors."""
     import torch
-
-    return {name: torch.from_numpy(array.numpy().astype(np.float32)) for name, array in record.items()}
-
-
-def deltas_to_record(deltas: dict, dtype: str = "float32") -> ArrayRecord:
-    """Sparse deltas as `<module>.indices` (int64) and `<module>.values` arrays (shapes travel in
-    the update's JSON)."""
-    record = tensors_to_record({f"{m}.values": d.values for m, d in deltas.items()}, dtype)
-    for module, delta in deltas.items():
-        record[f"{module}.indices"] = Array(delta.indices.detach().to("cpu").numpy().astype(np.int64))
-    return record
-
-
-def record_to_deltas(record: ArrayRecord, shapes: dict[str, list[int]]) -> dict:
-    import torch
-
-    from flexlora.aggregation.base import SparseDelta
 
     out = {}
-    for module, shape in shapes.items():
-        indices = torch.from_numpy(record[f"{module}.indices"].numpy().astype(np.int64))
-        values = torch.from_numpy(record[f"{module}.values"].numpy().astype(np.float32))
-        out[module] = SparseDelta(indices, values, tuple(shape))
+    for name, array in record.items():
+        value = array.numpy()
+        out[name] = torch.from_numpy(value.astype(np.int64 if np.issubdtype(value.dtype, np.integer) else np.float32))
     return out
 
 
-def encode_task(task: ClientTask, cfg: ExperimentConfig) -> RecordDict:
-    meta = {
-        "client_id": task.client_id,
-        "round": task.round,
-        "rank_type": task.rank_type,
-        "module_ranks": task.module_ranks,
-        "seed": task.seed,
-        "options": task.options,
-    }
-    content = RecordDict({TASK: ConfigRecord({"task": json.dumps(meta), "config": json.dumps(cfg.to_dict())})})
-    if task.factors is not None:
-        content[FACTORS] = factors_to_record(task.factors, cfg.flower.transport_dtype)
-    if task.base_offset:
-        content[OFFSET] = tensors_to_record(task.base_offset, cfg.flower.transport_dtype)
+def factors_to_record(factors: dict[str, Factors], dtype: str = "float32") -> ArrayRecord:
+    """LoRA factors as an ArrayRecord (`<module>.lora_A` / `.lora_B`), cast to the transport dtype."""
+    from flexlora import protocol  # torch: only where tensors are
+
+    return tensors_to_record(protocol.factors_to_tensors(factors), dtype)
+
+
+def record_to_factors(record: ArrayRecord) -> dict[str, Factors]:
+    """The inverse of factors_to_record, as float32 tensors."""
+    from flexlora import protocol  # torch: only where tensors are
+
+    return protocol.tensors_to_factors(record_to_tensors(record))
+
+
+def encode(obj, dtype: str, meta_record: str, **extra: str) -> RecordDict:
+    """A protocol object as Flower records: each tensor field of protocol.flatten as an
+    ArrayRecord named after the field, the metadata as JSON in ConfigRecord `meta_record`
+    (with `extra` JSON strings beside it). No method-specific code: a new payload field of
+    the protocol travels as it is."""
+    from flexlora import protocol  # torch: only where tensors are
+
+    tensors, meta = protocol.flatten(obj)
+    grouped: dict[str, dict] = {name: {} for name in meta["tensor_fields"]}
+    for key, t in tensors.items():
+        name, _, rest = key.partition("/")
+        grouped[name][rest] = t
+    content = RecordDict({meta_record: ConfigRecord({meta_record: json.dumps(meta), **extra})})
+    for name, group in grouped.items():
+        content[name] = tensors_to_record(group, dtype)
     return content
+
+
+def decode(content: RecordDict, meta_record: str):
+    """The inverse of encode (one-line ValueError on a malformed message)."""
+    from flexlora import protocol  # torch: only where tensors are
+
+    meta = json.loads(content.config_records[meta_record][meta_record])
+    tensors = {}
+    for name in meta.get("tensor_fields", ()):
+        if name not in content.array_records:
+            raise ValueError(f"the message lacks its {name!r} arrays")
+        tensors.update({f"{name}/{k}": v for k, v in record_to_tensors(content.array_records[name]).items()})
+    return protocol.unflatten(tensors, meta)
+
+
+def encode_task(task: ClientTask, cfg: ExperimentConfig) -> RecordDict:
+    return encode(task, cfg.flower.transport_dtype, TASK, config=json.dumps(cfg.to_dict()))
 
 
 def decode_task(content: RecordDict) -> tuple[ClientTask, ExperimentConfig]:
-    from flexlora.client import ClientTask
-
-    record = content.config_records[TASK]
-    meta = json.loads(record["task"])
+    task = decode(content, TASK)
     # Checked on the server already; paths in it are the server's, not this node's.
-    cfg = config_from_dict(json.loads(record["config"]), check=False)
-    factors = record_to_factors(content.array_records[FACTORS]) if FACTORS in content.array_records else None
-    offset = record_to_tensors(content.array_records[OFFSET]) if OFFSET in content.array_records else None
-    return ClientTask(factors=factors, base_offset=offset, **meta), cfg
+    cfg = config_from_dict(json.loads(content.config_records[TASK]["config"]), check=False)
+    return task, cfg
 
 
 def encode_update(update: ClientUpdate, dtype: str) -> RecordDict:
-    meta = {
-        "client_id": update.client_id,
-        "num_examples": update.num_examples,
-        "lora_alpha": update.lora_alpha,
-        "metrics": update.metrics,
-    }
-    content = RecordDict(
-        {FACTORS: factors_to_record(update.factors, dtype), UPDATE: ConfigRecord({"update": json.dumps(meta)})}
-    )
-    if update.deltas:
-        meta["delta_shapes"] = {m: list(d.shape) for m, d in update.deltas.items()}
-        content[UPDATE] = ConfigRecord({"update": json.dumps(meta)})
-        content[DELTAS] = deltas_to_record(update.deltas, dtype)
-    return content
+    return encode(update, dtype, UPDATE)
 
 
 def decode_update(content: RecordDict) -> ClientUpdate:
-    from flexlora.aggregation.base import ClientUpdate
+    from flexlora import protocol  # torch: only where tensors are
 
-    meta = json.loads(content.config_records[UPDATE]["update"])
-    shapes = meta.pop("delta_shapes", None)
-    deltas = record_to_deltas(content.array_records[DELTAS], shapes) if shapes else {}
-    return ClientUpdate(factors=record_to_factors(content.array_records[FACTORS]), deltas=deltas, **meta)
+    update = decode(content, UPDATE)
+    if not isinstance(update, protocol.ClientUpdate):
+        raise ValueError(f"expected a ClientUpdate, got a {type(update).__name__}")
+    return update
 
 
 def message_bytes(message: Message) -> int:
@@ -252,7 +224,7 @@ class FederatedStrategy(Strategy):
     def collect(self, tasks: list[ClientTask], messages: list[Message], replies) -> list[ClientUpdate | ClientFailure]:
         """Replies -> one ClientUpdate or ClientFailure per task, in task order (the order the
         in-process runtime aggregates in), each update's metrics with the bytes moved."""
-        from flexlora.server import ClientFailure
+        from flexlora.protocol import ClientFailure
 
         by_node = {r.metadata.src_node_id: r for r in replies}
         results: list[ClientUpdate | ClientFailure] = []

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from flexlora.aggregation.base import ClientUpdate
-from flexlora.client import ClientTask, train_client
+from flexlora.protocol import ClientUpdate
+from flexlora.client import train_client
 from flexlora.config import ExperimentConfig
 from flexlora.data.types import ClientData
 from flexlora.experiment import Experiment
-from flexlora.server import ClientFailure
+from flexlora.protocol import ClientFailure, ClientTask
 
 log = logging.getLogger(__name__)
 

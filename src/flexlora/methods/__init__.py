@@ -1,8 +1,9 @@
-"""Aggregation methods behind one interface (see base.py), and a registry to pick one by name.
+"""Federated LoRA methods, one module each, behind one interface (base.py: ``Method``, the server
+side, and ``ClientHook``, the client side), and a registry to pick one by name.
 
-To add a method: write a module with a class that has a ``name`` and the three methods of
-``AggregationMethod`` (plus any optional hooks it needs, see base.py), import it here and add
-it to ``METHODS`` (or call ``register_method``).
+To add a method: write one module with a ``Method`` subclass (its arguments, server side, and
+the ``ClientHook`` classes of its client side with their validation rules) and add it to
+``METHODS`` below, or call ``register_method`` (see docs/adding_a_method.md).
 
 Two settings compose with methods rather than being one: ``server_opt`` (a server optimizer
 on the aggregated update; flexlora and fedit) and ``fedprox_mu`` (FedProx on the clients; any
@@ -15,9 +16,11 @@ import inspect
 
 from .base import (
     AggregationMethod,
+    ClientHook,
     ClientUpdate,
     Factors,
     GlobalState,
+    Method,
     SparseDelta,
     compute_dtype,
     capped_weights,
@@ -26,6 +29,7 @@ from .base import (
     module_shape,
 )
 from .fedit import FedIT
+from .fedprox import FedProx
 from .ffa import FFALoRA
 from .flexlora import FlexLoRA
 from .flora import FLoRA
@@ -36,6 +40,8 @@ from .svd import TruncatedSVD, truncated_svd
 
 METHODS: dict[str, type] = {cls.name: cls for cls in (FlexLoRA, FedIT, HetLoRA, SLoRA, FLoRA, FFALoRA)}
 COMPOSABLE = ("server_opt", "fedprox_mu")  # method_args handled by make_method itself
+# Client options the reliability layer adds (handled by the client loop itself), accepted as they are.
+PASSTHROUGH = ("timeout_s", "inject_failure")
 
 
 def register_method(cls: type) -> type:
@@ -45,8 +51,44 @@ def register_method(cls: type) -> type:
         raise ValueError(f"{cls!r} needs a non-empty string attribute 'name'")
     if name in METHODS and METHODS[name] is not cls:
         raise ValueError(f"aggregation method {name!r} is already registered as {METHODS[name]!r}")
+    for hook in getattr(cls, "client_hooks", ()):
+        known = client_hook_types().get(hook.option)
+        if known is not None and known is not hook:
+            raise ValueError(f"client option {hook.option!r} of {cls!r} is already the option of {known!r}")
     METHODS[name] = cls
     return cls
+
+
+def client_hook_types() -> dict[str, type[ClientHook]]:
+    """Client option key -> the hook class that interprets it: every registered method's, then
+    FedProx (composable with any method). The order is the order the client calls them in."""
+    hooks: dict[str, type[ClientHook]] = {}
+    for cls in METHODS.values():
+        for hook in getattr(cls, "client_hooks", ()):
+            hooks.setdefault(hook.option, hook)
+    hooks.setdefault(FedProx.option, FedProx)
+    return hooks
+
+
+def parse_client_options(options: dict | None) -> list[ClientHook]:
+    """The client hooks a task's options ask for, in the registry's order (unknown keys or bad
+    values: a one-line ValueError; PASSTHROUGH keys are left to the client loop)."""
+    options = dict(options or {})
+    types = client_hook_types()
+    known = (*types, *PASSTHROUGH)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"client option {unknown[0]!r} is unknown; known options: {', '.join(known)}")
+    hooks = [hook for key, cls in types.items() if key in options for hook in [cls.parse(options[key])] if hook is not None]
+    in_place = [h for h in hooks if h.trains_weights]
+    if len(in_place) > 1:
+        raise ValueError(f"client options {in_place[0].option} and {in_place[1].option} both train the weights")
+    adapter_only = [h.option for h in hooks if h.needs_adapter]
+    if in_place and adapter_only:
+        raise ValueError(
+            f"client option {in_place[0].option} trains the weights, not an adapter: it excludes {' and '.join(adapter_only)}"
+        )
+    return hooks
 
 
 def make_method(name: str, **kwargs) -> AggregationMethod:
@@ -74,15 +116,19 @@ def make_method(name: str, **kwargs) -> AggregationMethod:
 
 __all__ = [
     "METHODS",
+    "PASSTHROUGH",
     "AggregationMethod",
+    "ClientHook",
     "ClientUpdate",
     "Composed",
     "FFALoRA",
     "FLoRA",
     "Factors",
     "FedIT",
+    "FedProx",
     "FlexLoRA",
     "HetLoRA",
+    "Method",
     "SLoRA",
     "ServerOptimizer",
     "SparseDelta",
@@ -90,10 +136,12 @@ __all__ = [
     "TruncatedSVD",
     "compute_dtype",
     "capped_weights",
+    "client_hook_types",
     "data_weights",
     "make_method",
     "module_names",
     "module_shape",
+    "parse_client_options",
     "register_method",
     "truncated_svd",
 ]

@@ -22,15 +22,171 @@ far); then FlexLoRA's f"{module}.U/S/Vh"; then the stage-2 method's keys.
 
 from __future__ import annotations
 
+import math
+import zlib
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from .base import ClientUpdate, Factors, GlobalState, data_weights
+from .base import (
+    FLOAT_DTYPES,
+    ClientHook,
+    ClientTask,
+    ClientUpdate,
+    Factors,
+    GlobalState,
+    Method,
+    SparseDelta,
+    data_weights,
+    nonfinite,
+    option_keys,
+    option_number,
+)
 from .flexlora import FlexLoRA, state_modules
 from .hetlora import HetLoRA
 from .svd import dense_svd
 
 STAGE2 = ("hetlora", "flexlora")
 COUNTER = "slora.sparse_rounds"
+
+
+# ---------------------------------------------------------------- client side: the sparse stage
+
+
+@dataclass(frozen=True)
+class SparseTraining(ClientHook):
+    """Client option "sparse": {"density": d | "lora_budget", "seed": s, "lr": η (optional)}:
+    train the target modules' weights themselves, each only where its fixed random mask is set
+    (``sparse_mask``), and send back the sparse change instead of LoRA factors."""
+
+    density: float | str  # a fraction in (0, 1], or "lora_budget": r (m + n) / (m n) per module
+    seed: int
+    lr_: float | None = None
+
+    option: ClassVar[str] = "sparse"
+    trains_weights: ClassVar[bool] = True
+    sends: ClassVar[str] = "deltas"
+
+    @classmethod
+    def parse(cls, value) -> SparseTraining | None:
+        if value is None:
+            return None
+        option_keys(value, "sparse", ("density", "seed", "lr"))
+        density = value.get("density", "lora_budget")
+        if density != "lora_budget":
+            density = option_number(density, "sparse.density", 0, 1, open_low=True, closed_high=True)
+        seed = value.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"client option sparse.seed must be an integer, got {seed!r}")
+        lr = value.get("lr")
+        return cls(density, seed, None if lr is None else option_number(lr, "sparse.lr", 0, math.inf, open_low=True))
+
+    def local_model(self, model, task: ClientTask, cfg, target_modules: list[str]) -> SparseWeights:
+        return SparseWeights(model, task, self)
+
+    def lr(self) -> float | None:
+        return self.lr_
+
+    def mask_gradients(self, local: SparseWeights) -> None:
+        local.mask_gradients()
+
+    def after_step(self, local: SparseWeights) -> None:
+        local.after_step()
+
+    def check_module(self, module: str, sent, task: ClientTask, shape: tuple[int, int]) -> str | None:
+        """A delta of the module's shape, int64 indices in range, finite floating-point values."""
+        try:
+            indices, values, dshape = sent.indices, sent.values, tuple(sent.shape)
+        except (AttributeError, TypeError):
+            return "delta must have indices, values and shape"
+        if dshape != tuple(shape):
+            return f"delta shape {dshape} differs from the weight's {tuple(shape)}"
+        if not isinstance(indices, torch.Tensor) or not isinstance(values, torch.Tensor):
+            return "delta indices and values must be tensors"
+        if indices.dtype != torch.int64 or indices.ndim != 1:
+            return f"delta indices must be 1-D int64, got {indices.dtype} of shape {tuple(indices.shape)}"
+        if values.dtype not in FLOAT_DTYPES or values.shape != indices.shape:
+            return f"delta values must be floating point and match the indices, got {values.dtype} of shape {tuple(values.shape)}"
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= shape[0] * shape[1]):
+            return f"delta indices out of range for a {shape[0]}x{shape[1]} weight"
+        problem = nonfinite(values)
+        if problem:
+            return f"delta values {problem.replace('contains', 'contain')}"
+        return None
+
+
+def lora_budget_density(rank: int, shape: tuple[int, int]) -> float:
+    """The fraction of an (m, n) weight a rank-r LoRA trains: r (m + n) / (m n), at most 1."""
+    m, n = shape
+    return min(1.0, rank * (m + n) / (m * n))
+
+
+def sparse_mask(shape: tuple[int, int], density: float, seed: int, module: str, device=None) -> torch.Tensor:
+    """Boolean (m, n) mask {u < density}, u uniform from a generator seeded by (seed, module):
+    the same for every client and round, and nested across densities."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(module.encode())) % 2**63)
+    return (torch.rand(shape, generator=gen) < density).to(device)
+
+
+def sparse_delta(after: torch.Tensor, before: torch.Tensor, mask: torch.Tensor) -> SparseDelta:
+    """The change after − before at the mask's entries, as a SparseDelta on the CPU."""
+    indices = mask.flatten().nonzero().squeeze(1).cpu()
+    values = (after.detach() - before).flatten().cpu()[indices]
+    return SparseDelta(indices, values, tuple(after.shape))
+
+
+class SparseWeights:
+    """The local model of the sparse stage: the target modules' weights themselves are trained,
+    each entry only where the shared random mask of the task's density is set; sends back the
+    sparse change. (The client loop restores the weights afterwards.)"""
+
+    def __init__(self, model, task: ClientTask, spec: SparseTraining):
+        from flexlora import lora  # the model side (PEFT) only where a model is trained
+
+        self.lora = lora
+        self.net = model
+        self.layers = lora.target_layers(model, task.module_ranks)
+        self.masks, self.start = {}, {}
+        for name, layer in self.layers.items():
+            W = lora.weight_matrix(layer)
+            density = lora_budget_density(task.module_ranks[name], tuple(W.shape)) if spec.density == "lora_budget" else spec.density
+            self.masks[name] = sparse_mask(tuple(W.shape), density, spec.seed, name, W.device)
+            self.start[name] = W.detach().clone()
+            layer.weight.requires_grad_(True)
+        self.params = [layer.weight for layer in self.layers.values()]
+
+    def trainable(self) -> list[torch.Tensor]:
+        return self.params
+
+    def mask_gradients(self) -> None:
+        for name, layer in self.layers.items():
+            if layer.weight.grad is not None:
+                self.lora.weight_matrix_of(layer, layer.weight.grad).mul_(self.masks[name])
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        # Decoupled weight decay (AdamW) moves every entry; masked-out ones must not train.
+        for name, layer in self.layers.items():
+            W = self.lora.weight_matrix(layer)
+            W.copy_(torch.where(self.masks[name], W, self.start[name]))
+
+    def result(self):
+        deltas = {
+            name: sparse_delta(self.lora.weight_matrix(layer), self.start[name], self.masks[name])
+            for name, layer in self.layers.items()
+        }
+        trained = sum(int(mask.sum()) for mask in self.masks.values())
+        return {}, deltas, {"trainable_params": trained}
+
+    def close(self) -> None:
+        for layer in self.layers.values():
+            layer.weight.requires_grad_(False)
+            layer.weight.grad = None
+        self.net.eval()
+
+
+# ---------------------------------------------------------------- server side
 
 
 def average_deltas(updates: list[ClientUpdate], weights: list[float]) -> dict[str, torch.Tensor]:
@@ -54,10 +210,11 @@ def average_deltas(updates: list[ClientUpdate], weights: list[float]) -> dict[st
     return out
 
 
-class SLoRA:
+class SLoRA(Method):
     """Sparse fine-tuning for ``sparse_rounds`` rounds, then LoRA from the SVD of W − W₀."""
 
     name = "slora"
+    client_hooks = (SparseTraining,)
 
     def __init__(
         self,

@@ -28,7 +28,7 @@ What x is depends on the method (``server_params`` / ``from_server_params``):
 
 FedProx (Li et al., 2020): ``fedprox_mu`` > 0 asks every client to add μ/2 ‖w − w₀‖² over its
 trainable parameters (w₀: their values at the start of the round) to its loss; composable with
-any method.
+any method. Its client hook is in fedprox.py.
 
 All moments live in the global state (keys "server_opt.m/…", "server_opt.v/…"), so a checkpoint
 of the state is a checkpoint of the optimizer.
@@ -42,7 +42,8 @@ import torch
 
 from dataclasses import replace
 
-from .base import ClientUpdate, Factors, GlobalState
+from .base import ClientUpdate, Factors, GlobalState, Method
+from .fedprox import FedProx
 
 OPTIMIZERS = ("fedavgm", "fedadam", "fedyogi")
 SLOT_PREFIX = "server_opt."
@@ -108,30 +109,25 @@ class ServerOptimizer:
         return x + self.lr * m / (v.sqrt() + self.tau)
 
 
-class Composed:
-    """A method with a server optimizer on its aggregated update and/or FedProx on its clients.
+class Composed(Method):
+    """A method with a server optimizer on its aggregated update (a server step after the
+    method's aggregation) and/or FedProx on its clients (a client hook added to its options).
 
-    Everything else (client factors, options, base offset, attributes such as ``homogeneous``)
-    is the wrapped method's; the optimizer's moments are kept in the state under SLOT_PREFIX
-    and hidden from the wrapped method."""
+    Every hook of ``Method`` is forwarded to the wrapped method explicitly (nothing else is);
+    the optimizer's moments are kept in the state under SLOT_PREFIX and hidden from it."""
 
-    def __init__(self, inner, server_opt: ServerOptimizer | None = None, fedprox_mu: float = 0.0):
-        if server_opt is not None and not hasattr(inner, "server_params"):
+    def __init__(self, inner: Method, server_opt: ServerOptimizer | None = None, fedprox_mu: float = 0.0):
+        if server_opt is not None and type(inner).server_params is Method.server_params:
             raise ValueError(f"server_opt is not available with method {inner.name!r} (only with flexlora and fedit)")
         if isinstance(fedprox_mu, bool) or not isinstance(fedprox_mu, (int, float)) or not fedprox_mu >= 0:
             raise ValueError(f"fedprox_mu must be a number >= 0, got {fedprox_mu!r}")
         self.inner = inner
         self.server_opt = server_opt
         self.fedprox_mu = float(fedprox_mu)
-
-    def __getattr__(self, attr):  # only called for attributes not found on the wrapper
-        if attr == "inner":
-            raise AttributeError(attr)
-        return getattr(self.inner, attr)
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
+        self.name = inner.name
+        self.homogeneous = inner.homogeneous
+        self.prunes_ranks = inner.prunes_ranks
+        self.client_hooks = (*inner.client_hooks, *((FedProx,) if self.fedprox_mu > 0 else ()))
 
     @staticmethod
     def split_state(state: GlobalState | None) -> tuple[GlobalState | None, GlobalState]:
@@ -175,16 +171,28 @@ class Composed:
         return self.inner.global_factors(self.split_state(state)[0], lora_alpha)
 
     def init_state(self, shapes) -> GlobalState | None:
-        hook = getattr(self.inner, "init_state", None)
-        return hook(shapes) if hook is not None else None
+        return self.inner.init_state(shapes)
 
     def base_offset(self, state: GlobalState | None):
-        hook = getattr(self.inner, "base_offset", None)
-        return hook(self.split_state(state)[0]) if hook is not None else None
+        return self.inner.base_offset(self.split_state(state)[0])
+
+    def truncation(self, state: GlobalState, module_ranks: dict[str, set[int]]) -> dict | None:
+        return self.inner.truncation(self.split_state(state)[0], module_ranks)
+
+    def server_params(self, state: GlobalState) -> dict[str, torch.Tensor] | None:
+        return self.inner.server_params(self.split_state(state)[0])
+
+    def from_server_params(self, params: dict[str, torch.Tensor], like: GlobalState) -> GlobalState:
+        return self.inner.from_server_params(params, like)
+
+    def extra_state(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        return self.inner.extra_state()
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor], meta: dict | None) -> None:
+        self.inner.load_extra_state(tensors, meta)
 
     def client_options(self, state: GlobalState | None, round_: int, rank_type: str) -> dict:
-        hook = getattr(self.inner, "client_options", None)
-        options = dict(hook(self.split_state(state)[0], round_, rank_type)) if hook is not None else {}
+        options = dict(self.inner.client_options(self.split_state(state)[0], round_, rank_type))
         if self.fedprox_mu > 0:
-            options["fedprox_mu"] = self.fedprox_mu
+            options[FedProx.option] = self.fedprox_mu
         return options

@@ -17,6 +17,7 @@ from .base import (
     ClientUpdate,
     Factors,
     GlobalState,
+    Method,
     compute_dtype,
     data_weights,
     fresh_rows,
@@ -181,7 +182,7 @@ def truncation_summary(state: GlobalState, module_ranks: dict[str, set[int]]) ->
     return out
 
 
-class FlexLoRA:
+class FlexLoRA(Method):
     """FlexLoRA aggregation: exact ΔW via a truncated SVD of the stacked client factors."""
 
     name = "flexlora"

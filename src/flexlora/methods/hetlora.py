@@ -12,7 +12,7 @@ keeps its size whatever rank it is read back at; with one rank (and one α) this
 plain average of B_k. State keys per module: f"{module}.A" = Σ p_k pad(A_k) (R, n) and
 f"{module}.B" = Σ p_k s_k pad(B_k) (m, R); the global update is B @ A.
 
-Client side (sent as ClientTask.options["rank_regularizer"], applied in flexlora.client_options):
+Client side (ClientTask.options["rank_regularizer"], the RankRegularizer hook below):
 the rank self-pruning regularizer λ·‖A[t:]‖_F·‖B[:, t:]‖_F per module, t = ⌊γ r⌋ (at most
 r − 1), with a real gradient, and optionally pruning: when ‖A[t:]‖‖B[:, t:]‖ ≤ prune_threshold ·
 ‖A‖‖B‖ after local training the client keeps only the first t ranks (this round and after).
@@ -21,17 +21,23 @@ r − 1), with a real gradient, and optionally pruning: when ‖A[t:]‖‖B[:, 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from .base import (
+    ClientHook,
     ClientUpdate,
     Factors,
     GlobalState,
+    Method,
     data_weights,
     module_names,
     module_seed,
     module_shape,
+    option_keys,
+    option_number,
     slice_factors,
     update_norm,
     weighted_padded_sum,
@@ -82,11 +88,89 @@ def padded_global_factors(state: GlobalState, lora_alpha: float, seed: int) -> t
     return padded_client_factors(state, ranks, lora_alpha, seed), ranks
 
 
-class HetLoRA:
+# ---------------------------------------------------------------- client side: rank self-pruning
+
+
+def tail_start(rank: int, gamma: float) -> int:
+    """First regularized (and prunable) rank index, ⌊γ r⌋, at most r − 1 so the tail is never empty."""
+    return min(int(math.floor(gamma * rank)), rank - 1)
+
+
+@dataclass(frozen=True)
+class RankRegularizer(ClientHook):
+    """Client option "rank_regularizer": {"lambda": λ, "gamma": γ, "prune_threshold": t | null}:
+    add λ·Σ_modules ‖A[s:]‖_F·‖B[:, s:]‖_F to the loss, s = tail_start(r, γ); after training,
+    prune a module to rank s when ‖A[s:]‖‖B[:, s:]‖ ≤ t·‖A‖‖B‖."""
+
+    lam: float
+    gamma: float
+    prune_threshold: float | None = None
+
+    option: ClassVar[str] = "rank_regularizer"
+    needs_adapter: ClassVar[bool] = True
+
+    @classmethod
+    def parse(cls, value) -> RankRegularizer | None:
+        if value is None:
+            return None
+        option_keys(value, "rank_regularizer", ("lambda", "gamma", "prune_threshold"))
+        threshold = value.get("prune_threshold")
+        return cls(
+            option_number(value.get("lambda", 0.0), "rank_regularizer.lambda", 0, math.inf),
+            option_number(value.get("gamma", 0.99), "rank_regularizer.gamma", 0, 1, open_low=True),
+            None if threshold is None else option_number(threshold, "rank_regularizer.prune_threshold", 0, 1),
+        )
+
+    def penalty(self, local) -> torch.Tensor | None:
+        return rank_regularizer_loss(local.weights, self) if self.lam > 0 else None
+
+    def finish(self, factors: dict[str, Factors], metrics: dict) -> dict[str, Factors]:
+        factors, pruned = prune_factors(factors, self)
+        if pruned:
+            metrics["pruned_ranks"] = pruned
+        return factors
+
+
+def rank_regularizer_loss(lora_weights: dict[str, tuple[torch.Tensor, torch.Tensor]], reg: RankRegularizer) -> torch.Tensor:
+    """λ·Σ_modules ‖A[s:]‖_F·‖B[:, s:]‖_F over the (A, B) parameters (differentiable)."""
+    total = None
+    for A, B in lora_weights.values():
+        s = tail_start(A.shape[0], reg.gamma)
+        term = torch.linalg.vector_norm(A[s:]) * torch.linalg.vector_norm(B[:, s:])
+        total = term if total is None else total + term
+    return reg.lam * total
+
+
+def prune_factors(factors: dict[str, Factors], reg: RankRegularizer) -> tuple[dict[str, Factors], dict[str, int]]:
+    """Cut a module to rank s = tail_start(r, γ) when ‖A[s:]‖‖B[:, s:]‖ ≤ threshold·‖A‖‖B‖.
+
+    B is rescaled by s / r so that the kept part of the update, (α/r)·B[:, :s]·A[:s], is what
+    the client sends at its new scale α/s. Returns (factors, {module: new rank} of pruned ones)."""
+    if reg.prune_threshold is None:
+        return factors, {}
+    out, pruned = {}, {}
+    for module, (A, B) in factors.items():
+        r = A.shape[0]
+        s = tail_start(r, reg.gamma)
+        tail = torch.linalg.vector_norm(A[s:]) * torch.linalg.vector_norm(B[:, s:])
+        whole = torch.linalg.vector_norm(A) * torch.linalg.vector_norm(B)
+        if s >= 1 and float(tail) <= reg.prune_threshold * float(whole):
+            out[module] = (A[:s].clone(), B[:, :s] * (s / r))
+            pruned[module] = s
+        else:
+            out[module] = (A, B)
+    return out, pruned
+
+
+# ---------------------------------------------------------------- server side
+
+
+class HetLoRA(Method):
     """Zero-padding aggregation with a rank self-pruning regularizer on the clients."""
 
     name = "hetlora"
     prunes_ranks = True  # a client may send back (and keep) a smaller rank than assigned
+    client_hooks = (RankRegularizer,)
 
     def __init__(
         self,

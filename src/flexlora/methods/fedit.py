@@ -18,6 +18,7 @@ from .base import (
     ClientUpdate,
     Factors,
     GlobalState,
+    Method,
     compute_dtype,
     data_weights,
     module_names,
@@ -50,7 +51,7 @@ def weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Te
     return out
 
 
-class FedIT:
+class FedIT(Method):
     """FedIT aggregation: data-weighted mean of A and of B, one rank and one alpha for all."""
 
     name = "fedit"

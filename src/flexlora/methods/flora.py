@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from .base import ClientUpdate, Factors, GlobalState, data_weights, module_names, module_seed, module_shape, slice_factors
+from .base import ClientUpdate, Factors, GlobalState, Method, data_weights, module_names, module_seed, module_shape, slice_factors
 from .flexlora import delta_matrix
 
 
-class FLoRA:
+class FLoRA(Method):
     """Stacking: the exact weighted sum of the clients' updates is merged into the base."""
 
     name = "flora"

@@ -14,9 +14,24 @@ client of the first round starts from the shared A, not from its own random init
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from .base import ClientUpdate, Factors, GlobalState, data_weights, fresh_rows, module_names, module_seed, module_shape
+from .base import (
+    ClientHook,
+    ClientTask,
+    ClientUpdate,
+    Factors,
+    GlobalState,
+    Method,
+    data_weights,
+    fresh_rows,
+    module_names,
+    module_seed,
+    module_shape,
+)
 from .hetlora import padded_modules, weighted_padded_sum
 
 # Rows of the shared A are drawn in blocks, each from its own seed, so that the first r rows
@@ -34,10 +49,39 @@ def shared_A(seed: int, module: str, rank: int, n: int, dtype=torch.float32, dev
     return torch.cat(blocks, dim=0)[:rank].contiguous()
 
 
-class FFALoRA:
+@dataclass(frozen=True)
+class FrozenA(ClientHook):
+    """Client option "freeze_A": true: train B only. The server checks that A comes back as it
+    was sent (the tolerance allows a half-precision transport)."""
+
+    option: ClassVar[str] = "freeze_A"
+    needs_adapter: ClassVar[bool] = True
+
+    @classmethod
+    def parse(cls, value) -> FrozenA | None:
+        if not isinstance(value, bool):
+            raise ValueError(f"client option freeze_A must be true or false, got {value!r}")
+        return cls() if value else None
+
+    def start(self, local) -> None:
+        for A, _ in local.weights.values():
+            A.requires_grad_(False)
+
+    def check_module(self, module: str, sent, task: ClientTask, shape: tuple[int, int]) -> str | None:
+        frozen = task.factors or {}
+        if module not in frozen:
+            return None
+        A, A0 = sent[0], frozen[module][0].to(device=sent[0].device, dtype=sent[0].dtype)
+        if A.shape != A0.shape or float(torch.linalg.norm(A - A0)) > 1e-2 * float(torch.linalg.norm(A0)) + 1e-6:
+            return "A changed although the task froze it (freeze_A)"
+        return None
+
+
+class FFALoRA(Method):
     """Federated freeze-A LoRA: B averaged (zero-padded for heterogeneous ranks), A shared."""
 
     name = "ffa"
+    client_hooks = (FrozenA,)
 
     def __init__(self, seed: int = 0):
         """seed: of the shared frozen A (the same for every client and round)."""
