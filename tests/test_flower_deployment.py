@@ -26,7 +26,7 @@ from flexlora import lora
 from flexlora.data.synthetic import make_federation
 from flexlora.models import TINY, default_target_modules, load_model
 from flexlora.resources import adapter_training_bytes, module_ranks, paper_rank_types, rank_type_for_memory
-from flexlora.engines.flower_certs import make_node_keys, make_tls_certificates
+from flexlora.engines.flower.certs import make_node_keys, make_tls_certificates
 
 BIN = Path(sys.executable).parent
 APP = Path(__file__).resolve().parents[1] / "flower_app"

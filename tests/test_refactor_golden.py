@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from flexlora.cli import main

@@ -44,7 +44,7 @@ def _run(args) -> None:
 
 
 def _flower_certs(args) -> None:
-    from flexlora.engines.flower_certs import make_node_keys, make_tls_certificates
+    from flexlora.engines.flower.certs import make_node_keys, make_tls_certificates
 
     tls = make_tls_certificates(args.out, args.host or ["127.0.0.1", "localhost"], args.days)
     keys = make_node_keys(args.out, [f"supernode-{i}" for i in range(1, args.nodes + 1)])

@@ -22,7 +22,7 @@ from flexlora.data.prompts import collate, tokenize_for_training
 from flexlora.data.types import ClientData
 from flexlora.faults import fault_point
 from flexlora.methods import parse_client_options
-from flexlora.protocol import ClientTask, ClientUpdate, Factors  # noqa: F401  (ClientTask re-exported)
+from flexlora.protocol import ClientTask, ClientUpdate  # noqa: F401  (ClientTask re-exported)
 
 
 class ClientTimeout(RuntimeError):

@@ -1,0 +1,162 @@
+"""The client side on Flower: which client a node holds (its own files in a deployment, partition i
+of the run's dataset in simulation), its model, and the ClientApp (`client_app`): `query` says
+which client a node holds and what it can afford; `train` runs `client.train_client` on the
+node's data and replies with the update.
+
+torch, transformers and PEFT are imported only where a model or tensor is needed: in a
+deployment every Message starts a fresh ClientApp process, and a `query` needs none of them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from flexlora.config import ExperimentConfig, config_from_dict
+from flexlora.data.types import ClientData, Example
+from flexlora.engines.flower.codec import NODE, TASK, decode_task, encode_update
+
+# Node-config keys a deployment node may set (simulation sets partition-id/num-partitions).
+RESOURCE_KEYS = ("lora-rank", "rank-type", "memory-budget-mb")  # and num-examples, data-path, client-id
+CLIENT_ERROR = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+log = logging.getLogger(__name__)
+
+
+
+_CACHE: dict[str, tuple] = {}  # one model and one dataset per process (clients swap adapters)
+
+
+def _cached(kind: str, key, build):
+    hit = _CACHE.get(kind)
+    if hit is None or hit[0] != key:
+        _CACHE[kind] = hit = (key, build())
+    return hit[1]
+
+
+def load_node_data(path: str | Path, client_id: str | None = None) -> ClientData:
+    """A deployment node's own training data: a JSON list or JSONL file of
+    {"instruction", "input", "output"} records, or a folder with train.json / train.jsonl
+    (and optionally test.json(l))."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data-path not found: {path}")
+    if path.is_dir():
+        train = _first_existing(path, ("train.json", "train.jsonl"))
+        if train is None:
+            raise FileNotFoundError(f"data-path {path} is a folder without train.json or train.jsonl")
+        test = _first_existing(path, ("test.json", "test.jsonl"))
+        name = path.name
+    else:
+        train, test, name = path, None, path.stem
+    examples = _read_examples(train)
+    if not examples:
+        raise ValueError(f"{train}: no training examples")
+    category = examples[0].category or name
+    return ClientData(client_id or name, category, examples, _read_examples(test) if test else [])
+
+
+def _first_existing(folder: Path, names) -> Path | None:
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
+def _read_examples(path: Path) -> list[Example]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        rows = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of records")
+    examples = []
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not isinstance(row.get("output"), str):
+            raise ValueError(f"{path}: record {i} needs string fields 'instruction' and 'output'")
+        examples.append(Example(row["instruction"], str(row.get("input") or ""), row["output"], str(row.get("category") or "")))
+    return examples
+
+
+def node_client(node_config, cfg: ExperimentConfig) -> ClientData:
+    """The client this node holds: its own files (deployment) or partition i of the run's
+    dataset (simulation); node config `num-examples` sets its declared size (data weight)."""
+    data = _node_data(node_config, cfg)
+    if "num-examples" in node_config:
+        n = node_config["num-examples"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"node config num-examples must be a positive integer, got {n!r}")
+        data = dataclasses.replace(data, weight=n)
+    return data
+
+
+def _node_data(node_config, cfg: ExperimentConfig) -> ClientData:
+    if node_config.get("data-path"):
+        path = str(node_config["data-path"])
+        cid = node_config.get("client-id")
+        return _cached("data", ("file", path, cid), lambda: load_node_data(path, str(cid) if cid else None))
+    if "partition-id" in node_config:
+        from flexlora.data.sources import load_federated_dataset
+
+        key = ("dataset", json.dumps(asdict(cfg.data), sort_keys=True), cfg.seed)
+        dataset = _cached("data", key, lambda: load_federated_dataset(cfg.data, cfg.seed))
+        pid = int(node_config["partition-id"])
+        if not 0 <= pid < len(dataset.clients):
+            raise ValueError(f"partition-id {pid} is outside the {len(dataset.clients)} training clients")
+        return dataset.clients[pid]
+    raise ValueError("the node config names no data: set data-path (and optionally client-id)")
+
+
+def node_model(node_config, cfg: ExperimentConfig):
+    """(model, tokenizer, target modules) on this node; node config `model` / `device` override
+    the run's (e.g. a local copy of the same base model)."""
+    from flexlora.experiment import load_base, resolve_device
+    from flexlora.models import default_target_modules
+
+    source = str(node_config.get("model") or cfg.model)
+    device = resolve_device(str(node_config.get("device") or cfg.device))
+    model, tokenizer = _cached(
+        "model",
+        (source, str(device), cfg.seed, cfg.model_dtype, cfg.quantization, cfg.train.gradient_checkpointing),
+        lambda: load_base(cfg, device, source),
+    )
+    return model, tokenizer, cfg.lora.target_modules or default_target_modules(model)
+
+
+def _error_reply(message: Message, e: Exception) -> Message:
+    log.warning("client failed: %s: %s", type(e).__name__, e)
+    return Message(Error(code=CLIENT_ERROR, reason=f"{type(e).__name__}: {e}"), reply_to=message)
+
+
+client_app = ClientApp()
+
+
+@client_app.query()
+def _client_query(message: Message, context: Context) -> Message:
+    try:
+        cfg = config_from_dict(json.loads(message.content.config_records[TASK]["config"]), check=False)
+        data = node_client(context.node_config, cfg)
+        resources = {k: context.node_config[k] for k in RESOURCE_KEYS if k in context.node_config}
+        info = {"client_id": data.client_id, "num_examples": data.num_examples, "resources": resources}
+        return Message(RecordDict({NODE: ConfigRecord({"node": json.dumps(info)})}), reply_to=message)
+    except Exception as e:  # a node's failure is a reply, not a crash of the federation
+        return _error_reply(message, e)
+
+
+@client_app.train()
+def _client_train(message: Message, context: Context) -> Message:
+    from flexlora.client import train_client
+
+    try:
+        task, cfg = decode_task(message.content)
+        data = node_client(context.node_config, cfg)
+        if data.client_id != task.client_id:
+            raise ValueError(f"a task for client {task.client_id} reached the node holding {data.client_id}")
+        model, tokenizer, targets = node_model(context.node_config, cfg)
+        update = train_client(model, tokenizer, data, task, cfg, targets)
+        return Message(encode_update(update, cfg.flower.transport_dtype), reply_to=message)
+    except Exception as e:
+        return _error_reply(message, e)

@@ -1,0 +1,224 @@
+"""The server side on Flower: `FederatedStrategy` (a Flower Strategy around the project's
+FederatedServer, one Message per node with that client's own task), `FlowerRuntime` (the same two
+halves for `run_rounds`), node discovery, and the ServerApp (`server_app`) of a deployment."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shlex
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+
+from flexlora.config import ConfigError, ExperimentConfig, load_config
+from flexlora.engines.flower.codec import NODE, TASK, decode_update, encode_task, message_bytes, payload_bytes
+from flexlora.resources import declared_rank_type, paper_rank_types
+
+if TYPE_CHECKING:
+    from flexlora.protocol import ClientFailure, ClientTask, ClientUpdate
+    from flexlora.server import FederatedServer
+
+log = logging.getLogger(__name__)
+
+
+
+
+class FederatedStrategy(Strategy):
+    """A Flower Strategy that sends every sampled client its own task (factors at its own ranks)
+    and hands the replies to the project's FederatedServer, whatever its aggregation method."""
+
+    def __init__(self, server: FederatedServer, nodes: dict[str, int], timeout_s: float = 3600.0):
+        self.server = server
+        self.nodes = dict(nodes)  # client id -> Flower node id
+        self.timeout_s = timeout_s
+        self._pending: dict[int, tuple[list[ClientTask], list[Message]]] = {}
+        self.last_results: list[ClientUpdate | ClientFailure] = []
+
+    # The two halves shared with FlowerRuntime.
+    def task_messages(self, tasks: list[ClientTask]) -> list[Message]:
+        cfg = self.server.cfg
+        unknown = [t.client_id for t in tasks if t.client_id not in self.nodes]
+        if unknown:
+            raise ValueError(f"no Flower node holds client {unknown[0]}")
+        return [
+            Message(encode_task(t, cfg), dst_node_id=self.nodes[t.client_id], message_type=MessageType.TRAIN, group_id=str(t.round))
+            for t in tasks
+        ]
+
+    def collect(self, tasks: list[ClientTask], messages: list[Message], replies) -> list[ClientUpdate | ClientFailure]:
+        """Replies -> one ClientUpdate or ClientFailure per task, in task order (the order the
+        in-process runtime aggregates in), each update's metrics with the bytes moved."""
+        from flexlora.protocol import ClientFailure
+
+        by_node = {r.metadata.src_node_id: r for r in replies}
+        results: list[ClientUpdate | ClientFailure] = []
+        for task, message in zip(tasks, messages):
+            reply = by_node.get(message.metadata.dst_node_id)
+            if reply is None:
+                results.append(ClientFailure(task.client_id, f"no reply within {self.timeout_s:.0f} s"))
+            elif reply.has_error():
+                results.append(ClientFailure(task.client_id, reply.error.reason))
+            else:
+                try:
+                    update = decode_update(reply.content)
+                    if update.client_id != task.client_id:
+                        raise ValueError(f"reply from client {update.client_id} to a task for {task.client_id}")
+                except (KeyError, ValueError, TypeError) as e:
+                    results.append(ClientFailure(task.client_id, f"bad reply: {type(e).__name__}: {e}"))
+                    continue
+                update.metrics.update(
+                    bytes_down=message_bytes(message),
+                    bytes_up=message_bytes(reply),
+                    payload_bytes_down=payload_bytes(message.content),
+                    payload_bytes_up=payload_bytes(reply.content),
+                )
+                results.append(update)
+        return results
+
+    # Flower's Strategy interface.
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        # The global state lives in the FederatedServer; `arrays` (Flower's shared model) is unused.
+        tasks = self.server.configure(server_round, self.server.sample(server_round))
+        messages = self.task_messages(tasks)
+        self._pending[server_round] = (tasks, messages)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies):
+        tasks, messages = self._pending.pop(server_round)
+        self.last_results = self.collect(tasks, messages, list(replies))
+        # The server validates each update against its task, leaves rejected ones out and
+        # aggregates (or keeps the previous state), exactly as for the in-process runtime.
+        outcome = self.server.complete_round(server_round, tasks, self.last_results)
+        updates = outcome.updates
+        if outcome.kept_previous_state:
+            return None, None
+        state = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in (self.server.state or {}).items()})
+        losses = [u.metrics["train_loss_last"] for u in updates if "train_loss_last" in u.metrics]
+        metrics = MetricRecord({"clients": len(updates), "train_loss_last": float(np.mean(losses)) if losses else 0.0})
+        return state, metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        return []  # evaluation is centralised: the ServerApp scores the global adapter on held-out clients
+
+    def aggregate_evaluate(self, server_round: int, replies):
+        return None
+
+    def summary(self) -> None:
+        log.info("FederatedStrategy: method %s, %d nodes", self.server.cfg.method, len(self.nodes))
+
+
+class FlowerRuntime:
+    """A `server.Runtime` over a Flower Grid: tasks out as Messages, replies back as updates."""
+
+    def __init__(self, strategy: FederatedStrategy, grid: Grid):
+        self.strategy = strategy
+        self.grid = grid
+
+    def train(self, tasks: list[ClientTask]) -> list[ClientUpdate | ClientFailure]:
+        messages = self.strategy.task_messages(tasks)
+        replies = self.grid.send_and_receive(messages, timeout=self.strategy.timeout_s)
+        return self.strategy.collect(tasks, messages, list(replies))
+
+
+def wait_for_nodes(grid: Grid, count: int, wait_s: float) -> list[int]:
+    deadline = time.monotonic() + wait_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= count:
+            return nodes
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of {count} Flower nodes connected within {wait_s:.0f} s (flower.min_nodes, flower.node_wait_s)")
+        time.sleep(0.5)
+
+
+def discover(grid: Grid, cfg: ExperimentConfig, min_nodes: int, echo=print) -> dict[str, dict]:
+    """Ask every connected node which client it holds: client id -> its query reply (node_id,
+    num_examples and any declared resources)."""
+    nodes = wait_for_nodes(grid, min_nodes, cfg.flower.node_wait_s)
+    content = RecordDict({TASK: ConfigRecord({"config": json.dumps(cfg.to_dict())})})
+    messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY, group_id="discover") for n in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=cfg.flower.round_timeout_s))
+    found: dict[str, dict] = {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            echo(f"flexlora: warning: node {node} left out: {reply.error.reason}")
+            continue
+        info = json.loads(reply.content.config_records[NODE]["node"])
+        cid = info["client_id"]
+        if cid in found:
+            raise RuntimeError(f"nodes {found[cid]['node_id']} and {node} both hold client {cid}; give each a distinct client-id")
+        found[cid] = {**info, "node_id": node}
+    silent = sorted(set(nodes) - {r.metadata.src_node_id for r in replies})
+    if silent:
+        echo(f"flexlora: warning: {len(silent)} node(s) did not answer within {cfg.flower.round_timeout_s:.0f} s and are left out: {silent}")
+    if not found:
+        raise RuntimeError("no Flower node answered with a usable client")
+    return found
+
+
+def serve(exp, grid: Grid, min_nodes: int | None = None) -> Path:
+    """The ServerApp's work: discover the nodes' clients, build the server, run every round
+    through Flower, write the run folder (the same files as the in-process runtime)."""
+    cfg = exp.cfg
+    if min_nodes is None:
+        min_nodes = cfg.flower.min_nodes or cfg.federation.clients_per_round
+    found = discover(grid, cfg, min_nodes, exp.echo)
+    order = {c.client_id: i for i, c in enumerate(exp.dataset.clients)}
+    # The server's own dataset order where it knows the clients (simulation: identical rank
+    # draws to the in-process runtime), else by id.
+    client_ids = sorted(found, key=lambda cid: (order.get(cid, math.inf), cid))
+    r = cfg.resources
+    rank_types = paper_rank_types(r.t1, r.t2, r.t3_attention, r.t3_mlp, r.t4)
+    declared = {}
+    sizes = {cid: found[cid]["num_examples"] for cid in client_ids}
+    for cid in client_ids:
+        try:
+            rank_type = declared_rank_type(found[cid].get("resources", {}), exp.shapes, rank_types)
+        except ValueError as e:
+            raise ConfigError(f"node {found[cid]['node_id']} (client {cid}): {e}") from None
+        if rank_type is not None:
+            declared[cid] = rank_type
+    server = exp.make_server(client_ids, declared, sizes)
+    strategy = FederatedStrategy(server, {cid: found[cid]["node_id"] for cid in client_ids}, cfg.flower.round_timeout_s)
+    exp.run(FlowerRuntime(strategy, grid))
+    return exp.finish()
+
+
+def config_from_run_config(run_config) -> tuple[ExperimentConfig, Path | None]:
+    """(experiment config, run folder to resume or None) of a deployment run, from its run
+    config: `config-file` (a YAML path on the SuperLink's machine, may be empty), `overrides`
+    (key=value words, shell-quoted where needed) and `resume` (a run folder to continue from
+    its last checkpoint; its config.yaml is then the config file)."""
+    resume = str(run_config.get("resume", "") or "") or None
+    path = str(run_config.get("config-file", "") or "") or None
+    if resume is not None:
+        if path is not None:
+            raise ConfigError("run config: resume takes its config from the run folder; leave config-file empty")
+        path = str(Path(resume) / "config.yaml")
+        if not Path(path).is_file():
+            raise ConfigError(f"run config: resume: {resume} is not a run folder (no config.yaml)")
+    overrides = shlex.split(str(run_config.get("overrides", "") or ""))
+    return load_config(path, [*overrides, "engine=flower"]), Path(resume) if resume else None
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _server_main(grid: Grid, context: Context) -> None:
+    from flexlora.experiment import Experiment
+
+    cfg, resume = config_from_run_config(context.run_config)
+    exp = Experiment(cfg, engine="flower-deployment", resume=resume)
+    try:
+        serve(exp, grid)
+    finally:
+        exp.close()
