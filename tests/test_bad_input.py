@@ -3,7 +3,6 @@ run folder written. Config values here; data files further down."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 
@@ -59,11 +58,6 @@ def test_existing_run_folder_needs_overwrite(tmp_path, capsys):
 
 # --- data files ----------------------------------------------------------------------------
 
-needs_file_sources = pytest.mark.skipif(
-    importlib.util.find_spec("flexlora.data.records") is None,
-    reason="needs the file data sources (flexlora.data.records, from the data branch)",
-)
-
 GOOD = {"instruction": "Reverse the word.", "input": "abc", "output": "cba", "category": "reverse", "client": "a"}
 
 
@@ -85,7 +79,6 @@ BAD_DATA = [
 ]
 
 
-@needs_file_sources
 @pytest.mark.parametrize("name, content, extra, message", BAD_DATA, ids=[d[0] for d in BAD_DATA])
 def test_bad_data_file(name, content, extra, message, tmp_path, capsys):
     path = tmp_path / name
@@ -93,7 +86,6 @@ def test_bad_data_file(name, content, extra, message, tmp_path, capsys):
     fails_fast(["data.source=json", f"data.path={path}", *extra], message.format(path=path), tmp_path, capsys)
 
 
-@needs_file_sources
 def test_missing_data_path_and_empty_folder(tmp_path, capsys):
     fails_fast(["data.source=json", f"data.path={tmp_path / 'nope.jsonl'}"], "data.path: not found", tmp_path, capsys)
     fails_fast(["data.source=json"], "data.path: data.source=json needs data.path", tmp_path, capsys)

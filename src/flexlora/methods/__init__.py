@@ -34,11 +34,12 @@ from .ffa import FFALoRA
 from .flexlora import FlexLoRA
 from .flora import FLoRA
 from .hetlora import HetLoRA
+from .rolora import AlternatingLoRA
 from .server_opt import Composed, ServerOptimizer
 from .slora import SLoRA
 from .svd import TruncatedSVD, truncated_svd
 
-METHODS: dict[str, type] = {cls.name: cls for cls in (FlexLoRA, FedIT, HetLoRA, SLoRA, FLoRA, FFALoRA)}
+METHODS: dict[str, type] = {cls.name: cls for cls in (FlexLoRA, FedIT, HetLoRA, SLoRA, FLoRA, FFALoRA, AlternatingLoRA)}
 COMPOSABLE = ("server_opt", "fedprox_mu")  # method_args handled by make_method itself
 # Client options the reliability layer adds (handled by the client loop itself), accepted as they are.
 PASSTHROUGH = ("timeout_s", "inject_failure")
@@ -118,6 +119,7 @@ __all__ = [
     "METHODS",
     "PASSTHROUGH",
     "AggregationMethod",
+    "AlternatingLoRA",
     "ClientHook",
     "ClientUpdate",
     "Composed",

@@ -1,7 +1,7 @@
 """Truncated SVD of a low-rank product  ΔW = B̃ Ã  given its stacked factors.
 
 B̃ is (m, R), Ã is (R, n); R = Σ r_k over the clients of a round. Which kernel is fastest
-depends on R against min(m, n) (measurements in DESIGN.md, "The fast, exact SVD"):
+depends on R against min(m, n) (measurements in docs/baselines.md, "The aggregation engine"):
 
 - "factored":   QR of B̃ and of Ãᵀ, SVD of the small core, rotate back. Never forms the
                 m×n matrix; exact. The choice when R < min(m, n).

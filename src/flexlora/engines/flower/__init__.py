@@ -15,9 +15,9 @@ engines, with the project's own server, client step and evaluation unchanged.
 On the wire (no pickle): factors are an ArrayRecord "factors" with keys `<module>.lora_A` /
 `<module>.lora_B` (numpy .npy bytes, float32 or float16 per `flower.transport_dtype`); the
 ClientTask and the experiment config travel as JSON strings in a ConfigRecord "task"; the
-reply's ClientUpdate fields in a ConfigRecord "update". A method's global base offset (FLoRA,
-SLoRA's sparse stage) goes down as an ArrayRecord "base_offset" (one dense (out, in) array per
-module, transport dtype); SLoRA's sparse deltas come back as an ArrayRecord "deltas"
+reply's ClientUpdate fields in a ConfigRecord "update". A method's global base offset goes down as
+an ArrayRecord "base_offset" (one dense (out, in) array per module, transport dtype); sparse
+deltas (a method whose client trains the base weights) come back as an ArrayRecord "deltas"
 (`<module>.indices` int64, `<module>.values`), their shapes in the "update" JSON.
 
 Which client a node is: in simulation, node i holds training client i (`partition-id`); in a
