@@ -14,20 +14,15 @@ import time
 from contextlib import contextmanager
 
 import torch
-from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
 from flexlora import lora
 from flexlora.aggregation.base import Factors
 from flexlora.data.prompts import collate, fit_prompt, tokenize_for_training
 from flexlora.data.types import ClientData, Example
+from flexlora.rouge import rouge_l  # noqa: F401  (Unicode-aware tokenizer; part of this module's API)
 
 METRIC = "rougeL_generated"
-_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    return _SCORER.score(reference, prediction)["rougeL"].fmeasure
 
 
 def clean_generation(text: str) -> str:
