@@ -99,6 +99,7 @@ class EvalConfig:
     every: int = 1  # evaluate after every `every` rounds (and always after the last)
     max_examples_per_client: int | None = None
     export_rank: int | None = None  # rank of the exported global adapter; None: the largest client rank
+    kv_cache: bool = True  # one prefill per example for both scores, each client's shared prompt prefix once; false: the two-prefill path
 
 
 @dataclass

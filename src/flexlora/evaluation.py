@@ -10,8 +10,11 @@ Client scores are weighted by test-set size. Eval loss is the teacher-forced ans
 
 from __future__ import annotations
 
+import copy
+import inspect
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -25,9 +28,12 @@ from flexlora.rouge import rouge_l  # noqa: F401  (Unicode-aware tokenizer; part
 METRIC = "rougeL_generated"
 
 
+STOPS = ("\n\n", "###", "<|im_end|>")
+
+
 def clean_generation(text: str) -> str:
     """Cut a generation where the model starts a new section or a new prompt."""
-    for stop in ("\n\n", "###", "<|im_end|>"):
+    for stop in STOPS:
         text = text.split(stop, 1)[0]
     return text.strip()
 
@@ -107,6 +113,219 @@ def teacher_forced(model, tokenizer, examples: list[Example], template: str, cut
     return list(zip(losses, tokens, answers))
 
 
+# ---------------------------------------------------------------------------------------------
+# The cached path (eval.kv_cache=true): per client, the prompt prefix that all its examples
+# share (NI repeats the task's long instruction in every example) is prefilled once; one forward
+# of the suffixes (each example's prompt rest + answer, right-padded) gives the teacher-forced
+# loss and argmax and, from the same KV cache, the start of greedy generation. Results equal the
+# two-prefill path (`generate` + `teacher_forced`) up to float rounding.
+
+
+@dataclass
+class _Item:
+    """One example's token ids: `full` prompt+answer for teacher forcing (answer from
+    `prompt_len` on, labels = full there), `gen` the generation prompt (same as full[:prompt_len]
+    unless fit_prompt shortened the two differently)."""
+
+    full: list[int]
+    prompt_len: int
+    gen: list[int]
+
+    @property
+    def shared(self) -> bool:
+        return self.gen == self.full[: self.prompt_len]
+
+
+def _items(examples: list[Example], tokenizer, template: str, cutoff_len: int, max_new_tokens: int) -> list[_Item]:
+    items = []
+    for ex in examples:
+        f = tokenize_for_training(ex, tokenizer, template, cutoff_len, train_on_inputs=False)
+        prompt_len = next((i for i, label in enumerate(f["labels"]) if label != -100), len(f["labels"]))
+        gen = fit_prompt(ex, tokenizer, template, cutoff_len, max_new_tokens)[1]
+        items.append(_Item(list(f["input_ids"]), prompt_len, list(gen)))
+    return items
+
+
+def common_prefix_len(items: list[_Item]) -> int:
+    """Tokens shared by every sequence of these items (teacher-forced and generation prompts),
+    leaving each prompt at least its last token to run through the model (its logits start
+    the answer / the generation)."""
+    seqs = [it.full for it in items] + [it.gen for it in items if not it.shared]
+    limit = min(min(it.prompt_len, len(it.gen)) for it in items) - 1
+    n = 0
+    while n < limit and all(s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    return max(n, 0)
+
+
+def _plain_greedy(model) -> bool:
+    """True when model.generate(do_sample=False) is a plain argmax (no logits processors set in
+    the model's generation config), which is what the cached path's decoding loop does."""
+    g = getattr(model, "generation_config", None)
+    if g is None:
+        return True
+    return (
+        g.repetition_penalty in (None, 1.0)
+        and not g.no_repeat_ngram_size
+        and not g.bad_words_ids
+        and not g.min_new_tokens
+        and not g.min_length
+        and not g.suppress_tokens
+        and not g.begin_suppress_tokens
+        and g.forced_bos_token_id is None
+        and g.forced_eos_token_id is None
+        and not getattr(g, "sequence_bias", None)
+    )
+
+
+def _forward(model, cache, **kwargs):
+    """model(...) growing `cache` (a DynamicCache) in place; transformers renamed the argument
+    from past_key_values to cache within 5.x."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return model(use_cache=True, return_dict=True, **{name: cache}, **kwargs)
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+@torch.no_grad()
+def _prefix_cache(model, ids: list[int], device):
+    cache = _new_cache(model)
+    if ids:
+        _forward(model, cache, input_ids=torch.tensor([ids], device=device))
+    return cache
+
+
+@torch.no_grad()
+def _score_chunk(model, tokenizer, items: list[_Item], prefix_len: int, prefix_cache, max_new_tokens: int, device):
+    """[(summed answer loss, answer tokens, teacher-forced argmax text, generated text)]."""
+    pad = tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    # Rows: each item's prompt+answer suffix; plus its generation prompt when that differs.
+    rows = [it.full[prefix_len:] for it in items]
+    starts = [it.prompt_len - 1 - prefix_len for it in items]  # suffix position whose logits predict the answer's first token
+    gen_row = []
+    for it in items:
+        if it.shared:
+            gen_row.append(len(gen_row))
+        else:
+            gen_row.append(len(rows))
+            rows.append(it.gen[prefix_len:])
+            starts.append(len(it.gen) - 1 - prefix_len)
+    n_rows, width = len(rows), max(len(r) for r in rows)
+    ids = torch.full((n_rows, width), pad, dtype=torch.long)
+    row_mask = torch.zeros((n_rows, width), dtype=torch.long)
+    labels = torch.full((n_rows, width), -100, dtype=torch.long)  # labels[r, p]: the token suffix position p predicts
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.tensor(row)
+        row_mask[r, : len(row)] = 1
+    for r, it in enumerate(items):
+        answer = it.full[it.prompt_len :]
+        labels[r, starts[r] : starts[r] + len(answer)] = torch.tensor(answer, dtype=torch.long)
+    ids, row_mask, labels = ids.to(device), row_mask.to(device), labels.to(device)
+    cache = prefix_cache
+    if prefix_len:
+        cache.batch_repeat_interleave(n_rows)
+    mask = torch.cat([torch.ones((n_rows, prefix_len), dtype=torch.long, device=device), row_mask], 1)
+    positions = (prefix_len + torch.arange(width, device=device)).expand(n_rows, width)
+    keep = width - min(starts)
+    logits = _forward(model, cache, input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+    logits = logits[:, -keep:]
+    offset = width - keep  # suffix position of logits[:, 0]
+
+    # Teacher forcing, as in `teacher_forced`.
+    tf_logits, tf_labels = logits[: len(items)], labels[: len(items), offset:]
+    tf_mask = tf_labels != -100
+    loss = torch.nn.functional.cross_entropy(tf_logits.transpose(1, 2).float(), tf_labels.clamp(min=0), reduction="none")
+    argmax = logits.argmax(-1)
+    losses = (loss * tf_mask).sum(1).tolist()
+    tokens = tf_mask.sum(1).tolist()
+    tf_texts = [clean_generation(tokenizer.decode(argmax[i][tf_mask[i]], skip_special_tokens=True)) for i in range(len(items))]
+
+    # Greedy generation from the cache: row r's valid keys are its first prefix_len + starts[r] + 1
+    # positions; the rest of the row (answer, padding) is masked out, and new tokens continue at
+    # the prompt's own positions (as unpadded generation would).
+    rows_g = torch.tensor(gen_row, device=device)
+    lengths = torch.tensor([prefix_len + starts[r] + 1 for r in gen_row], device=device)
+    first = argmax[rows_g, torch.tensor([starts[r] - offset for r in gen_row], device=device)]
+    cache.batch_select_indices(rows_g)
+    mask = (torch.arange(prefix_len + width, device=device)[None, :] < lengths[:, None]).long()
+    generated = [[] for _ in items]
+    active = list(range(len(items)))  # items still decoding, in the cache's row order
+    token, position = first, lengths.clone()
+    finished = torch.zeros(len(items), dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        if step:
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long, device=device)], 1)
+            logits = _forward(model, cache, input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None]).logits[:, -1]
+            token = logits.argmax(-1)
+            token = torch.where(finished, torch.full_like(token, pad), token)  # as generate pads finished rows
+            position = position + 1
+        if eos is not None:
+            finished = finished | (token == eos)
+        done = []
+        for j, (i, t) in enumerate(zip(active, token.tolist())):
+            generated[i].append(t)
+            # A row is done at EOS, or once its text holds a stop string: clean_generation cuts
+            # there, so further tokens could not change the result.
+            if finished[j] or any(stop in tokenizer.decode(generated[i], skip_special_tokens=True) for stop in STOPS):
+                done.append(j)
+        if len(done) == len(active):
+            break
+        if done:  # drop finished rows from the batch
+            keep_rows = [j for j in range(len(active)) if j not in set(done)]
+            index = torch.tensor(keep_rows, device=device)
+            cache.batch_select_indices(index)
+            mask, token, position, finished = mask[index], token[index], position[index], finished[index]
+            active = [active[j] for j in keep_rows]
+    gen_texts = [clean_generation(tokenizer.decode(g, skip_special_tokens=True)) for g in generated]
+    return list(zip(losses, tokens, tf_texts, gen_texts))
+
+
+def _score_cached(model, tokenizer, work, template, cutoff_len, max_new_tokens, batch_size, desc="eval"):
+    """Per work item (client, example), in order: (loss, tokens, teacher-forced text, generated text)."""
+    device = next(model.parameters()).device
+    results = []
+    groups: list[list[int]] = []
+    for k, (client, _) in enumerate(work):
+        if groups and work[groups[-1][0]][0] is client:
+            groups[-1].append(k)
+        else:
+            groups.append([k])
+    for group in tqdm(groups, desc=desc, leave=False, unit="client"):
+        items = _items([work[k][1] for k in group], tokenizer, template, cutoff_len, max_new_tokens)
+        prefix_len = common_prefix_len(items)
+        prefix = items[0].full[:prefix_len]
+        chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+        base = _prefix_cache(model, prefix, device)
+        for n, chunk in enumerate(chunks):
+            cache = base if n == len(chunks) - 1 else copy.deepcopy(base)
+            results.extend(_score_chunk(model, tokenizer, chunk, prefix_len, cache, max_new_tokens, device))
+    return results
+
+
+def score_examples(model, tokenizer, work, template, cutoff_len, max_new_tokens, batch_size, kv_cache=True, desc="eval"):
+    """Per (client, example) of `work`, in order: (summed answer loss, answer tokens,
+    teacher-forced argmax text, generated text). kv_cache: the cached path (`_score_cached`)
+    unless the model's generation config asks for more than plain greedy decoding."""
+    if kv_cache and _plain_greedy(model):
+        return _score_cached(model, tokenizer, work, template, cutoff_len, max_new_tokens, batch_size, desc)
+    scored = []
+    for start in tqdm(range(0, len(work), batch_size), desc=desc, leave=False, unit="batch"):
+        chunk = work[start : start + batch_size]
+        examples = [ex for _, ex in chunk]
+        # The same prompts as in training: shortened to leave room for an answer.
+        prompts = [fit_prompt(ex, tokenizer, template, cutoff_len, max_new_tokens)[0] for ex in examples]
+        generated = generate(model, tokenizer, prompts, max_new_tokens)
+        tf = teacher_forced(model, tokenizer, examples, template, cutoff_len)
+        scored.extend((loss, tokens, answer, gen) for (loss, tokens, answer), gen in zip(tf, generated))
+    return scored
+
+
 def _finish(stats: dict) -> dict:
     return {
         "n": stats["n"],
@@ -131,11 +350,17 @@ def evaluate(
     batch_size: int,
     max_examples_per_client: int | None = None,
     desc: str = "eval",
+    kv_cache: bool = True,
 ) -> dict:
     """Weighted Rouge-L (generated and teacher-forced) and eval loss over the clients' test
     sets, overall, per client and per category (the client's task category, e.g. NI's
     'Word Analogy' for 'Word Analogy 266.json'). With factors=None the model is evaluated as
-    given (the base model, or a model that already carries an adapter)."""
+    given (the base model, or a model that already carries an adapter).
+
+    kv_cache=True: each client's shared prompt prefix is prefilled once and one forward per
+    example serves both scores (`_score_cached`); False: the two-prefill path (`generate` +
+    `teacher_forced` on batches across clients). Both give the same results up to float
+    rounding. `per_example` lists every scored example (client order, then test-set order)."""
     from flexlora.data.split import task_category
 
     started = time.perf_counter()
@@ -146,27 +371,27 @@ def evaluate(
     per_client: dict[str, dict] = {c.client_id: dict(empty) for c in clients}
     per_category: dict[str, dict] = {}
     categories = {c.client_id: c.category for c in clients}
-    samples = []
+    samples, per_example = [], []
     with adapter(model, factors, ranks, alpha, target_modules) as m:
         m.eval()
-        for start in tqdm(range(0, len(work), batch_size), desc=desc, leave=False, unit="batch"):
-            chunk = work[start : start + batch_size]
-            examples = [ex for _, ex in chunk]
-            # The same prompts as in training: shortened to leave room for an answer.
-            prompts = [fit_prompt(ex, tokenizer, template, cutoff_len, max_new_tokens)[0] for ex in examples]
-            generated = generate(m, tokenizer, prompts, max_new_tokens)
-            scored = teacher_forced(m, tokenizer, examples, template, cutoff_len)
-            for (client, ex), gen, (loss, tokens, tf) in zip(chunk, generated, scored):
-                gen_score, tf_score = rouge_l(gen, ex.output), rouge_l(tf, ex.output)
-                category = task_category(client.category)
-                for stats in (per_client[client.client_id], per_category.setdefault(category, dict(empty))):
-                    stats["n"] += 1
-                    stats["gen"] += gen_score
-                    stats["tf"] += tf_score
-                    stats["loss"] += loss
-                    stats["tokens"] += tokens
-                if len(samples) < 6:
-                    samples.append({"client": client.client_id, "input": ex.input[:200], "reference": ex.output, "generated": gen})
+        scored = score_examples(m, tokenizer, work, template, cutoff_len, max_new_tokens, batch_size, kv_cache, desc)
+    index: dict[str, int] = {}
+    for (client, ex), (loss, tokens, tf, gen) in zip(work, scored):
+        gen_score, tf_score = rouge_l(gen, ex.output), rouge_l(tf, ex.output)
+        category = task_category(client.category)
+        for stats in (per_client[client.client_id], per_category.setdefault(category, dict(empty))):
+            stats["n"] += 1
+            stats["gen"] += gen_score
+            stats["tf"] += tf_score
+            stats["loss"] += loss
+            stats["tokens"] += tokens
+        i = index[client.client_id] = index.get(client.client_id, -1) + 1
+        per_example.append({
+            "client": client.client_id, "index": i, "rougeL_generated": gen_score,
+            "rougeL_teacher_forced": tf_score, "loss": loss, "tokens": tokens,
+        })
+        if len(samples) < 6:
+            samples.append({"client": client.client_id, "input": ex.input[:200], "reference": ex.output, "generated": gen})
     total = {k: sum(s[k] for s in per_client.values()) for k in empty}
     # Weighting clients by test-set size makes the weighted mean the mean over all examples;
     # the eval loss is per answer token.
@@ -183,5 +408,6 @@ def evaluate(
         },
         "per_category": {cat: _finish(s) for cat, s in sorted(per_category.items())},
         "samples": samples,
+        "per_example": per_example,
         "eval_time_s": time.perf_counter() - started,
     }
