@@ -7,7 +7,7 @@ import torch
 from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
 
 from flexlora.data.types import ClientData, Example
-from flexlora.evaluation import _items, common_prefix_len, evaluate, score_examples
+from flexlora.evaluation import _items, _rows, common_prefix_len, evaluate, score_examples
 from flexlora.models import TINY, load_model
 
 INSTR = "Answer the question about the animal in one word. Think about where it lives."
@@ -72,7 +72,8 @@ def test_prompts_sharing_no_prefix():
     tok.chat_template = "{{ messages[0]['content'] }}"  # the prompt is the bare instruction
     clients = [ClientData("x", "X 1.json", [], test=[Example("Apples are red?", "", "yes"), Example("Bananas?", "", "yellow")])]
     work = _work(clients)
-    assert common_prefix_len(_items([ex for _, ex in work], tok, "chat", 128, 8)) == 0
+    (rows,) = _rows(_items([ex for _, ex in work], tok, "chat", 128, 8))
+    assert common_prefix_len(rows) == 0
     _assert_same(score_examples(model, tok, work, "chat", 128, 8, 4, kv_cache=False),
                  score_examples(model, tok, work, "chat", 128, 8, 4, kv_cache=True))
 
@@ -80,12 +81,16 @@ def test_prompts_sharing_no_prefix():
 def test_shared_prefix_covers_the_instruction():
     _, tok = _model(0.3, 1.0)
     items = _items(_clients()[0].test, tok, "alpaca", 512, 12)
-    n = common_prefix_len(items)
+    (rows,) = _rows(items)  # every generation prompt is its teacher-forcing prompt: one group
+    n = common_prefix_len(rows)
     prompt = tok.decode(items[0].full[:n])
     assert prompt.endswith("### Input:\nWhere does a ") and INSTR in prompt
     # A single example: everything but its prompt's last token.
     one = _items(_clients()[1].test, tok, "alpaca", 512, 12)
-    assert common_prefix_len(one) == one[0].prompt_len - 1
+    assert common_prefix_len(_rows(one)[0]) == one[0].prompt_len - 1
+    # Generation prompts shortened differently from the teacher-forcing ones get their own group.
+    two = _rows(_items(_clients()[2].test, tok, "alpaca", 512, 12))
+    assert [len(g) for g in two] == [2, 1] and not two[1][0].score and two[1][0].generate
 
 
 def test_cached_path_runs_each_shared_prompt_token_once():

@@ -146,14 +146,35 @@ def _items(examples: list[Example], tokenizer, template: str, cutoff_len: int, m
     return items
 
 
-def common_prefix_len(items: list[_Item]) -> int:
-    """Tokens shared by every sequence of these items (teacher-forced and generation prompts),
-    leaving each prompt at least its last token to run through the model (its logits start
-    the answer / the generation)."""
-    seqs = [it.full for it in items] + [it.gen for it in items if not it.shared]
-    limit = min(min(it.prompt_len, len(it.gen)) for it in items) - 1
+@dataclass
+class _Row:
+    """One sequence to run: `ids`, the answer from `prompt_len` on (none for a generation-only
+    row: prompt_len == len(ids)); `score`: the example's teacher-forced scores come from this
+    row; `generate`: its greedy decoding continues from this row's prompt."""
+
+    ids: list[int]
+    prompt_len: int
+    item: int
+    score: bool
+    generate: bool
+
+
+def _rows(items: list[_Item]) -> list[list[_Row]]:
+    """Rows in groups that share a prompt prefix: prompt+answer rows (which also start the
+    generation when the generation prompt is the same) and generation-only rows (prompts that
+    fit_prompt shortened further for generation than for teacher forcing)."""
+    scoring = [_Row(it.full, it.prompt_len, k, True, it.shared) for k, it in enumerate(items)]
+    generating = [_Row(it.gen, len(it.gen), k, False, True) for k, it in enumerate(items) if not it.shared]
+    return [group for group in (scoring, generating) if group]
+
+
+def common_prefix_len(rows: list[_Row]) -> int:
+    """Tokens shared by every row, leaving each prompt at least its last token to run through
+    the model (its logits start the answer / the generation)."""
+    limit = min(r.prompt_len for r in rows) - 1
+    first = rows[0].ids
     n = 0
-    while n < limit and all(s[n] == seqs[0][n] for s in seqs):
+    while n < limit and all(r.ids[n] == first[n] for r in rows):
         n += 1
     return max(n, 0)
 
@@ -200,32 +221,36 @@ def _prefix_cache(model, ids: list[int], device):
     return cache
 
 
+@dataclass
+class _Pending:
+    """Rows ready for greedy decoding: their KV cache, which cache positions are valid
+    (`mask`; the rest is another row's answer or padding), where each row's next token sits
+    (`position`), and its first generated token."""
+
+    cache: object
+    mask: torch.Tensor
+    position: torch.Tensor
+    first: torch.Tensor
+
+
 @torch.no_grad()
-def _score_chunk(model, tokenizer, items: list[_Item], prefix_len: int, prefix_cache, max_new_tokens: int, device):
-    """[(summed answer loss, answer tokens, teacher-forced argmax text, generated text)]."""
+def _prefill_chunk(model, tokenizer, rows: list[_Row], prefix_len: int, prefix_cache, device):
+    """One forward of the rows' suffixes after their shared prefix: {item: (summed answer loss,
+    answer tokens, teacher-forced argmax text)} of the scoring rows, and the generating rows
+    (their items, and a _Pending for decoding)."""
     pad = tokenizer.pad_token_id
-    eos = tokenizer.eos_token_id
-    # Rows: each item's prompt+answer suffix; plus its generation prompt when that differs.
-    rows = [it.full[prefix_len:] for it in items]
-    starts = [it.prompt_len - 1 - prefix_len for it in items]  # suffix position whose logits predict the answer's first token
-    gen_row = []
-    for it in items:
-        if it.shared:
-            gen_row.append(len(gen_row))
-        else:
-            gen_row.append(len(rows))
-            rows.append(it.gen[prefix_len:])
-            starts.append(len(it.gen) - 1 - prefix_len)
-    n_rows, width = len(rows), max(len(r) for r in rows)
+    starts = [r.prompt_len - 1 - prefix_len for r in rows]  # suffix position whose logits predict the answer's first token
+    n_rows, width = len(rows), max(len(r.ids) for r in rows) - prefix_len
     ids = torch.full((n_rows, width), pad, dtype=torch.long)
     row_mask = torch.zeros((n_rows, width), dtype=torch.long)
     labels = torch.full((n_rows, width), -100, dtype=torch.long)  # labels[r, p]: the token suffix position p predicts
     for r, row in enumerate(rows):
-        ids[r, : len(row)] = torch.tensor(row)
-        row_mask[r, : len(row)] = 1
-    for r, it in enumerate(items):
-        answer = it.full[it.prompt_len :]
-        labels[r, starts[r] : starts[r] + len(answer)] = torch.tensor(answer, dtype=torch.long)
+        suffix = row.ids[prefix_len:]
+        ids[r, : len(suffix)] = torch.tensor(suffix)
+        row_mask[r, : len(suffix)] = 1
+        answer = row.ids[row.prompt_len :]
+        if answer:
+            labels[r, starts[r] : starts[r] + len(answer)] = torch.tensor(answer, dtype=torch.long)
     ids, row_mask, labels = ids.to(device), row_mask.to(device), labels.to(device)
     cache = prefix_cache
     if prefix_len:
@@ -238,26 +263,59 @@ def _score_chunk(model, tokenizer, items: list[_Item], prefix_len: int, prefix_c
     offset = width - keep  # suffix position of logits[:, 0]
 
     # Teacher forcing, as in `teacher_forced`.
-    tf_logits, tf_labels = logits[: len(items)], labels[: len(items), offset:]
+    tf_labels = labels[:, offset:]
     tf_mask = tf_labels != -100
-    loss = torch.nn.functional.cross_entropy(tf_logits.transpose(1, 2).float(), tf_labels.clamp(min=0), reduction="none")
+    loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), tf_labels.clamp(min=0), reduction="none")
     argmax = logits.argmax(-1)
     losses = (loss * tf_mask).sum(1).tolist()
     tokens = tf_mask.sum(1).tolist()
-    tf_texts = [clean_generation(tokenizer.decode(argmax[i][tf_mask[i]], skip_special_tokens=True)) for i in range(len(items))]
+    scored = {
+        row.item: (losses[r], tokens[r], clean_generation(tokenizer.decode(argmax[r][tf_mask[r]], skip_special_tokens=True)))
+        for r, row in enumerate(rows)
+        if row.score
+    }
 
-    # Greedy generation from the cache: row r's valid keys are its first prefix_len + starts[r] + 1
-    # positions; the rest of the row (answer, padding) is masked out, and new tokens continue at
-    # the prompt's own positions (as unpadded generation would).
-    rows_g = torch.tensor(gen_row, device=device)
-    lengths = torch.tensor([prefix_len + starts[r] + 1 for r in gen_row], device=device)
-    first = argmax[rows_g, torch.tensor([starts[r] - offset for r in gen_row], device=device)]
+    # Decoding continues from the cache: row r's valid keys are its prompt (its first
+    # prefix_len + starts[r] + 1 positions); the rest of the row (answer, padding) is masked
+    # out, and new tokens take the prompt's own next positions (as unpadded generation would).
+    gen_rows = [r for r, row in enumerate(rows) if row.generate]
+    if not gen_rows:
+        return scored, [], None
+    rows_g = torch.tensor(gen_rows, device=device)
+    lengths = torch.tensor([prefix_len + starts[r] + 1 for r in gen_rows], device=device)
+    first = argmax[rows_g, torch.tensor([starts[r] - offset for r in gen_rows], device=device)]
     cache.batch_select_indices(rows_g)
-    mask = (torch.arange(prefix_len + width, device=device)[None, :] < lengths[:, None]).long()
-    generated = [[] for _ in items]
-    active = list(range(len(items)))  # items still decoding, in the cache's row order
-    token, position = first, lengths.clone()
-    finished = torch.zeros(len(items), dtype=torch.bool, device=device)
+    valid = (torch.arange(prefix_len + width, device=device)[None, :] < lengths[:, None]).long()
+    return scored, [rows[r].item for r in gen_rows], _Pending(cache, valid, lengths, first)
+
+
+def _merge(model, pending: list[_Pending]) -> _Pending:
+    """Rows of several chunks in one decoding batch: caches padded (masked) to one length."""
+    if len(pending) == 1:
+        return pending[0]
+    width = max(p.mask.shape[1] for p in pending)
+    cache = _new_cache(model)
+
+    def padded(t):  # (rows, heads, length, dim) -> length `width`
+        return torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[2]))
+
+    for layer in range(len(pending[0].cache.layers)):
+        keys = torch.cat([padded(p.cache.layers[layer].keys) for p in pending])
+        values = torch.cat([padded(p.cache.layers[layer].values) for p in pending])
+        cache.update(keys, values, layer)
+    mask = torch.cat([torch.nn.functional.pad(p.mask, (0, width - p.mask.shape[1])) for p in pending])
+    return _Pending(cache, mask, torch.cat([p.position for p in pending]), torch.cat([p.first for p in pending]))
+
+
+@torch.no_grad()
+def _decode(model, tokenizer, pending: _Pending, max_new_tokens: int) -> list[str]:
+    """Greedy decoding of the rows (what model.generate(do_sample=False) returns, cleaned)."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    cache, mask, position, token = pending.cache, pending.mask, pending.position, pending.first
+    device = mask.device
+    generated: list[list[int]] = [[] for _ in range(len(token))]
+    active = list(range(len(token)))  # rows still decoding, in the cache's row order
+    finished = torch.zeros(len(token), dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         if step:
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long, device=device)], 1)
@@ -267,53 +325,78 @@ def _score_chunk(model, tokenizer, items: list[_Item], prefix_len: int, prefix_c
             position = position + 1
         if eos is not None:
             finished = finished | (token == eos)
-        done = []
+        done = set()
         for j, (i, t) in enumerate(zip(active, token.tolist())):
             generated[i].append(t)
             # A row is done at EOS, or once its text holds a stop string: clean_generation cuts
             # there, so further tokens could not change the result.
             if finished[j] or any(stop in tokenizer.decode(generated[i], skip_special_tokens=True) for stop in STOPS):
-                done.append(j)
+                done.add(j)
         if len(done) == len(active):
             break
         if done:  # drop finished rows from the batch
-            keep_rows = [j for j in range(len(active)) if j not in set(done)]
+            keep_rows = [j for j in range(len(active)) if j not in done]
             index = torch.tensor(keep_rows, device=device)
             cache.batch_select_indices(index)
             mask, token, position, finished = mask[index], token[index], position[index], finished[index]
             active = [active[j] for j in keep_rows]
-    gen_texts = [clean_generation(tokenizer.decode(g, skip_special_tokens=True)) for g in generated]
-    return list(zip(losses, tokens, tf_texts, gen_texts))
+    return [clean_generation(tokenizer.decode(g, skip_special_tokens=True)) for g in generated]
 
 
-def _score_cached(model, tokenizer, work, template, cutoff_len, max_new_tokens, batch_size, desc="eval"):
-    """Per work item (client, example), in order: (loss, tokens, teacher-forced text, generated text)."""
+def _score_cached(model, tokenizer, work, template, cutoff_len, max_new_tokens, batch_size, decode_batch_size, desc="eval"):
+    """Per work item (client, example), in order: (loss, tokens, teacher-forced text, generated
+    text). Prefills run per client (its shared prefix once, then chunks of batch_size
+    examples); decoding runs on up to decode_batch_size rows of consecutive chunks at once
+    (a decoding step reads every weight once whatever its batch: on a CPU it costs about as
+    much for 64 rows as for 16; its memory is the rows' KV cache and one logits row each)."""
     device = next(model.parameters()).device
-    results = []
+    tf: list = [None] * len(work)
+    generated: list = [None] * len(work)
     groups: list[list[int]] = []
     for k, (client, _) in enumerate(work):
         if groups and work[groups[-1][0]][0] is client:
             groups[-1].append(k)
         else:
             groups.append([k])
+    waiting: list[tuple[list[int], _Pending]] = []
+
+    def flush():
+        if waiting:
+            texts = _decode(model, tokenizer, _merge(model, [p for _, p in waiting]), max_new_tokens)
+            for k, text in zip([k for ks, _ in waiting for k in ks], texts):
+                generated[k] = text
+            waiting.clear()
+
     for group in tqdm(groups, desc=desc, leave=False, unit="client"):
         items = _items([work[k][1] for k in group], tokenizer, template, cutoff_len, max_new_tokens)
-        prefix_len = common_prefix_len(items)
-        prefix = items[0].full[:prefix_len]
-        chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-        base = _prefix_cache(model, prefix, device)
-        for n, chunk in enumerate(chunks):
-            cache = base if n == len(chunks) - 1 else copy.deepcopy(base)
-            results.extend(_score_chunk(model, tokenizer, chunk, prefix_len, cache, max_new_tokens, device))
-    return results
+        for rows in _rows(items):
+            prefix_len = common_prefix_len(rows)
+            base = _prefix_cache(model, rows[0].ids[:prefix_len], device)
+            for n in range(0, len(rows), batch_size):
+                cache = base if n + batch_size >= len(rows) else copy.deepcopy(base)
+                scored, gen_items, pending = _prefill_chunk(model, tokenizer, rows[n : n + batch_size], prefix_len, cache, device)
+                for i, r in scored.items():
+                    tf[group[i]] = r
+                if pending is None:
+                    continue
+                if sum(len(ks) for ks, _ in waiting) + len(gen_items) > decode_batch_size:
+                    flush()
+                waiting.append(([group[i] for i in gen_items], pending))
+    flush()
+    return [(*t, g) for t, g in zip(tf, generated)]
 
-
-def score_examples(model, tokenizer, work, template, cutoff_len, max_new_tokens, batch_size, kv_cache=True, desc="eval"):
+def score_examples(
+    model, tokenizer, work, template, cutoff_len, max_new_tokens, batch_size, kv_cache=True, desc="eval",
+    decode_batch_size: int | None = None,
+):
     """Per (client, example) of `work`, in order: (summed answer loss, answer tokens,
-    teacher-forced argmax text, generated text). kv_cache: the cached path (`_score_cached`)
-    unless the model's generation config asks for more than plain greedy decoding."""
-    if kv_cache and _plain_greedy(model):
-        return _score_cached(model, tokenizer, work, template, cutoff_len, max_new_tokens, batch_size, desc)
+    teacher-forced argmax text, generated text). kv_cache: the cached path (`_score_cached`;
+    decode_batch_size rows decoded together, None: 4 x batch_size)
+    unless the model's generation config asks for more than plain greedy decoding or its
+    cache has sliding-window layers."""
+    if kv_cache and _plain_greedy(model) and not any(_new_cache(model).is_sliding):
+        decode_batch_size = decode_batch_size or 4 * batch_size
+        return _score_cached(model, tokenizer, work, template, cutoff_len, max_new_tokens, batch_size, decode_batch_size, desc)
     scored = []
     for start in tqdm(range(0, len(work), batch_size), desc=desc, leave=False, unit="batch"):
         chunk = work[start : start + batch_size]
@@ -351,6 +434,7 @@ def evaluate(
     max_examples_per_client: int | None = None,
     desc: str = "eval",
     kv_cache: bool = True,
+    decode_batch_size: int | None = None,
 ) -> dict:
     """Weighted Rouge-L (generated and teacher-forced) and eval loss over the clients' test
     sets, overall, per client and per category (the client's task category, e.g. NI's
@@ -374,7 +458,9 @@ def evaluate(
     samples, per_example = [], []
     with adapter(model, factors, ranks, alpha, target_modules) as m:
         m.eval()
-        scored = score_examples(m, tokenizer, work, template, cutoff_len, max_new_tokens, batch_size, kv_cache, desc)
+        scored = score_examples(
+            m, tokenizer, work, template, cutoff_len, max_new_tokens, batch_size, kv_cache, desc, decode_batch_size
+        )
     index: dict[str, int] = {}
     for (client, ex), (loss, tokens, tf, gen) in zip(work, scored):
         gen_score, tf_score = rouge_l(gen, ex.output), rouge_l(tf, ex.output)
