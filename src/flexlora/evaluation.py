@@ -10,7 +10,6 @@ Client scores are weighted by test-set size. Eval loss is the teacher-forced ans
 
 from __future__ import annotations
 
-import copy
 import inspect
 import time
 from contextlib import contextmanager
@@ -213,14 +212,6 @@ def _new_cache(model):
     return DynamicCache(config=model.config)
 
 
-@torch.no_grad()
-def _prefix_cache(model, ids: list[int], device):
-    cache = _new_cache(model)
-    if ids:
-        _forward(model, cache, input_ids=torch.tensor([ids], device=device))
-    return cache
-
-
 @dataclass
 class _Pending:
     """Rows ready for greedy decoding: their KV cache, which cache positions are valid
@@ -234,29 +225,42 @@ class _Pending:
 
 
 @torch.no_grad()
-def _prefill_chunk(model, tokenizer, rows: list[_Row], prefix_len: int, prefix_cache, device):
-    """One forward of the rows' suffixes after their shared prefix: {item: (summed answer loss,
-    answer tokens, teacher-forced argmax text)} of the scoring rows, and the generating rows
-    (their items, and a _Pending for decoding)."""
+def _prefill(model, tokenizer, units: list[tuple[list[_Row], int]], device):
+    """Two forwards for several groups of rows (`units`: rows and the length of the prompt
+    prefix they share): the prefixes, one row each (right-padded, so causal attention keeps
+    padding out of every real token), then every row's suffix on its unit's prefix cache (the
+    other units' longer prefixes masked out, positions continuing the row's own prefix).
+    Returns {(unit, item): (summed answer loss, answer tokens, teacher-forced argmax text)} of
+    the scoring rows, the (unit, item) of the generating rows, and their _Pending."""
     pad = tokenizer.pad_token_id
-    starts = [r.prompt_len - 1 - prefix_len for r in rows]  # suffix position whose logits predict the answer's first token
-    n_rows, width = len(rows), max(len(r.ids) for r in rows) - prefix_len
+    rows = [row for unit_rows, _ in units for row in unit_rows]
+    unit_of = [u for u, (unit_rows, _) in enumerate(units) for _ in unit_rows]
+    prefix = [units[u][1] for u in unit_of]  # per row
+    longest = max(prefix)
+    cache = _new_cache(model)
+    if longest:
+        heads = torch.full((len(units), longest), pad, dtype=torch.long)
+        for u, (unit_rows, p) in enumerate(units):
+            heads[u, :p] = torch.tensor(unit_rows[0].ids[:p], dtype=torch.long)
+        _forward(model, cache, input_ids=heads.to(device), logits_to_keep=1)
+        cache.batch_select_indices(torch.tensor(unit_of, device=device))
+    starts = [r.prompt_len - 1 - p for r, p in zip(rows, prefix)]  # suffix position whose logits predict the answer's first token
+    n_rows, width = len(rows), max(len(r.ids) - p for r, p in zip(rows, prefix))
     ids = torch.full((n_rows, width), pad, dtype=torch.long)
     row_mask = torch.zeros((n_rows, width), dtype=torch.long)
-    labels = torch.full((n_rows, width), -100, dtype=torch.long)  # labels[r, p]: the token suffix position p predicts
-    for r, row in enumerate(rows):
-        suffix = row.ids[prefix_len:]
+    labels = torch.full((n_rows, width), -100, dtype=torch.long)  # labels[r, q]: the token suffix position q predicts
+    for r, (row, p) in enumerate(zip(rows, prefix)):
+        suffix = row.ids[p:]
         ids[r, : len(suffix)] = torch.tensor(suffix)
         row_mask[r, : len(suffix)] = 1
         answer = row.ids[row.prompt_len :]
         if answer:
             labels[r, starts[r] : starts[r] + len(answer)] = torch.tensor(answer, dtype=torch.long)
     ids, row_mask, labels = ids.to(device), row_mask.to(device), labels.to(device)
-    cache = prefix_cache
-    if prefix_len:
-        cache.batch_repeat_interleave(n_rows)
-    mask = torch.cat([torch.ones((n_rows, prefix_len), dtype=torch.long, device=device), row_mask], 1)
-    positions = (prefix_len + torch.arange(width, device=device)).expand(n_rows, width)
+    prefix_t = torch.tensor(prefix, device=device)
+    prefix_mask = (torch.arange(longest, device=device)[None, :] < prefix_t[:, None]).long()
+    mask = torch.cat([prefix_mask, row_mask], 1)
+    positions = prefix_t[:, None] + torch.arange(width, device=device)[None, :]
     keep = width - min(starts)
     logits = _forward(model, cache, input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
     logits = logits[:, -keep:]
@@ -270,23 +274,24 @@ def _prefill_chunk(model, tokenizer, rows: list[_Row], prefix_len: int, prefix_c
     losses = (loss * tf_mask).sum(1).tolist()
     tokens = tf_mask.sum(1).tolist()
     scored = {
-        row.item: (losses[r], tokens[r], clean_generation(tokenizer.decode(argmax[r][tf_mask[r]], skip_special_tokens=True)))
+        (unit_of[r], row.item): (losses[r], tokens[r], clean_generation(tokenizer.decode(argmax[r][tf_mask[r]], skip_special_tokens=True)))
         for r, row in enumerate(rows)
         if row.score
     }
 
-    # Decoding continues from the cache: row r's valid keys are its prompt (its first
-    # prefix_len + starts[r] + 1 positions); the rest of the row (answer, padding) is masked
-    # out, and new tokens take the prompt's own next positions (as unpadded generation would).
+    # Decoding continues from the cache: row r's valid keys are its own prefix and the suffix
+    # up to its prompt's end; the rest (other units' longer prefixes, the answer, padding) is
+    # masked out, and new tokens take the prompt's own next positions (as unpadded generation would).
     gen_rows = [r for r, row in enumerate(rows) if row.generate]
     if not gen_rows:
         return scored, [], None
     rows_g = torch.tensor(gen_rows, device=device)
-    lengths = torch.tensor([prefix_len + starts[r] + 1 for r in gen_rows], device=device)
+    lengths = torch.tensor([rows[r].prompt_len for r in gen_rows], device=device)
     first = argmax[rows_g, torch.tensor([starts[r] - offset for r in gen_rows], device=device)]
     cache.batch_select_indices(rows_g)
-    valid = (torch.arange(prefix_len + width, device=device)[None, :] < lengths[:, None]).long()
-    return scored, [rows[r].item for r in gen_rows], _Pending(cache, valid, lengths, first)
+    in_prompt = torch.arange(width, device=device)[None, :] <= torch.tensor([starts[r] for r in gen_rows], device=device)[:, None]
+    valid = torch.cat([prefix_mask[rows_g], in_prompt.long()], 1)
+    return scored, [(unit_of[r], rows[r].item) for r in gen_rows], _Pending(cache, valid, lengths, first)
 
 
 def _merge(model, pending: list[_Pending]) -> _Pending:
@@ -345,10 +350,12 @@ def _decode(model, tokenizer, pending: _Pending, max_new_tokens: int) -> list[st
 
 def _score_cached(model, tokenizer, work, template, cutoff_len, max_new_tokens, batch_size, decode_batch_size, desc="eval"):
     """Per work item (client, example), in order: (loss, tokens, teacher-forced text, generated
-    text). Prefills run per client (its shared prefix once, then chunks of batch_size
-    examples); decoding runs on up to decode_batch_size rows of consecutive chunks at once
-    (a decoding step reads every weight once whatever its batch: on a CPU it costs about as
-    much for 64 rows as for 16; its memory is the rows' KV cache and one logits row each)."""
+    text). Each client's rows are split into groups sharing a prompt prefix (`_rows`), in
+    units of at most batch_size rows; consecutive units fill prefills of up to batch_size rows
+    (`_prefill`: two forwards, whatever the number of clients); decoding runs on up to
+    decode_batch_size rows at once (a decoding step reads every weight once whatever its
+    batch: on a CPU it costs about as much for 64 rows as for 16; its memory is the rows' KV
+    cache and one logits row each)."""
     device = next(model.parameters()).device
     tf: list = [None] * len(work)
     generated: list = [None] * len(work)
@@ -358,6 +365,18 @@ def _score_cached(model, tokenizer, work, template, cutoff_len, max_new_tokens, 
             groups[-1].append(k)
         else:
             groups.append([k])
+    units: list[tuple[list[_Row], int, list[int]]] = []  # rows, shared prefix length, work index of each item
+    for group in groups:
+        items = _items([work[k][1] for k in group], tokenizer, template, cutoff_len, max_new_tokens)
+        for rows in _rows(items):
+            prefix_len = common_prefix_len(rows)
+            units.extend((rows[n : n + batch_size], prefix_len, group) for n in range(0, len(rows), batch_size))
+    pools: list[list] = []
+    for unit in units:
+        if pools and sum(len(u[0]) for u in pools[-1]) + len(unit[0]) <= batch_size:
+            pools[-1].append(unit)
+        else:
+            pools.append([unit])
     waiting: list[tuple[list[int], _Pending]] = []
 
     def flush():
@@ -367,23 +386,18 @@ def _score_cached(model, tokenizer, work, template, cutoff_len, max_new_tokens, 
                 generated[k] = text
             waiting.clear()
 
-    for group in tqdm(groups, desc=desc, leave=False, unit="client"):
-        items = _items([work[k][1] for k in group], tokenizer, template, cutoff_len, max_new_tokens)
-        for rows in _rows(items):
-            prefix_len = common_prefix_len(rows)
-            base = _prefix_cache(model, rows[0].ids[:prefix_len], device)
-            for n in range(0, len(rows), batch_size):
-                cache = base if n + batch_size >= len(rows) else copy.deepcopy(base)
-                scored, gen_items, pending = _prefill_chunk(model, tokenizer, rows[n : n + batch_size], prefix_len, cache, device)
-                for i, r in scored.items():
-                    tf[group[i]] = r
-                if pending is None:
-                    continue
-                if sum(len(ks) for ks, _ in waiting) + len(gen_items) > decode_batch_size:
-                    flush()
-                waiting.append(([group[i] for i in gen_items], pending))
+    for pool in tqdm(pools, desc=desc, leave=False, unit="batch"):
+        scored, gen_items, pending = _prefill(model, tokenizer, [(rows, p) for rows, p, _ in pool], device)
+        for (u, i), r in scored.items():
+            tf[pool[u][2][i]] = r
+        if pending is None:
+            continue
+        if sum(len(ks) for ks, _ in waiting) + len(gen_items) > decode_batch_size:
+            flush()
+        waiting.append(([pool[u][2][i] for u, i in gen_items], pending))
     flush()
     return [(*t, g) for t, g in zip(tf, generated)]
+
 
 def score_examples(
     model, tokenizer, work, template, cutoff_len, max_new_tokens, batch_size, kv_cache=True, desc="eval",
