@@ -134,3 +134,17 @@ def test_evaluate_returns_per_example_scores_and_same_metrics_both_ways():
     for a, b in zip(old["per_example"], new["per_example"]):
         assert (a["client"], a["index"], a["tokens"]) == (b["client"], b["index"], b["tokens"])
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def test_bench_eval_reports_both_paths_and_their_agreement():
+    from flexlora.bench_eval import run_eval_benchmark
+    from flexlora.config import load_config
+
+    cfg = load_config(None, ["model=tiny-llama", "device=cpu", "data.num_clients=6", "data.test_per_client=2",
+                             "data.cutoff_len=512", "eval.max_new_tokens=3"])
+    lines = []
+    result = run_eval_benchmark(cfg, num_clients=2, echo=lines.append)
+    n = result["examples"]
+    assert n == 4 and result["identical_generations"] == result["identical_teacher_forced"] == n
+    assert result["max_rel_loss_diff"] < 1e-5 and result["speedup"] > 0
+    assert any("eval.kv_cache=false" in line for line in lines)
