@@ -148,3 +148,28 @@ def test_bench_eval_reports_both_paths_and_their_agreement():
     assert n == 4 and result["identical_generations"] == result["identical_teacher_forced"] == n
     assert result["max_rel_loss_diff"] < 1e-5 and result["speedup"] > 0
     assert any("eval.kv_cache=false" in line for line in lines)
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_reference_draft_tokens_are_accepted_and_change_nothing(monkeypatch, batch_size):
+    """When the reference answer is what the model would generate, the cached path takes the
+    teacher-forced argmax as greedy output without decoding steps; results stay identical."""
+    import dataclasses
+
+    import flexlora.evaluation as ev
+
+    model, tok = _model(0.3, 1.0)
+    with torch.no_grad():  # greedy picks the added <xN> tokens, whose text tokenizes back to the same ids
+        model.lm_head.weight[:259] *= 0.01
+    work = _work(_clients())
+    greedy = score_examples(model, tok, work, "alpaca", 512, 12, batch_size, kv_cache=False)
+    # References = the model's own greedy outputs (half of them cut short: a partial draft).
+    work = [(c, dataclasses.replace(ex, output=g if k % 2 else g[: len(g) // 2] or "z"))
+            for k, ((c, ex), (*_, g)) in enumerate(zip(work, greedy))]
+    accepted = []
+    real_decode = ev._decode
+    monkeypatch.setattr(ev, "_decode", lambda m, t, p, n: (accepted.extend(len(a) for a in p.accepted), real_decode(m, t, p, n))[1])
+    old = score_examples(model, tok, work, "alpaca", 512, 12, batch_size, kv_cache=False)
+    new = score_examples(model, tok, work, "alpaca", 512, 12, batch_size, kv_cache=True)
+    _assert_same(old, new)
+    assert sum(accepted) >= 10 and max(accepted) <= 11  # drafts taken, never past max_new_tokens

@@ -29,9 +29,11 @@ def _timed(model, tokenizer, work, cfg: ExperimentConfig, kv_cache: bool):
     return scored, time.perf_counter() - started
 
 
-def run_eval_benchmark(cfg: ExperimentConfig, num_clients: int, repeat: int = 1, echo=print) -> dict:
+def run_eval_benchmark(cfg: ExperimentConfig, num_clients: int, repeat: int = 1, echo=print, adapter: str | None = None) -> dict:
     """Times both paths on the same examples, alternating, `repeat` times each; reports the
-    fastest of each (the machine's other load only ever adds time)."""
+    fastest of each (the machine's other load only ever adds time). `adapter`: a PEFT adapter
+    folder merged into the model first (a trained model: its greedy answers often match the
+    references, which the cached path takes as a free draft)."""
     dataset = load_federated_dataset(cfg.data, cfg.seed)
     chosen = [c for c in dataset.heldout + dataset.clients if c.test][:num_clients]
     if not chosen:
@@ -39,6 +41,10 @@ def run_eval_benchmark(cfg: ExperimentConfig, num_clients: int, repeat: int = 1,
     work = [(c, ex) for c in chosen for ex in c.test[: cfg.eval.max_examples_per_client]]
     model, tokenizer = load_model(cfg.model, resolve_device(cfg.device), seed=cfg.seed)
     check_template(cfg, tokenizer)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model.eval()
     _timed(model, tokenizer, work[:2], cfg, False)  # warm-up, both paths
     _timed(model, tokenizer, work[:2], cfg, True)
@@ -53,6 +59,7 @@ def run_eval_benchmark(cfg: ExperimentConfig, num_clients: int, repeat: int = 1,
     rel = [abs(a[0] - b[0]) / max(abs(a[0]), 1e-6) for a, b in zip(old, new)]
     result = {
         "model": cfg.model,
+        "adapter": adapter,
         "device": str(next(model.parameters()).device),
         "clients": len(chosen),
         "examples": n,

@@ -101,7 +101,9 @@ def _bench_eval(args) -> None:
     from flexlora.bench_eval import run_eval_benchmark
     from flexlora.reporting import write_json
 
-    result = run_eval_benchmark(load_config(args.config, args.overrides), args.clients, args.repeat)
+    if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"--adapter: {args.adapter} is not a PEFT adapter folder (no adapter_config.json)")
+    result = run_eval_benchmark(load_config(args.config, args.overrides), args.clients, args.repeat, adapter=args.adapter)
     if args.json:
         write_json(Path(args.json), result)
         print(f"results: {args.json}")
@@ -235,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", help="YAML config (model, data.*, eval.*)")
     ev.add_argument("--clients", type=int, default=8, help="clients to evaluate: held-out ones first (default 8)")
     ev.add_argument("--repeat", type=int, default=1, help="time each path N times, alternating; report the fastest (default 1)")
+    ev.add_argument("--adapter", help="a PEFT adapter folder to merge first (e.g. runs/.../adapter): a trained model")
     ev.add_argument("--json", help="also write the result to this JSON file")
     ev.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.max_examples_per_client=4")
     ev.set_defaults(func=_bench_eval)

@@ -226,16 +226,18 @@ def _new_cache(model):
 class _Pending:
     """Rows ready for greedy decoding: their KV cache, which cache positions are valid
     (`mask`; the rest is another row's answer or padding), where each row's next token sits
-    (`position`), and its first generated token."""
+    (`position`), the tokens already known to be its greedy output (`accepted`, see _prefill)
+    and the next one (`first`)."""
 
     cache: object
     mask: torch.Tensor
     position: torch.Tensor
     first: torch.Tensor
+    accepted: list[list[int]]
 
 
 @torch.no_grad()
-def _prefill(model, tokenizer, units: list[tuple[list[_Row], int]], device):
+def _prefill(model, tokenizer, units: list[tuple[list[_Row], int]], device, max_new_tokens: int):
     """Two forwards for several groups of rows (`units`: rows and the length of the prompt
     prefix they share): the prefixes, one row each (right-padded, so causal attention keeps
     padding out of every real token), then every row's suffix on its unit's prefix cache (the
@@ -289,19 +291,34 @@ def _prefill(model, tokenizer, units: list[tuple[list[_Row], int]], device):
         if row.score
     }
 
-    # Decoding continues from the cache: row r's valid keys are its own prefix and the suffix
-    # up to its prompt's end; the rest (other units' longer prefixes, the answer, padding) is
-    # masked out, and new tokens take the prompt's own next positions (as unpadded generation would).
+    # Decoding continues from the cache. The reference answer is a free draft: as long as the
+    # teacher-forced argmax equals the reference token, greedy decoding would have produced that
+    # very token in that very context, so those tokens are accepted without a decoding step,
+    # and decoding resumes after them (the first mismatch, or the reference's end, is itself
+    # the argmax of a context already computed). Row r's valid keys are its own prefix and the
+    # suffix up to its prompt's end plus the accepted tokens; the rest (other units' longer
+    # prefixes, the remaining answer, padding) is masked out, and new tokens take the row's own
+    # next positions (as unpadded generation would).
     gen_rows = [r for r, row in enumerate(rows) if row.generate]
     if not gen_rows:
         return scored, [], None
+    accepted_len = []
+    for r in gen_rows:
+        row, j = rows[r], 0
+        answer = row.ids[row.prompt_len :] if row.score else []
+        # At most max_new_tokens in all, and never past the reference's last token (its EOS).
+        while j < min(len(answer) - 1, max_new_tokens - 1) and int(argmax[r, starts[r] + j - offset]) == answer[j]:
+            j += 1
+        accepted_len.append(j)
     rows_g = torch.tensor(gen_rows, device=device)
-    lengths = torch.tensor([rows[r].prompt_len for r in gen_rows], device=device)
-    first = argmax[rows_g, torch.tensor([starts[r] - offset for r in gen_rows], device=device)]
+    accepted = [rows[r].ids[rows[r].prompt_len : rows[r].prompt_len + j] for r, j in zip(gen_rows, accepted_len)]
+    lengths = torch.tensor([rows[r].prompt_len + j for r, j in zip(gen_rows, accepted_len)], device=device)
+    last = torch.tensor([starts[r] + j for r, j in zip(gen_rows, accepted_len)], device=device)
+    first = argmax[rows_g, last - offset]
     cache.batch_select_indices(rows_g)
-    in_prompt = torch.arange(width, device=device)[None, :] <= torch.tensor([starts[r] for r in gen_rows], device=device)[:, None]
-    valid = torch.cat([prefix_mask[rows_g], in_prompt.long()], 1)
-    return scored, [(unit_of[r], rows[r].item) for r in gen_rows], _Pending(cache, valid, lengths, first)
+    in_context = torch.arange(width, device=device)[None, :] <= last[:, None]
+    valid = torch.cat([prefix_mask[rows_g], in_context.long()], 1)
+    return scored, [(unit_of[r], rows[r].item) for r in gen_rows], _Pending(cache, valid, lengths, first, accepted)
 
 
 def _merge(model, pending: list[_Pending]) -> _Pending:
@@ -319,7 +336,8 @@ def _merge(model, pending: list[_Pending]) -> _Pending:
         values = torch.cat([padded(p.cache.layers[layer].values) for p in pending])
         cache.update(keys, values, layer)
     mask = torch.cat([torch.nn.functional.pad(p.mask, (0, width - p.mask.shape[1])) for p in pending])
-    return _Pending(cache, mask, torch.cat([p.position for p in pending]), torch.cat([p.first for p in pending]))
+    accepted = [a for p in pending for a in p.accepted]
+    return _Pending(cache, mask, torch.cat([p.position for p in pending]), torch.cat([p.first for p in pending]), accepted)
 
 
 @torch.no_grad()
@@ -328,7 +346,7 @@ def _decode(model, tokenizer, pending: _Pending, max_new_tokens: int) -> list[st
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     cache, mask, position, token = pending.cache, pending.mask, pending.position, pending.first
     device = mask.device
-    generated: list[list[int]] = [[] for _ in range(len(token))]
+    generated: list[list[int]] = [list(a) for a in pending.accepted]
     active = list(range(len(token)))  # rows still decoding, in the cache's row order
     finished = torch.zeros(len(token), dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
@@ -345,7 +363,8 @@ def _decode(model, tokenizer, pending: _Pending, max_new_tokens: int) -> list[st
             generated[i].append(t)
             # A row is done at EOS, or once its text holds a stop string: clean_generation cuts
             # there, so further tokens could not change the result.
-            if finished[j] or any(stop in tokenizer.decode(generated[i], skip_special_tokens=True) for stop in STOPS):
+            if (finished[j] or len(generated[i]) >= max_new_tokens
+                    or any(stop in tokenizer.decode(generated[i], skip_special_tokens=True) for stop in STOPS)):
                 done.add(j)
         if len(done) == len(active):
             break
@@ -397,7 +416,7 @@ def _score_cached(model, tokenizer, work, template, cutoff_len, max_new_tokens, 
             waiting.clear()
 
     for pool in tqdm(pools, desc=desc, leave=False, unit="batch"):
-        scored, gen_items, pending = _prefill(model, tokenizer, [(rows, p) for rows, p, _ in pool], device)
+        scored, gen_items, pending = _prefill(model, tokenizer, [(rows, p) for rows, p, _ in pool], device, max_new_tokens)
         for (u, i), r in scored.items():
             tf[pool[u][2][i]] = r
         if pending is None:
