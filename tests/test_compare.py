@@ -79,6 +79,18 @@ def test_two_cell_grid_end_to_end_resumes_and_never_trains_heldout_clients(tmp_p
     flex_final = json.loads((cells / "flexlora-uniform-seed0" / "summary.json").read_text())["final"]
     assert abs(float(flex_row["delta_vs_fedit_mean"]) - (flex_final - fedit_final)) < 1e-6
     assert (out / "compare.png").stat().st_size > 1000
+    # The paired difference with its bootstrap interval, recomputed here from the per-example scores.
+    assert "Difference against fedit (homo), with 95% intervals" in md
+    diffs = {r["metric"]: r for r in csv.DictReader((out / "differences.csv").open())}
+    assert set(diffs) == {"rougeL_generated", "rougeL_teacher_forced", "eval_loss"}
+    last = {name: [json.loads(l) for l in (cells / name / "metrics.jsonl").read_text().splitlines()][-1]["eval"]
+            for name in ("fedit-homo-seed0", "flexlora-uniform-seed0")}
+    per = {name: {(e["client"], e["index"]): e for e in ev["per_example"]} for name, ev in last.items()}
+    gain = [per["flexlora-uniform-seed0"][k]["rougeL_generated"] - per["fedit-homo-seed0"][k]["rougeL_generated"] for k in per["fedit-homo-seed0"]]
+    d = diffs["rougeL_generated"]
+    assert abs(float(d["mean_minus_fedit"]) - sum(gain) / len(gain)) < 1e-6 and int(d["examples"]) == len(gain) == 2
+    assert float(d["ci95_low"]) <= float(d["mean_minus_fedit"]) <= float(d["ci95_high"])
+    assert (d["significant"] == "True") == (not float(d["ci95_low"]) <= 0 <= float(d["ci95_high"]))
     capsys.readouterr()
 
     # Resuming runs nothing that is done; a finished cell is never redone.

@@ -97,6 +97,18 @@ def _bench_client(args) -> None:
         print(f"results: {args.json}")
 
 
+def _bench_eval(args) -> None:
+    from flexlora.bench_eval import run_eval_benchmark
+    from flexlora.reporting import write_json
+
+    if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"--adapter: {args.adapter} is not a PEFT adapter folder (no adapter_config.json)")
+    result = run_eval_benchmark(load_config(args.config, args.overrides), args.clients, args.repeat, adapter=args.adapter)
+    if args.json:
+        write_json(Path(args.json), result)
+        print(f"results: {args.json}")
+
+
 def _eval(args) -> None:
     from flexlora.experiment import run_evaluation
     from flexlora.reporting import write_json
@@ -218,6 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--timeout", type=float, default=1800, help="seconds per child process (default 1800)")
     cl.add_argument("--json", help="also write the rows to this JSON file")
     cl.set_defaults(func=_bench_client)
+    ev = bench.add_parser(
+        "eval",
+        help="evaluation examples/s: the two-prefill path (eval.kv_cache=false) vs the cached path, same examples, one process",
+    )
+    ev.add_argument("--config", help="YAML config (model, data.*, eval.*)")
+    ev.add_argument("--clients", type=int, default=8, help="clients to evaluate: held-out ones first (default 8)")
+    ev.add_argument("--repeat", type=int, default=1, help="time each path N times, alternating; report the fastest (default 1)")
+    ev.add_argument("--adapter", help="a PEFT adapter folder to merge first (e.g. runs/.../adapter): a trained model")
+    ev.add_argument("--json", help="also write the result to this JSON file")
+    ev.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.max_examples_per_client=4")
+    ev.set_defaults(func=_bench_eval)
     return parser
 
 

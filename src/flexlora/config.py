@@ -106,6 +106,8 @@ class EvalConfig:
     every: int = 1  # evaluate after every `every` rounds (and always after the last)
     max_examples_per_client: int | None = None
     export_rank: int | None = None  # rank of the exported global adapter; None: the largest client rank
+    kv_cache: bool = True  # one prefill per example for both scores, each client's shared prompt prefix once; false: the two-prefill path
+    decode_batch_size: int | None = None  # kv_cache: rows decoded together; None: 4 x batch_size
 
 
 @dataclass
@@ -349,6 +351,8 @@ def validate(c: ExperimentConfig) -> None:
     validate_data(c.data)
     _require(c.eval.max_new_tokens >= 1, f"eval.max_new_tokens: must be >= 1, got {c.eval.max_new_tokens}")
     _require(c.eval.every >= 1, f"eval.every: must be >= 1, got {c.eval.every}")
+    if c.eval.decode_batch_size is not None:
+        _require(c.eval.decode_batch_size >= 1, f"eval.decode_batch_size: must be >= 1, got {c.eval.decode_batch_size}")
     if c.eval.export_rank is not None:
         _require(c.eval.export_rank >= 1, f"eval.export_rank: must be >= 1, got {c.eval.export_rank}")
     _require(c.engine in ("local", "flower"), f"engine: must be local or flower, got '{c.engine}'")

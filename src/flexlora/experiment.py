@@ -218,6 +218,7 @@ class Experiment:
                 template=cfg.data.template, cutoff_len=cfg.data.cutoff_len,
                 max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                 max_examples_per_client=cfg.eval.max_examples_per_client, desc=f"eval round {round_}",
+                kv_cache=cfg.eval.kv_cache, decode_batch_size=cfg.eval.decode_batch_size,
             )
 
     def log(self, record: dict) -> None:
@@ -353,7 +354,8 @@ def run_evaluation(cfg: ExperimentConfig, adapter: str | Path | None, clients: s
         factors=factors, ranks=ranks, alpha=alpha, target_modules=target_modules,
         template=cfg.data.template, cutoff_len=cfg.data.cutoff_len,
         max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-        max_examples_per_client=cfg.eval.max_examples_per_client, desc="eval",
+        max_examples_per_client=cfg.eval.max_examples_per_client, desc="eval", kv_cache=cfg.eval.kv_cache,
+        decode_batch_size=cfg.eval.decode_batch_size,
     )
     metrics["adapter"] = str(adapter) if adapter is not None else None
     metrics["clients"] = clients
