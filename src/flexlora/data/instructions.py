@@ -19,7 +19,7 @@ from flexlora.data.split import dirichlet_split
 from flexlora.data.types import ClientData, DataError, Example
 
 if TYPE_CHECKING:  # annotations only: the data layer does not import the configuration
-    from flexlora.config import DataConfig
+    from flexlora.schema import DataConfig
 
 DOLLY_FILE = "databricks-dolly-15k.jsonl"
 

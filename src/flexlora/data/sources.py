@@ -22,7 +22,7 @@ from flexlora.data.split import select_heldout
 from flexlora.data.types import ClientData, DataError, FederatedDataset
 
 if TYPE_CHECKING:  # annotations only: the data layer does not import the configuration
-    from flexlora.config import DataConfig
+    from flexlora.schema import DataConfig
 
 log = logging.getLogger(__name__)
 
