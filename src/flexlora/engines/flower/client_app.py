@@ -18,6 +18,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from flexlora.config import ExperimentConfig, config_from_dict
+from flexlora.data.records import Issues, read_records
 from flexlora.data.types import ClientData, Example
 from flexlora.engines.flower.codec import NODE, TASK, decode_task, encode_update
 
@@ -66,13 +67,9 @@ def _first_existing(folder: Path, names) -> Path | None:
 
 
 def _read_examples(path: Path) -> list[Example]:
-    text = path.read_text(encoding="utf-8")
-    try:
-        rows = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of records")
+    # The project's one record reader (JSON list or JSONL; a syntax error is a one-line
+    # DataError naming file and line); a node's records are then held to the fields it needs.
+    rows = [record.data for record in read_records(path, Issues("error"))]
     examples = []
     for i, row in enumerate(rows, 1):
         if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not isinstance(row.get("output"), str):
