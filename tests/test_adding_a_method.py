@@ -12,8 +12,8 @@ import torch
 
 from flexlora.cli import main
 from flexlora.config import ExperimentConfig, ResourcesConfig, validate
-from flexlora.methods import METHODS, AlternatingLoRA, client_hook_types
-from flexlora.methods.rolora import FreezeFactor
+from flexlora.methods import METHODS, client_hook_types
+from flexlora.methods.rolora import AlternatingLoRA, FreezeFactor
 from flexlora.protocol import ClientUpdate
 from flexlora.server import FederatedServer
 

@@ -119,7 +119,6 @@ __all__ = [
     "METHODS",
     "PASSTHROUGH",
     "AggregationMethod",
-    "AlternatingLoRA",
     "ClientHook",
     "ClientUpdate",
     "Composed",
