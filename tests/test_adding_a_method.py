@@ -4,7 +4,10 @@ and the method runs end to end on the tiny model, in process and on Flower's sim
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,7 +97,14 @@ def test_the_example_runs_in_process(tmp_path, tiny_overrides):
 def test_the_example_runs_on_flower_simulation_with_the_same_numbers(tmp_path, tiny_overrides):
     pytest.importorskip("ray", reason="Flower's simulation engine needs Ray")
     _, local = _run(tmp_path, tiny_overrides, "local")
-    _, flower = _run(tmp_path, tiny_overrides, "flower", "--engine", "flower")
+    # In a fresh process: Flower creates its home folder (FLWR_HOME) once per process, and
+    # tests/test_flower_simulation.py checks that its own run's folder gets it.
+    overrides = [o for o in tiny_overrides if not o.startswith("output.name")]
+    args = ["run", "--engine", "flower", *overrides, "resources.profile=uniform", "method=rolora", "output.name=flower"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "flexlora.cli", *args], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    flower = [json.loads(line) for line in (tmp_path / "runs" / "flower" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in flower] == [0, 1, 2]
     for a, b in zip(local, flower):
         assert b["eval"]["eval_loss"] == pytest.approx(a["eval"]["eval_loss"], rel=1e-5)
