@@ -238,7 +238,8 @@ def write_report(out: str | Path, echo=print) -> Path:
         f"{settings['train']['steps']} local steps of batch {settings['train']['batch_size']}, seeds {', '.join(map(str, seeds))}; "
         f"{len(rows)}/{len(cells)} cells done.",
         "",
-        f"Metric: **{METRIC}** — Rouge-L F1 of greedy generations (max {settings['eval']['max_new_tokens']} new tokens) "
+        f"Metric: **{METRIC}** — Rouge-L F1 of greedy generations (max {settings['eval']['max_new_tokens']} new tokens; "
+        "rouge-score with a Unicode-aware tokenizer, identical to its default on English, see docs/data_and_eval.md) "
         "on the held-out clients (tasks never trained on), weighted by test-set size, after the last round. "
         "`rougeL_teacher_forced` is the released FlexLoRA code's metric (argmax of teacher-forced logits), for comparison. "
         "Mean ± sample standard deviation over seeds. A homogeneous method trains every client at the smallest rank "
