@@ -68,13 +68,18 @@ def _bench_aggregate(args) -> None:
         )
     except ValueError as e:
         raise ConfigError(f"bench aggregate: {e}") from None
+    _print_bench(bench, rows, args.json)
+
+
+def _print_bench(module, rows, json_path: str | None) -> None:
+    """A bench module's table and goal lines, and its rows as JSON if asked."""
     print()
-    print(bench.format_table(rows))
+    print(module.format_table(rows))
     print()
-    print("\n".join(bench.goals(rows)))
-    if args.json:
-        bench.write_json(rows, args.json)
-        print(f"results: {args.json}")
+    print("\n".join(module.goals(rows)))
+    if json_path:
+        module.write_json(rows, json_path)
+        print(f"results: {json_path}")
 
 
 def _bench_client(args) -> None:
@@ -88,13 +93,7 @@ def _bench_client(args) -> None:
         )
     except ValueError as e:
         raise ConfigError(f"bench client: {e}") from None
-    print()
-    print(bench_client.format_table(rows))
-    print()
-    print("\n".join(bench_client.goals(rows)))
-    if args.json:
-        bench_client.write_json(rows, args.json)
-        print(f"results: {args.json}")
+    _print_bench(bench_client, rows, args.json)
 
 
 def _bench_eval(args) -> None:
