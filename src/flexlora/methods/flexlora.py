@@ -31,7 +31,7 @@ from .base import (
     module_seed,
     module_shape,
 )
-from .svd import MODES, dense_svd, randomized_svd, truncated_svd
+from .svd import MODES, dense_flops, dense_svd, randomized_svd, small_work_threads, truncated_svd
 
 SPLITS = ("all_in_B", "sqrt")
 
@@ -265,13 +265,14 @@ class FlexLoRA(Method):
                 U, S, Vh = truncated_svd(B, A, K, "factored")
                 energy = ((B.T @ B).double() * (A @ A.T).double()).sum().clamp_min(0)  # ‖B̃Ã‖², R×R
             else:  # one dense ΔW, built group by group (see delta_matrix)
-                dense = delta_matrix(updates, module, weights, device=self.device)
-                energy = torch.linalg.vector_norm(dense, dtype=torch.float64).square()
-                if mode == "dense":
-                    U, S, Vh = dense_svd(dense, K)
-                else:
-                    U, S, Vh = randomized_svd(dense, K, oversample=self.oversample, niter=self.niter, seed=self.seed)
-                del dense
+                with small_work_threads(dense_flops(m, n, R, DENSE_GROUP_RANK), self.device or home):
+                    dense = delta_matrix(updates, module, weights, device=self.device)
+                    energy = torch.linalg.vector_norm(dense, dtype=torch.float64).square()
+                    if mode == "dense":
+                        U, S, Vh = dense_svd(dense, K)
+                    else:
+                        U, S, Vh = randomized_svd(dense, K, oversample=self.oversample, niter=self.niter, seed=self.seed)
+                    del dense
             new[f"{module}.U"] = U.to(home).contiguous()
             new[f"{module}.S"] = S.to(home).contiguous()
             new[f"{module}.Vh"] = Vh.to(home).contiguous()
