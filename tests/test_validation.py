@@ -145,7 +145,9 @@ def test_malformed_update_is_rejected_and_round_completes(kind, tamper, key, rea
         records.append(record)
         states.append(server.state)
         if record["round"]:  # the state is exactly the aggregate of the valid updates
-            expected = make_method("flexlora").aggregate([runtime.honest[c] for c in record["clients"]])
+            method = make_method("flexlora")
+            method.bound_ranks(server.method.rank_bound)  # the state goes up to the largest client rank
+            expected = method.aggregate([runtime.honest[c] for c in record["clients"]])
             assert server.state.keys() == expected.keys()
             assert all(torch.equal(server.state[k], expected[k]) for k in expected)
 
@@ -423,6 +425,7 @@ def test_a_client_declaring_a_billion_examples_gets_at_most_the_cap(method):
     global state equals the aggregate computed with these weights (for FlexLoRA: ΔW = Σ p_k s_k
     B_k A_k, rebuilt here from the updates)."""
     server = make_server(method, max_weight_share=0.4)
+    server.method.bound_ranks({m: min(shape) for m, shape in SHAPES.items()})  # ΔW is read back whole below
     server.declared_sizes = {c: 10**9 if c == BAD else 10 + int(c[1:]) for c in CLIENTS}
     runtime = FakeRuntime(lambda u, t: dataclasses.replace(u, num_examples=10**9))
     records = []
@@ -476,7 +479,9 @@ def test_a_reply_claiming_more_than_its_client_declared_is_rejected():
     def log(record):
         records.append(record)
         if record["round"]:
-            expected = make_method("flexlora").aggregate([runtime.honest[c] for c in record["clients"]])
+            method = make_method("flexlora")
+            method.bound_ranks(server.method.rank_bound)  # the state goes up to the largest client rank
+            expected = method.aggregate([runtime.honest[c] for c in record["clients"]])
             assert all(torch.equal(server.state[k], expected[k]) for k in expected)
 
     run_rounds(server, runtime, lambda s, r: {}, log)

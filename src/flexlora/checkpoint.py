@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from flexlora.config import ConfigError, ExperimentConfig
 from flexlora.faults import fault_point, fault_write
+from flexlora.server import add_checkpoint_time
 from flexlora.reporting import WriteError, atomic_path, sha256_file
 
 FORMAT = 1
@@ -111,10 +113,15 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_checkpoint(folder: str | Path, server, history: list[dict], config: dict, keep: int = 1) -> Path:
+def save_checkpoint(
+    folder: str | Path, server, history: list[dict], config: dict, keep: int = 1, before_index=None
+) -> Path:
     """Write the server's state after `server.round`, keeping the `keep` newest checkpoints;
     returns the index file. A failed write raises WriteError (one line) and leaves the
-    previous checkpoint as it was."""
+    previous checkpoint as it was. `before_index(seconds)`: called with the time the tensors
+    took (state, write, checksum) before the history goes into the index, so that the last
+    record can count it."""
+    started = time.perf_counter()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors, meta = server.state_dict()
@@ -130,6 +137,8 @@ def save_checkpoint(folder: str | Path, server, history: list[dict], config: dic
     except OSError as e:
         raise WriteError(f"writing the checkpoint tensors {folder / name} failed: {_reason(e)}") from None
     fault_point("checkpoint_write", round_)
+    if before_index is not None:
+        before_index(time.perf_counter() - started)
 
     index = {
         "format": FORMAT,
@@ -259,7 +268,8 @@ class Checkpointer:
 
     def __call__(self, server, history: list[dict]) -> None:
         try:
-            save_checkpoint(self.folder, server, history, self.config, self.keep)
+            timing = (lambda s: add_checkpoint_time(history[-1], s)) if history else None
+            save_checkpoint(self.folder, server, history, self.config, self.keep, before_index=timing)
         except WriteError as e:
             before = f"the checkpoint of round {history[-2]['round']}" if len(history) > 1 else "no checkpoint yet (a resume starts over)"
             raise WriteError(

@@ -200,7 +200,7 @@ class Experiment:
         """The rank of the global adapter that is evaluated and exported: eval.export_rank, or
         what the largest client receives (FlexLoRA's full-rank ΔW can be as large as the base
         model itself). Every reported metric is of this adapter, the one written to adapter/."""
-        return self.cfg.eval.export_rank or max(max(r.values()) for r in self.server.client_ranks.values())
+        return self.server.max_rank()
 
     def evaluate(self, state, round_: int) -> dict:
         """Centralised evaluation of the global model (None: the base model) on held-out
@@ -237,6 +237,13 @@ class Experiment:
                 f"free space or fix the folder, then continue with: flexlora run --resume {self.run_dir}"
             ) from None
         ev = record["eval"]
+        t = record.get("time") or {}
+        if "server_s" in t:
+            echo(
+                f"round {record['round']}: time {t['total_s']:.1f} s: clients {t['client_training_s']:.1f} s, "
+                f"server {t['server_s']:.1f} s ({100 * t['server_share']:.1f}%: validation {t['validation_s']:.1f}, "
+                f"aggregation {t['aggregation_s']:.1f}, checkpoint {t['checkpoint_s']:.1f}), evaluation {t['evaluation_s']:.1f} s"
+            )
         line = truncation_line(record.get("truncation"))
         if line:
             echo(f"round {record['round']}: {line}")

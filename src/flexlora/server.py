@@ -38,6 +38,7 @@ class RoundOutcome:
     rejected: dict[str, str]  # client id -> why its update was left out
     kept_previous_state: bool  # fewer valid updates than federation.min_updates
     aggregation_s: float = 0.0
+    validation_s: float = 0.0
     weights: dict[str, float] = dataclasses.field(default_factory=dict)  # client id -> p_k used
 
 
@@ -81,9 +82,23 @@ class FederatedServer:
             # rank per module (the "bucket effect" FlexLoRA avoids).
             floor = {m: min(ranks[m] for ranks in self.client_ranks.values()) for m in shapes}
             self.client_ranks = {cid: dict(floor) for cid in self.client_ids}
+        self.bound_ranks()
         self.state: GlobalState | None = self.method.init_state(shapes)
         self.round = 0
         self.last_truncation: dict | None = None  # see aggregate()
+
+    def max_rank(self) -> int:
+        """The largest rank the global model is used at: eval.export_rank, or the largest rank
+        of any client (what Experiment.export_rank evaluates and exports at)."""
+        largest = max((max(r.values(), default=0) for r in self.client_ranks.values()), default=0)
+        return self.cfg.eval.export_rank or largest
+
+    def bound_ranks(self) -> None:
+        """Tell the method the most it will be asked of each module: the larger of the largest
+        client rank and eval.export_rank, at most min(m, n) (ranks only shrink later: pruning)."""
+        largest = max((max(r.values(), default=0) for r in self.client_ranks.values()), default=0)
+        bound = max(self.cfg.eval.export_rank or 0, largest)
+        self.method.bound_ranks({module: min(bound, m, n) for module, (m, n) in self.shapes.items()})
 
     def sample(self, round_: int) -> list[str]:
         fed = self.cfg.federation
@@ -165,10 +180,12 @@ class FederatedServer:
         reason), aggregate the valid ones if there are at least federation.min_updates of
         them (else keep the previous global state), and advance to `round_`."""
         failures = {r.client_id: r.reason for r in results if isinstance(r, ClientFailure)}
+        validation_started = time.perf_counter()
         updates, rejected = self.validate([r for r in results if not isinstance(r, ClientFailure)], tasks)
         for cid, reason in rejected.items():
             logger.warning("round %d: rejected the update of client %s: %s", round_, cid, reason)
         started = time.perf_counter()
+        validation_s = started - validation_started
         kept_previous = len(updates) < self.cfg.federation.min_updates
         if kept_previous:
             logger.warning(
@@ -180,7 +197,7 @@ class FederatedServer:
             self.aggregate(updates)
         self.round = round_
         weights = {u.client_id: u.weight for u in updates if u.weight is not None}
-        return RoundOutcome(updates, failures, rejected, kept_previous, time.perf_counter() - started, weights)
+        return RoundOutcome(updates, failures, rejected, kept_previous, time.perf_counter() - started, validation_s, weights)
 
     # Checkpointing: everything a resumed run needs that the config and seed cannot rebuild.
     # A method with state outside `self.state` returns it from `extra_state()` (see Method).
@@ -212,6 +229,7 @@ class FederatedServer:
         self.state = state if meta["has_state"] else None
         self.client_types = dict(meta["client_types"])
         self.client_ranks = {cid: dict(ranks) for cid, ranks in meta["client_ranks"].items()}
+        self.bound_ranks()
         # Sizes are declared once: a client re-declaring on resume cannot raise its bound.
         for cid, n in (meta.get("declared_sizes") or {}).items():
             self.declared_sizes[cid] = min(n, self.declared_sizes.get(cid, n))
@@ -242,6 +260,35 @@ def method_arguments(cfg: ExperimentConfig) -> dict:
 def hash_seed(*parts) -> int:
     """A stable 31-bit seed from parts (Python's hash() of str is salted per process)."""
     return random.Random("-".join(map(str, parts))).getrandbits(31)
+
+
+def round_times(train_s: float, validation_s: float, aggregation_s: float, evaluation_s: float, total_s: float) -> dict:
+    """A round's time breakdown. server_s: the server's own work on the round's results
+    (validation + aggregation + checkpoint; the checkpoint is added by add_checkpoint_time when
+    it is written), server_share: server_s / total_s."""
+    server_s = validation_s + aggregation_s
+    return {
+        "client_training_s": train_s,
+        "validation_s": validation_s,
+        "aggregation_s": aggregation_s,
+        "checkpoint_s": 0.0,
+        "evaluation_s": evaluation_s,
+        "other_s": total_s - train_s - validation_s - aggregation_s - evaluation_s,
+        "server_s": server_s,
+        "server_share": server_s / total_s if total_s > 0 else 0.0,
+        "total_s": total_s,
+    }
+
+
+def add_checkpoint_time(record: dict, seconds: float) -> None:
+    """Count a round's checkpoint write (before the record itself is written) in its time."""
+    t = record.get("time")
+    if not t or "server_s" not in t:  # round 0: no server step
+        return
+    t["checkpoint_s"] += seconds
+    t["server_s"] += seconds
+    t["total_s"] += seconds
+    t["server_share"] = t["server_s"] / t["total_s"] if t["total_s"] > 0 else 0.0
 
 
 def run_rounds(
@@ -293,13 +340,7 @@ def run_rounds(
                 "kept_previous_state": outcome.kept_previous_state,
                 "eval": metrics,
                 "truncation": None if outcome.kept_previous_state else server.last_truncation,
-                "time": {
-                    "client_training_s": train_time,
-                    "aggregation_s": outcome.aggregation_s,
-                    "evaluation_s": eval_time,
-                    "other_s": total - train_time - outcome.aggregation_s - eval_time,
-                    "total_s": total,
-                },
+                "time": round_times(train_time, outcome.validation_s, outcome.aggregation_s, eval_time, total),
             }
         )
     return history

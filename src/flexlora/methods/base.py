@@ -315,6 +315,12 @@ class Method:
         round). Default: None."""
         return None
 
+    def bound_ranks(self, ranks: dict[str, int]) -> None:
+        """The server's promise: no client will be handed, and the global adapter will not be
+        evaluated or exported at, a rank above ``ranks[module]`` (the largest rank any client of
+        the federation has, or eval.export_rank if larger; called again after a resume). A
+        method that keeps a spectrum may keep no more of it than this. Default: ignored."""
+
     def extra_state(self) -> tuple[dict[str, torch.Tensor], dict] | None:
         """State a method keeps outside the global state, for checkpoints: (tensors, JSON), or
         None (the default: everything is in the global state, as the built-in methods do)."""

@@ -4,9 +4,15 @@ Per target module the server forms ΔW = Σ_k p_k s_k B_k A_k (p_k = n_k / Σ n_
 s_k = α_k / r_k), keeps its truncated SVD as the global state, and hands a client of rank r
 the best rank-r approximation of ΔW as LoRA factors. Nothing is merged into the base weights.
 
-State keys per module: f"{module}.U" (m, K), f"{module}.S" (K,), f"{module}.Vh" (K, n),
-with K = min(Σ r_k, m, n) (ΔW kept exactly) unless capped by ``max_global_rank``. Before round
-1, K = 0: every client starts from the same adapter (the module's shared seeded A rows, B = 0).
+State keys per module: f"{module}.U" (m, K), f"{module}.S" (K,), f"{module}.Vh" (K, n), and
+f"{module}.E" (1,) float64: ‖ΔW‖²_F, ΔW's whole energy (for the truncation report). K is
+min(Σ r_k, m, n, R), with R the rank bound the server promises (``Method.bound_ranks``: the
+largest rank any client can be handed or the adapter exported at; no bound: ΔW kept exactly),
+and at most ``max_global_rank``. Nothing reads the spectrum beyond R: clients and the export
+take its top-r triplets, r <= R, and the energy share needs only ‖ΔW‖²_F, kept as E. So the
+state (and checkpoint) is the top-R SVD, and the dense route needs only a top-R
+decomposition. Before round 1, K = 0: every client starts from the same adapter (the module's
+shared seeded A rows, B = 0).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from .base import (
     module_seed,
     module_shape,
 )
-from .svd import MODES, dense_svd, randomized_svd, truncated_svd
+from .svd import MODES, dense_flops, dense_svd, randomized_svd, small_work_threads, truncated_svd
 
 SPLITS = ("all_in_B", "sqrt")
 
@@ -140,13 +146,13 @@ def dense_delta(state: GlobalState, module: str) -> torch.Tensor:
     return (U * S) @ Vh
 
 
-def energy_kept(S: torch.Tensor, ranks) -> dict[int, float]:
+def energy_kept(S: torch.Tensor, ranks, total: float | None = None) -> dict[int, float]:
     """Per rank r, the share of ΔW's energy (squared Frobenius norm) that its best rank-r
-    approximation keeps: Σ_{i<r} S_i² / Σ S_i². The paper's approximation error ratio
-    ‖ΔW − Ŵ_r‖_F / ‖ΔW‖_F is sqrt(1 − kept). S must be ΔW's whole spectrum (it is, unless the
-    state was capped with max_global_rank)."""
+    approximation keeps: Σ_{i<r} S_i² / ‖ΔW‖²_F. The paper's approximation error ratio
+    ‖ΔW − Ŵ_r‖_F / ‖ΔW‖_F is sqrt(1 − kept). `total`: ‖ΔW‖²_F (the state's E); None: Σ S_i²,
+    right only when S is ΔW's whole spectrum."""
     energy = S.detach().to(torch.float64).square()
-    total = float(energy.sum())
+    total = float(energy.sum()) if total is None else float(total)
     cumulative = energy.cumsum(0)
     out = {}
     for r in ranks:
@@ -170,7 +176,8 @@ def truncation_summary(state: GlobalState, module_ranks: dict[str, set[int]]) ->
         if key not in state:
             continue
         slot = per_kind.setdefault(module_kind(module), {})
-        for r, kept in energy_kept(state[key], ranks).items():
+        total = state.get(f"{module}.E")
+        for r, kept in energy_kept(state[key], ranks, None if total is None else float(total.sum())).items():
             slot.setdefault(r, []).append(kept)
     out = {}
     for kind in sorted(per_kind):
@@ -220,12 +227,18 @@ class FlexLoRA(Method):
         self.seed = seed
         self.oversample = oversample
         self.niter = niter
+        self.rank_bound: dict[str, int] = {}  # see bound_ranks
+
+    def bound_ranks(self, ranks: dict[str, int]) -> None:
+        """Keep no more than the top ranks[module] triplets of each module's ΔW."""
+        self.rank_bound = {module: int(r) for module, r in ranks.items()}
 
     def init_state(self, shapes: dict[str, tuple[int, int]]) -> GlobalState:
         """ΔW = 0 at rank 0, so that round 1's clients share one starting adapter (split_factors pads)."""
         state: GlobalState = {}
         for module, (m, n) in shapes.items():
             state[f"{module}.U"], state[f"{module}.S"], state[f"{module}.Vh"] = torch.zeros(m, 0), torch.zeros(0), torch.zeros(0, n)
+            state[f"{module}.E"] = torch.zeros(1, dtype=torch.float64)
         return state
 
     def aggregate(self, updates: list[ClientUpdate], state: GlobalState | None = None) -> GlobalState:
@@ -240,6 +253,8 @@ class FlexLoRA(Method):
             K = min(R, m, n)
             if self.max_global_rank is not None:
                 K = min(K, self.max_global_rank)
+            if module in self.rank_bound:
+                K = min(K, self.rank_bound[module])
             mode = self.svd_mode
             if mode == "auto":
                 mode = "factored" if R < min(m, n) else "dense"
@@ -248,16 +263,20 @@ class FlexLoRA(Method):
                 if self.device is not None:
                     B, A = B.to(self.device), A.to(self.device)
                 U, S, Vh = truncated_svd(B, A, K, "factored")
+                energy = ((B.T @ B).double() * (A @ A.T).double()).sum().clamp_min(0)  # ‖B̃Ã‖², R×R
             else:  # one dense ΔW, built group by group (see delta_matrix)
-                dense = delta_matrix(updates, module, weights, device=self.device)
-                if mode == "dense":
-                    U, S, Vh = dense_svd(dense, K)
-                else:
-                    U, S, Vh = randomized_svd(dense, K, oversample=self.oversample, niter=self.niter, seed=self.seed)
-                del dense
+                with small_work_threads(dense_flops(m, n, R, DENSE_GROUP_RANK), self.device or home):
+                    dense = delta_matrix(updates, module, weights, device=self.device)
+                    energy = torch.linalg.vector_norm(dense, dtype=torch.float64).square()
+                    if mode == "dense":
+                        U, S, Vh = dense_svd(dense, K)
+                    else:
+                        U, S, Vh = randomized_svd(dense, K, oversample=self.oversample, niter=self.niter, seed=self.seed)
+                    del dense
             new[f"{module}.U"] = U.to(home).contiguous()
             new[f"{module}.S"] = S.to(home).contiguous()
             new[f"{module}.Vh"] = Vh.to(home).contiguous()
+            new[f"{module}.E"] = energy.reshape(1).to(device=home, dtype=torch.float64)
         return new
 
     def truncation(self, state: GlobalState, module_ranks: dict[str, set[int]]) -> dict:
@@ -298,6 +317,7 @@ class FlexLoRA(Method):
                 U, S, Vh = dense_svd(dense.to(device), K)
             home = like[f"{module}.U"].device
             out[f"{module}.U"], out[f"{module}.S"], out[f"{module}.Vh"] = (t.to(home).contiguous() for t in (U, S, Vh))
+            out[f"{module}.E"] = torch.linalg.vector_norm(dense, dtype=torch.float64).square().reshape(1).to(home)
         return out
 
     def _split(self, state: GlobalState, module: str, rank: int, lora_alpha: float) -> Factors:

@@ -185,6 +185,12 @@ class Composed(Method):
     def from_server_params(self, params: dict[str, torch.Tensor], like: GlobalState) -> GlobalState:
         return self.inner.from_server_params(params, like)
 
+    def bound_ranks(self, ranks: dict[str, int]) -> None:
+        # A server optimizer steps the whole dense ΔW (server_params), so the wrapped method
+        # keeps its whole state: the bound is only passed on without one.
+        if self.server_opt is None:
+            self.inner.bound_ranks(ranks)
+
     def extra_state(self) -> tuple[dict[str, torch.Tensor], dict] | None:
         return self.inner.extra_state()
 
