@@ -80,7 +80,11 @@ def test_in_process_a_billion_examples_buy_at_most_the_cap_and_an_over_claim_is_
                 r["weights"][u.client_id] * u.scale(module) * (u.factors[module][1].double() @ u.factors[module][0].double())
                 for u in updates
             )
-            torch.testing.assert_close(dense_delta(state, module).double(), expected, rtol=1e-4, atol=1e-6)
+            # The state keeps ΔW's top-K triplets (K bounded by the largest client rank): compare
+            # with the best rank-K approximation of the expected ΔW.
+            K = state[f"{module}.S"].shape[0]
+            U, S, Vh = torch.linalg.svd(expected, full_matrices=False)
+            torch.testing.assert_close(dense_delta(state, module).double(), (U[:, :K] * S[:K]) @ Vh[:K], rtol=1e-4, atol=1e-6)
 
 
 def state_modules(state: dict) -> list[str]:
