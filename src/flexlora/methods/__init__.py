@@ -12,6 +12,7 @@ method). ``make_method`` takes them out of the arguments and wraps the method (s
 
 from __future__ import annotations
 
+import importlib
 import inspect
 
 from .base import (
@@ -34,12 +35,23 @@ from .ffa import FFALoRA
 from .flexlora import FlexLoRA
 from .flora import FLoRA
 from .hetlora import HetLoRA
-from .rolora import AlternatingLoRA
 from .server_opt import Composed, ServerOptimizer
 from .slora import SLoRA
 from .svd import TruncatedSVD, truncated_svd
 
-METHODS: dict[str, type] = {cls.name: cls for cls in (FlexLoRA, FedIT, HetLoRA, SLoRA, FLoRA, FFALoRA, AlternatingLoRA)}
+
+
+def _method_classes(module_name: str) -> list[type]:
+    """The Method subclasses a method module defines (not those it imports)."""
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    return [v for v in vars(module).values()
+            if isinstance(v, type) and issubclass(v, Method) and v.__module__ == module.__name__ and getattr(v, "name", None)]
+
+
+# The registry: one line per method module (its Method subclasses are registered by name).
+METHOD_MODULES = ("flexlora", "fedit", "hetlora", "slora", "flora", "ffa",
+                  "rolora")
+METHODS: dict[str, type] = {cls.name: cls for module_name in METHOD_MODULES for cls in _method_classes(module_name)}
 COMPOSABLE = ("server_opt", "fedprox_mu")  # method_args handled by make_method itself
 # Client options the reliability layer adds (handled by the client loop itself), accepted as they are.
 PASSTHROUGH = ("timeout_s", "inject_failure")
