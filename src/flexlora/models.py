@@ -253,22 +253,21 @@ def _quantized_copy(model, quant, device, folder: Path | None = None):
     return _from_pretrained(folder, dtype, quant, device)
 
 
-def _tiny_llama(seed: int, torch_dtype=torch.float32, quant=None, device=torch.device("cpu")):
-    """A 3.4M-parameter random LLaMA with a byte-level tokenizer: no files, fast tests."""
+def _byte_llama(**shape):
+    """(LlamaConfig of these shapes, ByT5 byte tokenizer) with the tokenizer's EOS/pad ids: a
+    random model that needs no files."""
     from transformers import ByT5Tokenizer, LlamaConfig
 
     tokenizer = ByT5Tokenizer()
-    config = LlamaConfig(
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=688,
-        vocab_size=384,
-        max_position_embeddings=1024,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    config = LlamaConfig(**shape, bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return config, tokenizer
+
+
+def _tiny_llama(seed: int, torch_dtype=torch.float32, quant=None, device=torch.device("cpu")):
+    """A 3.4M-parameter random LLaMA with a byte-level tokenizer: no files, fast tests."""
+    config, tokenizer = _byte_llama(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=688, vocab_size=384, max_position_embeddings=1024,
     )
     # Built in float32 and cast, so that every dtype starts from the same weights.
     model = _random_llama(config, seed, torch.float32)
@@ -279,20 +278,9 @@ def _tiny_llama(seed: int, torch_dtype=torch.float32, quant=None, device=torch.d
 
 def _random_llama_1b(seed: int, torch_dtype=torch.float32, quant=None, device=torch.device("cpu")):
     """TinyLlama-1.1B's shapes, random weights, a byte tokenizer (ids < 384 of the 32000)."""
-    from transformers import ByT5Tokenizer, LlamaConfig
-
-    tokenizer = ByT5Tokenizer()
-    config = LlamaConfig(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        vocab_size=32000,
-        max_position_embeddings=2048,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    config, tokenizer = _byte_llama(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+        num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
     )
     if quant is None:
         return _random_llama(config, seed, torch_dtype), tokenizer
