@@ -196,12 +196,6 @@ class Experiment:
         )
         return server
 
-    def export_rank(self) -> int:
-        """The rank of the global adapter that is evaluated and exported: eval.export_rank, or
-        what the largest client receives (FlexLoRA's full-rank ΔW can be as large as the base
-        model itself). Every reported metric is of this adapter, the one written to adapter/."""
-        return self.server.max_rank()
-
     def evaluate(self, state, round_: int) -> dict:
         """Centralised evaluation of the global model (None: the base model) on held-out
         clients: its adapter at the export rank (what finish() saves), on the base weights plus
@@ -209,7 +203,7 @@ class Experiment:
         cfg = self.cfg
         if state is None and self.zero_shot is not None:
             return self.zero_shot
-        factors, ranks = (None, None) if state is None else self.server.global_adapter(self.export_rank())
+        factors, ranks = (None, None) if state is None else self.server.global_adapter(self.server.max_rank())
         offset = None if state is None else self.server.base_offset()
         with lora.base_weights(self.model, offset):  # FLoRA, SLoRA's sparse stage: base + offset
             return evaluate(
@@ -279,7 +273,7 @@ class Experiment:
         cfg, server, run_dir = self.cfg, self.server, self.run_dir
         adapter_dir = merged_dir = None
         if server.state is not None:
-            factors, ranks = server.global_adapter(self.export_rank())  # the adapter every round was evaluated with
+            factors, ranks = server.global_adapter(server.max_rank())  # the adapter every round was evaluated with
             offset = server.base_offset()
             if offset:  # a LoRA adapter cannot hold a dense change of the base: export merged weights
                 merged_dir = lora.save_merged(
@@ -296,7 +290,7 @@ class Experiment:
             "profile": profile_label(cfg),
             "model": cfg.model,
             "seed": cfg.seed,
-            "evaluated": f"the exported global model (adapter at rank {self.export_rank()})",
+            "evaluated": f"the exported global model (adapter at rank {server.max_rank()})",
             "zero_shot": evaluated[0]["eval"][METRIC],
             "final": evaluated[-1]["eval"][METRIC],
             "best": max(r["eval"][METRIC] for r in evaluated),
