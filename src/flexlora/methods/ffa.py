@@ -31,6 +31,7 @@ from .base import (
     module_names,
     module_seed,
     module_shape,
+    zero_rank_state,
 )
 from .hetlora import padded_modules, weighted_padded_sum
 
@@ -89,11 +90,7 @@ class FFALoRA(Method):
 
     def init_state(self, shapes: dict[str, tuple[int, int]]) -> GlobalState:
         """Rank-0 state: B = 0 and an empty A that records n; ranks grow at aggregation."""
-        state: GlobalState = {}
-        for module, (m, n) in shapes.items():
-            state[f"{module}.A"] = torch.zeros(0, n)
-            state[f"{module}.B"] = torch.zeros(m, 0)
-        return state
+        return zero_rank_state(shapes)
 
     def client_options(self, state: GlobalState | None, round_: int, rank_type: str) -> dict:
         return {"freeze_A": True}
