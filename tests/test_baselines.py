@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from flexlora.methods import (
-    Composed,
     FedIT,
     FFALoRA,
     FlexLoRA,
@@ -16,8 +15,10 @@ from flexlora.methods import (
     ServerOptimizer,
     SLoRA,
     SparseDelta,
+    compose_method,
     make_method,
 )
+from flexlora.methods.server_opt import ServerStep
 from flexlora.methods.base import ClientUpdate
 from flexlora.methods.ffa import shared_A
 from flexlora.config import ConfigError, load_config
@@ -250,6 +251,11 @@ def test_slora_validation():
 # ---------------------------------------------------------------- server optimizers
 
 
+def stepped(method, step, ups, previous):
+    """What FederatedServer.aggregate does: the method's aggregation, then the server step."""
+    return step(method, ups, previous, method.aggregate(ups, previous))
+
+
 def test_server_optimizer_formulas():
     x = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
     d1, d2 = torch.tensor([0.1, 0.2, -0.3], dtype=F64), torch.tensor([-0.05, 0.2, 0.1], dtype=F64)
@@ -281,13 +287,13 @@ def test_server_optimizer_formulas():
 def test_identity_fedavgm_changes_nothing():
     for inner in (FlexLoRA(), FedIT()):
         ranks = {"attn": 4, "mlp": 4}
-        wrapped = Composed(inner, ServerOptimizer("fedavgm", lr=1.0, momentum=0.0))
+        step = ServerStep(ServerOptimizer("fedavgm", lr=1.0, momentum=0.0))
         s_plain = inner.aggregate(updates(seed=1, ranks_override=ranks), None)
-        s_wrapped = wrapped.aggregate(updates(seed=1, ranks_override=ranks), None)
+        s_wrapped = stepped(inner, step, updates(seed=1, ranks_override=ranks), None)
         s_plain2 = inner.aggregate(updates(seed=2, ranks_override=ranks), s_plain)
-        s_wrapped2 = wrapped.aggregate(updates(seed=2, ranks_override=ranks), s_wrapped)
+        s_wrapped2 = stepped(inner, step, updates(seed=2, ranks_override=ranks), s_wrapped)
         fa, ra = inner.global_factors(s_plain2, ALPHA)
-        fb, rb = wrapped.global_factors(s_wrapped2, ALPHA)
+        fb, rb = inner.global_factors(s_wrapped2, ALPHA)
         assert ra == rb
         for module in SHAPES:
             assert rel(fb[module][1] @ fb[module][0], fa[module][1] @ fa[module][0]) < 1e-10
@@ -295,11 +301,12 @@ def test_identity_fedavgm_changes_nothing():
 
 def test_fedadam_on_flexlora_steps_the_dense_delta():
     opt = ServerOptimizer("fedadam", lr=0.01, tau=1e-3)
-    method = Composed(FlexLoRA(), opt)
+    method, step = FlexLoRA(), ServerStep(opt)
     ups1, ups2 = updates(seed=1), updates(seed=2)
-    s1 = method.aggregate(ups1, None)  # the first aggregation is taken as is
-    s2 = method.aggregate(ups2, s1)
-    assert any(k.startswith("server_opt.m/") for k in s2) and not any(k.startswith("server_opt.") for k in s1)
+    s1 = stepped(method, step, ups1, None)  # the first aggregation is taken as is
+    assert not step.moments
+    s2 = stepped(method, step, ups2, s1)
+    assert any(k.startswith("m/") for k in step.moments)
     for module, (m, n) in SHAPES.items():
         x1 = weighted_delta(ups1, module, data_p(ups1))
         # The step starts from what the clients started from: each its best rank-r_k slice of x1.
@@ -313,23 +320,22 @@ def test_fedadam_on_flexlora_steps_the_dense_delta():
         best = (U[:, :K] * S[:K]) @ Vh[:K]  # the state keeps FlexLoRA's K triplets of the new ΔW
         A, B = method.client_factors(s2, {module: K}, ALPHA)[module]
         assert rel((ALPHA / K) * B @ A, best) < 1e-9
-        # client factors never see the optimizer's keys
+        # the method's state holds no optimizer keys
         assert set(method.global_factors(s2, ALPHA)[1]) == set(SHAPES)
 
 
 def test_fedit_with_fedyogi_and_fedprox_options():
-    method = make_method("fedit", server_opt={"name": "fedyogi", "lr": 0.1}, fedprox_mu=0.01)
-    assert isinstance(method, Composed) and method.name == "fedit" and method.homogeneous
-    assert method.client_options(None, 1, "T1") == {"fedprox_mu": 0.01}
+    method = compose_method("fedit", server_opt={"name": "fedyogi", "lr": 0.1}, fedprox_mu=0.01)
+    assert isinstance(method.method, FedIT) and method.method.homogeneous and method.fedprox_mu == 0.01
     ranks = {"attn": 3, "mlp": 3}
-    s1 = method.aggregate(updates(seed=1, ranks_override=ranks), None)
-    s2 = method.aggregate(updates(seed=2, ranks_override=ranks), s1)
+    s1 = stepped(method.method, method.server_step, updates(seed=1, ranks_override=ranks), None)
+    s2 = stepped(method.method, method.server_step, updates(seed=2, ranks_override=ranks), s1)
     A_avg = FedIT().aggregate(updates(seed=2, ranks_override=ranks), None)["attn.A"]
     d = A_avg - s1["attn.A"]
     assert torch.allclose(s2["attn.A"], s1["attn.A"] + 0.1 * (0.1 * d) / ((0.01 * d**2).sqrt() + 1e-6))
-    assert torch.equal(method.client_factors(s2, ranks, ALPHA)["attn"][0], s2["attn.A"])
-    het = make_method("hetlora", fedprox_mu=0.5)
-    assert het.client_options(None, 1, "T1")["fedprox_mu"] == 0.5 and "rank_regularizer" in het.client_options(None, 1, "T1")
+    assert torch.equal(method.method.client_factors(s2, ranks, ALPHA)["attn"][0], s2["attn.A"])
+    het = compose_method("hetlora", fedprox_mu=0.5)
+    assert het.fedprox_mu == 0.5 and het.server_step is None and "rank_regularizer" in het.method.client_options(None, 1, "T1")
 
 
 @pytest.mark.parametrize(

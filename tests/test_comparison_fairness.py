@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexlora.methods import METHODS, FlexLoRA, SLoRA, SparseDelta, make_method
+from flexlora.methods import METHODS, FlexLoRA, SLoRA, SparseDelta, compose_method, make_method
 from flexlora.methods.base import ClientUpdate
 from flexlora.config import load_config
 from flexlora.server import FederatedServer
@@ -66,13 +66,14 @@ def test_server_optimizer_adds_nothing_when_clients_do_not_train(inner, opt):
     else:
         ranks = {cid: {"l0.q_proj": 4, "l0.up_proj": 4} for cid in "abc"}
     sizes = [10, 50, 7]
-    plain, optimized = make_method(inner), make_method(inner, server_opt=opt)
+    plain, optimized = make_method(inner), compose_method(inner, server_opt=opt)
     s_plain = s_opt = trained_state(inner, ranks, sizes)
     for _ in range(6):
         s_plain = plain.aggregate(echo_updates(plain, s_plain, ranks, sizes), s_plain)
-        s_opt = optimized.aggregate(echo_updates(optimized, s_opt, ranks, sizes), s_opt)
+        echoed = echo_updates(optimized.method, s_opt, ranks, sizes)
+        s_opt = optimized.server_step(optimized.method, echoed, s_opt, optimized.method.aggregate(echoed, s_opt))
     expected, _ = plain.global_factors(s_plain, ALPHA)
-    got, _ = optimized.global_factors(s_opt, ALPHA)
+    got, _ = optimized.method.global_factors(s_opt, ALPHA)
     for module in SHAPES:
         ref = expected[module][1] @ expected[module][0]
         drift = torch.linalg.norm(got[module][1] @ got[module][0] - ref) / torch.linalg.norm(ref)

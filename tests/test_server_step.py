@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexlora.checkpoint import Checkpointer
+from flexlora.checkpoint import Checkpointer, _snapshot_of_format_1, load_checkpoint, save_checkpoint
 from flexlora.config import ExperimentConfig, ResourcesConfig, validate
-from flexlora.methods import FlexLoRA, make_method
+from flexlora.methods import FlexLoRA
 from flexlora.methods.base import ClientUpdate
 from flexlora.methods.flexlora import dense_delta
 from flexlora.server import FederatedServer, run_rounds
@@ -58,15 +58,23 @@ def test_a_bounded_state_is_the_top_of_the_exact_one(ranks, bound):
 
 
 def test_a_server_optimizer_keeps_the_whole_state():
-    """A server optimizer steps the whole dense ΔW: the bound is not passed on to the method."""
-    method = make_method("flexlora", server_opt={"name": "fedavgm", "lr": 1.0, "momentum": 0.5})
-    method.bound_ranks({m: 1 for m in SHAPES})
-    state = method.aggregate(updates([6, 8, 8]), method.init_state(SHAPES))
-    assert state["attn.S"].shape == (16,)
+    """A server optimizer steps the whole dense ΔW: the server does not bound the method."""
+    server = make_server(method_args={"server_opt": {"name": "fedavgm", "lr": 1.0, "momentum": 0.5}})
+    assert not server.method.rank_bound
+    server.aggregate(updates([6, 8, 8]))
+    assert server.state["attn.S"].shape == (16,) and server.server_step.moments
 
 
-def make_server(export_rank=None) -> FederatedServer:
-    cfg = ExperimentConfig(method="flexlora")
+def test_the_server_asks_every_client_for_fedprox_after_the_method_options():
+    server = make_server(method="hetlora", method_args={"fedprox_mu": 0.5})
+    for task in server.configure(1, server.sample(1)):
+        assert list(task.options) == [*server.method.client_options(server.state, 1, task.rank_type), "fedprox_mu"]
+        assert task.options["fedprox_mu"] == 0.5
+    assert make_server(method="hetlora").configure(1, ["c0"])[0].options.get("fedprox_mu") is None
+
+
+def make_server(export_rank=None, method="flexlora", method_args=None) -> FederatedServer:
+    cfg = ExperimentConfig(method=method, method_args=method_args or {})
     cfg.resources = ResourcesConfig(profile=["T1", "T2", "T3", "T4"], t1=1, t2=2, t3_attention=2, t3_mlp=3, t4=3)
     cfg.federation.rounds = 1
     cfg.federation.clients_per_round = 4
@@ -103,3 +111,46 @@ def test_a_round_counts_validation_aggregation_and_checkpoint_as_server_time(tmp
     from flexlora.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "checkpoint").history[-1]["time"] == t
+
+
+def noisy_round(server: FederatedServer, round_: int, seed: int) -> None:
+    """One round of clients that change their starting factors a little."""
+    g = torch.Generator().manual_seed(seed)
+    tasks = server.configure(round_, server.sample(round_))
+    results = [ClientUpdate(t.client_id, 4 + i, ALPHA, {m: (A + 0.01 * torch.randn(A.shape, generator=g), B + 0.01 * torch.randn(B.shape, generator=g))
+                                                        for m, (A, B) in t.factors.items()}, {}) for i, t in enumerate(tasks)]
+    assert not server.complete_round(round_, tasks, results).rejected
+
+
+def test_server_optimizer_moments_survive_a_checkpoint(tmp_path):
+    """The server step's moments are checkpointed beside the method's state: a resumed server
+    takes the next step exactly as the uninterrupted one."""
+    args = {"server_opt": {"name": "fedadam", "lr": 0.01}}
+    server = make_server(method_args=args)
+    for round_ in (1, 2):
+        noisy_round(server, round_, seed=round_)
+    save_checkpoint(tmp_path, server, [], server.cfg.to_dict())
+    tensors, meta = load_checkpoint(tmp_path).tensors, load_checkpoint(tmp_path).meta
+    assert meta["type"] == "ServerSnapshot" and any(k.startswith("server_opt/m/") for k in tensors)
+    fresh = make_server(method_args=args)
+    fresh.load_state_dict(tensors, meta)
+    assert fresh.server_step.moments.keys() == server.server_step.moments.keys()
+    noisy_round(server, 3, seed=3)
+    noisy_round(fresh, 3, seed=3)
+    assert all(torch.equal(fresh.state[k], server.state[k]) for k in server.state)
+
+
+def test_a_checkpoint_of_format_1_is_still_read():
+    """Format 1 kept the moments inside the global state and method extras under method/."""
+    args = {"server_opt": {"name": "fedavgm", "momentum": 0.5}}
+    server = make_server(method_args=args)
+    noisy_round(server, 1, seed=1)
+    noisy_round(server, 2, seed=2)
+    old_tensors = {f"state/{k}": v for k, v in server.state.items()}
+    old_tensors.update({f"state/server_opt.{k}": v for k, v in server.server_step.moments.items()})
+    old_meta = {"round": 2, "method": "flexlora", "has_state": True, "client_types": server.client_types,
+                "client_ranks": server.client_ranks, "declared_sizes": {}}
+    fresh = make_server(method_args=args)
+    fresh.load_state_dict(*_snapshot_of_format_1(old_tensors, old_meta))
+    assert fresh.round == 2 and fresh.state.keys() == server.state.keys()
+    assert all(torch.equal(fresh.server_step.moments[k], v) for k, v in server.server_step.moments.items())

@@ -1,9 +1,11 @@
 """Server checkpoints: written atomically after every round, read back by `flexlora run --resume`.
 
 A checkpoint is a folder (``RUN_DIR/checkpoint``) with
-- ``state-RRRRRR.safetensors``: the server's tensors (global state per module, method extras)
-  and the torch RNG states;
-- ``checkpoint.json``: round, client rank assignment, Python/NumPy RNG states, method metadata,
+- ``state-RRRRRR.safetensors``: the server's tensors (``protocol.flatten`` of its
+  ``ServerSnapshot``: global state per module, method extras, server-optimizer moments) and the
+  torch RNG states;
+- ``checkpoint.json``: the snapshot's metadata (round, client rank assignment, method
+  metadata), Python/NumPy RNG states,
   the run's config, every round's metrics so far, and the name, size and sha256 of the tensor
   file (verified on resume: a corrupted file is a clear error, not a silently wrong state);
 - with ``output.keep_checkpoints=K`` > 1, ``checkpoint-RRRRRR.json`` (a copy of each of the K
@@ -36,7 +38,7 @@ from flexlora.faults import fault_point, fault_write
 from flexlora.server import add_checkpoint_time
 from flexlora.reporting import WriteError, atomic_path, sha256_file
 
-FORMAT = 1
+FORMAT = 2  # 2: the server's part is protocol.flatten of a ServerSnapshot; 1 is still read
 INDEX = "checkpoint.json"
 KEPT_INDEX = "checkpoint-{round:06d}.json"  # copies of older indexes (output.keep_checkpoints > 1)
 
@@ -221,7 +223,7 @@ def _read_checkpoint(folder: Path, index_path: Path) -> Checkpoint:
         index = json.loads(index_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint index {index_path} is unreadable: {e}") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
+    if not isinstance(index, dict) or index.get("format") not in (1, FORMAT):
         raise CheckpointError(f"checkpoint index {index_path}: unknown format {index.get('format') if isinstance(index, dict) else index!r}")
     tensor_path = folder / index["tensors"]
     if not tensor_path.is_file() or tensor_path.stat().st_size != index["tensors_bytes"]:
@@ -238,14 +240,39 @@ def _read_checkpoint(folder: Path, index_path: Path) -> Checkpoint:
     except Exception as e:  # safetensors raises its own error types on a corrupt header
         raise CheckpointError(f"checkpoint tensors {tensor_path} are unreadable: {e}") from None
     rng_tensors = {k: v for k, v in tensors.items() if k.startswith("rng/")}
+    server_tensors = {k: v for k, v in tensors.items() if not k.startswith("rng/")}
+    server_meta = index["server"]
+    if index["format"] == 1:
+        server_tensors, server_meta = _snapshot_of_format_1(server_tensors, server_meta)
     return Checkpoint(
         round=index["round"],
-        tensors={k: v for k, v in tensors.items() if not k.startswith("rng/")},
-        meta=index["server"],
+        tensors=server_tensors,
+        meta=server_meta,
         history=index["history"],
         config=index["config"],
         rng={"tensors": rng_tensors, "meta": index["rng"]},
     )
+
+
+def _snapshot_of_format_1(tensors: dict[str, torch.Tensor], meta: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """A format-1 checkpoint's server part as the flattened ServerSnapshot of format 2. Format 1
+    kept a method's extras under "method/" and the server optimizer's moments inside the global
+    state ("state/server_opt.m/…")."""
+    renamed = {}
+    for key, t in tensors.items():
+        if key.startswith("state/server_opt."):
+            key = "server_opt/" + key[len("state/server_opt."):]
+        elif key.startswith("method/"):
+            key = "method_tensors/" + key[len("method/"):]
+        renamed[key] = t
+    fields = [f for f, present in (("state", meta.get("has_state")), ("method_tensors", "method_extra" in meta),
+                                   ("server_opt", any(k.startswith("server_opt/") for k in renamed))) if present]
+    snapshot_meta = {
+        "type": "ServerSnapshot", "tensor_fields": fields, "round": meta["round"], "method": meta["method"],
+        "client_types": meta["client_types"], "client_ranks": meta["client_ranks"],
+        "declared_sizes": meta.get("declared_sizes") or {}, "method_meta": meta.get("method_extra"),
+    }
+    return renamed, snapshot_meta
 
 
 # --- a run folder's checkpoints ----------------------------------------------------------

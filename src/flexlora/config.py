@@ -155,13 +155,13 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(c: ExperimentConfig) -> None:
     """Value checks that types alone cannot express."""
-    from flexlora.methods import METHODS, make_method
+    from flexlora.methods import METHODS, compose_method
     from flexlora.data.prompts import TEMPLATES
     from flexlora.resources import PROFILES, paper_rank_types
 
     _require(c.method in METHODS, f"method: unknown aggregation method '{c.method}'; choose from: {', '.join(METHODS)}")
     try:  # constructing a method is cheap and checks its arguments (one-line errors)
-        make_method(c.method, **c.method_args)
+        compose_method(c.method, **c.method_args)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"method_args: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if isinstance(c.resources.profile, str):

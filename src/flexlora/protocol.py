@@ -2,9 +2,10 @@
 out, a ClientUpdate (or a ClientFailure) back. Plain dataclasses of tensors and JSON values;
 no model, no PEFT, no Flower.
 
-``flatten`` / ``unflatten`` turn any of them into (flat tensors, JSON metadata) and back. Every
-transport and store uses this one format: checkpoints (safetensors + JSON) and the Flower codec
-(ArrayRecord + ConfigRecord), so that a new payload needs no new codec.
+``flatten`` / ``unflatten`` turn any of them, and the server's ``ServerSnapshot``, into (flat
+tensors, JSON metadata) and back. Every transport and store uses this one format: checkpoints
+(safetensors + JSON) and the Flower codec (ArrayRecord + ConfigRecord), so that a new payload
+needs no new codec.
 
 Conventions (PEFT's): for a target module with weight W of shape (m, n) (out, in), a client of
 rank r holds A (r, n) and B (m, r), and its update is  s * B @ A  with s = lora_alpha / r.
@@ -86,13 +87,30 @@ class ClientFailure:
     reason: str
 
 
-# ---------------------------------------------------------------- one flat format for every transport
+@dataclass
+class ServerSnapshot:
+    """Everything a resumed server needs that the config and seed cannot rebuild (what a
+    checkpoint stores, see FederatedServer.snapshot)."""
 
-TYPES = {cls.__name__: cls for cls in (ClientTask, ClientUpdate, ClientFailure)}
+    round: int
+    method: str
+    client_types: dict[str, str]
+    client_ranks: dict[str, dict[str, int]]
+    declared_sizes: dict[str, int]
+    state: dict[str, torch.Tensor] | None = field(metadata={"tensors": "dense"})  # the global state
+    # State a method keeps outside the global state (Method.extra_state): tensors and JSON.
+    method_tensors: dict[str, torch.Tensor] | None = field(default=None, metadata={"tensors": "dense"})
+    method_meta: dict | None = None
+    server_opt: dict[str, torch.Tensor] | None = field(default=None, metadata={"tensors": "dense"})  # its moments
+
+
+# ---------------------------------------------------------------- one flat format for every transport and store
+
+TYPES = {cls.__name__: cls for cls in (ClientTask, ClientUpdate, ClientFailure, ServerSnapshot)}
 FACTOR_SUFFIXES = ("lora_A", "lora_B")
 
 
-def flatten(obj: ClientTask | ClientUpdate | ClientFailure) -> tuple[dict[str, torch.Tensor], dict]:
+def flatten(obj: ClientTask | ClientUpdate | ClientFailure | ServerSnapshot) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, JSON-ready metadata) of a protocol object. A tensor field `f` (see each field's
     ``metadata["tensors"]``) becomes tensors named ``f/<key>``: LoRA factors ``f/<module>.lora_A``
     and ``.lora_B``, dense tensors ``f/<name>``, sparse deltas ``f/<module>.indices`` (int64) and

@@ -20,9 +20,9 @@ import torch
 
 from flexlora.config import ExperimentConfig
 from flexlora.faults import fault_point
-from flexlora.methods import METHODS, make_method
+from flexlora.methods import METHODS, FedProx, compose_method
 from flexlora.methods.base import GlobalState, capped_weights
-from flexlora.protocol import ClientFailure, ClientTask, ClientUpdate
+from flexlora.protocol import ClientFailure, ClientTask, ClientUpdate, ServerSnapshot, flatten, unflatten
 from flexlora.resources import RankType, assign_rank_types, module_ranks, paper_rank_types
 from flexlora.validation import validate_round
 
@@ -69,7 +69,10 @@ class FederatedServer:
         self.declared_sizes = dict(declared_sizes or {})
         self.client_ids = list(client_ids)
         self.shapes = shapes
-        self.method = make_method(cfg.method, **method_arguments(cfg))
+        composition = compose_method(cfg.method, **method_arguments(cfg))
+        self.method = composition.method
+        self.server_step = composition.server_step  # a server optimizer after aggregation, or None
+        self.fedprox_mu = composition.fedprox_mu  # FedProx's μ, asked of every client (0: off)
         r = cfg.resources
         self.rank_types = paper_rank_types(r.t1, r.t2, r.t3_attention, r.t3_mlp, r.t4)
         self.client_types = assign_rank_types(self.client_ids, r.profile, cfg.seed)
@@ -96,6 +99,8 @@ class FederatedServer:
     def bound_ranks(self) -> None:
         """Tell the method the most it will be asked of each module: the larger of the largest
         client rank and eval.export_rank, at most min(m, n) (ranks only shrink later: pruning)."""
+        if self.server_step is not None:
+            return  # a server optimizer steps the method's whole (dense) parameters
         largest = max((max(r.values(), default=0) for r in self.client_ranks.values()), default=0)
         bound = max(self.cfg.eval.export_rank or 0, largest)
         self.method.bound_ranks({module: min(bound, m, n) for module, (m, n) in self.shapes.items()})
@@ -115,6 +120,8 @@ class FederatedServer:
             rank_type = self.client_types[cid]
             # The method's client-side settings, then the reliability ones (all plain JSON).
             options = dict(self.method.client_options(self.state, round_, rank_type))
+            if self.fedprox_mu > 0:
+                options[FedProx.option] = self.fedprox_mu
             if fed.client_timeout_s is not None:
                 options["timeout_s"] = fed.client_timeout_s
             # Fault injection, seeded per (run, round, client) so a resumed run drops the same clients.
@@ -159,7 +166,8 @@ class FederatedServer:
         return [dataclasses.replace(u, weight=w) for u, w in zip(updates, weights)]
 
     def aggregate(self, updates: list[ClientUpdate]) -> None:
-        self.state = self.method.aggregate(updates, self.state)
+        aggregated = self.method.aggregate(updates, self.state)
+        self.state = self.server_step(self.method, updates, self.state, aggregated) if self.server_step else aggregated
         # Methods that keep ΔW's spectrum report what each client rank's slice of it loses.
         ranks = {m: {u.rank(m) for u in updates} for m in updates[0].factors}
         self.last_truncation = self.method.truncation(self.state, ranks)
@@ -203,38 +211,45 @@ class FederatedServer:
     # A method with state outside `self.state` returns it from `extra_state()` (see Method).
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(flat tensors, JSON-ready metadata) of the server."""
-        tensors = {f"state/{k}": v for k, v in (self.state or {}).items()}
-        meta = {
-            "round": self.round,
-            "method": self.method.name,
-            "has_state": self.state is not None,
-            "client_types": self.client_types,
-            "client_ranks": self.client_ranks,
-            "declared_sizes": self.declared_sizes,
-        }
-        extra = self.method.extra_state()
-        if extra is not None:
-            extra_tensors, meta["method_extra"] = extra
-            tensors.update({f"method/{k}": v for k, v in extra_tensors.items()})
-        return tensors, meta
+        """(flat tensors, JSON-ready metadata) of the server: protocol.flatten of its snapshot."""
+        return flatten(self.snapshot())
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        if meta["method"] != self.method.name:
-            raise ValueError(f"checkpoint is of method {meta['method']!r}, this run uses {self.method.name!r}")
-        if set(meta["client_types"]) != set(self.client_ids):
+        self.restore(unflatten(tensors, meta))
+
+    def snapshot(self) -> ServerSnapshot:
+        extra = self.method.extra_state()
+        return ServerSnapshot(
+            round=self.round,
+            method=self.method.name,
+            client_types=self.client_types,
+            client_ranks=self.client_ranks,
+            declared_sizes=self.declared_sizes,
+            state=self.state,
+            method_tensors=extra[0] if extra is not None else None,
+            method_meta=extra[1] if extra is not None else None,
+            server_opt=self.server_step.moments if self.server_step is not None else None,
+        )
+
+    def restore(self, snapshot: ServerSnapshot) -> None:
+        if not isinstance(snapshot, ServerSnapshot):
+            raise ValueError(f"a server checkpoint holds a ServerSnapshot, not a {type(snapshot).__name__}")
+        if snapshot.method != self.method.name:
+            raise ValueError(f"checkpoint is of method {snapshot.method!r}, this run uses {self.method.name!r}")
+        if set(snapshot.client_types) != set(self.client_ids):
             raise ValueError("checkpoint was written for a different set of clients")
-        self.round = meta["round"]
-        state = {k[len("state/"):]: v for k, v in tensors.items() if k.startswith("state/")}
-        self.state = state if meta["has_state"] else None
-        self.client_types = dict(meta["client_types"])
-        self.client_ranks = {cid: dict(ranks) for cid, ranks in meta["client_ranks"].items()}
+        self.round = snapshot.round
+        self.state = snapshot.state
+        self.client_types = dict(snapshot.client_types)
+        self.client_ranks = {cid: dict(ranks) for cid, ranks in snapshot.client_ranks.items()}
         self.bound_ranks()
         # Sizes are declared once: a client re-declaring on resume cannot raise its bound.
-        for cid, n in (meta.get("declared_sizes") or {}).items():
+        for cid, n in snapshot.declared_sizes.items():
             self.declared_sizes[cid] = min(n, self.declared_sizes.get(cid, n))
-        extra = {k[len("method/"):]: v for k, v in tensors.items() if k.startswith("method/")}
-        self.method.load_extra_state(extra, meta.get("method_extra"))
+        if snapshot.method_tensors is not None or snapshot.method_meta is not None:
+            self.method.load_extra_state(snapshot.method_tensors or {}, snapshot.method_meta)
+        if self.server_step is not None:
+            self.server_step.moments = dict(snapshot.server_opt or {})
 
     def global_adapter(self, rank: int | None = None):
         """(factors, ranks) of the global model, optionally truncated to `rank`; (None, None) when

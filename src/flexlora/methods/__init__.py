@@ -6,17 +6,18 @@ the ``ClientHook`` classes of its client side with their validation rules) and a
 ``METHODS`` below, or call ``register_method`` (see docs/adding_a_method.md).
 
 Two settings compose with methods rather than being one: ``server_opt`` (a server optimizer
-on the aggregated update; flexlora and fedit) and ``fedprox_mu`` (FedProx on the clients; any
-method). ``make_method`` takes them out of the arguments and wraps the method (server_opt.py).
+on the aggregated update, a ``ServerStep`` the server runs after the method's aggregation;
+flexlora and fedit) and ``fedprox_mu`` (FedProx, a client hook the server asks every client
+for; any method). ``compose_method`` reads them beside the method's own arguments.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+from dataclasses import dataclass
 
 from .base import (
-    AggregationMethod,
     ClientHook,
     ClientUpdate,
     Factors,
@@ -35,7 +36,7 @@ from .ffa import FFALoRA
 from .flexlora import FlexLoRA
 from .flora import FLoRA
 from .hetlora import HetLoRA
-from .server_opt import Composed, ServerOptimizer
+from .server_opt import ServerOptimizer, ServerStep, check_composable
 from .slora import SLoRA
 from .svd import TruncatedSVD, truncated_svd
 
@@ -52,7 +53,7 @@ def _method_classes(module_name: str) -> list[type]:
 METHOD_MODULES = ("flexlora", "fedit", "hetlora", "slora", "flora", "ffa",
                   "rolora")
 METHODS: dict[str, type] = {cls.name: cls for module_name in METHOD_MODULES for cls in _method_classes(module_name)}
-COMPOSABLE = ("server_opt", "fedprox_mu")  # method_args handled by make_method itself
+COMPOSABLE = ("server_opt", "fedprox_mu")  # method_args that compose with a method (compose_method)
 # Client options the reliability layer adds (handled by the client loop itself), accepted as they are.
 PASSTHROUGH = ("timeout_s", "inject_failure")
 
@@ -104,36 +105,48 @@ def parse_client_options(options: dict | None) -> list[ClientHook]:
     return hooks
 
 
-def make_method(name: str, **kwargs) -> AggregationMethod:
-    """Instantiate a registered method by name, passing kwargs to its constructor; the composable
-    arguments ``server_opt`` (mapping) and ``fedprox_mu`` (number) wrap it (see server_opt.py).
-    Bad arguments raise a one-line ValueError naming them."""
+def make_method(name: str, **kwargs) -> Method:
+    """Instantiate a registered method by name, passing kwargs (its own arguments) to its
+    constructor. Bad arguments raise a one-line ValueError naming them."""
     try:
         cls = METHODS[name]
     except KeyError:
         raise ValueError(f"unknown aggregation method {name!r}; choose from: {', '.join(sorted(METHODS))}") from None
-    own = {k: v for k, v in kwargs.items() if k not in COMPOSABLE}
     params = inspect.signature(cls).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         accepted = [p for p in params if p != "self"]
-        unknown = sorted(set(own) - set(accepted))
+        unknown = sorted(set(kwargs) - set(accepted))
         if unknown:
             known = ", ".join([*accepted, *COMPOSABLE])
             raise ValueError(f"method {name!r} has no argument {unknown[0]!r}; its arguments: {known}")
-    method = cls(**own)
-    if "server_opt" in kwargs or kwargs.get("fedprox_mu"):
-        server_opt = ServerOptimizer.from_config(kwargs["server_opt"]) if kwargs.get("server_opt") is not None else None
-        method = Composed(method, server_opt, kwargs.get("fedprox_mu", 0.0))
-    return method
+    return cls(**kwargs)
+
+
+@dataclass
+class Composition:
+    """A method with what composes with it: a server step after its aggregation (or None) and
+    FedProx's μ for its clients (0: off)."""
+
+    method: Method
+    server_step: ServerStep | None = None
+    fedprox_mu: float = 0.0
+
+
+def compose_method(name: str, **kwargs) -> Composition:
+    """make_method on the method's own arguments, plus the COMPOSABLE ones: ``server_opt``
+    (mapping, see server_opt.py) and ``fedprox_mu`` (number). One-line ValueErrors."""
+    method = make_method(name, **{k: v for k, v in kwargs.items() if k not in COMPOSABLE})
+    server_opt = ServerOptimizer.from_config(kwargs["server_opt"]) if kwargs.get("server_opt") is not None else None
+    fedprox_mu = check_composable(method, server_opt, kwargs.get("fedprox_mu", 0.0))
+    return Composition(method, ServerStep(server_opt) if server_opt is not None else None, fedprox_mu)
 
 
 __all__ = [
     "METHODS",
     "PASSTHROUGH",
-    "AggregationMethod",
     "ClientHook",
     "ClientUpdate",
-    "Composed",
+    "Composition",
     "FFALoRA",
     "FLoRA",
     "Factors",
@@ -144,12 +157,14 @@ __all__ = [
     "Method",
     "SLoRA",
     "ServerOptimizer",
+    "ServerStep",
     "SparseDelta",
     "GlobalState",
     "TruncatedSVD",
     "compute_dtype",
     "capped_weights",
     "client_hook_types",
+    "compose_method",
     "data_weights",
     "make_method",
     "module_names",

@@ -339,5 +339,3 @@ class Method:
         """The state of stepped parameters (the inverse of server_params)."""
         raise NotImplementedError
 
-
-AggregationMethod = Method  # the name this interface had before the methods/ layout

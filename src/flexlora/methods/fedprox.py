@@ -1,7 +1,7 @@
 """FedProx (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020) on the
 clients: a client hook that adds μ/2·Σ ‖w − w₀‖² over the trainable parameters (w₀: their values
-at the start of the round) to the loss. It composes with any method (``method_args.fedprox_mu``,
-see server_opt.Composed, which adds the option to the method's client options)."""
+at the start of the round) to the loss. It composes with any method (``method_args.fedprox_mu``:
+the server adds the option to every task, see methods.compose_method)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Server optimizers on the aggregated update, and FedProx on the clients, around a LoRA method.
+"""Server optimizers: a server step after a LoRA method's aggregation (``ServerStep``, called by
+FederatedServer), composable with the methods that expose their parameters.
 
 Server optimizers (Hsu et al. 2019 for FedAvgM; Reddi et al., "Adaptive Federated
 Optimization", ICLR 2021 for FedAdam and FedYogi): with x the global parameters before the
@@ -26,27 +27,21 @@ What x is depends on the method (``server_params`` / ``from_server_params``):
   ΔW, with K the rank FlexLoRA itself would keep this round (min(Σ r_k, m, n), or
   max_global_rank), so the state stays low-rank. This keeps dense moments (m × n per module).
 
-FedProx (Li et al., 2020): ``fedprox_mu`` > 0 asks every client to add μ/2 ‖w − w₀‖² over its
-trainable parameters (w₀: their values at the start of the round) to its loss; composable with
-any method. Its client hook is in fedprox.py.
-
-All moments live in the global state (keys "server_opt.m/…", "server_opt.v/…"), so a checkpoint
-of the state is a checkpoint of the optimizer.
+The moments are the step's own state (``ServerStep.moments``), written to checkpoints beside the
+method's state. FedProx, the other setting that composes with any method, is a client hook
+(fedprox.py); the server adds its option to every task.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
-from dataclasses import replace
-
-from .base import ClientUpdate, Factors, GlobalState, Method
-from .fedprox import FedProx
+from .base import ClientUpdate, GlobalState, Method
 
 OPTIMIZERS = ("fedavgm", "fedadam", "fedyogi")
-SLOT_PREFIX = "server_opt."
 DEFAULT_LR = {"fedavgm": 1.0, "fedadam": 1e-3, "fedyogi": 1e-3}
 
 
@@ -109,96 +104,48 @@ class ServerOptimizer:
         return x + self.lr * m / (v.sqrt() + self.tau)
 
 
-class Composed(Method):
-    """A method with a server optimizer on its aggregated update (a server step after the
-    method's aggregation) and/or FedProx on its clients (a client hook added to its options).
+class ServerStep:
+    """A server optimizer as a step after a method's aggregation (FederatedServer calls it).
 
-    Every hook of ``Method`` is forwarded to the wrapped method explicitly (nothing else is);
-    the optimizer's moments are kept in the state under SLOT_PREFIX and hidden from it."""
+    It keeps the optimizer's moments itself (``moments``: "m/<param>", "v/<param>"), apart from
+    the method's state, so the method never sees them and a checkpoint stores them beside it."""
 
-    def __init__(self, inner: Method, server_opt: ServerOptimizer | None = None, fedprox_mu: float = 0.0):
-        if server_opt is not None and type(inner).server_params is Method.server_params:
-            raise ValueError(f"server_opt is not available with method {inner.name!r} (only with flexlora and fedit)")
-        if isinstance(fedprox_mu, bool) or not isinstance(fedprox_mu, (int, float)) or not fedprox_mu >= 0:
-            raise ValueError(f"fedprox_mu must be a number >= 0, got {fedprox_mu!r}")
-        self.inner = inner
-        self.server_opt = server_opt
-        self.fedprox_mu = float(fedprox_mu)
-        self.name = inner.name
-        self.homogeneous = inner.homogeneous
-        self.prunes_ranks = inner.prunes_ranks
-        self.client_hooks = (*inner.client_hooks, *((FedProx,) if self.fedprox_mu > 0 else ()))
+    def __init__(self, optimizer: ServerOptimizer):
+        self.optimizer = optimizer
+        self.moments: dict[str, torch.Tensor] = {}
 
-    @staticmethod
-    def split_state(state: GlobalState | None) -> tuple[GlobalState | None, GlobalState]:
-        """(the wrapped method's state, the optimizer's moments)."""
-        if state is None:
-            return None, {}
-        inner = {k: v for k, v in state.items() if not k.startswith(SLOT_PREFIX)}
-        return inner, {k: v for k, v in state.items() if k.startswith(SLOT_PREFIX)}
-
-    def aggregate(self, updates: list[ClientUpdate], state: GlobalState | None = None) -> GlobalState:
-        previous, slots = self.split_state(state)
-        aggregated = self.inner.aggregate(updates, previous)
-        if self.server_opt is None or previous is None:
-            return {**aggregated, **slots}
-        x_old = self.inner.server_params(self.inner.aggregate(self.starting_points(updates, previous), previous))
-        x_avg = self.inner.server_params(aggregated)
-        x_new, new_slots = {}, {}
+    def __call__(self, method: Method, updates: list[ClientUpdate], previous: GlobalState | None, aggregated: GlobalState) -> GlobalState:
+        """The state after the step: x + step(x̄ − x), with x̄ the method's aggregate (`aggregated`)
+        and x the method's aggregate of what the round's clients started from (`previous`: the
+        state they were handed; None: no start to step from, `aggregated` is taken as is)."""
+        if previous is None:
+            return aggregated
+        x_old = method.server_params(method.aggregate(starting_points(method, updates, previous), previous))
+        x_avg = method.server_params(aggregated)
+        x_new = {}
         for key, avg in x_avg.items():
             old = x_old.get(key)
             if old is None or old.shape != avg.shape:  # nothing to step from: take it as is
                 x_new[key] = avg
                 continue
-            own = {s: slots[f"{SLOT_PREFIX}{s}/{key}"].to(avg).clone() for s in ("m", "v") if f"{SLOT_PREFIX}{s}/{key}" in slots}
-            x_new[key] = self.server_opt.step(old.to(avg), avg - old.to(avg), own)
-            new_slots.update({f"{SLOT_PREFIX}{s}/{key}": t for s, t in own.items()})
-        return {**self.inner.from_server_params(x_new, aggregated), **new_slots}
+            own = {s: self.moments[f"{s}/{key}"].to(avg).clone() for s in ("m", "v") if f"{s}/{key}" in self.moments}
+            x_new[key] = self.optimizer.step(old.to(avg), avg - old.to(avg), own)
+            self.moments.update({f"{s}/{key}": t for s, t in own.items()})
+        return method.from_server_params(x_new, aggregated)
 
-    def starting_points(self, updates: list[ClientUpdate], previous: GlobalState) -> list[ClientUpdate]:
-        """Each update replaced by the factors its client was handed (at the ranks it sent)."""
-        return [
-            replace(u, factors=self.inner.client_factors(previous, {m: u.rank(m) for m in u.factors}, u.lora_alpha), deltas={})
-            for u in updates
-        ]
 
-    def client_factors(
-        self, state: GlobalState | None, module_ranks: dict[str, int], lora_alpha: float
-    ) -> dict[str, Factors] | None:
-        return self.inner.client_factors(self.split_state(state)[0], module_ranks, lora_alpha)
+def starting_points(method: Method, updates: list[ClientUpdate], previous: GlobalState) -> list[ClientUpdate]:
+    """Each update replaced by the factors its client was handed (at the ranks it sent)."""
+    return [
+        replace(u, factors=method.client_factors(previous, {m: u.rank(m) for m in u.factors}, u.lora_alpha), deltas={})
+        for u in updates
+    ]
 
-    def global_factors(self, state: GlobalState, lora_alpha: float) -> tuple[dict[str, Factors], dict[str, int]]:
-        return self.inner.global_factors(self.split_state(state)[0], lora_alpha)
 
-    def init_state(self, shapes) -> GlobalState | None:
-        return self.inner.init_state(shapes)
-
-    def base_offset(self, state: GlobalState | None):
-        return self.inner.base_offset(self.split_state(state)[0])
-
-    def truncation(self, state: GlobalState, module_ranks: dict[str, set[int]]) -> dict | None:
-        return self.inner.truncation(self.split_state(state)[0], module_ranks)
-
-    def server_params(self, state: GlobalState) -> dict[str, torch.Tensor] | None:
-        return self.inner.server_params(self.split_state(state)[0])
-
-    def from_server_params(self, params: dict[str, torch.Tensor], like: GlobalState) -> GlobalState:
-        return self.inner.from_server_params(params, like)
-
-    def bound_ranks(self, ranks: dict[str, int]) -> None:
-        # A server optimizer steps the whole dense ΔW (server_params), so the wrapped method
-        # keeps its whole state: the bound is only passed on without one.
-        if self.server_opt is None:
-            self.inner.bound_ranks(ranks)
-
-    def extra_state(self) -> tuple[dict[str, torch.Tensor], dict] | None:
-        return self.inner.extra_state()
-
-    def load_extra_state(self, tensors: dict[str, torch.Tensor], meta: dict | None) -> None:
-        self.inner.load_extra_state(tensors, meta)
-
-    def client_options(self, state: GlobalState | None, round_: int, rank_type: str) -> dict:
-        options = dict(self.inner.client_options(self.split_state(state)[0], round_, rank_type))
-        if self.fedprox_mu > 0:
-            options[FedProx.option] = self.fedprox_mu
-        return options
+def check_composable(method: Method, server_opt: ServerOptimizer | None, fedprox_mu) -> float:
+    """fedprox_mu as a float; a one-line ValueError when either setting does not fit `method`."""
+    if server_opt is not None and type(method).server_params is Method.server_params:
+        raise ValueError(f"server_opt is not available with method {method.name!r} (only with flexlora and fedit)")
+    if isinstance(fedprox_mu, bool) or not isinstance(fedprox_mu, (int, float)) or not fedprox_mu >= 0:
+        raise ValueError(f"fedprox_mu must be a number >= 0, got {fedprox_mu!r}")
+    return float(fedprox_mu)
