@@ -18,7 +18,7 @@ from flexlora.methods import (
     compose_method,
     make_method,
 )
-from flexlora.methods.server_opt import ServerStep
+from flexlora.methods.server_opt import ServerStep, starting_point
 from flexlora.methods.base import ClientUpdate
 from flexlora.methods.ffa import shared_A
 from flexlora.config import ConfigError, load_config
@@ -252,8 +252,9 @@ def test_slora_validation():
 
 
 def stepped(method, step, ups, previous):
-    """What FederatedServer.aggregate does: the method's aggregation, then the server step."""
-    return step(method, ups, previous, method.aggregate(ups, previous))
+    """What the server does: the method's aggregation, then the server step from the clients' start."""
+    start = None if previous is None else method.aggregate([starting_point(method, u, previous) for u in ups], previous)
+    return step(method, start, method.aggregate(ups, previous))
 
 
 def test_server_optimizer_formulas():

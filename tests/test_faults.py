@@ -112,10 +112,10 @@ def test_timeout_and_crash_become_dropouts(tmp_path):
         return ClientTask(cid, 1, "T1", ranks, None, seed=1, options=options)
 
     wrong = {m: (torch.zeros(3, 256), torch.zeros(256, 3)) for m in ranks}  # rank 3, adapter has 2
-    results = runtime.train([
+    results = list(runtime.train([
         task("ok", timeout_s=600.0), task("slow", timeout_s=1e-9), task("empty"), task("ok", inject_failure=True),
         dataclasses.replace(task("ok"), factors=wrong),
-    ])
+    ]))
     assert [type(r).__name__ for r in results] == ["ClientUpdate"] + ["ClientFailure"] * 4
     assert "ClientTimeout" in results[1].reason and "timed out after 1e-09 s at step 0/3" in results[1].reason
     assert "no training examples" in results[2].reason

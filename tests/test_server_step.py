@@ -61,8 +61,9 @@ def test_a_server_optimizer_keeps_the_whole_state():
     """A server optimizer steps the whole dense ΔW: the server does not bound the method."""
     server = make_server(method_args={"server_opt": {"name": "fedavgm", "lr": 1.0, "momentum": 0.5}})
     assert not server.method.rank_bound
-    server.aggregate(updates([6, 8, 8]))
-    assert server.state["attn.S"].shape == (16,) and server.server_step.moments
+    noisy_round(server, 1, seed=1)
+    noisy_round(server, 2, seed=2)
+    assert server.state["attn.S"].shape == (1 + 2 + 2 + 3,) and server.server_step.moments  # Σr, not the bound 3
 
 
 def test_the_server_asks_every_client_for_fedprox_after_the_method_options():
@@ -93,7 +94,7 @@ def test_the_server_bounds_flexlora_by_the_largest_rank_it_is_used_at(export_ran
         assert server.state[f"{module}.S"].shape[0] <= bound
 
 
-def test_a_round_counts_validation_aggregation_and_checkpoint_as_server_time(tmp_path):
+def test_a_round_counts_tasks_validation_aggregation_and_checkpoint_as_server_time(tmp_path):
     server = make_server()
 
     class Runtime:
@@ -103,9 +104,9 @@ def test_a_round_counts_validation_aggregation_and_checkpoint_as_server_time(tmp
     history = run_rounds(server, Runtime(), lambda s, r: {}, lambda rec: None, Checkpointer(tmp_path, server.cfg))
     t = history[-1]["time"]
     assert t["checkpoint_s"] > 0 and t["validation_s"] >= 0
-    assert t["server_s"] == pytest.approx(t["validation_s"] + t["aggregation_s"] + t["checkpoint_s"])
+    assert t["server_s"] == pytest.approx(t["configure_s"] + t["validation_s"] + t["aggregation_s"] + t["checkpoint_s"])
     assert t["server_share"] == pytest.approx(t["server_s"] / t["total_s"])
-    parts = ("client_training_s", "validation_s", "aggregation_s", "checkpoint_s", "evaluation_s", "other_s")
+    parts = ("client_training_s", "configure_s", "validation_s", "aggregation_s", "checkpoint_s", "evaluation_s", "other_s")
     assert sum(t[p] for p in parts) == pytest.approx(t["total_s"])
     # What the checkpoint holds is what was logged (metrics.jsonl equals the checkpointed history).
     from flexlora.checkpoint import load_checkpoint

@@ -14,7 +14,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 
@@ -24,30 +24,178 @@ from flexlora.methods import METHODS, FedProx, compose_method
 from flexlora.methods.base import GlobalState, capped_weights
 from flexlora.protocol import ClientFailure, ClientTask, ClientUpdate, ServerSnapshot, flatten, unflatten
 from flexlora.resources import RankType, assign_rank_types, module_ranks, paper_rank_types
-from flexlora.validation import validate_round
+from flexlora.methods.server_opt import starting_point
+from flexlora.validation import NormScreen, check_result, update_norm, validate_round
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class RoundOutcome:
-    """What a round's results did to the server (see FederatedServer.complete_round)."""
+    """What a round's results did to the server (see FederatedServer.run_round)."""
 
-    updates: list[ClientUpdate]  # valid, aggregated unless kept_previous_state
+    metrics: dict[str, dict]  # client id -> metrics of each valid update, aggregated unless kept_previous_state
     failures: dict[str, str]  # client id -> why it sent nothing (exception, timeout, dropout)
     rejected: dict[str, str]  # client id -> why its update was left out
     kept_previous_state: bool  # fewer valid updates than federation.min_updates
     aggregation_s: float = 0.0
     validation_s: float = 0.0
     weights: dict[str, float] = dataclasses.field(default_factory=dict)  # client id -> p_k used
+    # The valid updates themselves, only where the caller held them anyway (complete_round);
+    # a streamed round (run_round) drops each update once it is folded.
+    updates: list[ClientUpdate] = dataclasses.field(default_factory=list)
+    configure_s: float = 0.0  # building the round's tasks
+
+    @property
+    def valid_updates(self) -> int:
+        return len(self.metrics)
 
 
 class Runtime(Protocol):
-    def train(self, tasks: list[ClientTask]) -> list[ClientUpdate | ClientFailure]: ...
+    """Moves tasks to clients and their results back. `tasks` is lazy: a task is built when the
+    runtime takes it, so a runtime that takes the next task only when it can run it, and yields
+    each result as it comes (a generator), keeps the server's memory independent of the round's
+    size. A runtime that returns a list works too (every task is then built first)."""
+
+    def train(self, tasks: Iterable[ClientTask]) -> Iterable[ClientUpdate | ClientFailure]: ...
 
 
 Evaluator = Callable[[GlobalState | None, int], dict]  # (global state, round) -> metrics
 Checkpointer = Callable[["FederatedServer", list[dict]], None]  # (server, history so far)
+
+
+class RoundAggregation:
+    """One round's results, taken one at a time: each is checked against its task, folded into
+    the method's accumulator (Method.accumulator) and dropped.
+
+    Held at any moment, besides the accumulator: the tasks handed out and not answered yet, the
+    updates the norm rule's warm-up holds (validation.NORM_WARMUP) and, with
+    federation.max_weight_share, the ⌈1/share⌉ largest updates by n_k. Those are the only
+    clients whose weight can differ from λ·n_k with one λ for the whole round (at most ⌊1/share⌋
+    clients sit at the cap), so every other update is folded at once with raw weight n_k, and
+    the held ones at the end with p_j / λ: the accumulator's normalised weights are then exactly
+    the capped p_k. With a server optimizer, the clients' starting factors are folded beside the
+    updates (the step's x, see methods/server_opt.py)."""
+
+    def __init__(self, server: FederatedServer, round_: int, keep_updates: bool = False):
+        self.server, self.round = server, round_
+        fed = server.cfg.federation
+        self.tasks: dict[str, ClientTask] = {}  # issued and not answered yet
+        self.seen: set[str] = set()
+        self.screen = NormScreen(fed.max_norm_ratio)
+        self.accumulator = server.method.accumulator(server.state)
+        with_start = server.server_step is not None and server.state is not None
+        self.start = server.method.accumulator(server.state) if with_start else None
+        self.cap_slots = math.ceil(1 / fed.max_weight_share) if fed.max_weight_share is not None else 0
+        self.cap_held: list[ClientUpdate] = []
+        self.sizes: dict[str, int] = {}  # n_k of every valid update, in arrival order
+        self.folded_at_size: list[str] = []  # folded with raw weight n_k
+        self.metrics: dict[str, dict] = {}
+        self.module_ranks: dict[str, dict[str, int]] = {}
+        self.failures: dict[str, str] = {}
+        self.rejected: dict[str, str] = {}
+        self.kept: list[ClientUpdate] | None = [] if keep_updates else None
+        self.configure_s = self.validation_s = self.aggregation_s = 0.0
+
+    def issue(self, tasks: Iterator[ClientTask]) -> Iterator[ClientTask]:
+        """The tasks, remembered until answered (and timed: building them is server work)."""
+        while True:
+            started = time.perf_counter()
+            task = next(tasks, None)
+            self.configure_s += time.perf_counter() - started
+            if task is None:
+                return
+            self.tasks[task.client_id] = task
+            yield task
+
+    def receive(self, result: ClientUpdate | ClientFailure) -> None:
+        if isinstance(result, ClientFailure):
+            self.failures[result.client_id] = result.reason
+            return
+        started = time.perf_counter()
+        server, fed = self.server, self.server.cfg.federation
+        problem = check_result(result, self.tasks, self.seen, server.shapes, server.cfg.lora.alpha,
+                               exact_rank=server.method.homogeneous, declared_sizes=server.declared_sizes)
+        if isinstance(result, ClientUpdate) and result.client_id in self.seen:
+            self.tasks.pop(result.client_id, None)  # answered: its factors can go
+        if problem is not None:
+            self.reject(*problem)
+            decided = []
+        else:
+            norm = update_norm(result) if fed.max_norm_ratio is not None else None
+            decided = self.screen.offer(result.client_id, norm, result)
+        self.validation_s += time.perf_counter() - started
+        for update, reason in decided:
+            self.decide(update, reason)
+
+    def reject(self, key: str, reason: str) -> None:
+        logger.warning("round %d: rejected the update of client %s: %s", self.round, key, reason)
+        self.rejected[key] = reason
+
+    def decide(self, update: ClientUpdate, reason: str | None) -> None:
+        if reason is not None:
+            self.reject(update.client_id, reason)
+            return
+        cid = update.client_id
+        self.sizes[cid] = update.num_examples
+        self.metrics[cid] = update.metrics
+        self.module_ranks[cid] = {m: A.shape[0] for m, (A, _) in update.factors.items()}
+        if self.kept is not None:
+            self.kept.append(update)
+        if not self.cap_slots:
+            self.fold(update, update.num_examples)
+            return
+        self.cap_held.append(update)
+        if len(self.cap_held) > self.cap_slots:  # the smallest of them can no longer reach the cap
+            smallest = min(range(len(self.cap_held)), key=lambda i: self.cap_held[i].num_examples)
+            released = self.cap_held.pop(smallest)
+            self.folded_at_size.append(released.client_id)
+            self.fold(released, released.num_examples)
+
+    def fold(self, update: ClientUpdate, weight: float) -> None:
+        started = time.perf_counter()
+        self.accumulator.add(update, weight)
+        if self.start is not None:
+            self.start.add(starting_point(self.server.method, update, self.server.state), weight)
+        self.aggregation_s += time.perf_counter() - started
+
+    def finish(self) -> RoundOutcome:
+        """Judge what the norm rule still holds, fold the held updates with their weights and
+        make the new global state (or keep the previous one: fewer than federation.min_updates)."""
+        server, fed = self.server, self.server.cfg.federation
+        started = time.perf_counter()
+        decided = self.screen.flush()
+        self.validation_s += time.perf_counter() - started
+        for update, reason in decided:
+            self.decide(update, reason)
+        server.round = self.round
+        kept_previous = len(self.sizes) < fed.min_updates
+        weights: dict[str, float] = {}
+        if kept_previous:
+            logger.warning(
+                "round %d: %d valid update(s), fewer than federation.min_updates=%d; keeping the previous global state",
+                self.round, len(self.sizes), fed.min_updates,
+            )
+            server.last_truncation = None
+        else:
+            weights = dict(zip(self.sizes, server.weights(list(self.sizes.values()), self.round)))
+            first = self.folded_at_size[0] if self.folded_at_size else None
+            scale = weights[first] / self.sizes[first] if first is not None else 0.0  # λ
+            for update in self.cap_held:
+                p = weights[update.client_id]
+                self.fold(update, p / scale if scale > 0 else p)
+            self.cap_held = []
+            started = time.perf_counter()
+            state = self.accumulator.result()
+            if server.server_step is not None:
+                state = server.server_step(server.method, self.start.result() if self.start is not None else None, state)
+            server.state = state
+            self.aggregation_s += time.perf_counter() - started
+            server.after_aggregation(self.module_ranks)
+        return RoundOutcome(
+            self.metrics, self.failures, self.rejected, kept_previous, self.aggregation_s, self.validation_s,
+            weights, self.kept or [], configure_s=self.configure_s,
+        )
 
 
 class FederatedServer:
@@ -88,7 +236,7 @@ class FederatedServer:
         self.bound_ranks()
         self.state: GlobalState | None = self.method.init_state(shapes)
         self.round = 0
-        self.last_truncation: dict | None = None  # see aggregate()
+        self.last_truncation: dict | None = None  # see after_aggregation()
 
     def max_rank(self) -> int:
         """The largest rank the global model is used at: eval.export_rank, or the largest rank
@@ -112,13 +260,17 @@ class FederatedServer:
         return sorted(rng.sample(self.client_ids, min(k, len(self.client_ids))))
 
     def configure(self, round_: int, client_ids: list[str]) -> list[ClientTask]:
+        """Every task of the round at once (see tasks() for the lazy form the rounds use)."""
+        return list(self.tasks(round_, client_ids))
+
+    def tasks(self, round_: int, client_ids: list[str]) -> Iterator[ClientTask]:
+        """The round's tasks, each built (with its factors) only when it is taken."""
         fed = self.cfg.federation
-        tasks = []
         offset = self.base_offset()  # one object shared by the round's tasks
-        for i, cid in enumerate(client_ids):
+        for cid in client_ids:
             ranks = self.client_ranks[cid]
             rank_type = self.client_types[cid]
-            # The method's client-side settings, then the reliability ones (all plain JSON).
+            # The method's client-side settings, then the composed and the reliability ones (all plain JSON).
             options = dict(self.method.client_options(self.state, round_, rank_type))
             if self.fedprox_mu > 0:
                 options[FedProx.option] = self.fedprox_mu
@@ -127,19 +279,16 @@ class FederatedServer:
             # Fault injection, seeded per (run, round, client) so a resumed run drops the same clients.
             if fed.dropout_rate > 0 and random.Random(f"dropout-{self.cfg.seed}-{round_}-{cid}").random() < fed.dropout_rate:
                 options["inject_failure"] = True
-            tasks.append(
-                ClientTask(
-                    client_id=cid,
-                    round=round_,
-                    rank_type=rank_type,
-                    module_ranks=ranks,
-                    factors=self.method.client_factors(self.state, ranks, self.cfg.lora.alpha),
-                    seed=hash_seed(self.cfg.seed, round_, cid),
-                    options=options,
-                    base_offset=offset,
-                )
+            yield ClientTask(
+                client_id=cid,
+                round=round_,
+                rank_type=rank_type,
+                module_ranks=ranks,
+                factors=self.method.client_factors(self.state, ranks, self.cfg.lora.alpha),
+                seed=hash_seed(self.cfg.seed, round_, cid),
+                options=options,
+                base_offset=offset,
             )
-        return tasks
 
     def validate(self, results: list[ClientUpdate], tasks: list[ClientTask]) -> tuple[list[ClientUpdate], dict[str, str]]:
         """(valid updates, {client_id: reason}) — see flexlora.validation."""
@@ -153,59 +302,60 @@ class FederatedServer:
             declared_sizes=self.declared_sizes,
         )
 
-    def weights(self, updates: list[ClientUpdate], round_: int) -> list[ClientUpdate]:
-        """The updates with the aggregation weight p_k each gets (ClientUpdate.weight): n_k / Σ n_j,
-        no share above federation.max_weight_share. Every method aggregates with these."""
+    def weights(self, sizes: list[int], round_: int) -> list[float]:
+        """The aggregation weight p_k of each valid update: n_k / Σ n_j, no share above
+        federation.max_weight_share. Every method aggregates with these."""
         cap = self.cfg.federation.max_weight_share
-        weights, feasible = capped_weights([u.num_examples for u in updates], cap)
+        weights, feasible = capped_weights(sizes, cap)
         if not feasible:
             logger.warning(
                 "round %d: federation.max_weight_share=%g cannot hold with %d update(s) (it needs at least %d); "
-                "every client gets the same weight 1/%d", round_, cap, len(updates), math.ceil(1 / cap), len(updates),
+                "every client gets the same weight 1/%d", round_, cap, len(sizes), math.ceil(1 / cap), len(sizes),
             )
-        return [dataclasses.replace(u, weight=w) for u, w in zip(updates, weights)]
+        return weights
 
     def aggregate(self, updates: list[ClientUpdate]) -> None:
-        aggregated = self.method.aggregate(updates, self.state)
-        self.state = self.server_step(self.method, updates, self.state, aggregated) if self.server_step else aggregated
-        # Methods that keep ΔW's spectrum report what each client rank's slice of it loses.
-        ranks = {m: {u.rank(m) for u in updates} for m in updates[0].factors}
+        """Aggregate a list of updates as a round would (weights: ClientUpdate.weight if set, else n_k)."""
+        accumulator = self.method.accumulator(self.state)
+        for u in updates:
+            accumulator.add(u, u.weight if u.weight is not None else u.num_examples)
+        self.state = accumulator.result()
+
+    def after_aggregation(self, module_ranks: dict[str, dict[str, int]]) -> None:
+        """Bookkeeping on a new global state, from the ranks each aggregated client sent:
+        the truncation report, and pruned ranks kept from now on (methods that prune)."""
+        ranks: dict[str, set[int]] = {}
+        for sent in module_ranks.values():
+            for module, r in sent.items():
+                ranks.setdefault(module, set()).add(r)
         self.last_truncation = self.method.truncation(self.state, ranks)
         if self.method.prunes_ranks:
-            # A client that pruned a module's rank keeps the smaller rank from now on.
-            for u in updates:
-                ranks = self.client_ranks[u.client_id]
-                for module, (A, _) in u.factors.items():
-                    ranks[module] = min(ranks[module], A.shape[0])
+            for cid, sent in module_ranks.items():
+                own = self.client_ranks[cid]
+                for module, r in sent.items():
+                    own[module] = min(own[module], r)
 
     def base_offset(self) -> dict | None:
         """The global model's change of the base weights (module -> (out, in)), if the method has one."""
         return self.method.base_offset(self.state) if self.state is not None else None
 
+    def run_round(self, round_: int, runtime: Runtime) -> RoundOutcome:
+        """One round, streamed: sample, hand the runtime the lazy tasks, take each result as it
+        comes (validated, folded into the aggregate, dropped), then finish the aggregate."""
+        aggregation = RoundAggregation(self, round_)
+        for result in runtime.train(aggregation.issue(self.tasks(round_, self.sample(round_)))):
+            aggregation.receive(result)
+        return aggregation.finish()
+
     def complete_round(self, round_: int, tasks: list[ClientTask], results: list) -> RoundOutcome:
-        """Everything the server does with one round's results, whatever the transport:
-        validate each update against its task, leave rejected ones out (logged with the
-        reason), aggregate the valid ones if there are at least federation.min_updates of
-        them (else keep the previous global state), and advance to `round_`."""
-        failures = {r.client_id: r.reason for r in results if isinstance(r, ClientFailure)}
-        validation_started = time.perf_counter()
-        updates, rejected = self.validate([r for r in results if not isinstance(r, ClientFailure)], tasks)
-        for cid, reason in rejected.items():
-            logger.warning("round %d: rejected the update of client %s: %s", round_, cid, reason)
-        started = time.perf_counter()
-        validation_s = started - validation_started
-        kept_previous = len(updates) < self.cfg.federation.min_updates
-        if kept_previous:
-            logger.warning(
-                "round %d: %d valid update(s), fewer than federation.min_updates=%d; keeping the previous global state",
-                round_, len(updates), self.cfg.federation.min_updates,
-            )
-        else:
-            updates = self.weights(updates, round_)
-            self.aggregate(updates)
-        self.round = round_
-        weights = {u.client_id: u.weight for u in updates if u.weight is not None}
-        return RoundOutcome(updates, failures, rejected, kept_previous, time.perf_counter() - started, validation_s, weights)
+        """run_round for results already in hand (e.g. a Flower Strategy's replies): the same
+        checks and aggregate; the outcome also lists the valid updates."""
+        aggregation = RoundAggregation(self, round_, keep_updates=True)
+        for task in aggregation.issue(iter(tasks)):
+            pass
+        for result in results:
+            aggregation.receive(result)
+        return aggregation.finish()
 
     # Checkpointing: everything a resumed run needs that the config and seed cannot rebuild.
     # A method with state outside `self.state` returns it from `extra_state()` (see Method).
@@ -277,18 +427,21 @@ def hash_seed(*parts) -> int:
     return random.Random("-".join(map(str, parts))).getrandbits(31)
 
 
-def round_times(train_s: float, validation_s: float, aggregation_s: float, evaluation_s: float, total_s: float) -> dict:
-    """A round's time breakdown. server_s: the server's own work on the round's results
-    (validation + aggregation + checkpoint; the checkpoint is added by add_checkpoint_time when
-    it is written), server_share: server_s / total_s."""
-    server_s = validation_s + aggregation_s
+def round_times(outcome: RoundOutcome, round_s: float, evaluation_s: float, total_s: float) -> dict:
+    """A round's time breakdown. `round_s`: the streamed round (training, interleaved with the
+    server's work on each task and result); server_s: the server's own work, building tasks +
+    validation + aggregation + checkpoint (the checkpoint is added by add_checkpoint_time when
+    it is written); server_share: server_s / total_s."""
+    server_s = outcome.configure_s + outcome.validation_s + outcome.aggregation_s
+    train_s = round_s - server_s
     return {
         "client_training_s": train_s,
-        "validation_s": validation_s,
-        "aggregation_s": aggregation_s,
+        "configure_s": outcome.configure_s,
+        "validation_s": outcome.validation_s,
+        "aggregation_s": outcome.aggregation_s,
         "checkpoint_s": 0.0,
         "evaluation_s": evaluation_s,
-        "other_s": total_s - train_s - validation_s - aggregation_s - evaluation_s,
+        "other_s": total_s - round_s - evaluation_s,
         "server_s": server_s,
         "server_share": server_s / total_s if total_s > 0 else 0.0,
         "total_s": total_s,
@@ -332,11 +485,8 @@ def run_rounds(
         finish({"round": 0, "eval": evaluate(None, 0), "time": {}})
     for round_ in range(server.round + 1, cfg.federation.rounds + 1):
         started = time.perf_counter()
-        selected = server.sample(round_)
-        tasks = server.configure(round_, selected)
-        results = runtime.train(tasks)
-        train_time = time.perf_counter() - started
-        outcome = server.complete_round(round_, tasks, results)
+        outcome = server.run_round(round_, runtime)
+        round_s = time.perf_counter() - started
         t = time.perf_counter()
         is_eval_round = round_ % cfg.eval.every == 0 or round_ == cfg.federation.rounds
         if is_eval_round:
@@ -347,15 +497,15 @@ def run_rounds(
         finish(
             {
                 "round": round_,
-                "clients": {u.client_id: u.metrics for u in outcome.updates},
+                "clients": outcome.metrics,
                 "failures": outcome.failures,
                 "rejected": outcome.rejected,
-                "valid_updates": len(outcome.updates),
+                "valid_updates": outcome.valid_updates,
                 "weights": outcome.weights,  # the p_k each aggregated update had
                 "kept_previous_state": outcome.kept_previous_state,
                 "eval": metrics,
                 "truncation": None if outcome.kept_previous_state else server.last_truncation,
-                "time": round_times(train_time, outcome.validation_s, outcome.aggregation_s, eval_time, total),
+                "time": round_times(outcome, round_s, eval_time, total),
             }
         )
     return history

@@ -149,6 +149,75 @@ def norm_outliers(norms: dict[str, float], max_ratio: float | None) -> dict[str,
     return out
 
 
+# The norm rule on updates that arrive one at a time: the first NORM_WARMUP are held and judged
+# together (the all-at-once rule, so a round of up to NORM_WARMUP updates is judged exactly as
+# before); every later one against the median of the norms of all the round's updates before
+# it. So a server holds at most NORM_WARMUP updates for this rule, whatever the round's size.
+NORM_WARMUP = 4
+
+
+class NormScreen:
+    """``norm_outliers`` for a stream of updates (see NORM_WARMUP). ``offer`` and ``flush``
+    return the updates decided so far as (item, reason), reason None for an accepted one."""
+
+    def __init__(self, max_ratio: float | None, warmup: int = NORM_WARMUP):
+        self.max_ratio, self.warmup = max_ratio, warmup
+        self.norms: list[float] = []  # every update offered so far
+        self.held: list[tuple[str, float, object]] = []
+        self.warm = max_ratio is None
+
+    def offer(self, client_id: str, norm: float | None, item) -> list[tuple[object, str | None]]:
+        if self.warm:
+            decided = [(item, self._against_earlier(norm))]
+        else:
+            self.held.append((client_id, norm, item))
+            decided = self.flush() if len(self.held) >= self.warmup else []
+        if norm is not None:
+            self.norms.append(norm)
+        return decided
+
+    def flush(self) -> list[tuple[object, str | None]]:
+        """Judge the held updates together (at the end of the warm-up, or of the round)."""
+        outliers = norm_outliers({cid: norm for cid, norm, _ in self.held}, self.max_ratio)
+        decided = [(item, outliers.get(cid)) for cid, _, item in self.held]
+        self.held, self.warm = [], True
+        return decided
+
+    def _against_earlier(self, norm: float | None) -> str | None:
+        if self.max_ratio is None or not self.norms:
+            return None
+        ref = median(self.norms)
+        if ref > 0 and norm > self.max_ratio * ref:
+            return f"update norm {norm:.3g} is {norm / ref:.1f}x the median of the earlier ones ({ref:.3g}), above the bound {self.max_ratio:g}x"
+        return None
+
+
+def check_result(
+    u,
+    tasks: dict,
+    seen: set[str],
+    shapes: dict[str, tuple[int, int]],
+    lora_alpha: float,
+    *,
+    exact_rank: bool = False,
+    declared_sizes: dict[str, int] | None = None,
+) -> tuple[str, str] | None:
+    """(key, reason) when one received result is not a valid update of this round, else None
+    (its client id is then added to `seen`). `tasks`: client id -> the task it answers."""
+    cid = getattr(u, "client_id", None)
+    if not isinstance(u, ClientUpdate):
+        return str(cid), f"not a ClientUpdate: {type(u).__name__}"
+    if cid in seen:
+        return f"{cid}#duplicate", "second update from the same client this round"
+    if cid not in tasks:
+        return str(cid), "client was not sampled this round"
+    seen.add(cid)
+    reason = check_update(u, tasks[cid], shapes, lora_alpha, exact_rank=exact_rank)
+    if reason is None and declared_sizes is not None:
+        reason = check_declared_size(u.num_examples, declared_sizes.get(cid))
+    return None if reason is None else (cid, reason)
+
+
 def validate_round(
     results: list[ClientUpdate],
     tasks: list,
@@ -159,33 +228,22 @@ def validate_round(
     exact_rank: bool = False,
     declared_sizes: dict[str, int] | None = None,
 ) -> tuple[list[ClientUpdate], dict[str, str]]:
-    """(valid updates, {client_id: reason} of rejected ones) for one round, in the order received.
+    """(valid updates, {client_id: reason} of rejected ones) for one round, in the order received,
+    judged as the server judges a stream of them (check_result, then NormScreen).
     `declared_sizes`: client id -> the most examples it may claim (see check_declared_size)."""
     by_id = {t.client_id: t for t in tasks}
     rejected: dict[str, str] = {}
     seen: set[str] = set()
-    well_formed: list[ClientUpdate] = []
+    screen = NormScreen(max_norm_ratio)
+    decided = []
     for u in results:
-        cid = getattr(u, "client_id", None)
-        if not isinstance(u, ClientUpdate):
-            rejected[str(cid)] = f"not a ClientUpdate: {type(u).__name__}"
+        problem = check_result(u, by_id, seen, shapes, lora_alpha, exact_rank=exact_rank, declared_sizes=declared_sizes)
+        if problem is not None:
+            rejected[problem[0]] = problem[1]
             continue
-        if cid not in by_id:
-            rejected[str(cid)] = "client was not sampled this round"
-            continue
-        if cid in seen:
-            rejected[f"{cid}#duplicate"] = "second update from the same client this round"
-            continue
-        seen.add(cid)
-        reason = check_update(u, by_id[cid], shapes, lora_alpha, exact_rank=exact_rank)
-        if reason is None and declared_sizes is not None:
-            reason = check_declared_size(u.num_examples, declared_sizes.get(cid))
+        decided += screen.offer(u.client_id, update_norm(u) if max_norm_ratio is not None else None, u)
+    decided += screen.flush()
+    for u, reason in decided:
         if reason is not None:
-            rejected[cid] = reason
-        else:
-            well_formed.append(u)
-    outliers = {}
-    if max_norm_ratio is not None and len(well_formed) >= 2:
-        outliers = norm_outliers({u.client_id: update_norm(u) for u in well_formed}, max_norm_ratio)
-    rejected.update(outliers)
-    return [u for u in well_formed if u.client_id not in outliers], rejected
+            rejected[u.client_id] = reason
+    return [u for u, reason in decided if reason is None], rejected

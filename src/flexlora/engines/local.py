@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -26,17 +26,23 @@ class LocalRuntime:
         self.cfg = cfg
         self.target_modules = target_modules
 
-    def train(self, tasks: list[ClientTask]) -> list[ClientUpdate | ClientFailure]:
-        results = []
-        for task in tqdm(tasks, desc=f"round {tasks[0].round if tasks else '?'} clients", unit="client", leave=False):
-            try:
-                results.append(
-                    train_client(self.model, self.tokenizer, self.clients[task.client_id], task, self.cfg, self.target_modules)
-                )
-            except Exception as e:  # one client's crash is a dropout, not the end of the run
-                log.warning("client %s failed: %s: %s", task.client_id, type(e).__name__, e)
-                results.append(ClientFailure(task.client_id, f"{type(e).__name__}: {e}"))
-        return results
+    def train(self, tasks: Iterable[ClientTask]) -> Iterator[ClientUpdate | ClientFailure]:
+        """Each client in turn: a task is taken only when its client is about to train, and its
+        result handed back before the next one is taken (so one task and one update at a time)."""
+        progress = tqdm(desc="clients", unit="client", leave=False)
+        try:
+            for task in tasks:
+                progress.set_description(f"round {task.round} clients")
+                try:
+                    result = train_client(self.model, self.tokenizer, self.clients[task.client_id], task, self.cfg, self.target_modules)
+                except Exception as e:  # one client's crash is a dropout, not the end of the run
+                    log.warning("client %s failed: %s: %s", task.client_id, type(e).__name__, e)
+                    result = ClientFailure(task.client_id, f"{type(e).__name__}: {e}")
+                del task  # the factors it carried are not needed past training
+                progress.update()
+                yield result
+        finally:
+            progress.close()
 
 
 def local_runtime(exp: Experiment) -> LocalRuntime:

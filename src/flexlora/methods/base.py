@@ -12,6 +12,7 @@ s = lora_alpha / r.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from typing import ClassVar
@@ -265,6 +266,32 @@ class ClientHook:
         return None
 
 
+class Accumulator:
+    """A round's aggregation taken one update at a time (FederatedServer folds each valid update
+    as it arrives, then drops it). ``add(update, weight)``: `weight` is the update's raw weight
+    (n_k, or what the server's weight cap makes of it); ``result()`` is the new global state,
+    with the weights normalised by their sum: equal, to float rounding, to
+    ``method.aggregate(updates, previous)`` with p_k = w_k / Σ w_j.
+
+    This default keeps every update and calls the method's ``aggregate`` at the end: exact for
+    any method, but memory grows with the round's clients. A method whose aggregation is a
+    weighted sum returns its own accumulator that keeps only the sum (FlexLoRA, FedIT, ...)."""
+
+    def __init__(self, method: Method, previous: GlobalState | None):
+        self.method, self.previous = method, previous
+        self.updates: list[ClientUpdate] = []
+
+    def add(self, update: ClientUpdate, weight: float) -> None:
+        self.updates.append(dataclasses.replace(update, weight=float(weight)))
+
+    def result(self) -> GlobalState:
+        total = sum(u.weight for u in self.updates)
+        if not self.updates or total <= 0:
+            raise ValueError("aggregation needs at least one client with a positive weight")
+        normalised = [dataclasses.replace(u, weight=u.weight / total) for u in self.updates]
+        return self.method.aggregate(normalised, self.previous)
+
+
 class Method:
     """One federated LoRA method (cf. Flower strategies, PEFT tuners): its server side here, its
     client side in ``client_hooks``. Subclasses set ``name`` and implement ``aggregate``,
@@ -289,6 +316,11 @@ class Method:
     def aggregate(self, updates: list[ClientUpdate], state: GlobalState | None) -> GlobalState:
         """New global state from this round's updates (and the previous state, if any)."""
         raise NotImplementedError
+
+    def accumulator(self, state: GlobalState | None) -> Accumulator:
+        """The round's aggregation one update at a time (what the server uses; see Accumulator).
+        Default: keep the updates and call ``aggregate`` at the end."""
+        return Accumulator(self, state)
 
     def client_factors(
         self, state: GlobalState | None, module_ranks: dict[str, int], lora_alpha: float

@@ -114,13 +114,13 @@ class ServerStep:
         self.optimizer = optimizer
         self.moments: dict[str, torch.Tensor] = {}
 
-    def __call__(self, method: Method, updates: list[ClientUpdate], previous: GlobalState | None, aggregated: GlobalState) -> GlobalState:
+    def __call__(self, method: Method, started_from: GlobalState | None, aggregated: GlobalState) -> GlobalState:
         """The state after the step: x + step(x̄ − x), with x̄ the method's aggregate (`aggregated`)
-        and x the method's aggregate of what the round's clients started from (`previous`: the
-        state they were handed; None: no start to step from, `aggregated` is taken as is)."""
-        if previous is None:
+        and x the method's aggregate of what the round's clients started from (`started_from`,
+        see starting_point; None: no start to step from, `aggregated` is taken as is)."""
+        if started_from is None:
             return aggregated
-        x_old = method.server_params(method.aggregate(starting_points(method, updates, previous), previous))
+        x_old = method.server_params(started_from)
         x_avg = method.server_params(aggregated)
         x_new = {}
         for key, avg in x_avg.items():
@@ -134,12 +134,11 @@ class ServerStep:
         return method.from_server_params(x_new, aggregated)
 
 
-def starting_points(method: Method, updates: list[ClientUpdate], previous: GlobalState) -> list[ClientUpdate]:
-    """Each update replaced by the factors its client was handed (at the ranks it sent)."""
-    return [
-        replace(u, factors=method.client_factors(previous, {m: u.rank(m) for m in u.factors}, u.lora_alpha), deltas={})
-        for u in updates
-    ]
+def starting_point(method: Method, update: ClientUpdate, previous: GlobalState) -> ClientUpdate:
+    """The update replaced by the factors its client was handed (at the ranks it sent): the
+    server aggregates these, with the same weights, into the step's x."""
+    ranks = {m: update.rank(m) for m in update.factors}
+    return replace(update, factors=method.client_factors(previous, ranks, update.lora_alpha), deltas={})
 
 
 def check_composable(method: Method, server_opt: ServerOptimizer | None, fedprox_mu) -> float:

@@ -96,12 +96,11 @@ class FederatedStrategy(Strategy):
         # The server validates each update against its task, leaves rejected ones out and
         # aggregates (or keeps the previous state), exactly as for the in-process runtime.
         outcome = self.server.complete_round(server_round, tasks, self.last_results)
-        updates = outcome.updates
         if outcome.kept_previous_state:
             return None, None
         state = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in (self.server.state or {}).items()})
-        losses = [u.metrics["train_loss_last"] for u in updates if "train_loss_last" in u.metrics]
-        metrics = MetricRecord({"clients": len(updates), "train_loss_last": float(np.mean(losses)) if losses else 0.0})
+        losses = [m["train_loss_last"] for m in outcome.metrics.values() if "train_loss_last" in m]
+        metrics = MetricRecord({"clients": outcome.valid_updates, "train_loss_last": float(np.mean(losses)) if losses else 0.0})
         return state, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -121,7 +120,8 @@ class FlowerRuntime:
         self.strategy = strategy
         self.grid = grid
 
-    def train(self, tasks: list[ClientTask]) -> list[ClientUpdate | ClientFailure]:
+    def train(self, tasks) -> list[ClientUpdate | ClientFailure]:
+        tasks = list(tasks)
         messages = self.strategy.task_messages(tasks)
         replies = self.grid.send_and_receive(messages, timeout=self.strategy.timeout_s)
         return self.strategy.collect(tasks, messages, list(replies))
