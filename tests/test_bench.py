@@ -24,3 +24,78 @@ def test_bench_aggregate_bad_flag_is_one_line(capsys):
     assert main(["bench", "aggregate", "--sizes", "70b"]) == 2
     err = capsys.readouterr().err
     assert "unknown size '70b'" in err and err.count("\n") == 1
+
+
+# `flexlora bench scale` on the tiny model: two small settings, each its own child process.
+SCALE_TINY = [
+    "device=cpu",
+    "data.num_clients=6",
+    "data.train_per_client=2",
+    "data.test_per_client=1",
+    "data.cutoff_len=256",  # byte-level tokenizer: prompts are long
+    "resources.t1=2",
+    "resources.t2=4",
+    "resources.t3_attention=4",
+    "resources.t3_mlp=16",
+    "resources.t4=16",
+]
+
+
+def test_bench_scale_tiny(tmp_path, capsys):
+    out_json = tmp_path / "scale.json"
+    argv = ["bench", "scale", "--model", "tiny-llama", "--clients", "2,4", "--rounds", "2",
+            "--runs-dir", str(tmp_path / "runs"), "--out", str(out_json), *SCALE_TINY]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| K=")]
+    assert len(rows) == 2, out
+    for line, k in zip(rows, (2, 4)):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        label, clients, done, device, peak, per_client, server_s, share = cells[:8]
+        assert (label, clients, done, device) == (f"K={k}", str(k), "2", "cpu")
+        assert float(peak) > 0 and float(per_client) > 0 and float(server_s) >= 0
+        assert 0 <= float(share.rstrip("%")) <= 100
+    assert "goal: peak memory at 4 clients/round <= 1.25x that at 2: " in out
+    assert (tmp_path / "runs" / "k4" / "metrics.jsonl").is_file()
+
+    result = json.loads(out_json.read_text())
+    assert result["goals"] and result["goals"][0].startswith("goal: peak memory at 4 clients/round")
+    by_k = {r["clients_per_round"]: r for r in result["rows"]}
+    assert set(by_k) == {2, 4}
+    for k, row in by_k.items():
+        assert row["returncode"] == 0 and "error" not in row
+        assert row["peak_rss_mb"] > 0 and row["s_per_client"] > 0 and 0 <= row["server_share"] <= 1
+        assert [r["round"] for r in row["rounds"]] == [1, 2]
+        assert all(r["clients"] == k for r in row["rounds"])
+        assert f"federation.clients_per_round={k}" in row["overrides"]
+
+
+def test_bench_scale_goal_lines():
+    from flexlora.bench_scale import goals
+
+    def row(k, peak, kind="synthetic", error=None):
+        r = {"label": f"K={k}", "kind": kind, "clients_per_round": k, "peak_rss_mb": peak, "rounds": [{"round": 1}, {"round": 2}],
+             "overrides": ["federation.rounds=2"]}
+        return {**r, "error": error} if error else r
+
+    lines = goals([row(10, 1000), row(80, 1200)], total_memory_mb=24 * 1024)
+    assert lines == ["goal: peak memory at 80 clients/round <= 1.25x that at 10: PASS (1200 MB / 1000 MB = 1.20x)"]
+    assert "FAIL (1300 MB / 1000 MB = 1.30x)" in goals([row(10, 1000), row(80, 1300)])[0]
+    assert "FAIL (K=80 did not complete)" in goals([row(10, 1000), row(80, 9000, error="killed")])[0]
+    ni = goals([row(10, 1000), row(80, 1100), row(81, 4096, kind="ni")], total_memory_mb=24 * 1024)[1]
+    assert ni.startswith("goal: the 1,613-client NI sample") and ": PASS (2 done, peak RSS 4.00 GiB of 24.0 GiB)" in ni
+
+
+def test_bench_scale_bad_option_is_one_line(capsys):
+    assert main(["bench", "scale", "--clients", "10,x"]) == 2
+    err = capsys.readouterr().err
+    assert "--clients: expected comma-separated integers, got '10,x'" in err and err.count("\n") == 1
+    assert main(["bench", "scale", "--clients", "0"]) == 2
+    assert "--clients: every value must be >= 1" in capsys.readouterr().err
+    assert main(["bench", "scale", "--rounds", "0", "--clients", "2"]) == 2
+    assert "--rounds: must be >= 1" in capsys.readouterr().err
+    assert main(["bench", "scale", "--clients", "2", "federation.no_such_key=1"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_key" in err and err.count("\n") == 1
+    assert main(["bench", "scale", "--ni", "--clients", "", "--ni-path", "/nonexistent/ni"]) == 2
+    assert "--ni-path: /nonexistent/ni is not a folder" in capsys.readouterr().err

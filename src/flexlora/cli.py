@@ -96,6 +96,30 @@ def _bench_client(args) -> None:
     _print_bench(bench_client, rows, args.json)
 
 
+def _bench_scale(args) -> None:
+    from flexlora import bench_scale
+
+    try:
+        clients = bench_scale.parse_clients(args.clients) if args.clients.strip() else []
+        if not clients and not args.ni:
+            raise ValueError("--clients: give at least one value (or --ni)")
+        if args.timeout <= 0:
+            raise ValueError(f"--timeout: must be > 0, got {args.timeout:g}")
+        rows = bench_scale.run_benchmark(
+            clients, args.rounds, args.model, ni=args.ni, ni_path=args.ni_path, extra=args.overrides,
+            runs_dir=args.runs_dir, timeout_s=args.timeout,
+        )
+    except ValueError as e:
+        raise ConfigError(f"bench scale: {e}") from None
+    print()
+    print(bench_scale.format_table(rows))
+    print()
+    print("\n".join(bench_scale.goals(rows)))
+    if args.out:
+        bench_scale.write_json(rows, args.out, args.argv)
+        print(f"results: {args.out}")
+
+
 def _bench_eval(args) -> None:
     from flexlora.bench_eval import run_eval_benchmark
     from flexlora.reporting import write_json
@@ -229,6 +253,21 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--timeout", type=float, default=1800, help="seconds per child process (default 1800)")
     cl.add_argument("--json", help="also write the rows to this JSON file")
     cl.set_defaults(func=_bench_client)
+    sc = bench.add_parser(
+        "scale",
+        help="a real federation at 10, 20, 40, 80 clients per round (heavy-tail-strong, short local training), each run "
+        "in its own process: peak resident memory, seconds per client, the server's share of the round",
+    )
+    sc.add_argument("--clients", default="10,20,40,80", help="comma-separated clients per round (default 10,20,40,80; empty with --ni: NI only)")
+    sc.add_argument("--rounds", type=int, default=2, help="rounds per run (default 2)")
+    sc.add_argument("--model", default="smollm2-135m-instruct", help="model (default smollm2-135m-instruct; tiny-llama for tests)")
+    sc.add_argument("--ni", action="store_true", help="also run the 1,613-client Natural Instructions sample with federation.fraction=0.05")
+    sc.add_argument("--ni-path", default="../shared/data/natural-instructions-1613-mini", help="the NI per-client folder for --ni")
+    sc.add_argument("--runs-dir", help="keep the run folders and logs here (default: a temporary folder, removed)")
+    sc.add_argument("--timeout", type=float, default=7200, help="seconds per run before it is killed (default 7200)")
+    sc.add_argument("--out", help="write the results (rows, per-round times, goals) to this JSON file")
+    sc.add_argument("overrides", nargs="*", help="key=value overrides for every run, e.g. device=cpu train.steps=2")
+    sc.set_defaults(func=_bench_scale)
     ev = bench.add_parser(
         "eval",
         help="evaluation examples/s: the two-prefill path (eval.kv_cache=false) vs the cached path, same examples, one process",
