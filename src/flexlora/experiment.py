@@ -235,7 +235,7 @@ class Experiment:
         if "server_s" in t:
             echo(
                 f"round {record['round']}: time {t['total_s']:.1f} s: clients {t['client_training_s']:.1f} s, "
-                f"server {t['server_s']:.1f} s ({100 * t['server_share']:.1f}%: validation {t['validation_s']:.1f}, "
+                f"server {t['server_s']:.1f} s ({100 * t['server_share']:.1f}%: tasks {t.get('configure_s', 0.0):.1f}, validation {t['validation_s']:.1f}, "
                 f"aggregation {t['aggregation_s']:.1f}, checkpoint {t['checkpoint_s']:.1f}), evaluation {t['evaluation_s']:.1f} s"
             )
         line = truncation_line(record.get("truncation"))

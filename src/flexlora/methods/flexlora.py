@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .base import (
+    Accumulator,
     ClientUpdate,
     Factors,
     GlobalState,
@@ -189,6 +190,85 @@ def truncation_summary(state: GlobalState, module_ranks: dict[str, set[int]]) ->
     return out
 
 
+class FlexLoRAAccumulator(Accumulator):
+    """FlexLoRA's aggregation one update at a time, in bounded memory: per module the sum
+    Σ w_k s_k B_k A_k, kept as the clients' stacked factors while their total rank R is below
+    min(m, n) (the factored route: exact, and smaller than ΔW) and as one dense ΔW from then on
+    (what the dense route forms anyway). So it holds at most one ΔW per module, whatever the
+    number of clients, and ends with the same kernel ``FlexLoRA.aggregate`` picks for that R."""
+
+    def __init__(self, method: FlexLoRA, previous: GlobalState | None):
+        self.method = method
+        self.total = 0.0
+        self.rank: dict[str, int] = {}  # R per module
+        self.shape: dict[str, tuple[int, int]] = {}
+        self.home: dict[str, torch.device] = {}  # where the state goes back to
+        self.stacks: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self.dense: dict[str, torch.Tensor] = {}
+
+    def add(self, update: ClientUpdate, weight: float) -> None:
+        if weight <= 0:  # adds nothing to ΔW, but would add rank
+            return
+        self.total += weight
+        for module, (A, B) in update.factors.items():
+            m, n = B.shape[0], A.shape[1]
+            if self.shape.setdefault(module, (m, n)) != (m, n):
+                raise ValueError(f"client {update.client_id}, module {module}: weight shape {(m, n)}, others have {self.shape[module]}")
+            self.home.setdefault(module, A.device)
+            device = self.method.device or self.home[module]
+            dtype = compute_dtype(A, B)
+            B = B.to(dtype=dtype, device=device) * (weight * update.scale(module))
+            A = A.to(dtype=dtype, device=device)
+            self.rank[module] = self.rank.get(module, 0) + A.shape[0]
+            if module in self.dense:
+                self._add_dense(module, B, A)
+                continue
+            Bs, As = self.stacks.setdefault(module, ([], []))
+            Bs.append(B)
+            As.append(A)
+            mode = self.method.svd_mode
+            if mode in ("dense", "randomized") or (mode == "auto" and self.rank[module] >= min(m, n)):
+                Bs, As = self.stacks.pop(module)
+                self.dense[module] = torch.zeros(m, n, dtype=compute_dtype(*Bs, *As), device=device)
+                self._add_dense(module, torch.cat(Bs, dim=1), torch.cat(As, dim=0))
+
+    def _add_dense(self, module: str, B: torch.Tensor, A: torch.Tensor) -> None:
+        dense = self.dense[module]
+        if dense.dtype != torch.promote_types(dense.dtype, B.dtype):
+            dense = self.dense[module] = dense.to(torch.promote_types(dense.dtype, B.dtype))
+        m, n = dense.shape
+        with small_work_threads(2.0 * m * n * B.shape[1], dense.device):
+            dense.addmm_(B.to(dense.dtype), A.to(dense.dtype))
+
+    def result(self) -> GlobalState:
+        if self.total <= 0:
+            raise ValueError("aggregation needs at least one client with num_examples > 0")
+        method, new = self.method, {}
+        for module in sorted(self.shape):
+            m, n = self.shape[module]
+            R = self.rank[module]
+            K = min(R, m, n, method.max_global_rank or R, method.rank_bound.get(module, R))
+            if module in self.stacks:  # R < min(m, n): the factored route
+                Bs, As = self.stacks.pop(module)
+                B, A = torch.cat(Bs, dim=1) / self.total, torch.cat(As, dim=0)
+                U, S, Vh = truncated_svd(B, A, K, "factored")
+                energy = ((B.T @ B).double() * (A @ A.T).double()).sum().clamp_min(0)  # ‖B̃Ã‖², R×R
+                del B, A
+            else:
+                dense = self.dense.pop(module).div_(self.total)
+                with small_work_threads(dense_flops(m, n, R, DENSE_GROUP_RANK), dense.device):
+                    energy = torch.linalg.vector_norm(dense, dtype=torch.float64).square()
+                    if method.svd_mode == "randomized":
+                        U, S, Vh = randomized_svd(dense, K, oversample=method.oversample, niter=method.niter, seed=method.seed)
+                    else:
+                        U, S, Vh = dense_svd(dense, K)
+                del dense
+            home = self.home[module]
+            new[f"{module}.U"], new[f"{module}.S"], new[f"{module}.Vh"] = (t.to(home).contiguous() for t in (U, S, Vh))
+            new[f"{module}.E"] = energy.reshape(1).to(device=home, dtype=torch.float64)
+        return new
+
+
 class FlexLoRA(Method):
     """FlexLoRA aggregation: exact ΔW via a truncated SVD of the stacked client factors."""
 
@@ -278,6 +358,9 @@ class FlexLoRA(Method):
             new[f"{module}.Vh"] = Vh.to(home).contiguous()
             new[f"{module}.E"] = energy.reshape(1).to(device=home, dtype=torch.float64)
         return new
+
+    def accumulator(self, state: GlobalState | None) -> FlexLoRAAccumulator:
+        return FlexLoRAAccumulator(self, state)
 
     def truncation(self, state: GlobalState, module_ranks: dict[str, set[int]]) -> dict:
         """What handing each client rank its rank-r slice of ΔW loses (see truncation_summary)."""
