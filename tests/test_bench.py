@@ -99,3 +99,22 @@ def test_bench_scale_bad_option_is_one_line(capsys):
     assert "no_such_key" in err and err.count("\n") == 1
     assert main(["bench", "scale", "--ni", "--clients", "", "--ni-path", "/nonexistent/ni"]) == 2
     assert "--ni-path: /nonexistent/ni is not a folder" in capsys.readouterr().err
+
+
+def test_bench_scale_ni_setting():
+    """--ni: the 1613-client NI sample at fraction 0.05, held-out 2%; the folder is checked first."""
+    from pathlib import Path
+
+    import pytest
+
+    from flexlora.bench_scale import NI_PATH, settings, validate
+
+    if not Path(NI_PATH).is_dir():
+        pytest.skip(f"{NI_PATH} is absent (shared data, not part of the repository)")
+    [ni] = settings([], 2, "tiny-llama", ni=True, extra=["device=cpu"])
+    assert ni["kind"] == "ni" and ni["clients_per_round"] is None
+    for key in ("data.source=natural-instructions", "federation.fraction=0.05", "data.heldout_fraction=0.02",
+                "federation.rounds=2", "resources.profile=heavy-tail-strong", "output.checkpoint=false"):
+        assert key in ni["overrides"]
+    assert ni["overrides"][-1] == "device=cpu"  # extra overrides come last, so they win
+    validate(ni)
