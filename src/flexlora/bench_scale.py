@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -310,7 +311,7 @@ def machine_memory_mb() -> float | None:
 def write_json(rows: list[dict], path, argv: list[str] | None = None) -> None:
     result = {
         "benchmark": "flexlora bench scale",
-        "command": "flexlora " + " ".join(argv) if argv else None,
+        "command": "flexlora " + shlex.join(argv) if argv else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "memory_mb": machine_memory_mb()},
         "server_share": "mean over the rounds of the round's server_s / total_s (total includes evaluation)",
