@@ -315,11 +315,13 @@ class FederatedServer:
         return weights
 
     def aggregate(self, updates: list[ClientUpdate]) -> None:
-        """Aggregate a list of updates as a round would (weights: ClientUpdate.weight if set, else n_k)."""
+        """Aggregate a list of valid updates as a round would (weights: ClientUpdate.weight if
+        set, else n_k; no server step), with the same bookkeeping (after_aggregation)."""
         accumulator = self.method.accumulator(self.state)
         for u in updates:
             accumulator.add(u, u.weight if u.weight is not None else u.num_examples)
         self.state = accumulator.result()
+        self.after_aggregation({u.client_id: {m: A.shape[0] for m, (A, _) in u.factors.items()} for u in updates})
 
     def after_aggregation(self, module_ranks: dict[str, dict[str, int]]) -> None:
         """Bookkeeping on a new global state, from the ranks each aggregated client sent:
