@@ -111,6 +111,7 @@ class RoundAggregation:
     def receive(self, result: ClientUpdate | ClientFailure) -> None:
         if isinstance(result, ClientFailure):
             self.failures[result.client_id] = result.reason
+            self.tasks.pop(result.client_id, None)  # it will not be answered: its factors can go
             return
         started = time.perf_counter()
         server, fed = self.server, self.server.cfg.federation
