@@ -31,7 +31,16 @@ from .base import (
     module_seed,
     module_shape,
 )
-from .svd import MODES, dense_flops, dense_svd, randomized_svd, small_work_threads, truncated_svd
+from .svd import (
+    MODES,
+    SINGLE_THREAD_MAX_FLOPS,
+    dense_flops,
+    dense_svd,
+    factored_flops,
+    factored_svd_energy,
+    randomized_svd,
+    small_work_threads,
+)
 
 SPLITS = ("all_in_B", "sqrt")
 
@@ -259,11 +268,15 @@ class FlexLoRA(Method):
             if mode == "auto":
                 mode = "factored" if R < min(m, n) else "dense"
             if mode == "factored":
-                B, A = stack_factors(updates, module, weights)
-                if self.device is not None:
-                    B, A = B.to(self.device), A.to(self.device)
-                U, S, Vh = truncated_svd(B, A, K, "factored")
-                energy = ((B.T @ B).double() * (A @ A.T).double()).sum().clamp_min(0)  # ‖B̃Ã‖², R×R
+                # Small modules on one CPU thread, stacking and rotation included (see
+                # svd.SINGLE_THREAD_MAX_FLOPS); the energy ‖B̃Ã‖² comes from the kernel's R×R
+                # Gram matrices.
+                with small_work_threads(factored_flops(m, n, R), self.device or home, SINGLE_THREAD_MAX_FLOPS):
+                    B, A = stack_factors(updates, module, weights)
+                    if self.device is not None:
+                        B, A = B.to(self.device), A.to(self.device)
+                    (U, S, Vh), energy = factored_svd_energy(B, A, K)
+                    del B, A
             else:  # one dense ΔW, built group by group (see delta_matrix)
                 with small_work_threads(dense_flops(m, n, R, DENSE_GROUP_RANK), self.device or home):
                     dense = delta_matrix(updates, module, weights, device=self.device)
