@@ -544,3 +544,29 @@ def test_factored_cholesky_and_householder_routes_agree(monkeypatch):
         assert rel(fast.matrix().double(), slow.matrix().double()) < tol
         assert (fast.S - slow.S).abs().max() <= tol * slow.S[0]
         assert float(e_fast) == float(e_slow)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_partial_eigh_matches_torch_eigh(monkeypatch, dtype):
+    """svd.top_eigh (LAPACK ?syevr when numpy's OpenBLAS is there) gives torch.linalg.eigh's
+    top eigenpairs, also for zero, rank-deficient and repeated-eigenvalue matrices; with
+    PARTIAL_EIGH off it is torch.linalg.eigh."""
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(120, 300, generator=gen, dtype=F64)
+    low = torch.randn(120, 5, generator=gen, dtype=F64)
+    Q = torch.linalg.qr(torch.randn(120, 120, generator=gen, dtype=F64))[0]
+    repeated = (Q * torch.tensor([3.0] * 10 + [1.0] * 110, dtype=F64)) @ Q.T
+    tol = 1e-10 if dtype == F64 else 2e-5
+    for G in (X @ X.T, torch.zeros(120, 120, dtype=F64), low @ low.T, repeated):
+        G = G.to(dtype)
+        ref_w, ref_v = torch.linalg.eigh(G.double())
+        for count in (1, 7, 30, 120):
+            for partial in (True, False):
+                monkeypatch.setattr(svd_mod, "PARTIAL_EIGH", partial)
+                w, v = svd_mod.top_eigh(G.clone(), count)
+                assert w.dtype == dtype and w.shape == (count,) and v.shape == (120, count)
+                scale = max(float(ref_w[-1]), 1e-30)
+                assert (w.double() - ref_w.flip(0)[:count]).abs().max() <= tol * scale
+                vd = v.double()
+                assert (vd.T @ vd - torch.eye(count, dtype=F64)).abs().max() < 100 * tol
+                assert torch.linalg.norm(G.double() @ vd - vd * w.double()) <= 100 * tol * scale
