@@ -94,10 +94,12 @@ def test_seeded_run_matches_the_recorded_one(case, tiny_overrides):
         pytest.skip("recorded")
     recorded = json.loads(FIXTURE.read_text())[case]
     close(recorded["rounds"], got["rounds"], f"{case}/rounds")
-    # The exported model: its sums within float32 rounding of a trained model (1e-5 of the
-    # absolute sum; a signed sum of entries cancels, so it is held to the same absolute scale).
+    # The exported model: its sums to 1e-4 of the absolute sum (a signed sum of entries cancels,
+    # so it is held to the same absolute scale). Not tighter: round 1's ΔW has near-equal singular
+    # values (every client started from one adapter), so a kernel's rounding can pick another
+    # rank-r slice for a client, and two rounds of training carry that to about 1e-5.
     assert sorted(recorded["tensors"]) == sorted(got["tensors"])
     for key, (signed, absolute) in recorded["tensors"].items():
         new_signed, new_absolute = got["tensors"][key]
-        assert new_absolute == pytest.approx(absolute, rel=1e-5, abs=1e-6), f"{case}/{key}: |sum| {new_absolute} != {absolute}"
-        assert abs(new_signed - signed) <= 1e-5 * absolute + 1e-6, f"{case}/{key}: sum {new_signed} != {signed}"
+        assert new_absolute == pytest.approx(absolute, rel=1e-4, abs=1e-6), f"{case}/{key}: |sum| {new_absolute} != {absolute}"
+        assert abs(new_signed - signed) <= 1e-4 * absolute + 1e-6, f"{case}/{key}: sum {new_signed} != {signed}"

@@ -30,7 +30,16 @@ from .base import (
     module_names,
     module_seed,
 )
-from .svd import MODES, dense_flops, dense_svd, randomized_svd, small_work_threads, truncated_svd
+from .svd import (
+    MODES,
+    SINGLE_THREAD_MAX_FLOPS,
+    dense_flops,
+    dense_svd,
+    factored_flops,
+    factored_svd_energy,
+    randomized_svd,
+    small_work_threads,
+)
 
 SPLITS = ("all_in_B", "sqrt")
 
@@ -251,11 +260,15 @@ class FlexLoRAAccumulator(Accumulator):
             R = self.rank[module]
             K = min(R, m, n, method.max_global_rank or R, method.rank_bound.get(module, R))
             if module not in self.dense:  # R < min(m, n): the factored route
+                # Small modules on one CPU thread, stacking and rotation included (see
+                # svd.SINGLE_THREAD_MAX_FLOPS); the energy ‖B̃Ã‖² comes from the kernel's R×R
+                # Gram matrices.
                 Bs, As = self.pending.pop(module)
-                B, A = torch.cat(Bs, dim=1) / self.total, torch.cat(As, dim=0)
-                U, S, Vh = truncated_svd(B, A, K, "factored")
-                energy = ((B.T @ B).double() * (A @ A.T).double()).sum().clamp_min(0)  # ‖B̃Ã‖², R×R
-                del B, A
+                with small_work_threads(factored_flops(m, n, R), Bs[0].device, SINGLE_THREAD_MAX_FLOPS):
+                    B, A = torch.cat(Bs, dim=1) / self.total, torch.cat(As, dim=0)
+                    del Bs, As
+                    (U, S, Vh), energy = factored_svd_energy(B, A, K)
+                    del B, A
             else:
                 self._flush(module)
                 dense = self.dense.pop(module).div_(self.total)
