@@ -453,3 +453,120 @@ def test_register_method(monkeypatch):
     assert isinstance(agg.make_method("dummy"), Dummy)
     with pytest.raises(ValueError, match="already registered"):
         agg.register_method(type("Other", (), {"name": "dummy"}))
+
+
+def _factored_route(monkeypatch):
+    """Records which route factored_svd_energy took: "cholesky" or "householder"."""
+    routes = []
+    real = svd_mod._householder_factored
+
+    def spy(*args):
+        routes[-1] = "householder"
+        return real(*args)
+
+    monkeypatch.setattr(svd_mod, "_householder_factored", spy)
+    return routes
+
+
+def _ill_conditioned(m, n, R, seed, dtype, in_top=False):
+    """Columns 0 and 1 of B nearly dependent (κ ≈ 1e7 after column scaling). in_top: A's row 1
+    is large, so that the near-dependent direction b_1 a_1 is among the top singular ones."""
+    B, A = stacked(m, n, R, seed, dtype=F64, decay=False)
+    B[:, 1] = B[:, 0] + 1e-7 * B[:, 1]
+    if in_top:
+        A[1] *= 1e7
+    return B.to(dtype), A.to(dtype)
+
+
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize(
+    "kind,expected",
+    [
+        ("plain", "cholesky"),
+        ("decay", "cholesky"),  # column scales over 6 decades: Cholesky QR is scale-invariant
+        ("ill", None),  # certified or not, depending on k: exact either way
+        ("ill_top", "householder at k=25"),  # k=1 does not reach the bad direction
+        ("rank_deficient", "householder"),
+        ("zero", "householder"),
+    ],
+)
+def test_factored_routes_exact_on_hard_inputs(monkeypatch, dtype, tol, kind, expected):
+    """The Cholesky-QR route is taken only when certified; either way the result matches
+    torch.linalg.svd of the float64 product (rank-k matrix, singular values, orthonormal
+    factors, the rank-k error within 1e-5 of optimal) and the energy is ‖BA‖²."""
+    m, n, R = 90, 70, 40
+    if kind in ("plain", "decay"):
+        B, A = stacked(m, n, R, seed=3, dtype=dtype, decay=kind == "decay")
+    elif kind.startswith("ill"):
+        B, A = _ill_conditioned(m, n, R, 4, dtype, in_top=kind == "ill_top")
+    elif kind == "rank_deficient":  # two equal clients and a zero one
+        B1, A1 = stacked(m, n, 15, seed=5, dtype=dtype)
+        B = torch.cat([B1, B1, torch.zeros(m, 10, dtype=dtype)], 1)
+        A = torch.cat([A1, A1, torch.randn(10, n, dtype=F64).to(dtype)], 0)
+    else:
+        B, A = torch.zeros(m, R, dtype=dtype), torch.zeros(R, n, dtype=dtype)
+    routes = _factored_route(monkeypatch)
+    dense = B.double() @ A.double()
+    U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+    for k in (1, 7, 25):
+        routes[:] = ["cholesky"]
+        res, energy = svd_mod.factored_svd_energy(B, A, k)
+        assert len(routes) == 1
+        if expected in ("cholesky", "householder") or expected == f"householder at k={k}":
+            assert routes[0] == expected.split()[0]
+        assert res.U.dtype == dtype and res.U.shape == (m, k) and res.Vh.shape == (k, n)
+        assert float(energy) == pytest.approx(float(dense.pow(2).sum()), rel=1e-10 if dtype == F64 else 1e-6, abs=1e-300)
+        assert all(torch.isfinite(t).all() for t in res)
+        if kind == "zero":
+            assert torch.all(res.S == 0)
+            continue
+        best = (U[:, :k] * S[:k]) @ Vh[:k]
+        assert (res.S.double() - S[:k]).abs().max() <= tol * S[0]
+        optimal = float(S[k:].pow(2).sum()) ** 0.5
+        err = torch.linalg.norm(dense - res.matrix().double()).item()
+        # within tol of optimal; when the rank is <= k the optimum is 0, so also allow rounding
+        assert err <= (1 + tol) * optimal + 10 * tol * float(S[0])
+        if k <= 7 or kind != "rank_deficient":  # beyond the rank the singular vectors are arbitrary
+            assert rel(res.matrix().double(), best) < 10 * tol
+            eye = torch.eye(k, dtype=F64)
+            assert (res.U.double().T @ res.U.double() - eye).abs().max() < 100 * tol
+            assert (res.Vh.double() @ res.Vh.double().T - eye).abs().max() < 100 * tol
+
+
+def test_factored_cholesky_and_householder_routes_agree(monkeypatch):
+    """Forcing the Householder route gives the same rank-k matrices (float32 and float64)."""
+    for dtype, tol in ((F64, 1e-11), (torch.float32, 2e-6)):
+        B, A = stacked(300, 200, 60, seed=9, dtype=dtype)
+        fast, e_fast = svd_mod.factored_svd_energy(B, A, 40)
+        with monkeypatch.context() as mp:
+            mp.setattr(svd_mod, "_cholesky_factored", lambda *a: None)  # the probe passes here
+            slow, e_slow = svd_mod.factored_svd_energy(B, A, 40)
+        assert rel(fast.matrix().double(), slow.matrix().double()) < tol
+        assert (fast.S - slow.S).abs().max() <= tol * slow.S[0]
+        assert float(e_fast) == float(e_slow)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_partial_eigh_matches_torch_eigh(monkeypatch, dtype):
+    """svd.top_eigh (LAPACK ?syevr when numpy's OpenBLAS is there) gives torch.linalg.eigh's
+    top eigenpairs, also for zero, rank-deficient and repeated-eigenvalue matrices; with
+    PARTIAL_EIGH off it is torch.linalg.eigh."""
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(120, 300, generator=gen, dtype=F64)
+    low = torch.randn(120, 5, generator=gen, dtype=F64)
+    Q = torch.linalg.qr(torch.randn(120, 120, generator=gen, dtype=F64))[0]
+    repeated = (Q * torch.tensor([3.0] * 10 + [1.0] * 110, dtype=F64)) @ Q.T
+    tol = 1e-10 if dtype == F64 else 2e-5
+    for G in (X @ X.T, torch.zeros(120, 120, dtype=F64), low @ low.T, repeated):
+        G = G.to(dtype)
+        ref_w, ref_v = torch.linalg.eigh(G.double())
+        for count in (1, 7, 30, 120):
+            for partial in (True, False):
+                monkeypatch.setattr(svd_mod, "PARTIAL_EIGH", partial)
+                w, v = svd_mod.top_eigh(G.clone(), count)
+                assert w.dtype == dtype and w.shape == (count,) and v.shape == (120, count)
+                scale = max(float(ref_w[-1]), 1e-30)
+                assert (w.double() - ref_w.flip(0)[:count]).abs().max() <= tol * scale
+                vd = v.double()
+                assert (vd.T @ vd - torch.eye(count, dtype=F64)).abs().max() < 100 * tol
+                assert torch.linalg.norm(G.double() @ vd - vd * w.double()) <= 100 * tol * scale

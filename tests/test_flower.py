@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from flexlora import lora
+from flexlora import protocol
 from flexlora.methods import METHODS
 from flexlora.client import ClientTask
 from flexlora.config import ConfigError, load_config
@@ -34,23 +35,50 @@ def run_identity():
 
 
 class InProcessGrid:
-    """Delivers each Message straight to the ClientApp with the node's config."""
+    """Delivers each Message straight to the ClientApp with the node's config: all at once
+    (send_and_receive), or pushed and pulled (push_messages / pull_messages, the streaming
+    runtime's): a pushed Message is answered when it is pulled, at most `per_pull` replies a
+    pull, the most recently pushed first when `newest_first` (replies out of task order)."""
 
-    def __init__(self, node_configs: dict[int, dict]):
+    pull_interval = 0.0  # the streaming runtime's sleep between polls
+
+    def __init__(self, node_configs: dict[int, dict], per_pull: int | None = None, newest_first: bool = False):
         self.node_configs = node_configs
+        self.per_pull, self.newest_first = per_pull, newest_first
         self.sent = []
+        self.pushed: dict[str, object] = {}  # message id -> Message pushed and not answered yet
+        self.most_unanswered = 0
 
     def get_node_ids(self):
         return list(self.node_configs)
+
+    def _answer(self, m):
+        node = m.metadata.dst_node_id
+        ctx = Context(run_id=42, node_id=node, node_config=self.node_configs[node], state=RecordDict(), run_config={})
+        return flower.client_app(m, ctx)
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for m in messages:
             self.sent.append(m)
-            node = m.metadata.dst_node_id
-            ctx = Context(run_id=42, node_id=node, node_config=self.node_configs[node], state=RecordDict(), run_config={})
-            replies.append(flower.client_app(m, ctx))
+            replies.append(self._answer(m))
         return replies
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = mid = f"msg-{len(self.sent)}"  # as Flower's grids do
+            self.sent.append(m)
+            self.pushed[mid] = m
+            self.most_unanswered = max(self.most_unanswered, len(self.pushed))
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        ready = [mid for mid in self.pushed if mid in set(message_ids)]
+        if self.newest_first:
+            ready.reverse()
+        return [self._answer(self.pushed.pop(mid)) for mid in ready[: self.per_pull]]
 
 
 def _factors(ranks=(2, 5)):
@@ -187,12 +215,12 @@ def test_float16_transport_halves_the_payload(tiny_federation, run_identity):
     grid = InProcessGrid({100 + i: {"partition-id": i} for i in range(3)})
     strategy = flower.FederatedStrategy(server, {c.client_id: 100 + i for i, c in enumerate(data.clients)})
     runtime = flower.FlowerRuntime(strategy, grid)
-    server.aggregate(runtime.train(server.configure(1, server.sample(1))))
+    server.aggregate(list(runtime.train(server.configure(1, server.sample(1)))))
     tasks = server.configure(2, server.sample(2))
     results = {}
     for dtype in ("float32", "float16"):
         cfg.flower.transport_dtype = dtype
-        results[dtype] = runtime.train(tasks)
+        results[dtype] = list(runtime.train(tasks))
         for message in grid.sent[-3:]:  # the tasks just sent
             assert {a.dtype for a in message.content.array_records[flower.FACTORS].values()} == {dtype}
     for r32, r16 in zip(results["float32"], results["float16"]):
@@ -205,10 +233,185 @@ def test_float16_transport_halves_the_payload(tiny_federation, run_identity):
         assert r16.metrics["train_loss_last"] == pytest.approx(r32.metrics["train_loss_last"], rel=1e-2)
 
 
+def _same_result(a, b):
+    assert type(a) is type(b) and a.client_id == b.client_id
+    if isinstance(a, protocol.ClientFailure):
+        assert a.reason == b.reason
+        return
+    assert a.num_examples == b.num_examples and a.factors.keys() == b.factors.keys()
+    # The same metrics, but measured times; the reply's JSON carries them, so its byte count
+    # may differ by the digits of a time.
+    timeless = lambda m: {k: v for k, v in m.items() if not k.endswith("time_s") and k != "bytes_up"}  # noqa: E731
+    assert timeless(a.metrics) == timeless(b.metrics)
+    assert abs(a.metrics["bytes_up"] - b.metrics["bytes_up"]) <= 16
+    for m, (A, B) in a.factors.items():
+        assert torch.equal(b.factors[m][0], A) and torch.equal(b.factors[m][1], B)
+
+
+def test_the_streaming_runtime_gives_the_all_at_once_results(tiny_federation, run_identity):
+    """Pushed one at a time and pulled as they come (here one reply a pull, the newest first,
+    so out of task order), each task gives the same update, with the same bytes metrics, as
+    the whole round sent with send_and_receive and collected at once."""
+    cfg, data, shapes = tiny_federation
+    ids = [c.client_id for c in data.clients]
+    server = FederatedServer(cfg, ids, shapes)
+    nodes = {cid: 100 + i for i, cid in enumerate(ids)}
+    node_configs = {100 + i: {"partition-id": i} for i in range(3)}
+    grid = InProcessGrid(node_configs, per_pull=1, newest_first=True)
+    strategy = flower.FederatedStrategy(server, nodes)
+    runtime = flower.FlowerRuntime(strategy, grid, max_in_flight=2)
+    server.complete_round(1, tasks := server.configure(1, ids), list(runtime.train(tasks)))
+    tasks = server.configure(2, ids)  # with factors: round 2 sends each client its slice
+    messages = strategy.task_messages(tasks)
+    at_once = strategy.collect(tasks, messages, InProcessGrid(node_configs).send_and_receive(messages))
+    streamed = list(runtime.train(tasks))
+    assert [r.client_id for r in streamed] == [ids[1], ids[2], ids[0]]  # as they came
+    assert all(isinstance(r, protocol.ClientUpdate) for r in at_once)
+    assert at_once[0].metrics["payload_bytes_down"] > 0
+    by_id = {r.client_id: r for r in streamed}
+    for expected in at_once:
+        _same_result(expected, by_id[expected.client_id])
+
+
+class CountingTasks:
+    """An iterator over tasks that records, each time one is taken, how many were pushed and
+    not answered yet (the runtime may take a task only when it can push it at once)."""
+
+    def __init__(self, tasks, grid):
+        self.tasks, self.grid = iter(tasks), grid
+        self.taken = 0
+        self.unanswered_when_taken: list[int] = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        task = next(self.tasks)
+        self.taken += 1
+        self.unanswered_when_taken.append(len(self.grid.pushed))
+        return task
+
+
+class EchoGrid(InProcessGrid):
+    """Nodes that answer a task without training: an update with the task's own factors (or
+    fresh ones at its ranks), so that many clients cost nothing. `silent`: nodes that never
+    answer; `after_pulls`: a pushed message is answered only from that many pulls on."""
+
+    def __init__(self, nodes, silent=(), after_pulls=0, **kwargs):
+        super().__init__({n: {} for n in nodes}, **kwargs)
+        self.silent, self.after_pulls = set(silent), after_pulls
+        self.pulls_seen: dict[str, int] = {}
+        self.extra_replies = []  # replies Flower hands back that match no pushed id
+
+    def _answer(self, m):
+        from flwr.app import Message
+
+        task, _ = flower.decode_task(m.content)
+        factors = task.factors or {k: (torch.ones(r, 12), torch.zeros(7, r)) for k, r in task.module_ranks.items()}
+        update = protocol.ClientUpdate(task.client_id, 3, 16.0, factors, {"train_loss_last": 1.0})
+        return Message(flower.encode_update(update, "float32"), reply_to=m)
+
+    def pull_messages(self, message_ids):
+        ready = []
+        for mid in message_ids:
+            self.pulls_seen[mid] = self.pulls_seen.get(mid, 0) + 1
+            m = self.pushed.get(mid)
+            if m is not None and m.metadata.dst_node_id not in self.silent and self.pulls_seen[mid] > self.after_pulls:
+                ready.append(mid)
+        if self.newest_first:
+            ready.reverse()
+        replies = [self._answer(self.pushed.pop(mid)) for mid in ready[: self.per_pull]]
+        extra, self.extra_replies = self.extra_replies, []
+        return extra + replies
+
+
+def _echo_setup(tiny_overrides, n, timeout_s=3600.0, **grid_kwargs):
+    from types import SimpleNamespace
+
+    cfg = load_config(overrides=tiny_overrides)
+    ids = [f"c{i}" for i in range(n)]
+    strategy = flower.FederatedStrategy(SimpleNamespace(cfg=cfg), {cid: 100 + i for i, cid in enumerate(ids)}, timeout_s)
+    grid = EchoGrid([100 + i for i in range(n)], **grid_kwargs)
+    tasks = [ClientTask(cid, 2, "T1", {"layer.0.q_proj": 2}, _factors((2,)), i) for i, cid in enumerate(ids)]
+    return strategy, grid, tasks
+
+
+@pytest.mark.parametrize("max_in_flight, per_pull", [(1, None), (3, 1), (3, None), (20, 2)])
+def test_at_most_max_in_flight_tasks_are_pushed_and_unanswered(max_in_flight, per_pull, tiny_overrides, run_identity):
+    strategy, grid, tasks = _echo_setup(tiny_overrides, 10, per_pull=per_pull, newest_first=True, after_pulls=1)
+    counting = CountingTasks(tasks, grid)
+    results = flower.FlowerRuntime(strategy, grid, max_in_flight=max_in_flight).train(counting)
+    first = next(results)
+    # Taken lazily: the first result comes after max_in_flight tasks (and the one refilling its slot).
+    assert counting.taken == min(10, max_in_flight + 1)
+    rest = []
+    for i, result in enumerate(results, start=2):
+        assert counting.taken - i <= max_in_flight  # pushed and not answered when a result comes
+        rest.append(result)
+    assert sorted(r.client_id for r in [first, *rest]) == sorted(t.client_id for t in tasks)
+    assert all(isinstance(r, protocol.ClientUpdate) for r in [first, *rest])
+    assert counting.taken == 10 and len(grid.sent) == 10
+    assert max(counting.unanswered_when_taken) <= max_in_flight - 1  # each taken task is pushed at once
+    assert grid.most_unanswered == min(10, max_in_flight)
+    for r in rest:
+        assert r.metrics["bytes_down"] >= r.metrics["payload_bytes_down"] == 4 * (2 * 12 + 7 * 2)
+        assert r.metrics["bytes_up"] >= r.metrics["payload_bytes_up"] == 4 * (2 * 12 + 7 * 2)
+
+
+def test_a_missing_reply_is_a_timeout_failure_and_the_round_ends_at_its_deadline(tiny_overrides, run_identity, caplog):
+    import time
+
+    # Node 101 never answers; with one slot the round's time runs out waiting for it, and the
+    # tasks it had no time to send are failures too (taken, and so built, one at a time).
+    strategy, grid, tasks = _echo_setup(tiny_overrides, 4, timeout_s=0.6, silent={101})
+    started = time.monotonic()
+    results = list(flower.FlowerRuntime(strategy, grid, max_in_flight=1, poll_s=0.01).train(CountingTasks(tasks, grid)))
+    assert time.monotonic() - started < 5
+    assert [r.client_id for r in results] == ["c0", "c1", "c2", "c3"]
+    assert isinstance(results[0], protocol.ClientUpdate)
+    assert results[1].reason == "no reply within 0.6 s"
+    assert all("not sent: the round's flower.round_timeout_s was up" in r.reason for r in results[2:])
+    assert len(grid.sent) == 2
+
+    # With slots for all, only the silent node's task fails; a reply to a message id the round
+    # never sent is ignored, and one from another node than the task's is that task's failure.
+    strategy, grid, tasks = _echo_setup(tiny_overrides, 4, timeout_s=0.5, silent={102})
+    runtime = flower.FlowerRuntime(strategy, grid, max_in_flight=4, poll_s=0.01)
+    stray = grid._answer(strategy.task_message(tasks[0]))
+    stray.metadata.__dict__["_reply_to_message_id"] = "not-ours"
+    grid.extra_replies.append(stray)
+    original = grid._answer
+
+    def answer_from_elsewhere(m):
+        reply = original(m)
+        if m.metadata.dst_node_id == 103:
+            reply.metadata.__dict__["_src_node_id"] = 100
+        return reply
+
+    grid._answer = answer_from_elsewhere
+    with caplog.at_level("WARNING"):
+        results = {r.client_id: r for r in runtime.train(tasks)}
+    assert sorted(results) == ["c0", "c1", "c2", "c3"]
+    assert isinstance(results["c0"], protocol.ClientUpdate) and isinstance(results["c1"], protocol.ClientUpdate)
+    assert results["c2"].reason == "no reply within 0.5 s"
+    assert results["c3"].reason == "bad reply: from node 100, the task went to node 103"
+    assert "ignored a Flower reply to unknown message 'not-ours'" in caplog.text
+
+
+def test_a_task_flower_does_not_take_is_a_failure(tiny_overrides, run_identity):
+    strategy, grid, tasks = _echo_setup(tiny_overrides, 3)
+    push = grid.push_messages
+    grid.push_messages = lambda messages: [None] if messages[0].metadata.dst_node_id == 101 else push(messages)
+    results = {r.client_id: r for r in flower.FlowerRuntime(strategy, grid, max_in_flight=2).train(tasks)}
+    assert isinstance(results["c0"], protocol.ClientUpdate) and isinstance(results["c2"], protocol.ClientUpdate)
+    assert results["c1"].reason == "Flower did not take the task (push_messages returned no message id)"
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_gives_the_same_global_state_through_flower(method, tiny_overrides, run_identity):
-    """The Flower path (messages, ClientApp, codecs) changes nothing: two rounds give the
-    in-process runtime's global state exactly, for every registered aggregation method."""
+    """The Flower path (messages pushed and pulled, ClientApp, codecs) changes nothing: two
+    streamed rounds give the in-process runtime's global state exactly, for every registered
+    aggregation method."""
     cfg = load_config(overrides=tiny_overrides + [
         f"method={method}", "data.num_clients=2", "federation.clients_per_round=2", "train.steps=1", "resources.profile=[T1, T4]",
     ])
@@ -227,9 +430,8 @@ def test_every_method_gives_the_same_global_state_through_flower(method, tiny_ov
     }
     for round_ in (1, 2):
         for server in (local, through_flower):
-            tasks = server.configure(round_, server.sample(round_))
-            outcome = server.complete_round(round_, tasks, runtimes[id(server)].train(tasks))
-            assert len(outcome.updates) == 2 and not outcome.failures and not outcome.rejected
+            outcome = server.run_round(round_, runtimes[id(server)])  # streamed, as run_rounds does
+            assert outcome.valid_updates == 2 and not outcome.failures and not outcome.rejected
     assert local.state.keys() == through_flower.state.keys()
     for key, value in local.state.items():
         assert torch.equal(through_flower.state[key], value), key
@@ -245,7 +447,7 @@ def test_node_failures_are_dropouts_not_crashes(tiny_federation, run_identity, c
     server = FederatedServer(cfg, sorted(found), shapes)
     nodes = {cid: info["node_id"] for cid, info in found.items()}
     grid.node_configs[101] = {"partition-id": 2}  # now holds another client than the server thinks
-    results = flower.FlowerRuntime(flower.FederatedStrategy(server, nodes), grid).train(server.configure(1, sorted(found)))
+    results = list(flower.FlowerRuntime(flower.FederatedStrategy(server, nodes), grid).train(server.configure(1, sorted(found))))
     assert [type(r).__name__ for r in results] == ["ClientUpdate", "ClientFailure"]
     assert "reached the node holding" in results[1].reason
     with pytest.raises(RuntimeError, match="only 3 of 4 Flower nodes connected"):
@@ -295,6 +497,7 @@ def test_flower_certs_command_writes_a_verifiable_chain_and_node_keys(tmp_path, 
         ("flower.transport_dtype=bfloat16", "flower.transport_dtype: must be float32 or float16"),
         ("flower.workers=0", "flower.workers: must be >= 1"),
         ("flower.round_timeout_s=0", "flower.round_timeout_s: must be > 0"),
+        ("flower.max_in_flight=0", "flower.max_in_flight: must be >= 1"),
     ],
 )
 def test_bad_flower_settings_are_one_line_errors(override, message):
@@ -325,7 +528,7 @@ def test_a_node_declaring_a_billion_examples_is_capped_and_one_claiming_more_tha
     runtime = flower.FlowerRuntime(strategy, grid)
 
     tasks = server.configure(1, ids)
-    results = runtime.train(tasks)
+    results = list(runtime.train(tasks))
     assert results[0].num_examples == 10**9  # what the node claims, and declared
     outcome = server.complete_round(1, tasks, results)
     n1, n2 = len(data.clients[1].train), len(data.clients[2].train)

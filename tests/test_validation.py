@@ -454,10 +454,13 @@ def test_a_client_declaring_a_billion_examples_gets_at_most_the_cap(method):
                 for i, part in enumerate("AB"):
                     expected = sum(weights[u.client_id] * u.factors[module][i].double() for u in honest)
                     torch.testing.assert_close(server.state[f"{module}.{part}"].double(), expected, rtol=1e-6, atol=1e-7)
-        # And exactly the method's own aggregate with the bounded weights.
+        # And the method's own aggregate with the bounded weights, to float rounding (the server
+        # folds the uncapped updates with raw weights n_k, see server.RoundAggregation; FlexLoRA's
+        # ΔW is checked against the formula above, its factors may differ by a rotation).
         bounded = [dataclasses.replace(u, weight=weights[u.client_id]) for u in honest]
         expected_state = make_method(method).aggregate(bounded, None if method != "hetlora" else states[-1])
-        assert all(torch.equal(server.state[k], expected_state[k]) for k in expected_state)
+        if method != "flexlora":
+            assert all(torch.allclose(server.state[k], expected_state[k], rtol=1e-6, atol=1e-7) for k in expected_state)
         states.append(server.state)
 
     states = [None]

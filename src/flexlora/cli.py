@@ -57,10 +57,8 @@ def _flower_certs(args) -> None:
 def _bench_aggregate(args) -> None:
     from flexlora import bench
 
-    if args.quick:
-        sizes, repeat = ["quick"], 1
-    else:
-        sizes, repeat = args.sizes.split(","), args.repeat
+    sizes = ["quick"] if args.quick else args.sizes.split(",")
+    repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
     try:
         rows = bench.run_benchmark(
             sizes, args.cases.split(","), args.modes.split(","),
@@ -227,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--sizes", default="1.3b,8b", help="comma-separated: quick (512x512, 512x1376), 1.3b (2048x2048, 2048x5504), 8b (4096x4096, 4096x14336)")
     agg.add_argument("--cases", default="a,b", help="a: 10 clients from heavy-tail-light; b: 80 clients from heavy-tail-strong")
     agg.add_argument("--modes", default="auto,dense,randomized", help="FlexLoRA svd modes: auto, factored, dense, randomized")
-    agg.add_argument("--quick", action="store_true", help="small shapes only, one repeat (seconds)")
-    agg.add_argument("--repeat", type=int, default=1, help="best of N timings (default 1)")
+    agg.add_argument("--quick", action="store_true", help="small shapes only, one repeat unless --repeat (seconds)")
+    agg.add_argument("--repeat", type=int, default=None, help="time every procedure N times, interleaved; report medians (default 3; --quick: 1)")
     agg.add_argument("--seed", type=int, default=0)
     agg.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     agg.add_argument("--oversample", type=int, default=64, help="randomized mode: extra subspace columns")

@@ -236,6 +236,7 @@ def validate(c: ExperimentConfig) -> None:
         _require(f.min_nodes >= 1, f"flower.min_nodes: must be >= 1, got {f.min_nodes}")
     _require(f.node_wait_s > 0, f"flower.node_wait_s: must be > 0, got {f.node_wait_s}")
     _require(f.round_timeout_s > 0, f"flower.round_timeout_s: must be > 0, got {f.round_timeout_s}")
+    _require(f.max_in_flight >= 1, f"flower.max_in_flight: must be >= 1, got {f.max_in_flight}")
     looks_like_path = c.model.startswith((".", "/", "~"))
     _require(
         not looks_like_path or Path(c.model).expanduser().exists(),

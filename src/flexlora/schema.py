@@ -123,6 +123,12 @@ class FlowerConfig:
     min_nodes: int | None = None  # nodes to wait for before round 1; None: every client (simulation), clients_per_round (deployment)
     node_wait_s: float = 300.0  # how long the ServerApp waits for min_nodes to connect
     round_timeout_s: float = 3600.0  # how long it waits for a round's replies; a missing reply is a dropout
+    # Tasks pushed to nodes and not answered yet, at most (rounds stream: a task is built and
+    # encoded only when a slot is free, each reply folded as it comes). Each in-flight task holds
+    # its encoded Message (a rank-200 SmolLM2 client: ~243 MB in float32) on the server side, so
+    # server memory grows with this, not with clients per round; but at most this many nodes
+    # train at once (simulation: set it >= flower.workers; deployment: the nodes to run in parallel).
+    max_in_flight: int = 8
 
 
 @dataclass

@@ -111,6 +111,7 @@ class RoundAggregation:
     def receive(self, result: ClientUpdate | ClientFailure) -> None:
         if isinstance(result, ClientFailure):
             self.failures[result.client_id] = result.reason
+            self.tasks.pop(result.client_id, None)  # it will not be answered: its factors can go
             return
         started = time.perf_counter()
         server, fed = self.server, self.server.cfg.federation
@@ -315,11 +316,13 @@ class FederatedServer:
         return weights
 
     def aggregate(self, updates: list[ClientUpdate]) -> None:
-        """Aggregate a list of updates as a round would (weights: ClientUpdate.weight if set, else n_k)."""
+        """Aggregate a list of valid updates as a round would (weights: ClientUpdate.weight if
+        set, else n_k; no server step), with the same bookkeeping (after_aggregation)."""
         accumulator = self.method.accumulator(self.state)
         for u in updates:
             accumulator.add(u, u.weight if u.weight is not None else u.num_examples)
         self.state = accumulator.result()
+        self.after_aggregation({u.client_id: {m: A.shape[0] for m, (A, _) in u.factors.items()} for u in updates})
 
     def after_aggregation(self, module_ranks: dict[str, dict[str, int]]) -> None:
         """Bookkeeping on a new global state, from the ranks each aggregated client sent:

@@ -26,13 +26,20 @@ from .base import (
     GlobalState,
     Method,
     compute_dtype,
-    data_weights,
     fresh_rows,
     module_names,
     module_seed,
-    module_shape,
 )
-from .svd import MODES, dense_flops, dense_svd, randomized_svd, small_work_threads, truncated_svd
+from .svd import (
+    MODES,
+    SINGLE_THREAD_MAX_FLOPS,
+    dense_flops,
+    dense_svd,
+    factored_flops,
+    factored_svd_energy,
+    randomized_svd,
+    small_work_threads,
+)
 
 SPLITS = ("all_in_B", "sqrt")
 
@@ -193,9 +200,11 @@ def truncation_summary(state: GlobalState, module_ranks: dict[str, set[int]]) ->
 class FlexLoRAAccumulator(Accumulator):
     """FlexLoRA's aggregation one update at a time, in bounded memory: per module the sum
     Σ w_k s_k B_k A_k, kept as the clients' stacked factors while their total rank R is below
-    min(m, n) (the factored route: exact, and smaller than ΔW) and as one dense ΔW from then on
-    (what the dense route forms anyway). So it holds at most one ΔW per module, whatever the
-    number of clients, and ends with the same kernel ``FlexLoRA.aggregate`` picks for that R."""
+    min(m, n) (the factored route: exact, and smaller than ΔW), and from then on as one dense
+    ΔW (what the dense route forms anyway) into which the factors are added in groups (one
+    matrix product per group; a group's factors are never larger than ΔW). So it holds at most
+    about two ΔW per module, whatever the number of clients; ``FlexLoRA.aggregate`` is this
+    accumulator over a list, so a streamed round and one aggregate call are the same numbers."""
 
     def __init__(self, method: FlexLoRA, previous: GlobalState | None):
         self.method = method
@@ -203,7 +212,7 @@ class FlexLoRAAccumulator(Accumulator):
         self.rank: dict[str, int] = {}  # R per module
         self.shape: dict[str, tuple[int, int]] = {}
         self.home: dict[str, torch.device] = {}  # where the state goes back to
-        self.stacks: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self.pending: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # not in `dense` yet
         self.dense: dict[str, torch.Tensor] = {}
 
     def add(self, update: ClientUpdate, weight: float) -> None:
@@ -211,34 +220,36 @@ class FlexLoRAAccumulator(Accumulator):
             return
         self.total += weight
         for module, (A, B) in update.factors.items():
+            if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+                raise ValueError(f"client {update.client_id}, module {module}: need A (r, n) and B (m, r), "
+                                 f"got A {tuple(A.shape)} and B {tuple(B.shape)}")
             m, n = B.shape[0], A.shape[1]
             if self.shape.setdefault(module, (m, n)) != (m, n):
                 raise ValueError(f"client {update.client_id}, module {module}: weight shape {(m, n)}, others have {self.shape[module]}")
             self.home.setdefault(module, A.device)
             device = self.method.device or self.home[module]
             dtype = compute_dtype(A, B)
-            B = B.to(dtype=dtype, device=device) * (weight * update.scale(module))
-            A = A.to(dtype=dtype, device=device)
+            Bs, As = self.pending.setdefault(module, ([], []))
+            Bs.append(B.to(dtype=dtype, device=device) * (weight * update.scale(module)))
+            As.append(A.to(dtype=dtype, device=device))
             self.rank[module] = self.rank.get(module, 0) + A.shape[0]
-            if module in self.dense:
-                self._add_dense(module, B, A)
-                continue
-            Bs, As = self.stacks.setdefault(module, ([], []))
-            Bs.append(B)
-            As.append(A)
             mode = self.method.svd_mode
-            if mode in ("dense", "randomized") or (mode == "auto" and self.rank[module] >= min(m, n)):
-                Bs, As = self.stacks.pop(module)
-                self.dense[module] = torch.zeros(m, n, dtype=compute_dtype(*Bs, *As), device=device)
-                self._add_dense(module, torch.cat(Bs, dim=1), torch.cat(As, dim=0))
+            if module not in self.dense and (mode in ("dense", "randomized") or (mode == "auto" and self.rank[module] >= min(m, n))):
+                self.dense[module] = torch.zeros(m, n, dtype=dtype, device=device)
+            if module in self.dense and sum(b.shape[1] for b in Bs) >= min(DENSE_GROUP_RANK, max(1, m * n // (m + n))):
+                self._flush(module)
 
-    def _add_dense(self, module: str, B: torch.Tensor, A: torch.Tensor) -> None:
-        dense = self.dense[module]
-        if dense.dtype != torch.promote_types(dense.dtype, B.dtype):
-            dense = self.dense[module] = dense.to(torch.promote_types(dense.dtype, B.dtype))
+    def _flush(self, module: str) -> None:
+        """Add the pending factors of a module to its dense ΔW, in one product."""
+        Bs, As = self.pending.pop(module, ([], []))
+        if not Bs:
+            return
+        dtype = compute_dtype(self.dense[module], *Bs, *As)
+        dense = self.dense[module] = self.dense[module].to(dtype)
         m, n = dense.shape
+        B, A = torch.cat(Bs, dim=1).to(dtype), torch.cat(As, dim=0).to(dtype)
         with small_work_threads(2.0 * m * n * B.shape[1], dense.device):
-            dense.addmm_(B.to(dense.dtype), A.to(dense.dtype))
+            dense.addmm_(B, A)
 
     def result(self) -> GlobalState:
         if self.total <= 0:
@@ -248,13 +259,18 @@ class FlexLoRAAccumulator(Accumulator):
             m, n = self.shape[module]
             R = self.rank[module]
             K = min(R, m, n, method.max_global_rank or R, method.rank_bound.get(module, R))
-            if module in self.stacks:  # R < min(m, n): the factored route
-                Bs, As = self.stacks.pop(module)
-                B, A = torch.cat(Bs, dim=1) / self.total, torch.cat(As, dim=0)
-                U, S, Vh = truncated_svd(B, A, K, "factored")
-                energy = ((B.T @ B).double() * (A @ A.T).double()).sum().clamp_min(0)  # ‖B̃Ã‖², R×R
-                del B, A
+            if module not in self.dense:  # R < min(m, n): the factored route
+                # Small modules on one CPU thread, stacking and rotation included (see
+                # svd.SINGLE_THREAD_MAX_FLOPS); the energy ‖B̃Ã‖² comes from the kernel's R×R
+                # Gram matrices.
+                Bs, As = self.pending.pop(module)
+                with small_work_threads(factored_flops(m, n, R), Bs[0].device, SINGLE_THREAD_MAX_FLOPS):
+                    B, A = torch.cat(Bs, dim=1) / self.total, torch.cat(As, dim=0)
+                    del Bs, As
+                    (U, S, Vh), energy = factored_svd_energy(B, A, K)
+                    del B, A
             else:
+                self._flush(module)
                 dense = self.dense.pop(module).div_(self.total)
                 with small_work_threads(dense_flops(m, n, R, DENSE_GROUP_RANK), dense.device):
                     energy = torch.linalg.vector_norm(dense, dtype=torch.float64).square()
@@ -322,44 +338,20 @@ class FlexLoRA(Method):
         return state
 
     def aggregate(self, updates: list[ClientUpdate], state: GlobalState | None = None) -> GlobalState:
-        """New global ΔW per module. The previous state is not needed: each client's factors
-        already include the global slice it started from."""
-        weights = data_weights(updates)
-        new: GlobalState = {}
-        for module in module_names(updates):  # one module at a time bounds peak memory
-            m, n = module_shape(updates, module)
-            home = updates[0].factors[module][0].device
-            R = sum(u.rank(module) for p, u in zip(weights, updates) if p > 0)
-            K = min(R, m, n)
-            if self.max_global_rank is not None:
-                K = min(K, self.max_global_rank)
-            if module in self.rank_bound:
-                K = min(K, self.rank_bound[module])
-            mode = self.svd_mode
-            if mode == "auto":
-                mode = "factored" if R < min(m, n) else "dense"
-            if mode == "factored":
-                B, A = stack_factors(updates, module, weights)
-                if self.device is not None:
-                    B, A = B.to(self.device), A.to(self.device)
-                U, S, Vh = truncated_svd(B, A, K, "factored")
-                energy = ((B.T @ B).double() * (A @ A.T).double()).sum().clamp_min(0)  # ‖B̃Ã‖², R×R
-            else:  # one dense ΔW, built group by group (see delta_matrix)
-                with small_work_threads(dense_flops(m, n, R, DENSE_GROUP_RANK), self.device or home):
-                    dense = delta_matrix(updates, module, weights, device=self.device)
-                    energy = torch.linalg.vector_norm(dense, dtype=torch.float64).square()
-                    if mode == "dense":
-                        U, S, Vh = dense_svd(dense, K)
-                    else:
-                        U, S, Vh = randomized_svd(dense, K, oversample=self.oversample, niter=self.niter, seed=self.seed)
-                    del dense
-            new[f"{module}.U"] = U.to(home).contiguous()
-            new[f"{module}.S"] = S.to(home).contiguous()
-            new[f"{module}.Vh"] = Vh.to(home).contiguous()
-            new[f"{module}.E"] = energy.reshape(1).to(device=home, dtype=torch.float64)
-        return new
+        """New global ΔW per module, weights ClientUpdate.weight (else n_k), normalised. The
+        previous state is not needed: each client's factors already include the global slice it
+        started from."""
+        if not updates:
+            raise ValueError("aggregation needs at least one client")
+        module_names(updates)  # every client sent the same modules
+        accumulator = FlexLoRAAccumulator(self, state)
+        for u in updates:
+            accumulator.add(u, u.weight if u.weight is not None else u.num_examples)
+        return accumulator.result()
 
-    def accumulator(self, state: GlobalState | None) -> FlexLoRAAccumulator:
+    def accumulator(self, state: GlobalState | None) -> Accumulator:
+        if type(self).aggregate is not FlexLoRA.aggregate:  # a subclass's own aggregate is honoured
+            return Accumulator(self, state)
         return FlexLoRAAccumulator(self, state)
 
     def truncation(self, state: GlobalState, module_ranks: dict[str, set[int]]) -> dict:

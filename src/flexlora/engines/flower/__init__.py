@@ -4,7 +4,8 @@ engines, with the project's own server, client step and evaluation unchanged.
 - ServerApp (`server_app`, or `run_simulation`): builds the same `Experiment` as the in-process
   runtime (model, data, FederatedServer, centralised evaluation, run folder), finds out which
   client each node holds, and runs the same `run_rounds` loop with `FlowerRuntime`, which only
-  turns ClientTasks into Flower Messages and replies back into ClientUpdates.
+  turns ClientTasks into Flower Messages and replies back into ClientUpdates, streamed: at most
+  `flower.max_in_flight` tasks pushed and unanswered, each reply handed on as it is pulled.
 - `FederatedStrategy`: a Flower Strategy around the FederatedServer. One Message per node, each
   with the LoRA factors at that client's own ranks (Flower's stock strategies send one shared
   ArrayRecord to everyone); `configure_train`/`aggregate_train` are built from the same two
@@ -69,8 +70,10 @@ from flexlora.engines.flower.codec import (  # noqa: F401
 from flexlora.engines.flower.server_app import (  # noqa: F401
     FederatedStrategy,
     FlowerRuntime,
+    Sent,
     config_from_run_config,
     discover,
+    reply_result,
     serve,
     server_app,
     wait_for_nodes,

@@ -9,6 +9,8 @@ import logging
 import math
 import shlex
 import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,7 +29,49 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+POLL_S = 1.0  # seconds between pulls for replies, where the grid has no pull_interval of its own
 
+
+@dataclass(frozen=True)
+class Sent:
+    """What is kept of a task once its Message is pushed: who it is for and the bytes it moved
+    down (the task and the Message themselves are dropped)."""
+
+    client_id: str
+    node_id: int  # the Flower node the Message went to
+    bytes_down: int
+    payload_bytes_down: int
+
+    @classmethod
+    def of(cls, client_id: str, message: Message) -> Sent:
+        return cls(client_id, message.metadata.dst_node_id, message_bytes(message), payload_bytes(message.content))
+
+
+def reply_result(sent: Sent, reply: Message | None, timeout_s: float) -> ClientUpdate | ClientFailure:
+    """One task's outcome from its reply (None: no reply came within `timeout_s`): the decoded
+    ClientUpdate, its metrics with the bytes moved both ways, or a ClientFailure with the reason.
+    The one per-reply step of both FederatedStrategy.collect and FlowerRuntime.train."""
+    from flexlora.protocol import ClientFailure
+
+    if reply is None:
+        return ClientFailure(sent.client_id, f"no reply within {timeout_s:g} s")
+    if reply.has_error():  # the node's (or Flower's, e.g. an expired message) error reply
+        return ClientFailure(sent.client_id, reply.error.reason)
+    if reply.metadata.src_node_id != sent.node_id:
+        return ClientFailure(sent.client_id, f"bad reply: from node {reply.metadata.src_node_id}, the task went to node {sent.node_id}")
+    try:
+        update = decode_update(reply.content)
+        if update.client_id != sent.client_id:
+            raise ValueError(f"reply from client {update.client_id} to a task for {sent.client_id}")
+    except (KeyError, ValueError, TypeError) as e:
+        return ClientFailure(sent.client_id, f"bad reply: {type(e).__name__}: {e}")
+    update.metrics.update(
+        bytes_down=sent.bytes_down,
+        bytes_up=message_bytes(reply),
+        payload_bytes_down=sent.payload_bytes_down,
+        payload_bytes_up=payload_bytes(reply.content),
+    )
+    return update
 
 
 class FederatedStrategy(Strategy):
@@ -42,45 +86,27 @@ class FederatedStrategy(Strategy):
         self.last_results: list[ClientUpdate | ClientFailure] = []
 
     # The two halves shared with FlowerRuntime.
+    def task_message(self, task: ClientTask) -> Message:
+        """The task encoded as a Message to the node that holds its client."""
+        if task.client_id not in self.nodes:
+            raise ValueError(f"no Flower node holds client {task.client_id}")
+        content = encode_task(task, self.server.cfg)
+        return Message(content, dst_node_id=self.nodes[task.client_id], message_type=MessageType.TRAIN, group_id=str(task.round))
+
     def task_messages(self, tasks: list[ClientTask]) -> list[Message]:
-        cfg = self.server.cfg
         unknown = [t.client_id for t in tasks if t.client_id not in self.nodes]
         if unknown:
             raise ValueError(f"no Flower node holds client {unknown[0]}")
-        return [
-            Message(encode_task(t, cfg), dst_node_id=self.nodes[t.client_id], message_type=MessageType.TRAIN, group_id=str(t.round))
-            for t in tasks
-        ]
+        return [self.task_message(t) for t in tasks]
 
     def collect(self, tasks: list[ClientTask], messages: list[Message], replies) -> list[ClientUpdate | ClientFailure]:
-        """Replies -> one ClientUpdate or ClientFailure per task, in task order (the order the
-        in-process runtime aggregates in), each update's metrics with the bytes moved."""
-        from flexlora.protocol import ClientFailure
-
+        """Replies (all of a round's, matched by node) -> one ClientUpdate or ClientFailure per
+        task, in task order, each update's metrics with the bytes moved (see reply_result)."""
         by_node = {r.metadata.src_node_id: r for r in replies}
-        results: list[ClientUpdate | ClientFailure] = []
-        for task, message in zip(tasks, messages):
-            reply = by_node.get(message.metadata.dst_node_id)
-            if reply is None:
-                results.append(ClientFailure(task.client_id, f"no reply within {self.timeout_s:.0f} s"))
-            elif reply.has_error():
-                results.append(ClientFailure(task.client_id, reply.error.reason))
-            else:
-                try:
-                    update = decode_update(reply.content)
-                    if update.client_id != task.client_id:
-                        raise ValueError(f"reply from client {update.client_id} to a task for {task.client_id}")
-                except (KeyError, ValueError, TypeError) as e:
-                    results.append(ClientFailure(task.client_id, f"bad reply: {type(e).__name__}: {e}"))
-                    continue
-                update.metrics.update(
-                    bytes_down=message_bytes(message),
-                    bytes_up=message_bytes(reply),
-                    payload_bytes_down=payload_bytes(message.content),
-                    payload_bytes_up=payload_bytes(reply.content),
-                )
-                results.append(update)
-        return results
+        return [
+            reply_result(Sent.of(task.client_id, message), by_node.get(message.metadata.dst_node_id), self.timeout_s)
+            for task, message in zip(tasks, messages)
+        ]
 
     # Flower's Strategy interface.
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -114,17 +140,90 @@ class FederatedStrategy(Strategy):
 
 
 class FlowerRuntime:
-    """A `server.Runtime` over a Flower Grid: tasks out as Messages, replies back as updates."""
+    """A `server.Runtime` over a Flower Grid that streams the round: at most `max_in_flight`
+    tasks are pushed and unanswered at a time, a task is taken from the server's lazy iterator
+    (and so built) and encoded only when a slot is free, and each reply is decoded and yielded
+    as soon as it is pulled. Kept per task in flight: its Message id and a `Sent` (client id,
+    node, bytes down); the task and its Message are dropped once pushed.
 
-    def __init__(self, strategy: FederatedStrategy, grid: Grid):
+    `flower.round_timeout_s` is measured per round, from the first task taken: a task still
+    unanswered then is a ClientFailure ("no reply within N s"), and so is every task the round
+    had no time left to send. Replies are yielded in the order they arrive, not in task order."""
+
+    def __init__(self, strategy: FederatedStrategy, grid: Grid, max_in_flight: int | None = None, poll_s: float | None = None):
         self.strategy = strategy
         self.grid = grid
+        self.max_in_flight = max_in_flight or strategy.server.cfg.flower.max_in_flight
+        # Flower's own send_and_receive sleeps between polls: the in-memory grid's pull_interval
+        # (0.1 s); the deployment's grid sleeps 3 s, we poll at most every second.
+        self.poll_s = poll_s if poll_s is not None else float(getattr(grid, "pull_interval", POLL_S))
 
-    def train(self, tasks) -> list[ClientUpdate | ClientFailure]:
-        tasks = list(tasks)
-        messages = self.strategy.task_messages(tasks)
-        replies = self.grid.send_and_receive(messages, timeout=self.strategy.timeout_s)
-        return self.strategy.collect(tasks, messages, list(replies))
+    def push(self, task: ClientTask) -> tuple[str | None, Sent]:
+        """Encode the task and push it: (its Message id, or None if Flower did not take it; what is kept)."""
+        message = self.strategy.task_message(task)
+        ids = list(self.grid.push_messages([message]))
+        sent = Sent.of(task.client_id, message)
+        return (str(ids[0]) if ids and ids[0] else None), sent
+
+    def train(self, tasks: Iterable[ClientTask]) -> Iterator[ClientUpdate | ClientFailure]:
+        from flexlora.protocol import ClientFailure
+
+        timeout_s = self.strategy.timeout_s
+        tasks = iter(tasks)
+        deadline = time.monotonic() + timeout_s
+        in_flight: dict[str, Sent] = {}  # Message id -> what is kept of its task
+        exhausted = False
+
+        def fill() -> list[ClientFailure]:
+            """Push tasks until max_in_flight are in flight (or none is left, or time is up)."""
+            nonlocal exhausted
+            refused = []
+            while not exhausted and len(in_flight) < self.max_in_flight and time.monotonic() < deadline:
+                task = next(tasks, None)
+                if task is None:
+                    exhausted = True
+                    break
+                message_id, sent = self.push(task)
+                del task  # its factors and Message are not needed past the push
+                if message_id is None:
+                    refused.append(ClientFailure(sent.client_id, "Flower did not take the task (push_messages returned no message id)"))
+                else:
+                    in_flight[message_id] = sent
+            return refused
+
+        yield from fill()
+        while in_flight:
+            replies = list(self.grid.pull_messages(list(in_flight)))
+            got = False
+            while replies:
+                reply = replies.pop(0)
+                sent = in_flight.pop(reply.metadata.reply_to_message_id, None)
+                if sent is None:
+                    log.warning("ignored a Flower reply to unknown message %r (from node %s)",
+                                reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+                    continue
+                got = True
+                result = reply_result(sent, reply, timeout_s)
+                del reply
+                refused = fill()  # the freed slot's next task trains while this result is folded
+                yield result
+                del result
+                yield from refused
+            if not in_flight:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if not got:
+                time.sleep(min(self.poll_s, remaining))
+        for sent in in_flight.values():
+            yield reply_result(sent, None, timeout_s)
+        in_flight.clear()
+        if not exhausted:
+            for task in tasks:  # the round's time was up before these could be sent
+                cid = task.client_id
+                del task
+                yield ClientFailure(cid, f"no reply within {timeout_s:g} s (not sent: the round's flower.round_timeout_s was up)")
 
 
 def wait_for_nodes(grid: Grid, count: int, wait_s: float) -> list[int]:
