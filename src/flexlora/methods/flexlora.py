@@ -212,7 +212,7 @@ class FlexLoRAAccumulator(Accumulator):
         self.rank: dict[str, int] = {}  # R per module
         self.shape: dict[str, tuple[int, int]] = {}
         self.home: dict[str, torch.device] = {}  # where the state goes back to
-        self.pending: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # not in `dense` yet
+        self.pending: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}  # (B, A, w s) not in `dense` yet
         self.dense: dict[str, torch.Tensor] = {}
 
     def add(self, update: ClientUpdate, weight: float) -> None:
@@ -229,27 +229,34 @@ class FlexLoRAAccumulator(Accumulator):
             self.home.setdefault(module, A.device)
             device = self.method.device or self.home[module]
             dtype = compute_dtype(A, B)
-            Bs, As = self.pending.setdefault(module, ([], []))
-            Bs.append(B.to(dtype=dtype, device=device) * (weight * update.scale(module)))
-            As.append(A.to(dtype=dtype, device=device))
+            # Kept as sent, with its coefficient w_k s_k: the scaling is done where the stack is
+            # used (_stack), inside the kernels' thread limits.
+            self.pending.setdefault(module, []).append((B.to(dtype=dtype, device=device), A.to(dtype=dtype, device=device), weight * update.scale(module)))
             self.rank[module] = self.rank.get(module, 0) + A.shape[0]
             mode = self.method.svd_mode
             if module not in self.dense and (mode in ("dense", "randomized") or (mode == "auto" and self.rank[module] >= min(m, n))):
                 self.dense[module] = torch.zeros(m, n, dtype=dtype, device=device)
-            if module in self.dense and sum(b.shape[1] for b in Bs) >= min(DENSE_GROUP_RANK, max(1, m * n // (m + n))):
+            if module in self.dense and sum(B.shape[1] for B, _, _ in self.pending[module]) >= min(DENSE_GROUP_RANK, max(1, m * n // (m + n))):
                 self._flush(module)
+
+    def _stack(self, module: str, divide_by: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B̃, Ã) of the module's pending factors: B̃ = [c_k B_k / divide_by, ...], Ã = [A_k; ...]."""
+        pieces = self.pending.pop(module, [])
+        dtype = compute_dtype(*(t for B, A, _ in pieces for t in (B, A)))
+        B = torch.cat([B.to(dtype) * (c / divide_by) for B, _, c in pieces], dim=1)
+        return B, torch.cat([A.to(dtype) for _, A, _ in pieces], dim=0)
 
     def _flush(self, module: str) -> None:
         """Add the pending factors of a module to its dense ΔW, in one product."""
-        Bs, As = self.pending.pop(module, ([], []))
-        if not Bs:
+        if not self.pending.get(module):
             return
-        dtype = compute_dtype(self.dense[module], *Bs, *As)
-        dense = self.dense[module] = self.dense[module].to(dtype)
-        m, n = dense.shape
-        B, A = torch.cat(Bs, dim=1).to(dtype), torch.cat(As, dim=0).to(dtype)
-        with small_work_threads(2.0 * m * n * B.shape[1], dense.device):
-            dense.addmm_(B, A)
+        m, n = self.dense[module].shape
+        rank = sum(B.shape[1] for B, _, _ in self.pending[module])
+        with small_work_threads(2.0 * m * n * rank, self.dense[module].device):
+            B, A = self._stack(module)
+            dtype = torch.promote_types(self.dense[module].dtype, B.dtype)
+            dense = self.dense[module] = self.dense[module].to(dtype)
+            dense.addmm_(B.to(dtype), A.to(dtype))
 
     def result(self) -> GlobalState:
         if self.total <= 0:
@@ -263,10 +270,8 @@ class FlexLoRAAccumulator(Accumulator):
                 # Small modules on one CPU thread, stacking and rotation included (see
                 # svd.SINGLE_THREAD_MAX_FLOPS); the energy ‖B̃Ã‖² comes from the kernel's R×R
                 # Gram matrices.
-                Bs, As = self.pending.pop(module)
-                with small_work_threads(factored_flops(m, n, R), Bs[0].device, SINGLE_THREAD_MAX_FLOPS):
-                    B, A = torch.cat(Bs, dim=1) / self.total, torch.cat(As, dim=0)
-                    del Bs, As
+                with small_work_threads(factored_flops(m, n, R), self.pending[module][0][0].device, SINGLE_THREAD_MAX_FLOPS):
+                    B, A = self._stack(module, divide_by=self.total)
                     (U, S, Vh), energy = factored_svd_energy(B, A, K)
                     del B, A
             else:
