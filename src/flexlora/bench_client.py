@@ -235,7 +235,9 @@ def worker(spec: dict) -> dict:
 # ---------------------------------------------------------------- the parent
 
 
-def run_child(spec: dict, timeout_s: float) -> dict:
+def child_env() -> dict:
+    """The environment of a benchmark's child process: this source tree first on the path,
+    quiet libraries, passive OpenMP waits (so that a child does not spin against its parent)."""
     env = dict(os.environ)
     src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -243,6 +245,11 @@ def run_child(spec: dict, timeout_s: float) -> dict:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["TRANSFORMERS_VERBOSITY"] = "error"
     env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    return env
+
+
+def run_child(spec: dict, timeout_s: float) -> dict:
+    env = child_env()
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "flexlora.bench_client", json.dumps(spec)],

@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from flexlora.bench_client import child_env
+
 DEFAULT_CLIENTS = (10, 20, 40, 80)
 DEFAULT_MODEL = "smollm2-135m-instruct"
 NI_PATH = "../shared/data/natural-instructions-1613-mini"
@@ -106,17 +108,6 @@ def validate(setting: dict) -> None:
 # ---------------------------------------------------------------- one run
 
 
-def _child_env() -> dict:
-    env = dict(os.environ)
-    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env["TRANSFORMERS_VERBOSITY"] = "error"
-    env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    return env
-
-
 def run_setting(setting: dict, runs_dir: Path, name: str, timeout_s: float) -> dict:
     """Run one setting as a child process; its peak RSS from os.wait4, its times from metrics.jsonl."""
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -125,7 +116,7 @@ def run_setting(setting: dict, runs_dir: Path, name: str, timeout_s: float) -> d
                f"output.dir={runs_dir}", f"output.name={name}"]
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_child_env(), start_new_session=True)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
         timed_out = False
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)

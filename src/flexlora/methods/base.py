@@ -26,9 +26,10 @@ GlobalState = dict[str, torch.Tensor]  # flat and safetensors-ready; keys are me
 
 def data_weights(updates: list[ClientUpdate]) -> list[float]:
     """p_k of each update: the weight the server assigned (`ClientUpdate.weight`, set on every
-    update of a round by FederatedServer, already summing to 1), else n_k / sum_j n_j over the
-    clients of this round. Every method takes its weights from here, so a bound the server
-    puts on the weights holds whatever the method."""
+    update by the round's Accumulator, already summing to 1), else n_k / sum_j n_j over the
+    clients of this round. Every method's aggregate takes its weights from here (FlexLoRA's
+    accumulator normalises the same weights itself), so a bound the server puts on the weights
+    holds whatever the method."""
     if updates and all(u.weight is not None for u in updates):
         return [float(u.weight) for u in updates]
     total = sum(u.num_examples for u in updates)
