@@ -89,7 +89,7 @@ class RoundAggregation:
         self.cap_slots = math.ceil(1 / fed.max_weight_share) if fed.max_weight_share is not None else 0
         self.cap_held: list[ClientUpdate] = []
         self.sizes: dict[str, int] = {}  # n_k of every valid update, in arrival order
-        self.folded_at_size: list[str] = []  # folded with raw weight n_k
+        self.first_released: str | None = None  # the first update folded with raw weight n_k under a cap (gives λ)
         self.metrics: dict[str, dict] = {}
         self.module_ranks: dict[str, dict[str, int]] = {}
         self.failures: dict[str, str] = {}
@@ -150,7 +150,7 @@ class RoundAggregation:
         if len(self.cap_held) > self.cap_slots:  # the smallest of them can no longer reach the cap
             smallest = min(range(len(self.cap_held)), key=lambda i: self.cap_held[i].num_examples)
             released = self.cap_held.pop(smallest)
-            self.folded_at_size.append(released.client_id)
+            self.first_released = self.first_released or released.client_id
             self.fold(released, released.num_examples)
 
     def fold(self, update: ClientUpdate, weight: float) -> None:
@@ -180,7 +180,7 @@ class RoundAggregation:
             server.last_truncation = None
         else:
             weights = dict(zip(self.sizes, server.weights(list(self.sizes.values()), self.round)))
-            first = self.folded_at_size[0] if self.folded_at_size else None
+            first = self.first_released
             scale = weights[first] / self.sizes[first] if first is not None else 0.0  # λ
             for update in self.cap_held:
                 p = weights[update.client_id]
