@@ -570,3 +570,59 @@ def test_partial_eigh_matches_torch_eigh(monkeypatch, dtype):
                 vd = v.double()
                 assert (vd.T @ vd - torch.eye(count, dtype=F64)).abs().max() < 100 * tol
                 assert torch.linalg.norm(G.double() @ vd - vd * w.double()) <= 100 * tol * scale
+
+
+def test_map_modules_gives_the_loop_and_restores_the_thread_settings(monkeypatch):
+    """map_modules runs per-module work side by side on one intra-op thread each: results in
+    the items' order, torch's and OpenBLAS's thread counts restored after (also when a worker
+    raises), and FlexLoRA's aggregate identical to the one-module-at-a-time loop."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = svd_mod.map_modules(lambda x: (x * x, torch.get_num_threads()), list(range(7)), "cpu")
+        assert seen == [(x * x, 1) for x in range(7)]
+        assert torch.get_num_threads() == 2
+        lapack = svd_mod._syevr()
+        before = lapack[1]() if lapack is not None else None
+
+        def boom(x):
+            raise ValueError(f"bad module {x}")
+
+        with pytest.raises(ValueError, match="bad module"):
+            svd_mod.map_modules(boom, [1, 2], "cpu")
+        assert torch.get_num_threads() == 2 and svd_mod._workers_active == 0
+        if lapack is not None:
+            assert lapack[1]() == before
+        assert svd_mod.map_modules(lambda x: torch.get_num_threads(), [1, 2], None) == [2, 2]  # mixed devices: a loop
+
+        gen = torch.Generator().manual_seed(5)
+        shapes = {f"l{i}.{kind}": shape for i in range(4) for kind, shape in (("q", (40, 36)), ("up", (40, 20)))}
+        updates = [
+            ClientUpdate(f"c{k}", 10 + k, 16.0, {m: (torch.randn(r, n, generator=gen), torch.randn(mm, r, generator=gen))
+                                                for m, (mm, n) in shapes.items()})
+            for k, r in enumerate((3, 9, 12, 5))
+        ]  # Σr = 29: the factored route for q (min(m, n) = 36), the dense one for up (20)
+        parallel = FlexLoRA().aggregate(updates)
+        monkeypatch.setattr(agg.flexlora, "map_modules", lambda fn, items, device: [fn(i) for i in items])
+        serial = FlexLoRA().aggregate(updates)
+        assert parallel.keys() == serial.keys()
+        for key in serial:
+            assert torch.allclose(parallel[key], serial[key], rtol=1e-5, atol=1e-6), key
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, F64])
+def test_nonfinite_finds_nan_and_inf_in_every_float_dtype(dtype):
+    """The finiteness check sums in the tensor's own precision (float32 for 16-bit): NaN and
+    Inf are found, and large finite values whose sum overflows are not called non-finite."""
+    from flexlora.methods.base import nonfinite
+
+    big = torch.finfo(dtype).max / 4
+    t = torch.full((64, 64), big, dtype=dtype)  # its sum overflows in the tensor's precision
+    assert nonfinite(t) is None
+    assert nonfinite(torch.zeros(0, 3, dtype=dtype)) is None
+    t[3, 5] = float("nan")
+    assert nonfinite(t) == "contains NaN"
+    t[3, 5] = float("-inf")
+    assert nonfinite(t) == "contains Inf"

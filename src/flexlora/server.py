@@ -25,6 +25,7 @@ from flexlora.methods.base import GlobalState, capped_weights
 from flexlora.protocol import ClientFailure, ClientTask, ClientUpdate, ServerSnapshot, flatten, unflatten
 from flexlora.resources import RankType, assign_rank_types, module_ranks, paper_rank_types
 from flexlora.methods.server_opt import starting_point
+from flexlora.methods.svd import one_cpu_thread
 from flexlora.validation import NormScreen, check_result, update_norm, validate_round
 
 logger = logging.getLogger(__name__)
@@ -115,16 +116,17 @@ class RoundAggregation:
             return
         started = time.perf_counter()
         server, fed = self.server, self.server.cfg.federation
-        problem = check_result(result, self.tasks, self.seen, server.shapes, server.cfg.lora.alpha,
-                               exact_rank=server.method.homogeneous, declared_sizes=server.declared_sizes)
-        if isinstance(result, ClientUpdate) and result.client_id in self.seen:
-            self.tasks.pop(result.client_id, None)  # answered: its factors can go
-        if problem is not None:
-            self.reject(*problem)
-            decided = []
-        else:
-            norm = update_norm(result) if fed.max_norm_ratio is not None else None
-            decided = self.screen.offer(result.client_id, norm, result)
+        with one_cpu_thread():  # many small reductions and r×r products: no thread barriers
+            problem = check_result(result, self.tasks, self.seen, server.shapes, server.cfg.lora.alpha,
+                                   exact_rank=server.method.homogeneous, declared_sizes=server.declared_sizes)
+            if isinstance(result, ClientUpdate) and result.client_id in self.seen:
+                self.tasks.pop(result.client_id, None)  # answered: its factors can go
+            if problem is not None:
+                self.reject(*problem)
+                decided = []
+            else:
+                norm = update_norm(result) if fed.max_norm_ratio is not None else None
+                decided = self.screen.offer(result.client_id, norm, result)
         self.validation_s += time.perf_counter() - started
         for update, reason in decided:
             self.decide(update, reason)

@@ -37,6 +37,7 @@ from .svd import (
     dense_svd,
     factored_flops,
     factored_svd_energy,
+    map_modules,
     randomized_svd,
     small_work_threads,
 )
@@ -261,33 +262,41 @@ class FlexLoRAAccumulator(Accumulator):
     def result(self) -> GlobalState:
         if self.total <= 0:
             raise ValueError("aggregation needs at least one client with num_examples > 0")
-        method, new = self.method, {}
-        for module in sorted(self.shape):
-            m, n = self.shape[module]
-            R = self.rank[module]
-            K = min(R, m, n, method.max_global_rank or R, method.rank_bound.get(module, R))
-            if module not in self.dense:  # R < min(m, n): the factored route
-                # Small modules on one CPU thread, stacking and rotation included (see
-                # svd.SINGLE_THREAD_MAX_FLOPS); the energy ‖B̃Ã‖² comes from the kernel's R×R
-                # Gram matrices.
-                with small_work_threads(factored_flops(m, n, R), self.pending[module][0][0].device, SINGLE_THREAD_MAX_FLOPS):
-                    B, A = self._stack(module, divide_by=self.total)
-                    (U, S, Vh), energy = factored_svd_energy(B, A, K)
-                    del B, A
-            else:
-                self._flush(module)
-                dense = self.dense.pop(module).div_(self.total)
-                with small_work_threads(dense_flops(m, n, R, DENSE_GROUP_RANK), dense.device):
-                    energy = torch.linalg.vector_norm(dense, dtype=torch.float64).square()
-                    if method.svd_mode == "randomized":
-                        U, S, Vh = randomized_svd(dense, K, oversample=method.oversample, niter=method.niter, seed=method.seed)
-                    else:
-                        U, S, Vh = dense_svd(dense, K)
-                del dense
-            home = self.home[module]
-            new[f"{module}.U"], new[f"{module}.S"], new[f"{module}.Vh"] = (t.to(home).contiguous() for t in (U, S, Vh))
-            new[f"{module}.E"] = energy.reshape(1).to(device=home, dtype=torch.float64)
+        modules = sorted(self.shape)
+        devices = {self.method.device or self.home[module] for module in modules}
+        new: GlobalState = {}
+        for part in map_modules(self._finish, modules, devices.pop() if len(devices) == 1 else None):
+            new.update(part)
         return new
+
+    def _finish(self, module: str) -> GlobalState:
+        """The module's state: the top-K SVD of its Σ w_k s_k B_k A_k / Σ w_k, and its energy."""
+        method = self.method
+        m, n = self.shape[module]
+        R = self.rank[module]
+        K = min(R, m, n, method.max_global_rank or R, method.rank_bound.get(module, R))
+        if module not in self.dense:  # R < min(m, n): the factored route
+            # Small modules on one CPU thread, stacking and rotation included (see
+            # svd.SINGLE_THREAD_MAX_FLOPS); the energy ‖B̃Ã‖² comes from the kernel's R×R
+            # Gram matrices.
+            with small_work_threads(factored_flops(m, n, R), self.pending[module][0][0].device, SINGLE_THREAD_MAX_FLOPS):
+                B, A = self._stack(module, divide_by=self.total)
+                (U, S, Vh), energy = factored_svd_energy(B, A, K)
+                del B, A
+        else:
+            self._flush(module)
+            dense = self.dense.pop(module).div_(self.total)
+            with small_work_threads(dense_flops(m, n, R, DENSE_GROUP_RANK), dense.device):
+                energy = torch.linalg.vector_norm(dense, dtype=torch.float64).square()
+                if method.svd_mode == "randomized":
+                    U, S, Vh = randomized_svd(dense, K, oversample=method.oversample, niter=method.niter, seed=method.seed)
+                else:
+                    U, S, Vh = dense_svd(dense, K)
+            del dense
+        home = self.home[module]
+        U, S, Vh = (t.to(home).contiguous() for t in (U, S, Vh))
+        return {f"{module}.U": U, f"{module}.S": S, f"{module}.Vh": Vh,
+                f"{module}.E": energy.reshape(1).to(device=home, dtype=torch.float64)}
 
 
 class FlexLoRA(Method):
