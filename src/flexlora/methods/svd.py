@@ -151,7 +151,8 @@ def _cpu_threads(n: int, device: torch.device):
 # Per-module work (a factored or dense SVD of one target module) is a chain of small LAPACK
 # steps whose thread barriers are what a busy machine punishes (above). map_modules runs
 # modules side by side instead: one worker per CPU thread, each on one intra-op thread, so the
-# cores stay busy without barriers. Measured here (2 cores): a round of SmolLM2's 210 modules.
+# cores stay busy without barriers. Measured here (2 idle cores, the 210 SmolLM2 modules of a
+# default-run round, captured client updates): 13.3 s one module at a time, 6.9 s side by side.
 _workers_active = 0  # > 0 while map_modules's workers run (the thread settings are theirs)
 
 
