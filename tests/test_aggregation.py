@@ -626,3 +626,28 @@ def test_nonfinite_finds_nan_and_inf_in_every_float_dtype(dtype):
     assert nonfinite(t) == "contains NaN"
     t[3, 5] = float("-inf")
     assert nonfinite(t) == "contains Inf"
+
+
+def test_fresh_rows_answers_from_its_cache_exactly_and_within_its_bound(monkeypatch):
+    """fresh_rows's cache gives what a new draw gives (fewer rows of a seed are a prefix of
+    more), in any order of requests; every result is a copy; the cache stays under its byte
+    bound; clear_fresh_rows empties it."""
+    from flexlora.methods import base
+
+    def drawn(count, n, seed, dtype):  # the rows without any cache
+        gen = torch.Generator().manual_seed(seed)
+        return ((torch.rand(count, n, generator=gen, dtype=F64) * 2 - 1) / n**0.5).to(dtype)
+
+    base.clear_fresh_rows()
+    for count in (8, 200, 30, 200, 1, 57):
+        for dtype in (torch.float32, F64):
+            rows = base.fresh_rows(count, 96, 11, dtype)
+            assert torch.equal(rows, drawn(count, 96, 11, dtype)), (count, dtype)
+            rows.fill_(7.0)  # a caller training its rows in place changes nothing cached
+    assert torch.equal(base.fresh_rows(200, 96, 11, torch.float32), drawn(200, 96, 11, torch.float32))
+    monkeypatch.setattr(base, "FRESH_ROWS_CACHE_BYTES", 3 * 50 * 96 * 4)
+    for seed in range(10):
+        base.fresh_rows(50, 96, seed, torch.float32)
+    assert sum(t.numel() * t.element_size() for t in base._fresh_rows_cache.values()) <= base.FRESH_ROWS_CACHE_BYTES
+    base.clear_fresh_rows()
+    assert not base._fresh_rows_cache

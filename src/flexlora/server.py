@@ -21,7 +21,7 @@ import torch
 from flexlora.config import ExperimentConfig
 from flexlora.faults import fault_point
 from flexlora.methods import METHODS, FedProx, compose_method
-from flexlora.methods.base import GlobalState, capped_weights
+from flexlora.methods.base import GlobalState, capped_weights, clear_fresh_rows
 from flexlora.protocol import ClientFailure, ClientTask, ClientUpdate, ServerSnapshot, flatten, unflatten
 from flexlora.resources import RankType, assign_rank_types, module_ranks, paper_rank_types
 from flexlora.methods.server_opt import starting_point
@@ -116,17 +116,17 @@ class RoundAggregation:
             return
         started = time.perf_counter()
         server, fed = self.server, self.server.cfg.federation
-        with one_cpu_thread():  # many small reductions and r×r products: no thread barriers
+        with one_cpu_thread():  # many small checks and reductions: no thread barriers
             problem = check_result(result, self.tasks, self.seen, server.shapes, server.cfg.lora.alpha,
                                    exact_rank=server.method.homogeneous, declared_sizes=server.declared_sizes)
-            if isinstance(result, ClientUpdate) and result.client_id in self.seen:
-                self.tasks.pop(result.client_id, None)  # answered: its factors can go
-            if problem is not None:
-                self.reject(*problem)
-                decided = []
-            else:
-                norm = update_norm(result) if fed.max_norm_ratio is not None else None
-                decided = self.screen.offer(result.client_id, norm, result)
+        if isinstance(result, ClientUpdate) and result.client_id in self.seen:
+            self.tasks.pop(result.client_id, None)  # answered: its factors can go
+        if problem is not None:
+            self.reject(*problem)
+            decided = []
+        else:
+            norm = update_norm(result) if fed.max_norm_ratio is not None else None
+            decided = self.screen.offer(result.client_id, norm, result)
         self.validation_s += time.perf_counter() - started
         for update, reason in decided:
             self.decide(update, reason)
@@ -292,6 +292,7 @@ class FederatedServer:
                 options=options,
                 base_offset=offset,
             )
+        clear_fresh_rows()  # the round's shared seeded rows are handed out
 
     def validate(self, results: list[ClientUpdate], tasks: list[ClientTask]) -> tuple[list[ClientUpdate], dict[str, str]]:
         """(valid updates, {client_id: reason}) — see flexlora.validation."""

@@ -34,6 +34,7 @@ import torch
 from flexlora.methods import parse_client_options
 from flexlora.methods.base import FLOAT_DTYPES, nonfinite
 from flexlora.methods.base import update_norm as factor_norm
+from flexlora.methods.svd import map_modules
 from flexlora.protocol import ClientUpdate
 
 
@@ -126,9 +127,14 @@ def update_norm(update: ClientUpdate) -> float:
     the r×r Gram matrices (||BA||² = Σ (BᵀB) ⊙ (AAᵀ)) so no (m, n) matrix is formed;
     deltas add the squares of their values."""
     total = sum(float(d.values.double().square().sum()) for d in (getattr(update, "deltas", None) or {}).values())
-    for module, (A, B) in update.factors.items():
-        # float32 (2.6x faster than float64 here, relative error ~1e-8)
-        total += update.scale(module) ** 2 * factor_norm(A, B, squared=True, exact=False)
+
+    def module_norm(module: str) -> float:  # float32 (2.6x faster than float64 here, relative error ~1e-8)
+        return update.scale(module) ** 2 * factor_norm(*update.factors[module], squared=True, exact=False)
+
+    # Modules side by side, each on one thread (small r×r products: see svd.map_modules).
+    modules = list(update.factors)
+    device = update.factors[modules[0]][0].device if modules else None
+    total += sum(map_modules(module_norm, modules, device))
     return math.sqrt(total)
 
 

@@ -103,12 +103,36 @@ def module_seed(seed: int, module: str, *parts: int) -> int:
     return value % 2**63
 
 
+# fresh_rows keeps its latest draws, up to this many bytes: in round 1 every client of a module
+# is handed a prefix of the same seeded draw (the shared initial adapter), which is then drawn
+# once per module instead of once per client (80 clients a round: 24.5 s of building tasks).
+FRESH_ROWS_CACHE_BYTES = 256 * 2**20
+_fresh_rows_cache: dict[tuple, torch.Tensor] = {}  # (n, seed, dtype, device) -> the largest draw, oldest first
+
+
 def fresh_rows(count: int, n: int, seed: int, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
     """`count` rows of a LoRA A drawn like PEFT's fresh init (kaiming-uniform: U(-1/√n, 1/√n)),
-    from a generator seeded with `seed` (deterministic, the global RNG untouched)."""
+    from a generator seeded with `seed` (deterministic, the global RNG untouched). The generator
+    fills rows in order, so fewer rows of the same seed are a prefix of more: a smaller request
+    is answered from a cached larger draw (a copy: the caller may train it in place)."""
+    key = (n, seed, dtype, str(device))
+    cached = _fresh_rows_cache.get(key)
+    if cached is not None and cached.shape[0] >= count:
+        return cached[:count].clone()
     gen = torch.Generator().manual_seed(seed)
-    rows = (torch.rand(count, n, generator=gen, dtype=torch.float64) * 2 - 1) / n**0.5
-    return rows.to(dtype=dtype, device=device)
+    rows = ((torch.rand(count, n, generator=gen, dtype=torch.float64) * 2 - 1) / n**0.5).to(dtype=dtype, device=device)
+    _fresh_rows_cache.pop(key, None)
+    _fresh_rows_cache[key] = rows
+    size = sum(t.numel() * t.element_size() for t in _fresh_rows_cache.values())
+    while size > FRESH_ROWS_CACHE_BYTES and _fresh_rows_cache:
+        oldest = _fresh_rows_cache.pop(next(iter(_fresh_rows_cache)))
+        size -= oldest.numel() * oldest.element_size()
+    return rows.clone()
+
+
+def clear_fresh_rows() -> None:
+    """Drop fresh_rows's cached draws (the server does after building a round's tasks)."""
+    _fresh_rows_cache.clear()
 
 
 def zero_rank_state(shapes: dict[str, tuple[int, int]], a_key: str = "A", b_key: str = "B") -> GlobalState:
