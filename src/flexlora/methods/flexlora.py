@@ -45,6 +45,14 @@ from .svd import (
 SPLITS = ("all_in_B", "sqrt")
 
 
+def stack_pieces(pieces: list[tuple[torch.Tensor, torch.Tensor, float]], divide_by: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """B̃ = [c_1 B_1 / divide_by, …] (m, R) and Ã = [A_1; …] (R, n) of pieces (B_k, A_k, c_k), in
+    float32 (float64 if any piece is float64), so that B̃ Ã = Σ c_k B_k A_k / divide_by."""
+    dtype = compute_dtype(*(t for B, A, _ in pieces for t in (B, A)))
+    B = torch.cat([B.to(dtype) * (c / divide_by) for B, _, c in pieces], dim=1)
+    return B, torch.cat([A.to(dtype) for _, A, _ in pieces], dim=0)
+
+
 def stack_factors(updates: list[ClientUpdate], module: str, weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """B̃ = [p_1 s_1 B_1, …] (m, R) and Ã = [A_1; …] (R, n), so that B̃ Ã = Σ p_k s_k B_k A_k.
 
@@ -52,14 +60,8 @@ def stack_factors(updates: list[ClientUpdate], module: str, weights: list[float]
     The result lives on the device of the first client's tensors.
     """
     pairs = [(p, u) for p, u in zip(weights, updates) if p > 0]
-    tensors = [t for _, u in pairs for t in u.factors[module]]
-    dtype, device = compute_dtype(*tensors), tensors[0].device
-    Bs, As = [], []
-    for p, u in pairs:
-        A, B = u.factors[module]
-        Bs.append(B.to(dtype=dtype, device=device) * (p * u.scale(module)))
-        As.append(A.to(dtype=dtype, device=device))
-    return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
+    device = pairs[0][1].factors[module][0].device
+    return stack_pieces([(B.to(device), A.to(device), p * u.scale(module)) for p, u in pairs for A, B in [u.factors[module]]])
 
 
 # Clients are stacked into groups of about this total rank for the dense product: each group
@@ -231,7 +233,7 @@ class FlexLoRAAccumulator(Accumulator):
             device = self.method.device or self.home[module]
             dtype = compute_dtype(A, B)
             # Kept as sent, with its coefficient w_k s_k: the scaling is done where the stack is
-            # used (_stack), inside the kernels' thread limits.
+            # used (stack_pieces), inside the kernels' thread limits.
             self.pending.setdefault(module, []).append((B.to(dtype=dtype, device=device), A.to(dtype=dtype, device=device), weight * update.scale(module)))
             self.rank[module] = self.rank.get(module, 0) + A.shape[0]
             mode = self.method.svd_mode
@@ -240,13 +242,6 @@ class FlexLoRAAccumulator(Accumulator):
             if module in self.dense and sum(B.shape[1] for B, _, _ in self.pending[module]) >= min(DENSE_GROUP_RANK, max(1, m * n // (m + n))):
                 self._flush(module)
 
-    def _stack(self, module: str, divide_by: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B̃, Ã) of the module's pending factors: B̃ = [c_k B_k / divide_by, ...], Ã = [A_k; ...]."""
-        pieces = self.pending.pop(module, [])
-        dtype = compute_dtype(*(t for B, A, _ in pieces for t in (B, A)))
-        B = torch.cat([B.to(dtype) * (c / divide_by) for B, _, c in pieces], dim=1)
-        return B, torch.cat([A.to(dtype) for _, A, _ in pieces], dim=0)
-
     def _flush(self, module: str) -> None:
         """Add the pending factors of a module to its dense ΔW, in one product."""
         if not self.pending.get(module):
@@ -254,7 +249,7 @@ class FlexLoRAAccumulator(Accumulator):
         # On all of the process's threads: one large product has one barrier, so a second thread
         # halves it on an idle machine and costs ~10% on a busy one (1536×2048×576: 22 ms on one
         # thread, 11 ms on two idle, 24 ms on two beside another two-thread process).
-        B, A = self._stack(module)
+        B, A = stack_pieces(self.pending.pop(module))
         dtype = torch.promote_types(self.dense[module].dtype, B.dtype)
         dense = self.dense[module] = self.dense[module].to(dtype)
         dense.addmm_(B.to(dtype), A.to(dtype))
@@ -280,7 +275,7 @@ class FlexLoRAAccumulator(Accumulator):
             # svd.SINGLE_THREAD_MAX_FLOPS); the energy ‖B̃Ã‖² comes from the kernel's R×R
             # Gram matrices.
             with small_work_threads(factored_flops(m, n, R), self.pending[module][0][0].device, SINGLE_THREAD_MAX_FLOPS):
-                B, A = self._stack(module, divide_by=self.total)
+                B, A = stack_pieces(self.pending.pop(module), divide_by=self.total)
                 (U, S, Vh), energy = factored_svd_energy(B, A, K)
                 del B, A
         else:
