@@ -590,7 +590,7 @@ def test_map_modules_gives_the_loop_and_restores_the_thread_settings(monkeypatch
 
         with pytest.raises(ValueError, match="bad module"):
             svd_mod.map_modules(boom, [1, 2], "cpu")
-        assert torch.get_num_threads() == 2 and svd_mod._workers_active == 0
+        assert torch.get_num_threads() == 2
         if lapack is not None:
             assert lapack[1]() == before
         assert svd_mod.map_modules(lambda x: torch.get_num_threads(), [1, 2], None) == [2, 2]  # mixed devices: a loop

@@ -233,7 +233,7 @@ class FlexLoRAAccumulator(Accumulator):
             device = self.method.device or self.home[module]
             dtype = compute_dtype(A, B)
             # Kept as sent, with its coefficient w_k s_k: the scaling is done where the stack is
-            # used (stack_pieces), inside the kernels' thread limits.
+            # used (stack_pieces: at a flush, or inside the factored kernel's thread limit).
             self.pending.setdefault(module, []).append((B.to(dtype=dtype, device=device), A.to(dtype=dtype, device=device), weight * update.scale(module)))
             self.rank[module] = self.rank.get(module, 0) + A.shape[0]
             mode = self.method.svd_mode

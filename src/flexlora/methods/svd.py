@@ -135,10 +135,10 @@ def one_cpu_thread():
 
 @contextmanager
 def _cpu_threads(n: int, device: torch.device):
-    """torch's intra-op CPU threads capped at n for the block (restored after). Inside
-    map_modules's workers (already on one thread each) it changes nothing."""
+    """torch's intra-op CPU threads capped at n for the block (process-wide, restored after).
+    Inside map_modules's workers the process is already on one thread: it changes nothing."""
     previous = torch.get_num_threads()
-    if device.type != "cpu" or n >= previous or _workers_active:
+    if device.type != "cpu" or n >= previous:
         yield
         return
     torch.set_num_threads(n)
@@ -153,7 +153,6 @@ def _cpu_threads(n: int, device: torch.device):
 # modules side by side instead: one worker per CPU thread, each on one intra-op thread, so the
 # cores stay busy without barriers. Measured here (2 idle cores, the 210 SmolLM2 modules of a
 # default-run round, captured client updates): 13.3 s one module at a time, 6.9 s side by side.
-_workers_active = 0  # > 0 while map_modules's workers run (the thread settings are theirs)
 
 
 def map_modules(fn, items: list, device) -> list:
@@ -161,7 +160,6 @@ def map_modules(fn, items: list, device) -> list:
     that each use one intra-op thread (and numpy's OpenBLAS on one thread, see top_eigh); off
     the CPU (device None: items on several devices), or with one thread or one item, a plain
     loop. fn must not depend on the order in which the items run."""
-    global _workers_active
     workers = min(torch.get_num_threads(), len(items))
     if device is None or torch.device(device).type != "cpu" or workers <= 1:
         return [fn(item) for item in items]
@@ -171,12 +169,10 @@ def map_modules(fn, items: list, device) -> list:
         lapack[2](1)
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # process-wide: every worker's ops run on one thread
-    _workers_active += 1
     try:
         with ThreadPoolExecutor(workers) as pool:
             return list(pool.map(fn, items))
     finally:
-        _workers_active -= 1
         torch.set_num_threads(torch_threads)
         if lapack is not None:
             lapack[2](blas_threads)
@@ -411,14 +407,12 @@ def top_eigh(G: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         support = torch.empty(2 * count, dtype=torch.int64)
         found = ctypes.c_int64(0)
         threads = get_threads()
-        if not _workers_active:  # map_modules has set one thread for all its workers
-            set_threads(1)
+        set_threads(1)  # inside map_modules already 1: then this and the restore change nothing
         try:
             info = functions[G.dtype](102, b"V", b"I", b"L", p, a.data_ptr(), p, 0.0, 0.0, p - count + 1, p, 0.0,
                                       ctypes.byref(found), w.data_ptr(), z.data_ptr(), p, support.data_ptr())
         finally:
-            if not _workers_active:
-                set_threads(threads)
+            set_threads(threads)
         if info == 0 and found.value == count:
             return w[:count].flip(0), z.flip(0).T
         log.debug("?syevr failed (info %d): torch.linalg.eigh", info)
