@@ -5,7 +5,7 @@ import csv
 import json
 
 from flexlora.cli import main
-from flexlora.compare import grid_cells
+from flexlora.compare import _fmt, grid_cells
 
 
 def write_ni_fixture(folder):
@@ -41,6 +41,13 @@ def test_grid_cells_run_fedit_once_per_seed():
         "fedit-homo-seed0", "flexlora-uniform-seed0", "flexlora-heavy-tail-strong-seed0",
         "fedit-homo-seed1", "flexlora-uniform-seed1", "flexlora-heavy-tail-strong-seed1",
     ]
+
+
+def test_a_mean_over_fewer_seeds_than_the_grid_says_so():
+    # An unfinished grid's methods are averaged over different seed sets; the table must show it.
+    assert _fmt([0.2, 0.3], of=3) == "0.2500 ± 0.0707 (2 of 3 seeds)"
+    assert _fmt([0.2, 0.3, 0.4], of=3) == "0.3000 ± 0.1000"
+    assert _fmt([0.2], of=3) == "0.2000 (1 seed)" and _fmt([], of=3) == "–"
 
 
 def test_two_cell_grid_end_to_end_resumes_and_never_trains_heldout_clients(tmp_path, capsys):

@@ -175,14 +175,17 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _fmt(values: list[float], digits: int = 4, signed: bool = False) -> str:
+def _fmt(values: list[float], digits: int = 4, signed: bool = False, of: int | None = None) -> str:
+    """mean ± sd over seeds; with `of` (the grid's number of seeds), an entry over fewer seeds
+    says how many, since means over different seed sets are not comparable."""
     if not values:
         return "–"
     mean, sd = _mean_sd(values)
     sign = "+" if signed else ""
     if len(values) == 1:
         return f"{mean:{sign}.{digits}f} (1 seed)"
-    return f"{mean:{sign}.{digits}f} ± {sd:.{digits}f}"
+    partial = f" ({len(values)} of {of} seeds)" if of is not None and len(values) < of else ""
+    return f"{mean:{sign}.{digits}f} ± {sd:.{digits}f}{partial}"
 
 
 def load_cells(out: Path) -> tuple[dict, list[dict]]:
@@ -259,9 +262,9 @@ def write_report(out: str | Path, echo=print) -> Path:
             if delta and m == baseline:
                 continue
             if delta:
-                cols = [_fmt(paired_delta(m, p, key), digits, signed=True) for p in profiles]
+                cols = [_fmt(paired_delta(m, p, key), digits, signed=True, of=len(seeds)) for p in profiles]
             else:
-                cols = [_fmt(values(m, p, key), digits) for p in profiles]
+                cols = [_fmt(values(m, p, key), digits, of=len(seeds)) for p in profiles]
             body.append([label(m), *cols])
         return [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
                 *("| " + " | ".join(row) + " |" for row in body), ""]
