@@ -5,7 +5,7 @@ import csv
 import json
 
 from flexlora.cli import main
-from flexlora.compare import _fmt, grid_cells
+from flexlora.compare import _fmt, grid_cells, write_report
 
 
 def write_ni_fixture(folder):
@@ -48,6 +48,51 @@ def test_a_mean_over_fewer_seeds_than_the_grid_says_so():
     assert _fmt([0.2, 0.3], of=3) == "0.2500 ± 0.0707 (2 of 3 seeds)"
     assert _fmt([0.2, 0.3, 0.4], of=3) == "0.3000 ± 0.1000"
     assert _fmt([0.2], of=3) == "0.2000 (1 seed)" and _fmt([], of=3) == "–"
+
+
+def write_finished_grid(out, scores):
+    """A grid folder as `flexlora compare` leaves it, without training: scores[(method, seed)]
+    is every held-out example's Rouge-L (the same for both scores) in the cell's last evaluation."""
+    cells = [{"method": m, "profile": "homo" if m == "fedit" else "uniform", "seed": s} for m, s in scores]
+    settings = {"model": "tiny-llama", "data": {"source": "natural-instructions", "path": "ni"},
+                "federation": {"rounds": 1, "clients_per_round": 2}, "train": {"steps": 1, "batch_size": 1},
+                "eval": {"max_new_tokens": 2}}
+    (out / "cells").mkdir(parents=True)
+    (out / "grid.json").write_text(json.dumps({"settings": settings, "cells": cells, "baseline": "fedit"}))
+    for cell in cells:
+        values = scores[(cell["method"], cell["seed"])]
+        per_example = [{"client": f"c{i % 3}", "index": i, "rougeL_generated": v, "rougeL_teacher_forced": v,
+                        "loss": 2.0 - v, "tokens": 1} for i, v in enumerate(values)]
+        mean = sum(values) / len(values)
+        ev = {"rougeL_generated": mean, "rougeL_teacher_forced": mean, "eval_loss": 2.0 - mean, "per_example": per_example}
+        folder = out / "cells" / f"{cell['method']}-{cell['profile']}-seed{cell['seed']}"
+        folder.mkdir()
+        (folder / "metrics.jsonl").write_text(json.dumps({"round": 1, "eval": ev}) + "\n")
+        (folder / "summary.json").write_text(json.dumps({
+            "final": mean, "best": mean, "zero_shot": 0.0, "zero_shot_teacher_forced": 0.0, "zero_shot_eval_loss": 2.0,
+            "final_teacher_forced": mean, "final_eval_loss": 2.0 - mean, "wall_time_s": 1.0, "per_round": {"1": mean}}))
+
+
+def test_the_report_sets_flexlora_against_each_other_heterogeneous_method(tmp_path):
+    # The paper's claim is FlexLoRA against HetLoRA too, not only against the homogeneous
+    # baseline: the report gives that paired difference with its interval, per metric.
+    base = [0.1 * (i % 5) for i in range(40)]
+    scores = {}
+    for seed in (0, 1):
+        scores[("fedit", seed)] = base
+        scores[("hetlora", seed)] = [v + 0.05 for v in base]
+        scores[("flexlora", seed)] = [v + 0.15 for v in base]  # exactly 0.1 above HetLoRA on every example
+    write_finished_grid(tmp_path, scores)
+    md = write_report(tmp_path, echo=None).read_text()
+    assert "### Difference against the other heterogeneous methods, with 95% intervals" in md
+    assert "| flexlora − hetlora | +0.1000 [+0.1000, +0.1000] sd 0.0000 |" in md
+    rows = list(csv.DictReader((tmp_path / "differences_flexlora.csv").open()))
+    assert [(r["against"], r["metric"]) for r in rows] == [
+        ("hetlora", "rougeL_generated"), ("hetlora", "rougeL_teacher_forced"), ("hetlora", "eval_loss")]
+    assert abs(float(rows[0]["mean_difference"]) - 0.1) < 1e-9 and rows[0]["significant"] == "True"
+    assert abs(float(rows[2]["mean_difference"]) + 0.1) < 1e-9  # loss is 2 - score: 0.1 lower
+    # Against the homogeneous baseline, as before.
+    assert "| flexlora | +0.1500 [+0.1500, +0.1500] sd 0.0000 |" in md
 
 
 def test_two_cell_grid_end_to_end_resumes_and_never_trains_heldout_clients(tmp_path, capsys):

@@ -32,6 +32,7 @@ from flexlora.reporting import write_json
 from flexlora.stats import LOSS, MEAN_SCORES, paired_difference
 
 GRID_FILE = "grid.json"
+OURS = "flexlora"  # the library's method: the report also sets it against every other heterogeneous method
 # Settings a cell sets itself; everything else must match between runs of one grid folder.
 CELL_KEYS = ("method", "seed", "resources.profile", "output.dir", "output.name", "output.overwrite")
 
@@ -274,6 +275,14 @@ def write_report(out: str | Path, echo=print) -> Path:
     if baseline in methods:
         differences = _differences(methods, profiles, seeds, cell_for, baseline)
         lines += _difference_tables(differences, profiles, label, baseline)
+    # The paper's claim is also about FlexLoRA against the other heterogeneous methods, not
+    # only against the homogeneous baseline: the same paired intervals, FlexLoRA minus each.
+    rivals = [m for m in methods if m not in (baseline, OURS) and not is_homogeneous(m)]
+    pairwise = []
+    if OURS in methods:
+        for rival in rivals:
+            pairwise += [((f"{OURS} − {rival}", p), diffs) for (_, p), diffs in _differences([OURS], profiles, seeds, cell_for, rival)]
+    lines += _difference_tables(pairwise, profiles, lambda name: name, "the other heterogeneous methods", what="the difference each row names")
     if baseline in methods:
         lines += table(f"Improvement over {label(baseline)} in {METRIC} (paired by seed)", "final", delta=True)
         lines += table(f"Change in eval loss against {label(baseline)} (paired by seed; negative is better)",
@@ -321,6 +330,14 @@ def write_report(out: str | Path, echo=print) -> Path:
             for d in diffs:
                 w.writerow([label(m), p, d.metric, f"{d.mean:.6f}", f"{d.low:.6f}", f"{d.high:.6f}", f"{d.seed_sd:.6f}",
                             d.seeds, d.examples, d.significant])
+    if pairwise:
+        with open(out / f"differences_{OURS}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["method", "against", "profile", "metric", "mean_difference", "ci95_low", "ci95_high", "seed_sd", "seeds", "examples", "significant"])
+            for (name, p), diffs in pairwise:
+                for d in diffs:
+                    w.writerow([OURS, name.split(" − ", 1)[1], p, d.metric, f"{d.mean:.6f}", f"{d.low:.6f}", f"{d.high:.6f}",
+                                f"{d.seed_sd:.6f}", d.seeds, d.examples, d.significant])
     with open(out / "cells.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "profile", "seed", "round", METRIC, "rougeL_teacher_forced", "eval_loss"])
@@ -361,13 +378,14 @@ def _differences(methods, profiles, seeds, cell_for, baseline):
     return out
 
 
-def _difference_tables(differences, profiles, label, baseline) -> list[str]:
+def _difference_tables(differences, profiles, label, baseline, what=None) -> list[str]:
+    """`what`: what a row's difference is (default: the row's method − the baseline)."""
     if not differences:
         return []
     lines = [
         f"### Difference against {label(baseline)}, with 95% intervals",
         "",
-        "method − baseline, mean over seeds; [95% paired bootstrap interval over the held-out test examples, "
+        f"{what or 'method − ' + label(baseline)}, mean over seeds; [95% paired bootstrap interval over the held-out test examples, "
         "2000 resamples]; sd: standard deviation of the per-seed difference. **n.s.**: the interval contains 0 "
         "(not significant). Eval loss: negative is better.",
         "",
