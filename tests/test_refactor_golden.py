@@ -94,12 +94,16 @@ def test_seeded_run_matches_the_recorded_one(case, tiny_overrides):
         pytest.skip("recorded")
     recorded = json.loads(FIXTURE.read_text())[case]
     close(recorded["rounds"], got["rounds"], f"{case}/rounds")
-    # The exported model: its sums to 1e-4 of the absolute sum (a signed sum of entries cancels,
-    # so it is held to the same absolute scale). Not tighter: round 1's ΔW has near-equal singular
-    # values (every client started from one adapter), so a kernel's rounding can pick another
-    # rank-r slice for a client, and two rounds of training carry that to about 1e-5.
+    # The exported model: its sums to 1e-3 of the absolute sum, its signed sums to 1e-4 of it (a
+    # signed sum of entries cancels, so it is held to the absolute scale). The losses above, of
+    # every client and of the exported model's evaluation, are what pin behaviour (to 1e-6); the
+    # sums cannot be as tight: ΔW has near-equal singular values (every client started from one
+    # adapter), so a CPU's rounding can pick another rank-r slice, a rotation within a
+    # near-degenerate pair that leaves the losses in place. The fixture's machine and an AMD EPYC
+    # (Zen 4) differ by up to 1.3e-4 in one module's |sum| (FedProx, layer 1 gate_proj; every
+    # other module within 1.2e-5; every loss within 1e-6).
     assert sorted(recorded["tensors"]) == sorted(got["tensors"])
     for key, (signed, absolute) in recorded["tensors"].items():
         new_signed, new_absolute = got["tensors"][key]
-        assert new_absolute == pytest.approx(absolute, rel=1e-4, abs=1e-6), f"{case}/{key}: |sum| {new_absolute} != {absolute}"
+        assert new_absolute == pytest.approx(absolute, rel=1e-3, abs=1e-6), f"{case}/{key}: |sum| {new_absolute} != {absolute}"
         assert abs(new_signed - signed) <= 1e-4 * absolute + 1e-6, f"{case}/{key}: sum {new_signed} != {signed}"
