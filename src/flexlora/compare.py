@@ -281,8 +281,9 @@ def write_report(out: str | Path, echo=print) -> Path:
     pairwise = []
     if OURS in methods:
         for rival in rivals:
-            pairwise += [((f"{OURS} − {rival}", p), diffs) for (_, p), diffs in _differences([OURS], profiles, seeds, cell_for, rival)]
-    lines += _difference_tables(pairwise, profiles, lambda name: name, "the other heterogeneous methods", what="the difference each row names")
+            pairwise += [(rival, p, diffs) for (_, p), diffs in _differences([OURS], profiles, seeds, cell_for, rival)]
+    lines += _difference_tables([((f"{OURS} − {rival}", p), diffs) for rival, p, diffs in pairwise], profiles,
+                                lambda name: name, "the other heterogeneous methods", what="the difference each row names")
     if baseline in methods:
         lines += table(f"Improvement over {label(baseline)} in {METRIC} (paired by seed)", "final", delta=True)
         lines += table(f"Change in eval loss against {label(baseline)} (paired by seed; negative is better)",
@@ -334,9 +335,9 @@ def write_report(out: str | Path, echo=print) -> Path:
         with open(out / f"differences_{OURS}.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["method", "against", "profile", "metric", "mean_difference", "ci95_low", "ci95_high", "seed_sd", "seeds", "examples", "significant"])
-            for (name, p), diffs in pairwise:
+            for rival, p, diffs in pairwise:
                 for d in diffs:
-                    w.writerow([OURS, name.split(" − ", 1)[1], p, d.metric, f"{d.mean:.6f}", f"{d.low:.6f}", f"{d.high:.6f}",
+                    w.writerow([OURS, rival, p, d.metric, f"{d.mean:.6f}", f"{d.low:.6f}", f"{d.high:.6f}",
                                 f"{d.seed_sd:.6f}", d.seeds, d.examples, d.significant])
     with open(out / "cells.csv", "w", newline="") as f:
         w = csv.writer(f)
