@@ -2,7 +2,7 @@
 # The GPU checks of issues 10 (part 5) and of the CUDA paths, as one prepared run on a lent GPU
 # machine (the `device` tool of /work/.library: one call, about 15 minutes of device time in all).
 #
-#   bash scripts/gpu_checks.sh --prepare        # here, once: fills .gpu/ (ignored; about 46 MB)
+#   bash scripts/gpu_checks.sh --prepare        # here, once: fills .gpu/ (ignored; about 48 MB)
 #   device run: command="bash scripts/gpu_checks.sh", carry=[".gpu"], timeout_s=560
 #
 # What travels is the repository and .gpu/: the wheels the GPU image lacks (bitsandbytes, peft,
