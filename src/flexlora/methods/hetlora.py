@@ -12,6 +12,19 @@ keeps its size whatever rank it is read back at; with one rank (and one α) this
 plain average of B_k. State keys per module: f"{module}.A" = Σ p_k pad(A_k) (R, n) and
 f"{module}.B" = Σ p_k s_k pad(B_k) (m, R); the global update is B @ A.
 
+Padding (argument ``padding``): "zero" (HetLoRA's, the default) or "replication", Byun & Lee
+("Towards Federated Low-Rank Adaptation of Language Models with Rank Heterogeneity", NAACL
+2025): "we propose a replication-based padding strategy that better retains valuable
+information from clients with high-quality data" (abstract). The rank components a low-rank
+client lacks are filled from the aggregate of the clients that have them instead of with zeros
+(their example: a rank-2 client's (a₂,₁, a₂,₂) padded to rank 4 becomes (a₂,₁, a₂,₂, a₁,₃, a₁,₄),
+the last two from the rank-4 client). Chosen here (the paper's text beyond its abstract and a
+summary of it was not reachable): the fill of component j is the covering clients' weighted
+mean ā_j = Σ_{k: r_k > j} p_k a_kj / P_j, P_j = Σ_{k: r_k > j} p_k (the same weights as the
+round, renormalised over those clients); the padded average Σ_{r_k > j} p_k a_kj + (1 − P_j) ā_j
+then equals ā_j. So replication = each row j of A and column j of s·B averaged over the
+clients that have it; a component every client has is averaged as with zero padding.
+
 Client side (ClientTask.options["rank_regularizer"], the RankRegularizer hook below):
 the rank self-pruning regularizer λ·‖A[t:]‖_F·‖B[:, t:]‖_F per module, t = ⌊γ r⌋ (at most
 r − 1), with a real gradient, and optionally pruning: when ‖A[t:]‖‖B[:, t:]‖ ≤ prune_threshold ·
@@ -45,6 +58,7 @@ from .base import (
 )
 
 WEIGHTINGS = ("data", "sparsity")
+PADDINGS = ("zero", "replication")
 
 
 def sparsity_weights(updates: list[ClientUpdate], module: str) -> list[float]:
@@ -65,6 +79,25 @@ def padded_average(updates: list[ClientUpdate], module: str, weights: list[float
         [u.factors[module][1] for u in updates], [p * u.scale(module) for p, u in zip(weights, updates)], dim=1, size=R
     )
     return A, B
+
+
+def covering_weights(ranks: list[int], weights: list[float]) -> torch.Tensor:
+    """P_j, j = 0 .. max(ranks) − 1: the total weight of the clients whose rank exceeds j (float64)."""
+    P = torch.zeros(max(ranks), dtype=torch.float64)
+    for r, w in zip(ranks, weights):
+        P[:r] += float(w)
+    return P
+
+
+def replicated_average(updates: list[ClientUpdate], module: str, weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replication padding: row j of Σ p_k pad(A_k) and column j of Σ p_k s_k pad(B_k) divided
+    by P_j, i.e. each component averaged over the clients that have it (see the module doc:
+    the same as padding the others with that average). A component no weighted client has
+    stays 0."""
+    A, B = padded_average(updates, module, weights)
+    P = covering_weights([u.rank(module) for u in updates], weights)
+    inverse = torch.where(P > 0, 1.0 / P.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(P))
+    return A * inverse.to(A.dtype)[:, None], B * inverse.to(B.dtype)[None, :]
 
 
 def padded_modules(state: GlobalState) -> list[str]:
@@ -166,7 +199,8 @@ def prune_factors(factors: dict[str, Factors], reg: RankRegularizer) -> tuple[di
 
 
 class HetLoRA(Method):
-    """Zero-padding aggregation with a rank self-pruning regularizer on the clients."""
+    """Zero- (or replication-) padding aggregation with a rank self-pruning regularizer on the
+    clients."""
 
     name = "hetlora"
     prunes_ranks = True  # a client may send back (and keep) a smaller rank than assigned
@@ -179,11 +213,15 @@ class HetLoRA(Method):
         reg_gamma: float = 0.99,
         prune_threshold: float | None = None,
         seed: int = 0,
+        padding: str = "zero",
     ):
         """weighting: "data" (p_k ∝ n_k) or "sparsity" (p_k ∝ ‖s_k B_k A_k‖). reg_lambda,
         reg_gamma: the regularizer λ·‖A[⌊γr⌋:]‖‖B[:, ⌊γr⌋:]‖ (λ = 0 turns it off).
         prune_threshold: prune a module's rank to ⌊γr⌋ when its tail norm is at most this
-        fraction of ‖A‖‖B‖ (None: never). seed: for rows given to ranks above the state's."""
+        fraction of ‖A‖‖B‖ (None: never). seed: for rows given to ranks above the state's.
+        padding: "zero" (HetLoRA) or "replication" (Byun & Lee, NAACL 2025; module doc)."""
+        if padding not in PADDINGS:
+            raise ValueError(f"hetlora: padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
         if weighting not in WEIGHTINGS:
             raise ValueError(f"hetlora: weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
         if not (isinstance(reg_lambda, (int, float)) and math.isfinite(reg_lambda) and reg_lambda >= 0):
@@ -193,6 +231,7 @@ class HetLoRA(Method):
         if prune_threshold is not None and not (isinstance(prune_threshold, (int, float)) and 0 <= prune_threshold < 1):
             raise ValueError(f"hetlora: prune_threshold must be in [0, 1) or null, got {prune_threshold!r}")
         self.weighting = weighting
+        self.padding = padding
         self.reg_lambda = float(reg_lambda)
         self.reg_gamma = float(reg_gamma)
         self.prune_threshold = None if prune_threshold is None else float(prune_threshold)
@@ -222,7 +261,8 @@ class HetLoRA(Method):
         for module in module_names(updates):
             module_shape(updates, module)
             weights = data if self.weighting == "data" else sparsity_weights(updates, module)
-            new[f"{module}.A"], new[f"{module}.B"] = padded_average(updates, module, weights)
+            average = padded_average if self.padding == "zero" else replicated_average
+            new[f"{module}.A"], new[f"{module}.B"] = average(updates, module, weights)
         return new
 
     def client_factors(
