@@ -51,7 +51,8 @@ def _method_classes(module_name: str) -> list[type]:
 
 # The registry: one line per method module (its Method subclasses are registered by name).
 METHOD_MODULES = ("flexlora", "fedit", "hetlora", "slora", "flora", "ffa",
-                  "rolora")
+                  "rolora",
+                  "raflora")
 METHODS: dict[str, type] = {cls.name: cls for module_name in METHOD_MODULES for cls in _method_classes(module_name)}
 COMPOSABLE = ("server_opt", "fedprox_mu")  # method_args that compose with a method (compose_method)
 # Client options the reliability layer adds (handled by the client loop itself), accepted as they are.
