@@ -6,7 +6,8 @@ restore the model.
 
 What differs between methods on the client arrives as plain JSON in ``ClientTask.options``; each
 key is interpreted by the method's ``ClientHook`` (flexlora.methods), which this loop calls at
-fixed points: start, penalty, mask_gradients, after_step, finish. No method is known here by name."""
+fixed points: start, penalty, mask_gradients, after_step, finish, send, handing each the same
+model-free TrainingView (tensors by module name). No method is known here by name."""
 
 from __future__ import annotations
 
@@ -112,18 +113,26 @@ def train_client(
     in_place = next((h for h in hooks if h.trains_weights), None)  # a hook that replaces the adapter
     trained_in_place = list(task.module_ranks) if in_place else []
     with lora.base_weights(model, task.base_offset, keep=trained_in_place):  # restored exactly on exit
-        local = in_place.local_model(model, task, cfg, target_modules) if in_place else Adapter(model, task, cfg, target_modules)
+        # Hooks see the local model only through a model-free view (methods never import lora.py).
+        if in_place:
+            view = lora.weights_view(model, task.module_ranks)
+            local = view.local = in_place.local_model(view, task, cfg)
+            net = model
+        else:
+            ranks = next((r for r in (h.adapter_ranks(task) for h in hooks) if r is not None), task.module_ranks)
+            local = Adapter(model, task, cfg, target_modules, ranks)
+            view, net = lora.adapter_view(local.net, task.module_ranks), local.net
         try:
             for hook in hooks:
-                hook.start(local)
-            local.params = local.trainable()
+                hook.start(view)
+            local.params = view.params = local.trainable()
             lr = next((hook.lr() for hook in hooks if hook.lr() is not None), None)
             optimizer = make_optimizer(local.params, cfg, lr=lr)
             amp = autocast_dtype(cfg, device)
             # float16 gradients underflow without loss scaling; a disabled scaler is a no-op.
             scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
             torch.manual_seed(task.seed)  # dropout masks
-            local.net.train()
+            net.train()
             checkpointing = models.is_checkpointing(model)
             losses = []
             for step, batch in enumerate(batches(len(features), batch_size, num_steps, random.Random(task.seed))):
@@ -131,27 +140,30 @@ def train_client(
                     raise ClientTimeout(f"client {data.client_id}: timed out after {timeout_s:g} s at step {step}/{num_steps}")
                 fault_point("train_step", task.round)
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(backward_batch(local.net, features, batch, micro, device, tokenizer.pad_token_id, amp, scaler))
+                losses.append(backward_batch(net, features, batch, micro, device, tokenizer.pad_token_id, amp, scaler))
                 penalty = None
                 for hook in hooks:
-                    term = hook.penalty(local)
+                    term = hook.penalty(view)
                     if term is not None:
                         penalty = term if penalty is None else penalty + term
                 if penalty is not None:
                     scaler.scale(penalty).backward()
                 scaler.unscale_(optimizer)
                 for hook in hooks:
-                    hook.mask_gradients(local)
+                    hook.mask_gradients(view)
                 torch.nn.utils.clip_grad_norm_(local.params, cfg.train.max_grad_norm)
                 scaler.step(optimizer)
                 scaler.update()
                 for hook in hooks:
-                    hook.after_step(local)
+                    hook.after_step(view)
             factors, deltas, extra_metrics = local.result()
             for hook in hooks:
                 factors = hook.finish(factors, extra_metrics)
+            for hook in hooks:
+                factors, deltas = hook.send(factors, deltas, extra_metrics)
         finally:
             local.close()
+            model.eval()
     return ClientUpdate(
         client_id=data.client_id,
         num_examples=data.num_examples,
@@ -173,14 +185,13 @@ def train_client(
 
 
 class Adapter:
-    """The usual local model: a LoRA adapter at the task's ranks on the shared model, started
-    from the server's factors. ``weights``: module -> (A, B) parameters, for the hooks."""
+    """The usual local model: a LoRA adapter at the task's ranks (or those a hook asks for) on
+    the shared model, started from the server's factors."""
 
-    def __init__(self, model, task: ClientTask, cfg: ExperimentConfig, target_modules: list[str]):
+    def __init__(self, model, task: ClientTask, cfg: ExperimentConfig, target_modules: list[str], ranks=None):
         self.net = lora.attach(
-            model, task.module_ranks, cfg.lora.alpha, cfg.lora.dropout, target_modules, task.factors, seed=task.seed
+            model, ranks or task.module_ranks, cfg.lora.alpha, cfg.lora.dropout, target_modules, task.factors, seed=task.seed
         )
-        self.weights = lora.lora_weights(self.net)
         self.params: list[torch.Tensor] = []
 
     def trainable(self) -> list[torch.Tensor]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from flexlora.methods.base import TrainingView
 from flexlora.protocol import Factors
 
 ADAPTER = "default"
@@ -105,6 +106,11 @@ def lora_weights(peft_model: PeftModel) -> dict[str, tuple[torch.nn.Parameter, t
     return {name: (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight) for name, layer in _lora_layers(peft_model)}
 
 
+def adapter_view(peft_model: PeftModel, module_ranks: dict[str, int]) -> TrainingView:
+    """What client hooks get of an adapter: its live (A, B) parameters by module name."""
+    return TrainingView(module_ranks=dict(module_ranks), weights=lora_weights(peft_model))
+
+
 def get_ranks(peft_model: PeftModel) -> dict[str, int]:
     return {name: layer.r[ADAPTER] for name, layer in _lora_layers(peft_model)}
 
@@ -168,6 +174,23 @@ def target_layers(model, names) -> dict[str, torch.nn.Module]:
     if missing:
         raise ValueError(f"{len(missing)} module(s) not in the model, e.g. {missing[0]}")
     return {name: modules[name] for name in names}
+
+
+def weights_view(model, module_ranks: dict[str, int]) -> TrainingView:
+    """What a hook that trains the base weights gets: the target modules' weights as live
+    (out, in) views, the tensors to train, and their gradients as (out, in) views."""
+    layers = target_layers(model, module_ranks)
+
+    def matrix_grad(name: str) -> torch.Tensor | None:
+        layer = layers[name]
+        return None if layer.weight.grad is None else weight_matrix_of(layer, layer.weight.grad)
+
+    return TrainingView(
+        module_ranks=dict(module_ranks),
+        matrices={name: weight_matrix(layer) for name, layer in layers.items()},
+        parameters={name: layer.weight for name, layer in layers.items()},
+        matrix_grad=matrix_grad,
+    )
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
@@ -235,6 +235,31 @@ def option_number(value, name: str, low: float, high: float, *, open_low=False, 
     return float(value)
 
 
+@dataclasses.dataclass(eq=False)
+class TrainingView:
+    """What the client loop hands a client hook of the local model it trains: tensors by
+    target-module name, never the model itself (no torch.nn, no PEFT), so that a method module
+    stays free of model code. Every hook call gets this one object (``start``, ``penalty``,
+    ``mask_gradients``, ``after_step``; ``local_model`` builds on it).
+
+    weights: the LoRA adapter's live (A, B) parameters per module (A (r, n), B (m, r); their
+    gradients are ``A.grad`` / ``B.grad``); empty when a hook trains the base weights instead.
+    matrices: the base weights as live (out, in) views per module (GPT-2's Conv1D transposed),
+    ``parameters`` the tensors to set ``requires_grad`` on, ``matrix_grad(name)`` the gradient
+    as an (out, in) view (None before a backward); filled only for a hook with
+    ``trains_weights``. module_ranks: the ranks the server assigned this client (its task's).
+    params: what the optimizer trains, filled after ``start``. local: the object a hook's
+    ``local_model`` returned (None for the adapter)."""
+
+    module_ranks: dict[str, int]
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    matrices: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    parameters: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    matrix_grad: Callable[[str], torch.Tensor | None] = lambda name: None
+    params: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    local: object = None
+
+
 class ClientHook:
     """The client half of a method: what the local training loop calls, for one key of
     ``ClientTask.options`` (the wire format: plain JSON, so it travels over any transport).
@@ -247,9 +272,9 @@ class ClientHook:
 
     option: ClassVar[str]  # the key in ClientTask.options
     # True: the hook trains the base weights themselves instead of an adapter (``local_model``
-    # replaces the adapter; the base weights it trains are kept on exit, the offset restored).
+    # replaces the adapter; the base weights it trains are restored on exit, as is the offset).
     trains_weights: ClassVar[bool] = False
-    # True: the hook works on the LoRA adapter (``local.weights``), so it cannot run with one
+    # True: the hook works on the LoRA adapter (``view.weights``), so it cannot run with one
     # that trains the weights.
     needs_adapter: ClassVar[bool] = False
     # What the update carries: "factors" (LoRA A, B per module) or "deltas" (SparseDelta).
@@ -260,12 +285,18 @@ class ClientHook:
         """The hook for this option's JSON value (None: the value turns the hook off)."""
         raise NotImplementedError
 
-    def local_model(self, model, task: ClientTask, cfg, target_modules: list[str]):
-        """A replacement for the LoRA adapter (an object with net, params, result(), close()),
-        or None for the adapter. Only a hook with trains_weights may replace it."""
+    def local_model(self, view: TrainingView, task: ClientTask, cfg):
+        """A replacement for the LoRA adapter, built on ``view`` (the target modules' base weights,
+        see TrainingView): an object with trainable(), result() -> (factors, deltas, metrics)
+        and close(). Only a hook with trains_weights replaces the adapter (and is asked)."""
         return None
 
-    def start(self, local) -> None:
+    def adapter_ranks(self, task: ClientTask) -> dict[str, int] | None:
+        """The ranks to attach the LoRA adapter at (None: the task's ``module_ranks``), e.g. the
+        rank of the global factors the task carries when the assigned ranks are an upload budget."""
+        return None
+
+    def start(self, view: TrainingView) -> None:
         """Once the local model exists, before its trainable parameters are collected (e.g.
         freeze A)."""
 
@@ -273,20 +304,25 @@ class ClientHook:
         """The local learning rate this hook asks for (None: train.lr)."""
         return None
 
-    def penalty(self, local) -> torch.Tensor | None:
+    def penalty(self, view: TrainingView) -> torch.Tensor | None:
         """An extra loss term of this step (after the batch's backward), or None."""
         return None
 
-    def mask_gradients(self, local) -> None:
+    def mask_gradients(self, view: TrainingView) -> None:
         """Change the gradients (unscaled) before clipping and the optimizer step."""
 
-    def after_step(self, local) -> None:
+    def after_step(self, view: TrainingView) -> None:
         """After each optimizer step."""
 
     def finish(self, factors: dict[str, Factors], metrics: dict) -> dict[str, Factors]:
         """What is sent back: the trained factors, possibly changed (e.g. pruned); may add to
         `metrics`."""
         return factors
+
+    def send(self, factors: dict[str, Factors], deltas: dict, metrics: dict) -> tuple[dict[str, Factors], dict]:
+        """After ``finish``: (factors, deltas) to send, e.g. the trained factors turned into the
+        sparse changes a hook with ``sends == "deltas"`` uploads. Default: unchanged."""
+        return factors, deltas
 
     def check_module(self, module: str, sent, task: ClientTask, shape: tuple[int, int]) -> str | None:
         """The server's check of one module of what came back for a task with this option:

@@ -38,6 +38,7 @@ from .base import (
     GlobalState,
     Method,
     SparseDelta,
+    TrainingView,
     data_weights,
     nonfinite,
     option_keys,
@@ -82,17 +83,17 @@ class SparseTraining(ClientHook):
         lr = value.get("lr")
         return cls(density, seed, None if lr is None else option_number(lr, "sparse.lr", 0, math.inf, open_low=True))
 
-    def local_model(self, model, task: ClientTask, cfg, target_modules: list[str]) -> SparseWeights:
-        return SparseWeights(model, task, self)
+    def local_model(self, view: TrainingView, task: ClientTask, cfg) -> SparseWeights:
+        return SparseWeights(view, task, self)
 
     def lr(self) -> float | None:
         return self.lr_
 
-    def mask_gradients(self, local: SparseWeights) -> None:
-        local.mask_gradients()
+    def mask_gradients(self, view: TrainingView) -> None:
+        view.local.mask_gradients()
 
-    def after_step(self, local: SparseWeights) -> None:
-        local.after_step()
+    def after_step(self, view: TrainingView) -> None:
+        view.local.after_step()
 
     def check_module(self, module: str, sent, task: ClientTask, shape: tuple[int, int]) -> str | None:
         """A delta of the module's shape, int64 indices in range, finite floating-point values."""
@@ -139,51 +140,44 @@ def sparse_delta(after: torch.Tensor, before: torch.Tensor, mask: torch.Tensor) 
 class SparseWeights:
     """The local model of the sparse stage: the target modules' weights themselves are trained,
     each entry only where the shared random mask of the task's density is set; sends back the
-    sparse change. (The client loop restores the weights afterwards.)"""
+    sparse change. Works on the client loop's view of the weights (no model code here; the
+    client loop restores the weights afterwards)."""
 
-    def __init__(self, model, task: ClientTask, spec: SparseTraining):
-        from flexlora import lora  # the model side (PEFT) only where a model is trained
-
-        self.lora = lora
-        self.net = model
-        self.layers = lora.target_layers(model, task.module_ranks)
+    def __init__(self, view: TrainingView, task: ClientTask, spec: SparseTraining):
+        self.view = view
         self.masks, self.start = {}, {}
-        for name, layer in self.layers.items():
-            W = lora.weight_matrix(layer)
+        for name, W in view.matrices.items():
             density = lora_budget_density(task.module_ranks[name], tuple(W.shape)) if spec.density == "lora_budget" else spec.density
             self.masks[name] = sparse_mask(tuple(W.shape), density, spec.seed, name, W.device)
             self.start[name] = W.detach().clone()
-            layer.weight.requires_grad_(True)
-        self.params = [layer.weight for layer in self.layers.values()]
+            view.parameters[name].requires_grad_(True)
+        self.params = list(view.parameters.values())
 
     def trainable(self) -> list[torch.Tensor]:
         return self.params
 
     def mask_gradients(self) -> None:
-        for name, layer in self.layers.items():
-            if layer.weight.grad is not None:
-                self.lora.weight_matrix_of(layer, layer.weight.grad).mul_(self.masks[name])
+        for name, mask in self.masks.items():
+            grad = self.view.matrix_grad(name)
+            if grad is not None:
+                grad.mul_(mask)
 
     @torch.no_grad()
     def after_step(self) -> None:
         # Decoupled weight decay (AdamW) moves every entry; masked-out ones must not train.
-        for name, layer in self.layers.items():
-            W = self.lora.weight_matrix(layer)
-            W.copy_(torch.where(self.masks[name], W, self.start[name]))
+        for name, mask in self.masks.items():
+            W = self.view.matrices[name]
+            W.copy_(torch.where(mask, W, self.start[name]))
 
     def result(self):
-        deltas = {
-            name: sparse_delta(self.lora.weight_matrix(layer), self.start[name], self.masks[name])
-            for name, layer in self.layers.items()
-        }
+        deltas = {name: sparse_delta(W, self.start[name], self.masks[name]) for name, W in self.view.matrices.items()}
         trained = sum(int(mask.sum()) for mask in self.masks.values())
         return {}, deltas, {"trainable_params": trained}
 
     def close(self) -> None:
-        for layer in self.layers.values():
-            layer.weight.requires_grad_(False)
-            layer.weight.grad = None
-        self.net.eval()
+        for weight in self.view.parameters.values():
+            weight.requires_grad_(False)
+            weight.grad = None
 
 
 # ---------------------------------------------------------------- server side
