@@ -52,6 +52,7 @@ def _method_classes(module_name: str) -> list[type]:
 # The registry: one line per method module (its Method subclasses are registered by name).
 METHOD_MODULES = ("flexlora", "fedit", "hetlora", "slora", "flora", "ffa",
                   "rolora",
+                  "fedex", "florist",
                   "lora_a2",
                   "raflora")
 METHODS: dict[str, type] = {cls.name: cls for module_name in METHOD_MODULES for cls in _method_classes(module_name)}
