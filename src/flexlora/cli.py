@@ -54,6 +54,22 @@ def _flower_certs(args) -> None:
         print(f"{name}: {private} (private), {public} (public)")
 
 
+def _node(args) -> None:
+    from flexlora.engines.node.channel import ChannelError, default_socket_path, worker_status
+
+    try:
+        if args.node == "serve":
+            from flexlora.engines.node.worker import main as serve
+
+            serve(args)
+        else:
+            import json
+
+            print(json.dumps(worker_status(args.socket or default_socket_path()), indent=2))
+    except (ValueError, ChannelError) as e:
+        raise ConfigError(f"node {args.node}: {e}") from None
+
+
 def _bench_aggregate(args) -> None:
     from flexlora import bench
 
@@ -156,6 +172,19 @@ def _list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _config(args) -> None:
+    import json
+
+    from flexlora.config import ExperimentConfig, reference_markdown, to_yaml
+
+    if args.schema:
+        print(json.dumps(ExperimentConfig.model_json_schema(), indent=2))
+    elif args.reference:
+        print(reference_markdown(), end="")
+    else:
+        print(to_yaml(load_config(args.config, args.overrides)), end="")
+
+
 def _compare(args) -> None:
     from flexlora.compare import command_line, run_grid, write_report
 
@@ -194,6 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="write the metrics (overall, per client, per category) to this JSON file")
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.source=dolly data.path=...")
     ev.set_defaults(func=_eval)
+    conf = sub.add_parser(
+        "config",
+        help="print the resolved configuration as YAML (defaults, --config file, overrides); --schema: the JSON schema",
+    )
+    conf.add_argument("--config", "-c", help="YAML config file")
+    what = conf.add_mutually_exclusive_group()
+    what.add_argument("--schema", action="store_true", help="print the configuration's JSON schema instead")
+    what.add_argument(
+        "--reference", action="store_true",
+        help="print the Markdown reference of every key instead (flexlora config --reference > docs/configuration.md)",
+    )
+    conf.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method=fedit train.lr=1e-4")
+    conf.set_defaults(func=_config)
     cmp = sub.add_parser(
         "compare",
         help="methods x resource profiles x seeds on one data source: a resumable grid and a Markdown/CSV/PNG report",
@@ -216,6 +258,23 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs to make (default 2)")
     certs.add_argument("--days", type=int, default=30, help="certificate validity in days (default 30)")
     certs.set_defaults(func=_flower_certs)
+
+    node = sub.add_parser(
+        "node", help="a long-lived node worker for a Flower deployment: loads the base model once, trains its SuperNode's tasks",
+    ).add_subparsers(dest="node", required=True)
+    ns = node.add_parser("serve", help="load the base model and serve tasks on a private Unix socket (node config worker-socket=PATH)")
+    ns.add_argument("--socket", help="socket path, in a folder only this user can enter (default $XDG_RUNTIME_DIR/flexlora/node.sock or ~/.flexlora/node.sock)")
+    ns.add_argument("--model", default="smollm2-135m-instruct", help="base model: the runs' `model` (or the node config's local `model` path)")
+    ns.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "nf4"], help="base weights; must match the runs' model_dtype/quantization")
+    ns.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda[:N]")
+    ns.add_argument("--seed", type=int, default=0, help="the runs' seed (draws the weights of tiny-llama / random-llama-1b)")
+    ns.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory, same result)")
+    ns.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ns.add_argument("--max-queued", type=int, default=4, help="tasks that may wait while one trains; more are refused (default 4)")
+    ns.set_defaults(func=_node)
+    nst = node.add_parser("status", help="ask a running worker what it serves and what it did")
+    nst.add_argument("--socket", help="socket path (default as for serve)")
+    nst.set_defaults(func=_node)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     agg = bench.add_parser(
@@ -280,9 +339,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Like parse_args, but `key=value` overrides may come anywhere among the flags
+    (`run method=fedit --overwrite seed=0`): argparse takes a command's positionals only before
+    its first flag, so the ones after it come back unrecognized and are appended here, in order."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    overrides = [t for t in rest if "=" in t and not t.startswith("-")]
+    unknown = [t for t in rest if t not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # for the report's "exact command"
     try:
         args.func(args)

@@ -4,14 +4,15 @@ which client a node holds and what it can afford; `train` runs `client.train_cli
 node's data and replies with the update.
 
 torch, transformers and PEFT are imported only where a model or tensor is needed: in a
-deployment every Message starts a fresh ClientApp process, and a `query` needs none of them."""
+deployment every Message starts a fresh ClientApp process, and a `query` needs none of them.
+With node config `worker-socket`, `train` hands the task to the node's long-lived worker
+(`flexlora node serve`, which keeps the base model loaded) and needs none of them either."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
@@ -21,6 +22,7 @@ from flexlora.config import ExperimentConfig, config_from_dict
 from flexlora.data.records import Issues, read_records
 from flexlora.data.types import ClientData, Example
 from flexlora.engines.flower.codec import NODE, TASK, decode_task, encode_update
+from flexlora.engines.node.channel import WORKER_SOCKET_KEY, train_on_worker  # torch-free: the worker path
 
 # Node-config keys a deployment node may set (simulation sets partition-id/num-partitions).
 RESOURCE_KEYS = ("lora-rank", "rank-type", "memory-budget-mb")  # and num-examples, data-path, client-id
@@ -98,7 +100,7 @@ def _node_data(node_config, cfg: ExperimentConfig) -> ClientData:
     if "partition-id" in node_config:
         from flexlora.data.sources import load_federated_dataset
 
-        key = ("dataset", json.dumps(asdict(cfg.data), sort_keys=True), cfg.seed)
+        key = ("dataset", json.dumps(cfg.data.model_dump(), sort_keys=True), cfg.seed)
         dataset = _cached("data", key, lambda: load_federated_dataset(cfg.data, cfg.seed))
         pid = int(node_config["partition-id"])
         if not 0 <= pid < len(dataset.clients):
@@ -145,15 +147,28 @@ def _client_query(message: Message, context: Context) -> Message:
 
 @client_app.train()
 def _client_train(message: Message, context: Context) -> Message:
-    from flexlora.client import train_client
-
     try:
-        task, cfg = decode_task(message.content)
-        data = node_client(context.node_config, cfg)
-        if data.client_id != task.client_id:
-            raise ValueError(f"a task for client {task.client_id} reached the node holding {data.client_id}")
-        model, tokenizer, targets = node_model(context.node_config, cfg)
-        update = train_client(model, tokenizer, data, task, cfg, targets)
-        return Message(encode_update(update, cfg.flower.transport_dtype), reply_to=message)
+        socket_path = context.node_config.get(WORKER_SOCKET_KEY)
+        if socket_path:  # the node's worker trains; this process imports neither torch nor transformers
+            reply = train_on_worker(str(socket_path), message.content, context.node_config)
+        else:
+            reply = train_reply(message.content, context.node_config, lambda cfg: node_model(context.node_config, cfg))
+        return Message(reply, reply_to=message)
     except Exception as e:
         return _error_reply(message, e)
+
+
+def train_reply(content: RecordDict, node_config, model_for) -> RecordDict:
+    """A train Message's content -> the reply's content: decode the task, find the node's
+    client, train it with `client.train_client` on the model `model_for(cfg)` gives
+    ((model, tokenizer, target modules)), encode the update. The one training path of the
+    in-process ClientApp and of the node worker (flexlora.engines.node.worker)."""
+    from flexlora.client import train_client
+
+    task, cfg = decode_task(content)
+    data = node_client(node_config, cfg)
+    if data.client_id != task.client_id:
+        raise ValueError(f"a task for client {task.client_id} reached the node holding {data.client_id}")
+    model, tokenizer, targets = model_for(cfg)
+    update = train_client(model, tokenizer, data, task, cfg, targets)
+    return encode_update(update, cfg.flower.transport_dtype)
