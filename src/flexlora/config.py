@@ -1,19 +1,21 @@
-"""Experiment configuration: loaded from YAML plus `key=value` overrides into the typed dataclasses
-of flexlora.schema (re-exported here).
+"""Experiment configuration: loaded from YAML plus `key=value` overrides into the pydantic
+models of flexlora.schema (re-exported here).
 
-Every value is checked before any work starts; a bad one is a ConfigError whose message
-names the key and the problem in one line. A method's arguments (method_args) are checked by
-building the method (its constructor's one-line errors).
+Types, ranges and choices are checked by the schema; the checks that need several keys, a
+registry (methods, data sources, templates, resource profiles) or this machine (paths) are in
+`validate` below. Either way a bad value is a ConfigError whose message names the key and the
+problem in one line. A method's arguments (method_args) are checked by building the method
+(its constructor's one-line errors).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
 import typing
 from pathlib import Path
 
+import annotated_types
 import yaml
+from pydantic import BaseModel, ValidationError
 
 from flexlora.errors import ConfigError  # noqa: F401  (re-exported)
 from flexlora.schema import (  # noqa: F401  (re-exported)
@@ -26,76 +28,115 @@ from flexlora.schema import (  # noqa: F401  (re-exported)
     OutputConfig,
     FlowerConfig,
     ExperimentConfig,
+    Explain,
 )
 
-
-def _coerce(value, annotation, key: str):
-    """Check/convert one value against its type annotation (a small subset of typing)."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item_type,) = typing.get_args(annotation)
-        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
-    if annotation is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads '2e-4' (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {annotation}")
+# pydantic's error types in our words: "train.lr: expected a number, got 'fast'".
+_EXPECTED = {
+    "float_parsing": "a number", "float_type": "a number",
+    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
+    "bool_parsing": "true or false", "bool_type": "true or false",
+    "string_type": "a string", "list_type": "a list",
+    "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping",
+}
+_BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
-def _build(cls, values: dict, prefix: str = ""):
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; known keys: {', '.join(sorted(known))}")
-    kwargs = {}
-    for name, value in values.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
-    return cls(**kwargs)
+# ---------------------------------------------------------------- what the schema says about a key
+
+
+def _section(annotation) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _locate(loc: tuple) -> tuple[str, typing.Any, type[BaseModel] | None]:
+    """The dotted key a pydantic error location names (list indices as [i], a union member's
+    tag such as 'list[str]' dropped), the key's FieldInfo, and its model if it is a section."""
+    section, info, parts = ExperimentConfig, None, []
+    for part in loc:
+        if isinstance(part, int) and parts:
+            parts[-1] += f"[{part}]"
+        elif section is not None and isinstance(part, str) and part in section.model_fields:
+            info = section.model_fields[part]
+            parts.append(part)
+            section = _section(info.annotation)
+    return ".".join(parts), info, section
+
+
+def _explain(info) -> Explain:
+    found = [m for m in info.metadata if isinstance(m, Explain)] if info is not None else []
+    return found[0] if found else Explain()
+
+
+def nullable(info) -> bool:
+    return type(None) in typing.get_args(info.annotation)
+
+
+def choices(info) -> list[str]:
+    """A key's allowed values when the schema lists them (a Literal), 'null' last if allowed."""
+    options = [info.annotation, *typing.get_args(info.annotation)]
+    for option in options:
+        if typing.get_origin(option) is typing.Literal:
+            return [str(v) for v in typing.get_args(option)] + (["null"] if nullable(info) else [])
+    return []
+
+
+def constraint(info) -> str:
+    """A key's range or choices in words: '>= 1', 'in (0, 1]', 'adamw or sgd'; '' if none."""
+    lower = upper = None
+    for m in info.metadata:
+        if isinstance(m, annotated_types.Ge):
+            lower = ("[", ">=", m.ge)
+        elif isinstance(m, annotated_types.Gt):
+            lower = ("(", ">", m.gt)
+        elif isinstance(m, annotated_types.Le):
+            upper = ("]", "<=", m.le)
+        elif isinstance(m, annotated_types.Lt):
+            upper = (")", "<", m.lt)
+    if lower and upper:
+        return f"in {lower[0]}{lower[2]:g}, {upper[2]:g}{upper[0]}"
+    if lower or upper:
+        _, op, value = lower or upper
+        return f"{op} {value:g}"
+    if choices(info):
+        return _either(choices(info))
+    return _explain(info).allowed or ""
+
+
+def _either(options: list[str]) -> str:
+    return options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
+
+
+def _one_line(error: dict) -> str:
+    """One pydantic error as our one-line message naming the key."""
+    kind, loc, value = error["type"], error["loc"], error.get("input")
+    if kind == "extra_forbidden":
+        prefix, _, section = _locate(loc[:-1])
+        known = sorted((section or ExperimentConfig).model_fields)
+        return f"unknown config key '{prefix + '.' if prefix else ''}{loc[-1]}'; known keys: {', '.join(known)}"
+    key, info, _ = _locate(loc)
+    key = key or "config"
+    if kind in _EXPECTED:
+        return f"{key}: expected {_EXPECTED[kind]}, got {value!r}"
+    if kind in _BOUNDS and info is not None:
+        noun = _explain(info).noun
+        null = " (or null)" if nullable(info) else ""
+        return f"{key}: {noun + ' ' if noun else ''}must be {constraint(info)}{null}, got {value!r}"
+    if kind in ("literal_error", "string_pattern_mismatch") and info is not None:
+        return f"{key}: must be {constraint(info)}, got {value!r}"
+    return f"{key}: {error['msg']}"
+
+
+def _from_tree(tree) -> ExperimentConfig:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config: expected a mapping, got {tree!r}")
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e.errors()[0])) from None
+
+
+# ---------------------------------------------------------------- loading
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:
@@ -130,10 +171,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of keys, got {type(tree).__name__}")
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
-    config = _build(ExperimentConfig, tree)
+    config = _from_tree(tree)
     validate(config)
     return config
 
@@ -142,10 +185,17 @@ def config_from_dict(tree: dict, check: bool = True) -> ExperimentConfig:
     """An ExperimentConfig from a plain mapping (e.g. `to_dict()` sent to a Flower client).
     `check=False` skips the value checks that look at this machine (paths), for a config that
     was already checked where it was written."""
-    config = _build(ExperimentConfig, tree)
+    config = _from_tree(tree)
     if check:
         validate(config)
     return config
+
+
+def to_yaml(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------- checks beyond one key's type
 
 
 def _require(ok: bool, message: str) -> None:
@@ -154,100 +204,41 @@ def _require(ok: bool, message: str) -> None:
 
 
 def validate(c: ExperimentConfig) -> None:
-    """Value checks that types alone cannot express."""
+    """The checks a key's type, range or choices cannot express: registries, several keys
+    together, paths on this machine."""
     from flexlora.methods import METHODS, compose_method
     from flexlora.data.prompts import TEMPLATES
-    from flexlora.resources import PROFILES, paper_rank_types
+    from flexlora.resources import paper_rank_types, parse_profile
 
     _require(c.method in METHODS, f"method: unknown aggregation method '{c.method}'; choose from: {', '.join(METHODS)}")
     try:  # constructing a method is cheap and checks its arguments (one-line errors)
         compose_method(c.method, **c.method_args)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"method_args: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    if isinstance(c.resources.profile, str):
-        _require(
-            c.resources.profile in PROFILES,
-            f"resources.profile: unknown profile '{c.resources.profile}'; choose from: {', '.join(PROFILES)}",
-        )
-    else:
-        types_ = paper_rank_types()
-        bad = [t for t in c.resources.profile if t not in types_]
-        _require(not bad, f"resources.profile: unknown rank type '{bad[0] if bad else ''}'; choose from: {', '.join(types_)}")
-    for key in ("t1", "t2", "t3_attention", "t3_mlp", "t4"):
-        _require(getattr(c.resources, key) >= 1, f"resources.{key}: a LoRA rank must be >= 1, got {getattr(c.resources, key)}")
-    _require(c.lora.alpha > 0, f"lora.alpha: must be > 0, got {c.lora.alpha}")
-    _require(0 <= c.lora.dropout < 1, f"lora.dropout: must be in [0, 1), got {c.lora.dropout}")
-    _require(c.federation.rounds >= 1, f"federation.rounds: must be >= 1, got {c.federation.rounds}")
-    _require(c.federation.clients_per_round >= 1, f"federation.clients_per_round: must be >= 1, got {c.federation.clients_per_round}")
-    if c.federation.fraction is not None:
-        _require(0 < c.federation.fraction <= 1, f"federation.fraction: must be in (0, 1], got {c.federation.fraction}")
-    _require(c.federation.min_updates >= 1, f"federation.min_updates: must be >= 1, got {c.federation.min_updates}")
+    r = c.resources
+    try:  # every form of the profile (name, list, mapping, clients file) is checked by flexlora.resources
+        parse_profile(r.profile, paper_rank_types(r.t1, r.t2, r.t3_attention, r.t3_mlp, r.t4))
+    except ValueError as e:
+        raise ConfigError(f"resources.profile: {str(e).splitlines()[0]}") from None
     if c.federation.fraction is None:
         _require(
             c.federation.min_updates <= c.federation.clients_per_round,
             f"federation.min_updates: {c.federation.min_updates} is more than federation.clients_per_round "
             f"({c.federation.clients_per_round}); no round could ever aggregate",
         )
-    if c.federation.max_norm_ratio is not None:
-        _require(c.federation.max_norm_ratio > 1, f"federation.max_norm_ratio: must be > 1 (or null to disable), got {c.federation.max_norm_ratio}")
-    if c.federation.client_timeout_s is not None:
-        _require(c.federation.client_timeout_s > 0, f"federation.client_timeout_s: must be > 0 (or null), got {c.federation.client_timeout_s}")
-    if c.federation.max_weight_share is not None:
-        _require(
-            0 < c.federation.max_weight_share <= 1,
-            f"federation.max_weight_share: must be in (0, 1] (or null), got {c.federation.max_weight_share}",
-        )
-    _require(c.output.keep_checkpoints >= 1, f"output.keep_checkpoints: must be >= 1, got {c.output.keep_checkpoints}")
-    _require(0 <= c.federation.dropout_rate <= 1, f"federation.dropout_rate: must be in [0, 1], got {c.federation.dropout_rate}")
-    _require(c.train.optimizer in ("adamw", "sgd"), f"train.optimizer: must be adamw or sgd, got '{c.train.optimizer}'")
-    _require(c.train.lr > 0, f"train.lr: must be > 0, got {c.train.lr}")
-    if c.train.steps is not None:
-        _require(c.train.steps >= 1, f"train.steps: must be >= 1, got {c.train.steps}")
-    _require(c.train.epochs > 0, f"train.epochs: must be > 0, got {c.train.epochs}")
-    _require(c.train.batch_size >= 1, f"train.batch_size: must be >= 1, got {c.train.batch_size}")
     if c.train.micro_batch_size is not None:
         _require(
             1 <= c.train.micro_batch_size <= c.train.batch_size and c.train.batch_size % c.train.micro_batch_size == 0,
             f"train.micro_batch_size: must divide train.batch_size ({c.train.batch_size}), got {c.train.micro_batch_size}",
         )
     _require(c.data.template in TEMPLATES, f"data.template: unknown template '{c.data.template}'; choose from: {', '.join(TEMPLATES)}")
-    _require(c.data.cutoff_len >= 16, f"data.cutoff_len: must be >= 16, got {c.data.cutoff_len}")
-    _require(c.data.num_clients >= 1, f"data.num_clients: must be >= 1, got {c.data.num_clients}")
     validate_data(c.data)
-    _require(c.eval.max_new_tokens >= 1, f"eval.max_new_tokens: must be >= 1, got {c.eval.max_new_tokens}")
-    _require(c.eval.every >= 1, f"eval.every: must be >= 1, got {c.eval.every}")
-    if c.eval.decode_batch_size is not None:
-        _require(c.eval.decode_batch_size >= 1, f"eval.decode_batch_size: must be >= 1, got {c.eval.decode_batch_size}")
-    if c.eval.export_rank is not None:
-        _require(c.eval.export_rank >= 1, f"eval.export_rank: must be >= 1, got {c.eval.export_rank}")
-    _require(c.engine in ("local", "flower"), f"engine: must be local or flower, got '{c.engine}'")
-    f = c.flower
-    _require(
-        f.transport_dtype in ("float32", "float16"),
-        f"flower.transport_dtype: must be float32 or float16, got '{f.transport_dtype}'",
-    )
-    _require(f.workers >= 1, f"flower.workers: must be >= 1, got {f.workers}")
-    if f.cpus_per_worker is not None:
-        _require(f.cpus_per_worker >= 1, f"flower.cpus_per_worker: must be >= 1, got {f.cpus_per_worker}")
-    if f.gpus_per_worker is not None:
-        _require(f.gpus_per_worker >= 0, f"flower.gpus_per_worker: must be >= 0, got {f.gpus_per_worker}")
-    _require(f.ray_object_store_mb >= 64, f"flower.ray_object_store_mb: must be >= 64, got {f.ray_object_store_mb}")
-    if f.min_nodes is not None:
-        _require(f.min_nodes >= 1, f"flower.min_nodes: must be >= 1, got {f.min_nodes}")
-    _require(f.node_wait_s > 0, f"flower.node_wait_s: must be > 0, got {f.node_wait_s}")
-    _require(f.round_timeout_s > 0, f"flower.round_timeout_s: must be > 0, got {f.round_timeout_s}")
-    _require(f.max_in_flight >= 1, f"flower.max_in_flight: must be >= 1, got {f.max_in_flight}")
     looks_like_path = c.model.startswith((".", "/", "~"))
     _require(
         not looks_like_path or Path(c.model).expanduser().exists(),
         f"model: model path does not exist: {c.model}",
     )
-    _require(
-        c.model_dtype in ("float32", "bfloat16", "float16"),
-        f"model_dtype: must be float32, bfloat16 or float16, got '{c.model_dtype}'",
-    )
     if c.quantization is not None:
-        _require(c.quantization == "nf4", f"quantization: must be nf4 or null, got '{c.quantization}'")
         _require(
             c.method not in ("flora", "slora"),
             f"quantization: nf4 cannot be used with method={c.method}, which changes the base weights (4-bit weights cannot be changed)",
@@ -255,10 +246,6 @@ def validate(c: ExperimentConfig) -> None:
     _require(
         c.model_dtype == "float32" or c.method not in ("flora", "slora"),
         f"model_dtype: method={c.method} changes the base weights, which must then be float32 (a 16-bit base would round its updates away), got '{c.model_dtype}'",
-    )
-    _require(
-        c.device in ("auto", "cpu") or c.device.startswith("cuda"),
-        f"device: must be auto, cpu or cuda[:N], got '{c.device}'",
     )
 
 
@@ -271,12 +258,81 @@ def validate_data(d: DataConfig) -> None:
         _require(Path(d.path).expanduser().exists(), f"data.path: not found: {d.path}")
     if d.test_path is not None:
         _require(Path(d.test_path).expanduser().exists(), f"data.test_path: not found: {d.test_path}")
-    if d.heldout_fraction is not None:
-        _require(0 < d.heldout_fraction < 1, f"data.heldout_fraction: must be in (0, 1), got {d.heldout_fraction}")
-    _require(d.dirichlet_alpha > 0, f"data.dirichlet_alpha: must be > 0, got {d.dirichlet_alpha}")
-    _require(d.min_client_size >= 1, f"data.min_client_size: must be >= 1, got {d.min_client_size}")
-    _require(d.test_per_category >= 0, f"data.test_per_category: must be >= 0, got {d.test_per_category}")
-    _require(d.weight_by in ("auto", "local", "source"), f"data.weight_by: must be auto, local or source, got '{d.weight_by}'")
-    _require(d.bad_records in ("skip", "error"), f"data.bad_records: must be skip or error, got '{d.bad_records}'")
-    if d.max_train_per_client is not None:
-        _require(d.max_train_per_client >= 1, f"data.max_train_per_client: must be >= 1, got {d.max_train_per_client}")
+
+
+# ---------------------------------------------------------------- the reference (docs/configuration.md)
+
+
+def _type_name(annotation) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin is typing.Literal:
+        return "string"
+    if origin in (typing.Union, __import__("types").UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin in (list, dict):
+        inner = ", ".join(_type_name(a) for a in args)
+        return f"{'list' if origin is list else 'mapping'}" + (f"[{inner}]" if inner and inner != "str, any" else "")
+    names = {int: "integer", float: "number", bool: "boolean", str: "string", list: "list", dict: "mapping",
+             type(None): "null", typing.Any: "any"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _default(info) -> str:
+    value = info.get_default(call_default_factory=True)
+    return "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|").replace("<", "\\<")
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md: every key with its type, default, constraint and meaning, from
+    the schema (regenerate: `flexlora config --reference > docs/configuration.md`)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated from src/flexlora/schema.py by `flexlora config --reference > docs/configuration.md`;",
+        "     do not edit by hand (tests/test_config.py fails when this file is out of date). -->",
+        "",
+        "A run's configuration is a YAML file (`--config FILE`, e.g. configs/default.yaml) plus",
+        "`key=value` overrides on the command line (`federation.rounds=5 train.lr=1e-4`; a value is",
+        "read as YAML, so `resources.profile=[T1, T4]` is a list). Overrides and flags may come in",
+        "any order. `flexlora config [--config FILE] [key=value ...]` prints the resolved",
+        "configuration, `flexlora config --schema` its JSON schema. A bad value stops the command",
+        "before any work with one line naming the key (exit code 2).",
+        "",
+        "Constraints below are checked by the schema; the checks that need several keys, a",
+        "registry or the file system (a method's `method_args`, `data.path`, `min_updates <=",
+        "clients_per_round`, ...) run right after it (`flexlora.config.validate`).",
+        "",
+    ]
+    top = [(name, info) for name, info in ExperimentConfig.model_fields.items() if _section(info.annotation) is None]
+    sections = [(name, info) for name, info in ExperimentConfig.model_fields.items() if _section(info.annotation) is not None]
+    groups = [("Top level", "", top, "")] + [
+        (f"`{name}`", f"{name}.", list(_section(info.annotation).model_fields.items()), info.description or "")
+        for name, info in sections
+    ]
+    for title, prefix, fields, about in groups:
+        lines += [f"## {title}", ""]
+        if about:
+            lines += [_cell(about), ""]
+        lines += ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+        for name, info in fields:
+            lines.append(
+                f"| `{prefix}{name}` | {_cell(_type_name(info.annotation))} | `{_cell(_default(info))}` | "
+                f"{_cell(constraint(info))} | {_cell(info.description or '')} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def reference_keys() -> list[str]:
+    """Every dotted key of the schema (what the reference must list)."""
+    keys = []
+    for name, info in ExperimentConfig.model_fields.items():
+        section = _section(info.annotation)
+        keys += [f"{name}.{sub}" for sub in section.model_fields] if section else [name]
+    return keys

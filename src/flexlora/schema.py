@@ -1,160 +1,261 @@
-"""The experiment configuration's schema: typed dataclasses with their defaults and what each
-key means. Loading (YAML plus `key=value` overrides, type coercion) and the checks of every
-value are in flexlora.config, which re-exports these classes."""
+"""The experiment configuration's schema: pydantic models with every key's type, default,
+constraint (range, choices) and meaning (the docstring under it).
+
+Loading (YAML plus `key=value` overrides), the one-line error messages and the checks that
+need more than one key or a registry (methods, data sources, templates, resource profiles) are
+in flexlora.config, which re-exports these classes. docs/configuration.md is generated from
+this module (`flexlora config --reference`); a test fails when it is out of date.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 
-@dataclass
-class DataConfig:
-    # synthetic (built in) | natural-instructions (per-client folder) | dolly (JSONL, Dirichlet
-    # split) | json (generic JSON/JSONL instruction records); see flexlora.data.sources
+class Explain:
+    """Extra words for a key's error message and reference entry: `noun` names what the value
+    is ("a LoRA rank must be >= 1"), `allowed` spells out a pattern ("auto, cpu or cuda[:N]")."""
+
+    def __init__(self, noun: str | None = None, allowed: str | None = None):
+        self.noun, self.allowed = noun, allowed
+
+
+LoraRank = Annotated[int, Field(ge=1), Explain(noun="a LoRA rank")]
+
+
+class Section(BaseModel):
+    """A configuration section: unknown keys are errors, assignments are checked too, and a
+    boolean is never taken for a number (nor a number for a boolean)."""
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True, protected_namespaces=()
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, value, info):
+        wants_bool = _base_type(cls.model_fields[info.field_name].annotation) is bool
+        if wants_bool and not isinstance(value, bool):
+            raise PydanticCustomError("bool_type", "expected true or false")
+        if isinstance(value, bool) and not wants_bool:
+            kind = _base_type(cls.model_fields[info.field_name].annotation)
+            if kind in (int, float):
+                raise PydanticCustomError(f"{kind.__name__}_type", "expected a number")
+        return value
+
+
+def _base_type(annotation):
+    """int for `int`, `int | None` and `Annotated[int, ...]`; the annotation itself otherwise."""
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is Annotated:
+        return _base_type(args[0])
+    if typing.get_origin(annotation) in (typing.Union, __import__("types").UnionType) and len(args) == 1:
+        return _base_type(args[0])
+    return annotation
+
+
+class DataConfig(Section):
     source: str = "synthetic"
-    path: str | None = None  # the folder or file of a non-synthetic source
-    num_clients: int = 24  # synthetic; dolly/json without a client field: clients to split into
-    train_per_client: int = 24  # synthetic
-    test_per_client: int = 8  # synthetic
-    heldout_tasks: list[str] | None = None  # synthetic: task types kept for evaluation only
-    # Held-out (evaluation-only) clients, never sampled for training; the three add up.
+    """synthetic (built in) | natural-instructions (a per-client folder) | dolly (JSONL, Dirichlet split) | json (generic JSON/JSONL instruction records); see flexlora.data.sources."""
+    path: str | None = None
+    """The folder or file of a non-synthetic source."""
+    num_clients: int = Field(24, ge=1)
+    """synthetic; dolly/json without a client field: the number of clients to split into."""
+    train_per_client: int = Field(24, ge=1)
+    """synthetic: training examples per client."""
+    test_per_client: int = Field(8, ge=0)
+    """synthetic: test examples per client."""
+    heldout_tasks: list[str] | None = None
+    """synthetic: task types kept for evaluation only."""
     heldout_ids: list[str | int] | None = None
-    heldout_fraction: float | None = None  # drawn with split_seed, so the same in every run
-    heldout_categories: list[str] | None = None  # whole task categories, e.g. ["Word Analogy"]
-    split_seed: int = 0  # held-out draw and Dirichlet split: fixed across runs and seeds
-    dirichlet_alpha: float = 0.5  # dolly/json: Dirichlet(alpha) over categories; small = skewed
-    min_client_size: int = 2  # dolly/json: the Dirichlet split is redrawn until every client has this many
-    client_field: str = "client"  # json: record field naming the client
-    test_path: str | None = None  # dolly/json: records kept out of training as the test split
-    test_per_category: int = 10  # dolly/json without test_path: records per category held out for test
-    weight_by: str = "auto"  # auto | local | source: n_k = local training-set size or clients.json's source size
-    max_train_per_client: int | None = None  # keep a seeded subset of each client's training examples
-    bad_records: str = "skip"  # skip (report file:line and go on) | error (stop at the first)
-    template: str = "alpaca"  # alpaca | chat
-    cutoff_len: int = 192
+    """Held-out (evaluation-only) clients by id, never sampled for training; heldout_ids, heldout_fraction and heldout_categories add up."""
+    heldout_fraction: float | None = Field(None, gt=0, lt=1)
+    """A fraction of the clients held out, drawn with split_seed (so the same in every run)."""
+    heldout_categories: list[str] | None = None
+    """Whole task categories held out, e.g. ["Word Analogy"]."""
+    split_seed: int = 0
+    """Seed of the held-out draw and the Dirichlet split: fixed across runs and seeds."""
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    """dolly/json: Dirichlet(alpha) over categories; small is skewed."""
+    min_client_size: int = Field(2, ge=1)
+    """dolly/json: the Dirichlet split is redrawn until every client has this many examples."""
+    client_field: str = "client"
+    """json: the record field naming the client."""
+    test_path: str | None = None
+    """dolly/json: records kept out of training as the test split."""
+    test_per_category: int = Field(10, ge=0)
+    """dolly/json without test_path: records per category held out for test."""
+    weight_by: Literal["auto", "local", "source"] = "auto"
+    """n_k, a client's aggregation weight: local (its training-set size), source (clients.json's source size) or auto (source where given)."""
+    max_train_per_client: int | None = Field(None, ge=1)
+    """Keep a seeded subset of each client's training examples; null: all."""
+    bad_records: Literal["skip", "error"] = "skip"
+    """A malformed record: skip (report file:line and go on) or error (stop at the first)."""
+    template: str = "alpaca"
+    """Prompt template: alpaca | chat."""
+    cutoff_len: int = Field(192, ge=16)
+    """Tokens per training example, at most (longer inputs are shortened)."""
     train_on_inputs: bool = False
+    """Also train on the prompt's tokens (false: the answer's only)."""
 
 
-@dataclass
-class ResourcesConfig:
-    profile: str | list[str] = "uniform"  # homo | uniform | heavy-tail-light | heavy-tail-strong | normal | [T1, T4, ...]
-    t1: int = 8
-    t2: int = 30
-    t3_attention: int = 30
-    t3_mlp: int = 200
-    t4: int = 200
+class ResourcesConfig(Section):
+    profile: str | list | dict = "uniform"
+    """Clients' rank types: a profile name (homo | uniform | heavy-tail-light | heavy-tail-strong | normal), a list of rank type names ([T1, T4, ...]), or a mapping / per-client list describing a rank distribution; checked by flexlora.resources."""
+    t1: LoraRank = 8
+    """Rank of type T1 (every module)."""
+    t2: LoraRank = 30
+    """Rank of type T2 (every module)."""
+    t3_attention: LoraRank = 30
+    """Rank of type T3 on attention modules."""
+    t3_mlp: LoraRank = 200
+    """Rank of type T3 on MLP modules."""
+    t4: LoraRank = 200
+    """Rank of type T4 (every module)."""
 
 
-@dataclass
-class LoraSettings:
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: list[str] | None = None  # None: the architecture's defaults
+class LoraSettings(Section):
+    alpha: float = Field(16.0, gt=0)
+    """LoRA scaling numerator: a module's update is (alpha / r) B A."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """LoRA dropout on the adapter's input."""
+    target_modules: list[str] | None = None
+    """Modules that get an adapter; null: the architecture's defaults."""
 
 
-@dataclass
-class FederationConfig:
-    rounds: int = 3
-    clients_per_round: int = 4
-    fraction: float | None = None  # if set, overrides clients_per_round: ceil(fraction * N)
-    # Reliability (docs/reliability.md). A round with fewer valid updates than min_updates keeps
-    # the previous global state.
-    min_updates: int = 1
-    # Reject an update whose norm exceeds this multiple of the median of the round's others; null: off.
-    max_norm_ratio: float | None = 10.0
-    # A client still training after this many seconds is dropped for the round (checked per step).
-    client_timeout_s: float | None = None
-    # Fault injection for tests: each sampled client fails with this probability (seeded).
-    dropout_rate: float = 0.0
-    # No client's share of a round's total aggregation weight exceeds this (the excess is spread
-    # over the others); null: p_k = n_k / sum n_j. A reply claiming more examples than its
-    # client declared (its training-set size in-process, its discovery reply on Flower) is
-    # rejected whatever this is.
-    max_weight_share: float | None = None
+class FederationConfig(Section):
+    rounds: int = Field(3, ge=1)
+    """Federated rounds."""
+    clients_per_round: int = Field(4, ge=1)
+    """Clients sampled per round."""
+    fraction: float | None = Field(None, gt=0, le=1)
+    """If set, overrides clients_per_round: ceil(fraction x training clients)."""
+    min_updates: int = Field(1, ge=1)
+    """A round with fewer valid updates keeps the previous global state (docs/reliability.md)."""
+    max_norm_ratio: float | None = Field(10.0, gt=1)
+    """Reject an update whose norm exceeds this multiple of the median of the round's others; null: off."""
+    client_timeout_s: float | None = Field(None, gt=0)
+    """A client still training after this many seconds is dropped for the round (checked per step); null: no limit."""
+    dropout_rate: float = Field(0.0, ge=0, le=1)
+    """Fault injection for tests: each sampled client fails with this probability (seeded)."""
+    max_weight_share: float | None = Field(None, gt=0, le=1)
+    """No client's share of a round's total aggregation weight exceeds this (the excess is spread over the others); null: p_k = n_k / sum n_j. A reply claiming more examples than its client declared is rejected whatever this is."""
 
 
-@dataclass
-class TrainConfig:
-    optimizer: str = "adamw"  # adamw (FedIT) | sgd (FedAvg)
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    steps: int | None = 6  # local optimizer steps per round; None: use epochs
-    epochs: float = 1.0
-    batch_size: int = 4
-    micro_batch_size: int | None = None  # None: the whole batch at once; smaller saves memory
-    max_grad_norm: float = 1.0
-    # Activation checkpointing of the decoder layers: recompute activations in the backward
-    # pass instead of keeping them (less memory, about a third more compute). docs/memory.md
+class TrainConfig(Section):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """Local optimizer: adamw (FedIT) | sgd (FedAvg)."""
+    lr: float = Field(3e-4, gt=0)
+    """Local learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Optimizer weight decay."""
+    steps: int | None = Field(6, ge=1)
+    """Local optimizer steps per round; null: use epochs."""
+    epochs: float = Field(1.0, gt=0)
+    """Local epochs per round when steps is null."""
+    batch_size: int = Field(4, ge=1)
+    """Examples per optimizer step."""
+    micro_batch_size: int | None = None
+    """Examples per forward/backward pass; must divide batch_size; null: the whole batch at once (smaller saves memory)."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping norm."""
     gradient_checkpointing: bool = False
+    """Recompute the decoder layers' activations in the backward pass instead of keeping them: less memory, about a third more compute (docs/memory.md)."""
 
 
-@dataclass
-class EvalConfig:
-    max_new_tokens: int = 32
-    batch_size: int = 16
-    every: int = 1  # evaluate after every `every` rounds (and always after the last)
-    max_examples_per_client: int | None = None
-    export_rank: int | None = None  # rank of the exported global adapter; None: the largest client rank
-    kv_cache: bool = True  # one prefill per example for both scores, each client's shared prompt prefix once; false: the two-prefill path
-    decode_batch_size: int | None = None  # kv_cache: rows decoded together; None: 4 x batch_size
+class EvalConfig(Section):
+    max_new_tokens: int = Field(32, ge=1)
+    """Tokens generated per test example, at most."""
+    batch_size: int = Field(16, ge=1)
+    """Test examples per forward pass."""
+    every: int = Field(1, ge=1)
+    """Evaluate after every `every` rounds (and always after the last)."""
+    max_examples_per_client: int | None = Field(None, ge=1)
+    """Test examples per client, at most; null: all."""
+    export_rank: int | None = Field(None, ge=1)
+    """Rank of the exported global adapter; null: the largest client rank."""
+    kv_cache: bool = True
+    """One prefill per example for both scores, each client's shared prompt prefix once; false: the two-prefill path."""
+    decode_batch_size: int | None = Field(None, ge=1)
+    """With kv_cache: rows decoded together; null: 4 x batch_size."""
+    spectrum: bool = True
+    """Log per round, per module kind, the global update's energy share in each rank band of the clients' ranks and its effective rank ("spectrum" in metrics.jsonl, rank_energy.png; flexlora.spectrum). About 2 s a round for SmolLM2 at rank 200 from the factors, up to 10 s for a dense global update (FLoRA)."""
 
 
-@dataclass
-class OutputConfig:
+class OutputConfig(Section):
     dir: str = "runs"
-    name: str | None = None  # None: <method>-<profile>-seed<seed>-<timestamp>
-    overwrite: bool = False  # CLI: --overwrite
-    checkpoint: bool = True  # write the server state after every round (needed by --resume)
-    # Checkpoints kept (the newest first); with more than one, a resume whose newest checkpoint
-    # is corrupted (checksum, truncation) falls back to the one before.
-    keep_checkpoints: int = 1
+    """Folder that holds the run folders."""
+    name: str | None = None
+    """Run folder name; null: <method>-<profile>-seed<seed>-<timestamp>."""
+    overwrite: bool = False
+    """Replace an existing run folder (CLI: --overwrite)."""
+    checkpoint: bool = True
+    """Write the server state after every round (needed by --resume)."""
+    keep_checkpoints: int = Field(1, ge=1)
+    """Checkpoints kept, the newest first; with more than one, a resume whose newest checkpoint is corrupted falls back to the one before."""
 
 
-@dataclass
-class FlowerConfig:
+class FlowerConfig(Section):
     """Settings of the Flower engine (`engine: flower`); ignored by the in-process runtime."""
 
-    transport_dtype: str = "float32"  # float32 | float16: LoRA factors on the wire, both ways
-    workers: int = 1  # simulation: ClientApps training at once (each holds its own model copy)
-    cpus_per_worker: int | None = None  # simulation: CPU cores per ClientApp; None: all cores / workers
-    gpus_per_worker: float | None = None  # simulation: GPU share per ClientApp; None: 1/workers on CUDA, else 0
-    ray_object_store_mb: int = 512  # simulation: Ray's shared-memory object store
-    min_nodes: int | None = None  # nodes to wait for before round 1; None: every client (simulation), clients_per_round (deployment)
-    node_wait_s: float = 300.0  # how long the ServerApp waits for min_nodes to connect
-    round_timeout_s: float = 3600.0  # how long it waits for a round's replies; a missing reply is a dropout
-    # Tasks pushed to nodes and not answered yet, at most (rounds stream: a task is built and
-    # encoded only when a slot is free, each reply folded as it comes). Each in-flight task holds
-    # its encoded Message (a rank-200 SmolLM2 client: ~243 MB in float32) on the server side, so
-    # server memory grows with this, not with clients per round; but at most this many nodes
-    # train at once (simulation: set it >= flower.workers; deployment: the nodes to run in parallel).
-    max_in_flight: int = 8
+    transport_dtype: Literal["float32", "float16"] = "float32"
+    """LoRA factors on the wire, both ways."""
+    workers: int = Field(1, ge=1)
+    """Simulation: ClientApps training at once (each holds its own model copy)."""
+    cpus_per_worker: int | None = Field(None, ge=1)
+    """Simulation: CPU cores per ClientApp; null: all cores / workers."""
+    gpus_per_worker: float | None = Field(None, ge=0)
+    """Simulation: GPU share per ClientApp; null: 1/workers on CUDA, else 0."""
+    ray_object_store_mb: int = Field(512, ge=64)
+    """Simulation: Ray's shared-memory object store (MB)."""
+    min_nodes: int | None = Field(None, ge=1)
+    """Nodes to wait for before round 1; null: every client (simulation), clients_per_round (deployment)."""
+    node_wait_s: float = Field(300.0, gt=0)
+    """How long the ServerApp waits for min_nodes to connect (seconds)."""
+    round_timeout_s: float = Field(3600.0, gt=0)
+    """How long it waits for a round's replies (seconds); a missing reply is a dropout."""
+    max_in_flight: int = Field(8, ge=1)
+    """Tasks pushed to nodes and not answered yet, at most. Each holds its encoded message on the server (a rank-200 SmolLM2 client: ~243 MB in float32), so server memory grows with this, not with clients per round; but at most this many nodes train at once (simulation: set it >= flower.workers)."""
 
 
-@dataclass
-class ExperimentConfig:
+class ExperimentConfig(Section):
     seed: int = 0
-    engine: str = "local"  # local (in-process) | flower (Flower's simulation engine; deployment: flower_app/)
-    model: str = "smollm2-135m-instruct"  # smollm2-135m-instruct | tiny-llama | random-llama-1b | HF path or id
-    # Dtype of the frozen base weights: float32 | bfloat16 | float16 (with quantization: the
-    # compute dtype of the 4-bit layers). LoRA factors, their gradients, the optimizer state and
-    # every update sent to the server stay float32 whatever it is. On CUDA, a 16-bit base also
-    # runs the forward pass under autocast. docs/memory.md
-    model_dtype: str = "float32"
-    quantization: str | None = None  # null | nf4: base linear layers in 4-bit NF4 (bitsandbytes, QLoRA)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    method: str = "flexlora"  # flexlora | fedit | hetlora | slora | flora | ffa | rolora (flexlora.methods)
-    # Arguments of the method (see docs/baselines.md), plus server_opt: {name: fedavgm|fedadam|
-    # fedyogi, lr, ...} (flexlora, fedit) and fedprox_mu (any method).
-    method_args: dict = field(default_factory=dict)
-    data: DataConfig = field(default_factory=DataConfig)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    federation: FederationConfig = field(default_factory=FederationConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    flower: FlowerConfig = field(default_factory=FlowerConfig)
+    """Seed of client sampling, rank-type assignment, initialisation and training."""
+    engine: Literal["local", "flower"] = "local"
+    """local (in-process) | flower (Flower's simulation engine; deployment: flower_app/)."""
+    model: str = "smollm2-135m-instruct"
+    """smollm2-135m-instruct | tiny-llama | random-llama-1b | a Hugging Face path or id."""
+    model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the frozen base weights (with quantization: the compute dtype of the 4-bit layers). LoRA factors, their gradients, the optimizer state and every update stay float32. On CUDA a 16-bit base also runs the forward pass under autocast (docs/memory.md)."""
+    quantization: Literal["nf4"] | None = None
+    """nf4: base linear layers in 4-bit NF4 (bitsandbytes, QLoRA); null: none."""
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$"), Explain(allowed="auto, cpu or cuda[:N]")] = "auto"
+    """Where the model runs: auto | cpu | cuda | cuda:N."""
+    method: str = "flexlora"
+    """Aggregation method: flexlora | fedit | hetlora | slora | flora | ffa | rolora (flexlora.methods)."""
+    method_args: dict[str, Any] = Field(default_factory=dict)
+    """Arguments of the method (docs/baselines.md), plus server_opt: {name: fedavgm|fedadam|fedyogi, lr, ...} (flexlora, fedit) and fedprox_mu (any method)."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Data source, client split and prompts."""
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    """Clients' resource profile: which LoRA rank each client trains."""
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    """LoRA adapter settings."""
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    """Rounds, client sampling and reliability."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """Local training of each client."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Evaluation of the global model."""
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    """The run folder."""
+    flower: FlowerConfig = Field(default_factory=FlowerConfig)
+    """The Flower engine."""
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump()
