@@ -42,3 +42,49 @@ def test_eval_loss_is_a_per_token_ratio_and_only_shared_examples_count():
     assert d.examples == 4 and d.mean == pytest.approx(0.0)
     with pytest.raises(ValueError, match="paired by seed"):
         paired_difference([better, better], [base], "eval_loss")
+
+
+def seeds_with_gains(gains, n=400, noise=0.02, rng_seed=2):
+    """(method runs, baseline runs): per seed, the method beats the baseline by `gains[s]` on
+    average, with small per-example noise."""
+    rng = random.Random(rng_seed)
+    base = [rng.random() * 0.5 for _ in range(n)]
+    method = [records([b + g + rng.gauss(0, noise) for b in base]) for g in gains]
+    return method, [records(base) for _ in gains]
+
+
+def test_when_seeds_disagree_the_two_level_interval_contains_0_and_the_examples_only_one_does_not():
+    # FlexLoRA − FedIT under heavy-tail-strong in the NI grid had this shape: +0.041, +0.038, −0.048.
+    method, base = seeds_with_gains([0.04, 0.04, -0.05])
+    d = paired_difference(method, base, "rougeL_generated")
+    assert d.mean == pytest.approx(0.01, abs=0.002) and d.per_seed == pytest.approx((0.04, 0.04, -0.05), abs=0.004)
+    assert 0 < d.example_low < d.mean < d.example_high < 0.02 and d.significant_examples_only
+    # Seeds resampled with replacement: all three the bad seed has chance 1/27 > 2.5%, all three
+    # a good one 8/27, so the interval runs from about −0.05 to about +0.04.
+    assert d.low == pytest.approx(-0.05, abs=0.004) and d.high == pytest.approx(0.04, abs=0.004)
+    assert not d.significant and d.format().endswith(" n.s.") and "(examples only [+0.0" in d.format()
+    # The seed spread is in the interval, not only beside it.
+    assert d.seed_sd == pytest.approx(0.052, abs=0.003)
+
+
+def test_with_one_seed_or_identical_seeds_the_two_level_interval_is_the_examples_only_one():
+    method, base = seeds_with_gains([0.01], noise=0.2)
+    one = paired_difference(method, base, "rougeL_generated")
+    assert (one.low, one.high) == (one.example_low, one.example_high) and one.high - one.low > 0.02
+    assert "examples only" not in one.format()
+    # Three seeds with the very same per-example differences: resampling seeds changes nothing,
+    # so the example noise must still be there (a seeds-only bootstrap would give a point).
+    same = paired_difference(method * 3, base * 3, "rougeL_generated")
+    assert same.low == pytest.approx(same.example_low, abs=1e-12) and same.high == pytest.approx(same.example_high, abs=1e-12)
+    assert same.high - same.low > 0.02
+    # Loss as a ratio takes the same two levels.
+    losses = paired_difference(method * 3, base * 3, "eval_loss")
+    assert losses.low == losses.high == losses.example_low == 0.0
+
+
+def test_seeds_that_agree_stay_significant_under_both_intervals():
+    method, base = seeds_with_gains([0.05, 0.06, 0.055])
+    d = paired_difference(method, base, "rougeL_generated")
+    assert d.significant and d.significant_examples_only
+    assert d.low <= d.example_low and d.high >= d.example_high  # the two-level interval is the wider one
+    assert d.low == pytest.approx(0.05, abs=0.004) and d.high == pytest.approx(0.06, abs=0.004)

@@ -11,7 +11,8 @@ reference ("improvement over homogeneous FedIT") for every profile.
 
 The base model is evaluated once per grid (zero_shot.json): held-out clients and greedy decoding
 do not depend on the seed. Every difference against the baseline is paired (same seed, same test
-examples) and comes with a 95% bootstrap interval over the test examples (flexlora.stats).
+examples) and comes with two 95% bootstrap intervals (flexlora.stats): one that resamples seeds
+and test examples, which decides "significant", and one over the test examples only.
 """
 
 from __future__ import annotations
@@ -326,19 +327,17 @@ def write_report(out: str | Path, echo=print) -> Path:
                 w.writerow([f"{v:.6f}" if isinstance(v, float) else v for v in row])
     with open(out / "differences.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "profile", "metric", f"mean_minus_{baseline}", "ci95_low", "ci95_high", "seed_sd", "seeds", "examples", "significant"])
+        w.writerow(["method", "profile", "metric", f"mean_minus_{baseline}", *DIFFERENCE_COLUMNS])
         for (m, p), diffs in differences:
             for d in diffs:
-                w.writerow([label(m), p, d.metric, f"{d.mean:.6f}", f"{d.low:.6f}", f"{d.high:.6f}", f"{d.seed_sd:.6f}",
-                            d.seeds, d.examples, d.significant])
+                w.writerow([label(m), p, d.metric, f"{d.mean:.6f}", *_difference_cells(d)])
     if pairwise:
         with open(out / f"differences_{OURS}.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["method", "against", "profile", "metric", "mean_difference", "ci95_low", "ci95_high", "seed_sd", "seeds", "examples", "significant"])
+            w.writerow(["method", "against", "profile", "metric", "mean_difference", *DIFFERENCE_COLUMNS])
             for rival, p, diffs in pairwise:
                 for d in diffs:
-                    w.writerow([OURS, rival, p, d.metric, f"{d.mean:.6f}", f"{d.low:.6f}", f"{d.high:.6f}",
-                                f"{d.seed_sd:.6f}", d.seeds, d.examples, d.significant])
+                    w.writerow([OURS, rival, p, d.metric, f"{d.mean:.6f}", *_difference_cells(d)])
     with open(out / "cells.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "profile", "seed", "round", METRIC, "rougeL_teacher_forced", "eval_loss"])
@@ -379,6 +378,17 @@ def _differences(methods, profiles, seeds, cell_for, baseline):
     return out
 
 
+# ci95_*: the two-level interval (seeds and examples resampled), which `significant` follows;
+# ci95_examples_*: the test examples resampled only; per_seed: the difference in each seed.
+DIFFERENCE_COLUMNS = ("ci95_low", "ci95_high", "ci95_examples_low", "ci95_examples_high", "seed_sd", "seeds", "examples",
+                      "significant", "significant_examples_only", "per_seed")
+
+
+def _difference_cells(d) -> list:
+    return [f"{d.low:.6f}", f"{d.high:.6f}", f"{d.example_low:.6f}", f"{d.example_high:.6f}", f"{d.seed_sd:.6f}",
+            d.seeds, d.examples, d.significant, d.significant_examples_only, " ".join(f"{x:+.6f}" for x in d.per_seed)]
+
+
 def _difference_tables(differences, profiles, label, baseline, what=None) -> list[str]:
     """`what`: what a row's difference is (default: the row's method − the baseline)."""
     if not differences:
@@ -386,9 +396,12 @@ def _difference_tables(differences, profiles, label, baseline, what=None) -> lis
     lines = [
         f"### Difference against {label(baseline)}, with 95% intervals",
         "",
-        f"{what or 'method − ' + label(baseline)}, mean over seeds; [95% paired bootstrap interval over the held-out test examples, "
-        "2000 resamples]; sd: standard deviation of the per-seed difference. **n.s.**: the interval contains 0 "
-        "(not significant). Eval loss: negative is better.",
+        f"{what or 'method − ' + label(baseline)}, mean over seeds; [95% paired two-level bootstrap interval: seeds resampled "
+        "with replacement and the held-out test examples resampled (the same examples for every seed and for both methods), "
+        "2000 resamples]; sd: standard deviation of the per-seed difference; (examples only [...]): the interval that "
+        "resamples the test examples only and keeps the seeds fixed, so it leaves training randomness out. **n.s.**: the "
+        "two-level interval contains 0 (not significant). With one seed the two intervals are the same. With 3 seeds the "
+        "two-level interval is coarse (10 distinct seed resamples). Eval loss: negative is better.",
         "",
     ]
     by_key = {key: {d.metric: d for d in diffs} for key, diffs in differences}
@@ -403,7 +416,12 @@ def _difference_tables(differences, profiles, label, baseline, what=None) -> lis
             lines.append(f"| {label(m)} | " + " | ".join(cols) + " |")
         lines.append("")
     n = next(iter(by_key.values()))[METRIC]
-    lines += [f"({n.examples} paired test examples, {n.seeds} seed(s) in the first row's cells.)", ""]
+    one_seed = " (one seed: the two-level interval is the examples-only one)" if n.seeds == 1 else ""
+    lines += [f"({n.examples} paired test examples, {n.seeds} seed(s) in the first row's cells{one_seed}.)", ""]
+    flips = [f"{label(m)} {p} {metric}" for (m, p), ds in by_key.items() for metric, d in ds.items()
+             if d.significant_examples_only and not d.significant]
+    if flips:
+        lines += [f"Significant over the test examples only, not once seeds are resampled: {', '.join(flips)}.", ""]
     return lines
 
 
