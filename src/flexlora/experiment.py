@@ -19,6 +19,7 @@ from flexlora.config import ConfigError, ExperimentConfig
 from flexlora.data.sources import load_federated_dataset
 from flexlora.evaluation import METRIC, evaluate
 from flexlora.models import default_device, default_target_modules, load_model
+from flexlora.resources import client_record, profile_label as resource_profile_label
 from flexlora.reporting import WriteError, append_line, plot_metric, write_json, write_jsonl
 from flexlora.runlock import LOCK_NAME, RunLock
 from flexlora.server import FederatedServer, run_rounds
@@ -42,8 +43,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def profile_label(cfg: ExperimentConfig) -> str:
-    p = cfg.resources.profile
-    return p if isinstance(p, str) else "explicit"
+    return resource_profile_label(cfg.resources.profile)
 
 
 def _has_content(run_dir: Path) -> bool:
@@ -185,7 +185,7 @@ class Experiment:
         write_json(
             self.run_dir / "clients.json",
             {
-                cid: {"rank_type": server.client_types[cid], "max_rank": max(server.client_ranks[cid].values())}
+                cid: client_record(server.rank_types.get(server.client_types[cid]), server.client_types[cid], server.client_ranks[cid])
                 for cid in server.client_ids
             },
         )

@@ -19,11 +19,12 @@ from typing import Callable, Iterable, Iterator, Protocol
 import torch
 
 from flexlora.config import ExperimentConfig
+from flexlora.errors import ConfigError
 from flexlora.faults import fault_point
 from flexlora.methods import METHODS, FedProx, compose_method
 from flexlora.methods.base import GlobalState, capped_weights, clear_fresh_rows
 from flexlora.protocol import ClientFailure, ClientTask, ClientUpdate, ServerSnapshot, flatten, unflatten
-from flexlora.resources import RankType, assign_rank_types, module_ranks, paper_rank_types
+from flexlora.resources import RankType, client_rank_types, module_ranks, paper_rank_types
 from flexlora.methods.server_opt import starting_point
 from flexlora.methods.svd import one_cpu_thread
 from flexlora.validation import NormScreen, check_result, update_norm, validate_round
@@ -225,8 +226,12 @@ class FederatedServer:
         self.server_step = composition.server_step  # a server optimizer after aggregation, or None
         self.fedprox_mu = composition.fedprox_mu  # FedProx's μ, asked of every client (0: off)
         r = cfg.resources
-        self.rank_types = paper_rank_types(r.t1, r.t2, r.t3_attention, r.t3_mlp, r.t4)
-        self.client_types = assign_rank_types(self.client_ids, r.profile, cfg.seed)
+        try:  # a clients list or file that does not fit these clients (the config check cannot know them)
+            self.client_types, self.rank_types = client_rank_types(
+                self.client_ids, r.profile, cfg.seed, paper_rank_types(r.t1, r.t2, r.t3_attention, r.t3_mlp, r.t4)
+            )
+        except ValueError as e:
+            raise ConfigError(f"resources.profile: {e}") from None
         for cid, rank_type in (declared_types or {}).items():
             self.rank_types.setdefault(rank_type.name, rank_type)
             self.client_types[cid] = rank_type.name
