@@ -27,7 +27,7 @@ def test_bench_aggregate_bad_flag_is_one_line(capsys):
 
 
 def test_bench_goals_use_medians_and_say_pass_or_fail():
-    from flexlora.bench import Row, goals, interleaved, median
+    from flexlora.bench.aggregate import Row, goals, interleaved, median
 
     import torch
 
@@ -79,11 +79,11 @@ def test_bench_scale_tiny(tmp_path, capsys):
         assert (label, clients, done, device) == (f"K={k}", str(k), "2", "cpu")
         assert float(peak) > 0 and float(per_client) > 0 and float(server_s) >= 0
         assert 0 <= float(share.rstrip("%")) <= 100
-    assert "goal: peak memory at 4 clients/round <= 1.25x that at 2: " in out
+    assert "peak memory at 4 clients/round <= 1.25x that at 2 (" in out and "\ngoals: " in out
     assert (tmp_path / "runs" / "k4" / "metrics.jsonl").is_file()
 
     result = json.loads(out_json.read_text())
-    assert result["goals"] and result["goals"][0].startswith("goal: peak memory at 4 clients/round")
+    assert result["goals"] and result["goals"][0].startswith(("PASS peak memory at 4 clients/round", "FAIL peak memory at 4 clients/round"))
     by_k = {r["clients_per_round"]: r for r in result["rows"]}
     assert set(by_k) == {2, 4}
     for k, row in by_k.items():
@@ -95,7 +95,7 @@ def test_bench_scale_tiny(tmp_path, capsys):
 
 
 def test_bench_scale_goal_lines():
-    from flexlora.bench_scale import goals
+    from flexlora.bench.scale import goals
 
     def row(k, peak, kind="synthetic", error=None):
         r = {"label": f"K={k}", "kind": kind, "clients_per_round": k, "peak_rss_mb": peak, "rounds": [{"round": 1}, {"round": 2}],
@@ -103,11 +103,13 @@ def test_bench_scale_goal_lines():
         return {**r, "error": error} if error else r
 
     lines = goals([row(10, 1000), row(80, 1200)], total_memory_mb=24 * 1024)
-    assert lines == ["goal: peak memory at 80 clients/round <= 1.25x that at 10: PASS (1200 MB / 1000 MB = 1.20x)"]
-    assert "FAIL (1300 MB / 1000 MB = 1.30x)" in goals([row(10, 1000), row(80, 1300)])[0]
-    assert "FAIL (K=80 did not complete)" in goals([row(10, 1000), row(80, 9000, error="killed")])[0]
-    ni = goals([row(10, 1000), row(80, 1100), row(81, 4096, kind="ni")], total_memory_mb=24 * 1024)[1]
-    assert ni.startswith("goal: the 1,613-client NI sample") and ": PASS (2 done, peak RSS 4.00 GiB of 24.0 GiB)" in ni
+    assert lines == ["PASS peak memory at 80 clients/round <= 1.25x that at 10 (1200 MB / 1000 MB = 1.20x)", "goals: 1 of 1 met"]
+    assert goals([row(10, 1000), row(80, 1300)])[0] == "FAIL peak memory at 80 clients/round <= 1.25x that at 10 (1300 MB / 1000 MB = 1.30x)"
+    assert goals([row(10, 1000), row(80, 9000, error="killed")])[0].endswith("that at 10 (K=80 did not complete)")
+    both = goals([row(10, 1000), row(80, 1100), row(81, 4096, kind="ni")], total_memory_mb=24 * 1024)
+    assert both[1].startswith("PASS the 1,613-client NI sample") and both[1].endswith(" (2 done, peak RSS 4.00 GiB of 24.0 GiB)")
+    assert both[2] == "goals: 2 of 2 met"
+    assert goals([row(10, 1000)]) == ["SKIP peak memory flat in clients per round (needs two --clients values)"]
 
 
 def test_bench_scale_bad_option_is_one_line(capsys):
@@ -131,7 +133,7 @@ def test_bench_scale_ni_setting():
 
     import pytest
 
-    from flexlora.bench_scale import NI_PATH, settings, validate
+    from flexlora.bench.scale import NI_PATH, settings, validate
 
     if not Path(NI_PATH).is_dir():
         pytest.skip(f"{NI_PATH} is absent (shared data, not part of the repository)")
@@ -142,3 +144,36 @@ def test_bench_scale_ni_setting():
         assert key in ni["overrides"]
     assert ni["overrides"][-1] == "device=cpu"  # extra overrides come last, so they win
     validate(ni)
+
+
+def test_the_shared_pieces_are_one_copy_and_count_goals():
+    """flexlora.bench.common holds what the benchmarks share; a child process it prepares
+    imports this source tree, and the goal count ignores goals not checked."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from flexlora.bench import aggregate, client, common, scale
+
+    assert client.child_env is scale.child_env is common.child_env
+    assert aggregate.interleaved is common.interleaved and client.goal is scale.goal is aggregate.goal is common.goal
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = common.child_env()
+    assert env["PYTHONPATH"].split(":")[0] == str(src)
+    out = subprocess.run([sys.executable, "-c", "import flexlora; print(flexlora.__file__)"], env=env, cwd="/",
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == str(src / "flexlora" / "__init__.py")
+
+    lines = [common.goal(True, "a", "1"), common.not_checked("b", "no data"), common.goal(False, "c", "3")]
+    assert lines == ["PASS a (1)", "SKIP b (no data)", "FAIL c (3)"]
+    assert common.with_count(lines)[-1] == "goals: 1 of 2 met, 1 FAILED"
+    assert common.with_count([common.not_checked("b", "x")]) == ["SKIP b (x)"]
+
+
+def test_python_dash_m_runs_the_same_command_line():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "flexlora.bench", "aggregate", "--sizes", "70b"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown size '70b'" in proc.stderr and proc.stderr.count("\n") == 1

@@ -137,7 +137,7 @@ def test_evaluate_returns_per_example_scores_and_same_metrics_both_ways():
 
 
 def test_bench_eval_reports_both_paths_and_their_agreement():
-    from flexlora.bench_eval import run_eval_benchmark
+    from flexlora.bench.eval import run_eval_benchmark
     from flexlora.config import load_config
 
     cfg = load_config(None, ["model=tiny-llama", "device=cpu", "data.num_clients=6", "data.test_per_client=2",

@@ -71,7 +71,7 @@ def _node(args) -> None:
 
 
 def _bench_aggregate(args) -> None:
-    from flexlora import bench
+    from flexlora.bench import aggregate as bench
 
     sizes = ["quick"] if args.quick else args.sizes.split(",")
     repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
@@ -87,17 +87,16 @@ def _bench_aggregate(args) -> None:
 
 def _print_bench(module, rows, json_path: str | None) -> None:
     """A bench module's table and goal lines, and its rows as JSON if asked."""
-    print()
-    print(module.format_table(rows))
-    print()
-    print("\n".join(module.goals(rows)))
+    from flexlora.bench.common import print_report
+
+    print_report(module.format_table(rows), module.goals(rows))
     if json_path:
         module.write_json(rows, json_path)
         print(f"results: {json_path}")
 
 
 def _bench_client(args) -> None:
-    from flexlora import bench_client
+    from flexlora.bench import client as bench_client
 
     try:
         rows = bench_client.run_benchmark(
@@ -111,7 +110,8 @@ def _bench_client(args) -> None:
 
 
 def _bench_scale(args) -> None:
-    from flexlora import bench_scale
+    from flexlora.bench import scale as bench_scale
+    from flexlora.bench.common import print_report
 
     try:
         clients = bench_scale.parse_clients(args.clients) if args.clients.strip() else []
@@ -125,17 +125,14 @@ def _bench_scale(args) -> None:
         )
     except ValueError as e:
         raise ConfigError(f"bench scale: {e}") from None
-    print()
-    print(bench_scale.format_table(rows))
-    print()
-    print("\n".join(bench_scale.goals(rows)))
+    print_report(bench_scale.format_table(rows), bench_scale.goals(rows))
     if args.out:
         bench_scale.write_json(rows, args.out, args.argv)
         print(f"results: {args.out}")
 
 
 def _bench_eval(args) -> None:
-    from flexlora.bench_eval import run_eval_benchmark
+    from flexlora.bench.eval import run_eval_benchmark
     from flexlora.reporting import write_json
 
     if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():

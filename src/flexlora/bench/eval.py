@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import time
 
-import torch
-
+from flexlora.bench.common import sync
 from flexlora.config import ConfigError, ExperimentConfig
 from flexlora.data.sources import load_federated_dataset
 from flexlora.evaluation import rouge_l, score_examples
@@ -17,15 +16,13 @@ from flexlora.models import load_model
 
 def _timed(model, tokenizer, work, cfg: ExperimentConfig, kv_cache: bool):
     device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     started = time.perf_counter()
     scored = score_examples(
         model, tokenizer, work, cfg.data.template, cfg.data.cutoff_len, cfg.eval.max_new_tokens,
         cfg.eval.batch_size, kv_cache=kv_cache, desc=f"kv_cache={kv_cache}", decode_batch_size=cfg.eval.decode_batch_size,
     )
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return scored, time.perf_counter() - started
 
 

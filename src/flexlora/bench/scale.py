@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flexlora.bench_client import child_env
+from flexlora.bench.common import child_env, goal, not_checked, with_count
 
 DEFAULT_CLIENTS = (10, 20, 40, 80)
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -265,31 +265,28 @@ def goals(rows: list[dict], total_memory_mb: float | None = None) -> list[str]:
     if len(synthetic) >= 2:
         low, high = synthetic[0], synthetic[-1]
         k_low, k_high = low["clients_per_round"], high["clients_per_round"]
+        text = f"peak memory at {k_high} clients/round <= {MEMORY_GOAL}x that at {k_low}"
         if _ok(low) and _ok(high):
             q = high["peak_rss_mb"] / low["peak_rss_mb"]
-            verdict = "PASS" if q <= MEMORY_GOAL else "FAIL"
-            out.append(
-                f"goal: peak memory at {k_high} clients/round <= {MEMORY_GOAL}x that at {k_low}: {verdict} "
-                f"({high['peak_rss_mb']:.0f} MB / {low['peak_rss_mb']:.0f} MB = {q:.2f}x)"
-            )
+            out.append(goal(q <= MEMORY_GOAL, text, f"{high['peak_rss_mb']:.0f} MB / {low['peak_rss_mb']:.0f} MB = {q:.2f}x"))
         else:
             failed = ", ".join(r["label"] for r in (low, high) if not _ok(r))
-            out.append(f"goal: peak memory at {k_high} clients/round <= {MEMORY_GOAL}x that at {k_low}: FAIL ({failed} did not complete)")
+            out.append(goal(False, text, f"{failed} did not complete"))
     else:
-        out.append("goal: peak memory flat in clients per round: not checked (needs two --clients values)")
+        out.append(not_checked("peak memory flat in clients per round", "needs two --clients values"))
     for r in rows:
         if r["kind"] != "ni":
             continue
         done = len(r.get("rounds") or [])
         wanted = next((int(o.split("=", 1)[1]) for o in reversed(r["overrides"]) if o.startswith("federation.rounds=")), None)
-        verdict = "PASS" if _ok(r) and done == wanted else "FAIL"
         memory = f" of {total_memory_mb / 1024:.1f} GiB" if total_memory_mb else ""
-        out.append(
-            f"goal: the 1,613-client NI sample (fraction {NI_FRACTION}, {r.get('clients_per_round', '?')} clients/round) "
-            f"runs {wanted} rounds to completion: {verdict} ({done} done, peak RSS {r['peak_rss_mb'] / 1024:.2f} GiB{memory}"
-            + (f"; {r['error']}" if "error" in r else "") + ")"
-        )
-    return out
+        out.append(goal(
+            _ok(r) and done == wanted,
+            f"the 1,613-client NI sample (fraction {NI_FRACTION}, {r.get('clients_per_round', '?')} clients/round) "
+            f"runs {wanted} rounds to completion",
+            f"{done} done, peak RSS {r['peak_rss_mb'] / 1024:.2f} GiB{memory}" + (f"; {r['error']}" if "error" in r else ""),
+        ))
+    return with_count(out)
 
 
 def machine_memory_mb() -> float | None:

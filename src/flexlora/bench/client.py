@@ -26,8 +26,9 @@ import random
 import resource
 import subprocess
 import sys
-import threading
 import time
+
+from flexlora.bench.common import PeakRSS, child_env, goal, median, rss_mb, with_count
 
 DEFAULT_OPTIONS = ("float32", "bfloat16", "bfloat16+ckpt", "nf4", "nf4+ckpt")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -47,32 +48,6 @@ def parse_option(option: str) -> dict:
 
 
 # ---------------------------------------------------------------- the child process
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class _PeakSampler:
-    def __init__(self):
-        self.peak = _rss_mb()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_mb())
-            self._stop.wait(0.001)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_mb())
 
 
 def _examples(tokenizer, n: int, seq: int, seed: int):
@@ -147,13 +122,13 @@ def worker(spec: dict) -> dict:
     from flexlora.experiment import load_base, resolve_device
     from flexlora.models import default_target_modules
 
-    rss_start = _rss_mb()
+    rss_start = rss_mb()
     cfg = _config(spec)
     device = resolve_device(cfg.device)
     started = time.perf_counter()
     model, tokenizer = load_base(cfg, device)
     load_s = time.perf_counter() - started
-    rss_loaded = _rss_mb()
+    rss_loaded = rss_mb()
     targets = default_target_modules(model)
     shapes = lora.module_shapes(model, targets)
     ranks = {name: min(spec["rank"], *shape) for name, shape in shapes.items()}
@@ -196,8 +171,8 @@ def worker(spec: dict) -> dict:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         cuda_start = torch.cuda.memory_allocated(device)
-    rss_train_start = _rss_mb()
-    with _PeakSampler() as sampler:
+    rss_train_start = rss_mb()
+    with PeakRSS() as sampler:
         t0 = time.perf_counter()
         run(spec["steps"], measure=True)
         if device.type == "cuda":
@@ -205,7 +180,7 @@ def worker(spec: dict) -> dict:
         elapsed = time.perf_counter() - t0
     marks = stats.pop("step_marks") + [t0 + elapsed]
     step_times = sorted(b - a for a, b in zip(marks, marks[1:]))
-    median_step = step_times[len(step_times) // 2] if len(step_times) % 2 else sum(step_times[len(step_times) // 2 - 1 : len(step_times) // 2 + 1]) / 2
+    median_step = median(step_times)
     tokens = spec["steps"] * spec["batch"] * max(lengths)
     out = {
         **{k: spec[k] for k in ("model", "option", "impl", "batch", "seq", "steps", "rank")},
@@ -235,24 +210,11 @@ def worker(spec: dict) -> dict:
 # ---------------------------------------------------------------- the parent
 
 
-def child_env() -> dict:
-    """The environment of a benchmark's child process: this source tree first on the path,
-    quiet libraries, passive OpenMP waits (so that a child does not spin against its parent)."""
-    env = dict(os.environ)
-    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env["TRANSFORMERS_VERBOSITY"] = "error"
-    env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    return env
-
-
 def run_child(spec: dict, timeout_s: float) -> dict:
     env = child_env()
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "flexlora.bench_client", json.dumps(spec)],
+            [sys.executable, "-m", "flexlora.bench.client", json.dumps(spec)],
             capture_output=True, text=True, timeout=timeout_s, env=env,
         )
     except subprocess.TimeoutExpired:
@@ -346,15 +308,15 @@ def goals(rows: list[dict]) -> list[str]:
         base, lean = _find(rows, model, "float32", "ours"), _find(rows, model, "bfloat16+ckpt", "ours")
         if base and lean:
             q = _peak(lean) / _peak(base)
-            out.append(f"{model}: bfloat16+ckpt peak memory <= 0.5 x float32's at the same batch: {'yes' if q <= 0.5 else 'NO'} ({q:.2f})")
+            out.append(goal(q <= 0.5, f"{model}: bfloat16+ckpt peak memory <= 0.5 x float32's at the same batch", f"{q:.2f}"))
         for r in rows:
             if r["model"] != model or r["impl"] != "ours" or "error" in r:
                 continue
             ref = _find(rows, model, r["option"], "peft")
             if ref:
                 q = r["tokens_per_s"] / ref["tokens_per_s"]
-                out.append(f"{model} {r['option']}: tokens/s within 10% of a bare PEFT loop: {'yes' if q >= 0.9 else 'NO'} ({q:.2f})")
-    return out
+                out.append(goal(q >= 0.9, f"{model} {r['option']}: tokens/s within 10% of a bare PEFT loop", f"{q:.2f}"))
+    return with_count(out)
 
 
 def write_json(rows: list[dict], path) -> None:

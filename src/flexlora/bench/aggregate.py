@@ -30,16 +30,13 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
-import os
 import platform
-import statistics
-import threading
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from flexlora.bench.common import goal, interleaved, median, with_count
 from flexlora.methods.base import ClientUpdate, data_weights
 from flexlora.methods.flexlora import FlexLoRA, stack_factors
 from flexlora.resources import assign_rank_types, paper_rank_types
@@ -113,11 +110,6 @@ def reference_aggregate(updates: list[ClientUpdate], module: str):
 # ---------------------------------------------------------------- measurement
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def limit_malloc_caching() -> None:
     """Let freed blocks of >= 1 MiB go back to the OS (glibc), so that resident memory tracks
     live tensors and the CPU peak is measurable. No effect elsewhere."""
@@ -129,44 +121,6 @@ def limit_malloc_caching() -> None:
         libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-@contextmanager
-def measure(device: torch.device, result: dict):
-    """Wall time and peak memory above the start, into result["time_s"], result["peak_mb"]."""
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        start_mem = torch.cuda.memory_allocated(device)
-    else:
-        start_mem = _rss_bytes()
-        peak = [start_mem]
-        stop = threading.Event()
-
-        def sample():
-            while not stop.is_set():
-                peak[0] = max(peak[0], _rss_bytes())
-                stop.wait(0.001)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-    started = time.perf_counter()
-    try:
-        yield
-        _sync(device)
-    finally:
-        result["time_s"] = time.perf_counter() - started
-        if device.type == "cuda":
-            result["peak_mb"] = (torch.cuda.max_memory_allocated(device) - start_mem) / 2**20
-        else:
-            stop.set()
-            sampler.join()
-            result["peak_mb"] = (max(peak[0], _rss_bytes()) - start_mem) / 2**20
 
 
 @contextmanager
@@ -189,33 +143,6 @@ def gram_routes():
         logger.removeHandler(handler)
         logger.setLevel(level)
         logger.propagate = propagate
-
-
-def timed(device: torch.device, fn):
-    """(result of fn, wall time, peak memory above the start) of one run."""
-    m: dict = {}
-    with measure(device, m):
-        out = fn()
-    return out, m["time_s"], m["peak_mb"]
-
-
-def interleaved(repeat: int, device: torch.device, procedures: dict) -> dict:
-    """Run each procedure `repeat` times, round-robin (one of each, then again), so that a
-    change of machine load hits all of them alike. Returns {name: (last result, times, max
-    peak)}. A procedure's previous result is freed before it runs again."""
-    out = {name: [None, [], 0.0] for name in procedures}
-    for _ in range(repeat):
-        for name, fn in procedures.items():
-            out[name][0] = None
-            result, t, peak = timed(device, fn)
-            out[name][0] = result
-            out[name][1].append(t)
-            out[name][2] = max(out[name][2], peak)
-    return {name: tuple(v) for name, v in out.items()}
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 def slice_quality(dense: torch.Tensor, S_ref: torch.Tensor, approx_factors, ranks: list[int]) -> dict[int, float]:
@@ -372,20 +299,16 @@ def goals(rows: list[Row]) -> list[str]:
         worst = max(abs(q - 1) for q in r.quality.values())
         label = f"{r.size} case {r.case} {r.module} {r.shape[0]}×{r.shape[1]} {r.mode}"
         if r.mode == "randomized":
-            out.append(f"{'PASS' if worst <= RANDOMIZED_GOAL - 1 else 'FAIL'} {label}: quality <= {RANDOMIZED_GOAL:g} ({1 + worst:.5f})")
+            out.append(goal(worst <= RANDOMIZED_GOAL - 1, f"{label}: quality <= {RANDOMIZED_GOAL:g}", f"{1 + worst:.5f}"))
             continue
-        out.append(f"{'PASS' if worst <= EXACT_GOAL else 'FAIL'} {label}: within {EXACT_GOAL:g} of optimal ({worst:.1e})")
+        out.append(goal(worst <= EXACT_GOAL, f"{label}: within {EXACT_GOAL:g} of optimal", f"{worst:.1e}"))
         if r.mode.startswith("auto"):
             target = SPEED_GOALS[r.case]
-            reps = len(r.times)
-            out.append(
-                f"{'PASS' if r.speedup >= target else 'FAIL'} {label}: >= {target:g}x faster than the reference "
-                f"({r.speedup:.1f}x, medians of {reps}: {r.time_s * r.speedup:.3f} s / {r.time_s:.3f} s)"
-            )
-    if out:
-        failed = sum(line.startswith("FAIL") for line in out)
-        out.append(f"goals: {len(out) - failed} of {len(out)} met" + (f", {failed} FAILED" if failed else ""))
-    return out
+            out.append(goal(
+                r.speedup >= target, f"{label}: >= {target:g}x faster than the reference",
+                f"{r.speedup:.1f}x, medians of {len(r.times)}: {r.time_s * r.speedup:.3f} s / {r.time_s:.3f} s",
+            ))
+    return with_count(out)
 
 
 def write_json(rows: list[Row], path) -> None:
