@@ -57,6 +57,15 @@ def trained(task: ClientTask, dtype=torch.float32) -> ClientUpdate:
             idx = torch.randperm(m * n, generator=g)[: m * n // 5].sort().values
             deltas[module] = SparseDelta(idx, 0.01 * torch.randn(idx.numel(), generator=g), (m, n))
         return ClientUpdate(task.client_id, size, ALPHA, {}, deltas=deltas)
+    if "lora_a2" in task.options:  # the change of some components of the trained factor, within the budget
+        from flexlora.methods.lora_a2 import component_delta
+
+        train, deltas = task.options["lora_a2"]["train"], {}
+        for module, (A, B) in task.factors.items():
+            change = 0.05 * torch.randn((A if train == "A" else B).shape, generator=g).to(dtype)
+            picked = torch.randperm(A.shape[0], generator=g)[: task.module_ranks[module]].sort().values.tolist()
+            deltas[module] = component_delta(change, picked, train, SHAPES[module])
+        return ClientUpdate(task.client_id, size, ALPHA, {}, deltas=deltas)
     factors = {}
     for module, r in task.module_ranks.items():
         m, n = SHAPES[module]

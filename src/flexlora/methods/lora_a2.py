@@ -126,7 +126,7 @@ def component_delta(change: torch.Tensor, components: list[int], train: str, sha
         cols, values = torch.arange(m), change.detach().cpu()[:, rows].T  # (k, m)
         offset = n
     indices = (rows[:, None] * (n + m) + offset + cols[None, :]).reshape(-1)
-    return SparseDelta(indices, values.reshape(-1).to(torch.float32).contiguous(), (r, n + m))
+    return SparseDelta(indices, values.reshape(-1).contiguous(), (r, n + m))
 
 
 def fold_delta(total: torch.Tensor, delta: SparseDelta, weight: float, scale: float, n: int) -> None:
