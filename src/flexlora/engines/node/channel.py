@@ -218,10 +218,10 @@ def connect(path: str | Path, timeout_s: float = CONNECT_TIMEOUT_S) -> socket.so
     except OSError as e:
         sock.close()
         raise WorkerUnavailable(f"cannot reach the node worker at {path}: {e.strerror or e}") from None
-    refusal = peer_refusal(peer_uid(sock), os.geteuid())
-    if refusal:  # the ClientApp hands its task only to a worker of its own user
+    peer = peer_uid(sock)
+    if peer_refusal(peer, os.geteuid()):  # the ClientApp hands its task only to a worker of its own user
         sock.close()
-        raise WorkerUnavailable(f"the process at {path} is not ours: {refusal}")
+        raise WorkerUnavailable(f"the process serving {path} runs as uid {peer}, not as this user (uid {os.geteuid()})")
     sock.settimeout(None)  # training takes as long as it takes; Flower's round timeout bounds it
     return sock
 

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -243,13 +244,15 @@ def bind_private_socket(path: Path) -> socket.socket:
         folder.mkdir(mode=0o700, parents=True)
     check_private_folder(folder)
     if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):  # never remove what is not a socket
+            raise ChannelError(f"{path} exists and is not a worker's socket; remove it or choose another path")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(os.fspath(path))
         except ConnectionRefusedError:
             os.unlink(path)  # a dead worker's socket
         except OSError as e:
-            raise ChannelError(f"{path} exists and is not a worker's socket ({e.strerror or e}); remove it or choose another path") from None
+            raise ChannelError(f"{path} exists and cannot be probed ({e.strerror or e}); remove it or choose another path") from None
         else:
             raise ChannelError(f"a node worker is already serving at {path}")
         finally:
