@@ -20,7 +20,7 @@ from flexlora.data.sources import load_federated_dataset
 from flexlora.evaluation import METRIC, evaluate
 from flexlora.models import default_device, default_target_modules, load_model
 from flexlora.resources import client_record, profile_label as resource_profile_label
-from flexlora.reporting import WriteError, append_line, plot_metric, write_json, write_jsonl
+from flexlora.reporting import WriteError, append_line, plot_metric, plot_spectrum, write_json, write_jsonl
 from flexlora.runlock import LOCK_NAME, RunLock
 from flexlora.server import FederatedServer, run_rounds
 
@@ -307,10 +307,12 @@ class Experiment:
         }
         write_json(run_dir / "summary.json", summary)
         plot_metric(
-            {cfg.method: [(r["round"], r["eval"][METRIC]) for r in evaluated]},
+            {f"{cfg.method}, {profile_label(cfg)} ranks": [(r["round"], r["eval"][METRIC]) for r in evaluated]},
             run_dir / "metric.png",
             title=f"{cfg.method}, {profile_label(cfg)} ranks: held-out clients",
         )
+        # The global ΔW's energy per rank band and effective rank over rounds (eval.spectrum).
+        plot_spectrum(self.history, run_dir / "rank_energy.png", title=f"{cfg.method}, {profile_label(cfg)} ranks: spectrum of the global ΔW")
         self.echo(
             f"held-out {METRIC}: zero-shot {summary['zero_shot']:.4f} -> final {summary['final']:.4f} "
             f"({summary['wall_time_s']:.0f} s)"

@@ -91,22 +91,96 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
         f.writelines(json.dumps(r) + "\n" for r in records)
 
 
-def plot_metric(series: dict[str, list[tuple[int, float]]], path: Path, title: str, ylabel: str = "Rouge-L (generated)") -> None:
-    """One line per series: (round, value) points; round 0 is the zero-shot model."""
+ROUGE_AXIS = "Rouge-L F1 of generated answers (0-1)"
+
+
+def plot_metric(series: dict[str, list[tuple[int, float]]], path: Path, title: str, ylabel: str = ROUGE_AXIS) -> None:
+    """One line per series (its label names the method and the resource profile): (round, value)
+    points; round 0 is the zero-shot model. The y axis starts at 0 (a score is never negative)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    top = 0.0
+    for label, points in series.items():
+        rounds, values = zip(*points)
+        ax.plot(rounds, values, marker="o", label=label)
+        top = max(top, *values)
+    ax.set_xlabel("federated round (0 = zero-shot, before training)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, top * 1.15 if top > 0 else 1.0)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(title="method, resource profile", fontsize=9, title_fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def spectrum_panels(history: list[dict]) -> tuple[str, dict[str, list[tuple[int, dict]]]]:
+    """("groups" | "kinds", {name: [(round, record)]}) of a run's spectrum records (see
+    flexlora.spectrum): the attention / MLP groups where every round has them, else the module
+    kinds."""
+    rounds = [(r["round"], r["spectrum"]) for r in history if r.get("spectrum")]
+    level = "groups" if rounds and all(s.get("groups") for _, s in rounds) else "kinds"
+    panels: dict[str, list[tuple[int, dict]]] = {}
+    for round_, s in rounds:
+        for name, record in s.get(level, {}).items():
+            panels.setdefault(name, []).append((round_, record))
+    return level, panels
+
+
+def plot_spectrum(history: list[dict], path: Path, title: str) -> bool:
+    """rank_energy.png: per module group (or kind), the share of the global ΔW's energy in each
+    rank band over rounds, and the effective rank of every module kind (mean over its layers).
+    False (nothing written) when the run logged no spectrum."""
+    level, panels = spectrum_panels(history)
+    kinds = {}
+    for r in history:
+        for kind, record in ((r.get("spectrum") or {}).get("kinds") or {}).items():
+            kinds.setdefault(kind, []).append((r["round"], record["effective_rank_mean"]))
+    if not panels:
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, points in series.items():
-        rounds, values = zip(*points)
-        ax.plot(rounds, values, marker="o", label=label)
-    ax.set_xlabel("round (0 = zero-shot)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    count = len(panels) + 1
+    columns = min(count, 3)
+    rows = -(-count // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.0 * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax, (name, points) in zip(flat, panels.items()):
+        labels = points[-1][1]["bands"]
+        for j, label in enumerate(labels):
+            series = [(rnd, rec["share"][j]) for rnd, rec in points if j < len(rec["share"])]
+            ax.plot([p[0] for p in series], [p[1] for p in series], marker="o", label=f"σ index {label}")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("round")
+        ax.set_ylabel("share of ‖ΔW‖²_F (fraction)")
+        edges = "/".join(str(e) for e in points[-1][1]["edges"])
+        ax.set_title(f"{name}: energy per rank band (ranks {edges})", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, title="band of singular values", title_fontsize=8)
+    ax = flat[len(panels)]
+    for kind, points in sorted(kinds.items()):
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=kind)
+    ax.set_xlabel("round")
+    ax.set_ylabel("effective rank exp(H) (singular directions)")
+    ax.set_title("effective rank, mean over layers", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, ncol=2)
+    for ax in flat[count:]:
+        ax.set_visible(False)
+    for ax in flat[:count]:
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True

@@ -24,6 +24,7 @@ from flexlora.faults import fault_point
 from flexlora.methods import METHODS, FedProx, compose_method
 from flexlora.methods.base import GlobalState, capped_weights, clear_fresh_rows
 from flexlora.protocol import ClientFailure, ClientTask, ClientUpdate, ServerSnapshot, flatten, unflatten
+from flexlora.spectrum import rank_edges, spectrum_record
 from flexlora.resources import RankType, client_rank_types, module_ranks, paper_rank_types
 from flexlora.methods.server_opt import starting_point
 from flexlora.methods.svd import one_cpu_thread
@@ -245,6 +246,8 @@ class FederatedServer:
         self.state: GlobalState | None = self.method.init_state(shapes)
         self.round = 0
         self.last_truncation: dict | None = None  # see after_aggregation()
+        # The rank bands of the spectrum record: the ranks as assigned (pruning does not move them).
+        self.rank_edges = rank_edges(self.client_ranks)
 
     def max_rank(self) -> int:
         """The largest rank the global model is used at: eval.export_rank, or the largest rank
@@ -349,6 +352,22 @@ class FederatedServer:
     def base_offset(self) -> dict | None:
         """The global model's change of the base weights (module -> (out, in)), if the method has one."""
         return self.method.base_offset(self.state) if self.state is not None else None
+
+    def spectrum(self) -> dict | None:
+        """The global ΔW's energy per rank band and effective rank per module kind (see
+        flexlora.spectrum), with the seconds it took; None when eval.spectrum is off or the
+        global model has no ΔW yet."""
+        if not self.cfg.eval.spectrum or self.state is None:
+            return None
+        started = time.perf_counter()
+        factors, ranks = self.method.global_factors(self.state, self.cfg.lora.alpha)
+        offsets = self.base_offset()
+        tensors = [t for pair in (factors or {}).values() for t in pair] + list((offsets or {}).values())
+        record = spectrum_record(factors, ranks, offsets, self.cfg.lora.alpha, self.rank_edges,
+                                 device=tensors[0].device if tensors else None)
+        if record is not None:
+            record["seconds"] = time.perf_counter() - started
+        return record
 
     def run_round(self, round_: int, runtime: Runtime) -> RoundOutcome:
         """One round, streamed: sample, hand the runtime the lazy tasks, take each result as it
@@ -498,6 +517,7 @@ def run_rounds(
         started = time.perf_counter()
         outcome = server.run_round(round_, runtime)
         round_s = time.perf_counter() - started
+        spectrum = server.spectrum()  # its seconds are in the record, and in time.other_s
         t = time.perf_counter()
         is_eval_round = round_ % cfg.eval.every == 0 or round_ == cfg.federation.rounds
         if is_eval_round:
@@ -516,6 +536,7 @@ def run_rounds(
                 "kept_previous_state": outcome.kept_previous_state,
                 "eval": metrics,
                 "truncation": None if outcome.kept_previous_state else server.last_truncation,
+                "spectrum": spectrum,
                 "time": round_times(outcome, round_s, eval_time, total),
             }
         )
