@@ -483,7 +483,8 @@ def _plot(path: Path, rows, methods, profiles, seeds, cell_for, label) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(profiles), figsize=(4.2 * len(profiles), 3.6), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(profiles), figsize=(4.2 * len(profiles), 3.9), sharey=True, squeeze=False)
+    handles: dict[str, object] = {}
     for ax, profile in zip(axes[0], profiles):
         for method in methods:
             curves = [
@@ -497,17 +498,24 @@ def _plot(path: Path, rows, methods, profiles, seeds, cell_for, label) -> None:
             lo = [min(c[t] for c in curves) for t in rounds]
             hi = [max(c[t] for c in curves) for t in rounds]
             style = "--" if is_homogeneous(method) else "-"
-            line, = ax.plot(rounds, mean, style, marker="o", label=f"{label(method)} (n={len(curves)})")
+            # A homogeneous method runs once, on the homo profile: the same curve in every panel.
+            name = f"{label(method)}: every client at the same rank" if is_homogeneous(method) else \
+                f"{label(method)}: ranks from the panel's profile"
+            line, = ax.plot(rounds, mean, style, marker="o", label=f"{name}, {len(curves)} seeds")
+            handles.setdefault(line.get_label(), line)
             if len(curves) > 1:
                 ax.fill_between(rounds, lo, hi, color=line.get_color(), alpha=0.15)
-        ax.set_title(profile)
+        ax.set_title(f"resource profile: {profile}", fontsize=10)
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_xlabel("round (0 = zero-shot)")
+        ax.set_xlabel("federated round (0 = zero-shot)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"{METRIC} (held-out)")
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle("Mean over seeds (band: min–max)", fontsize=9)
-    fig.tight_layout()
+        ax.set_ylim(bottom=0)
+    axes[0][0].set_ylabel("held-out Rouge-L F1, generated (0-1)")
+    fig.suptitle("Held-out clients' Rouge-L per round: mean over seeds, band from the lowest to the highest seed", fontsize=10)
+    # One legend for all panels, below them, so that it covers no curve.
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(2, len(handles)) or 1, fontsize=8, frameon=False)
+    rows_of_legend = -(-len(handles) // 2)
+    fig.tight_layout(rect=(0, 0.045 * rows_of_legend + 0.03, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -107,7 +107,7 @@ def plot_metric(series: dict[str, list[tuple[int, float]]], path: Path, title: s
     top = 0.0
     for label, points in series.items():
         rounds, values = zip(*points)
-        ax.plot(rounds, values, marker="o", label=label)
+        ax.plot(rounds, values, marker="o", label=label, clip_on=False)  # a score of 0 sits on the axis, visible
         top = max(top, *values)
     ax.set_xlabel("federated round (0 = zero-shot, before training)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
