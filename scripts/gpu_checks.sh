@@ -67,6 +67,28 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, print its exit 
   echo "=== $name: exit $? after $((SECONDS - t0)) s"
 }
 
+# Issue 21 part 5, as its own device run (it needs the whole budget):
+#   device run: command="bash scripts/gpu_checks.sh --deployment", carry=[".gpu"], timeout_s=560
+# `flexlora bench deployment` on a 1B-class model (random-llama-1b: TinyLlama-1.1B's shapes, random
+# weights) in bfloat16 and nf4, 2 SuperNodes, 2 rounds, with and without node workers, and
+# in-process. It needs Flower's binaries (flwr, flower-superlink, flower-supernode) in the GPU
+# image: flwr and its dependencies (uv alone is ~18 MB) do not fit beside .gpu/ in what travels,
+# so without them the step says so and ends. The simulation reference needs Ray as well.
+if [ "${1:-}" = "--deployment" ]; then
+  step env 60 $PY -c "import torch, flwr; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'flwr', flwr.__version__)" \
+    || true
+  if ! $PY -c "import flwr" 2>/dev/null || ! command -v flower-superlink >/dev/null; then
+    echo "SKIP bench deployment: flwr / flower-superlink not installed in this image"; exit 0
+  fi
+  engines=deployment+workers,deployment,in-process
+  $PY -c "import ray" 2>/dev/null && engines=$engines,simulation
+  for precision in bfloat16 nf4; do
+    step "deployment-$precision" 240 $PY -m flexlora.cli bench deployment --model random-llama-1b --precision "$precision" \
+      --device auto --nodes 2 --rounds 2 --engines "$engines" --startup-repeat 1 --json "$OUT/deployment-$precision.json"
+  done
+  echo; echo "=== done ($(date -u +%T))"; ls -la "$OUT"; exit 0
+fi
+
 step env 60 $PY -c "
 import torch, transformers, peft
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(),

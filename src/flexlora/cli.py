@@ -143,6 +143,23 @@ def _bench_eval(args) -> None:
         print(f"results: {args.json}")
 
 
+def _bench_deployment(args) -> None:
+    from flexlora.bench import deployment
+    from flexlora.bench.common import print_report
+
+    try:
+        result = deployment.run_benchmark(
+            args.nodes, args.rounds, args.model, args.precision, args.device, tuple(_list(args.engines)), args.overrides,
+            workdir=args.workdir, threads=args.threads, startup_repeat=args.startup_repeat,
+        )
+    except ValueError as e:
+        raise ConfigError(f"bench deployment: {e}") from None
+    print_report(deployment.format_table(result), deployment.goals(result))
+    if args.json:
+        deployment.write_json(result, args.json, args.argv)
+        print(f"results: {args.json}")
+
+
 def _eval(args) -> None:
     from flexlora.experiment import run_evaluation
     from flexlora.reporting import write_json
@@ -333,6 +350,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="also write the result to this JSON file")
     ev.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.max_examples_per_client=4")
     ev.set_defaults(func=_bench_eval)
+    dep = bench.add_parser(
+        "deployment",
+        help="a loopback Flower deployment (TLS, node auth) with and without node workers, per round: wall time, slowest "
+        "client's training, overhead; the same config on Flower's simulation engine and in-process",
+    )
+    dep.add_argument("--nodes", type=int, default=2, help="SuperNodes, each holding one training client (default 2)")
+    dep.add_argument("--rounds", type=int, default=2, help="rounds per run (default 2)")
+    dep.add_argument("--model", default="smollm2-135m-instruct", help="base model (default smollm2-135m-instruct; random-llama-1b on a GPU)")
+    dep.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "nf4"], help="base weights (default float32)")
+    dep.add_argument("--device", default="cpu", help="cpu (default), auto or cuda")
+    dep.add_argument("--engines", default="deployment+workers,deployment,simulation,in-process", help="which runs, comma-separated")
+    dep.add_argument("--threads", type=int, default=None, help="torch threads per node (default: cores / nodes)")
+    dep.add_argument("--startup-repeat", type=int, default=3, help="fresh-process ClientApp start-ups to time per path (0: skip)")
+    dep.add_argument("--workdir", help="keep run folders and every process's log here (default: a temporary folder, removed)")
+    dep.add_argument("--json", help="also write the rows and goals to this JSON file")
+    dep.add_argument("overrides", nargs="*", help="key=value overrides for every run, e.g. train.steps=6")
+    dep.set_defaults(func=_bench_deployment)
     return parser
 
 
