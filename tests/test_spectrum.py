@@ -24,6 +24,7 @@ from flexlora.spectrum import (
     geometric_rate,
     module_sigma_sq,
     rank_edges,
+    spectrum_line,
     spectrum_record,
 )
 
@@ -191,3 +192,11 @@ def test_spectrum_can_be_turned_off_and_a_dense_method_is_measured(tiny_override
 def test_rank_report_says_what_is_wrong_with_a_folder(tmp_path, capsys):
     assert rank_report_main([str(tmp_path)]) == 2
     assert "neither a run folder" in capsys.readouterr().out
+
+
+def test_spectrum_line_reports_the_share_beyond_the_smallest_rank():
+    A, B = known_factors()
+    record = spectrum_record({"l0.up_proj": (A, B)}, {"l0.up_proj": 6}, None, 6.0, {"up_proj": [2, 4]})
+    record["seconds"] = 0.25
+    assert spectrum_line(record) == "ΔW energy beyond the smallest client rank: mlp 0.286; effective rank: mlp 4.1 (0.2 s)"
+    assert spectrum_line(None) is None

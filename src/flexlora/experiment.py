@@ -23,6 +23,7 @@ from flexlora.resources import client_record, profile_label as resource_profile_
 from flexlora.reporting import WriteError, append_line, plot_metric, plot_spectrum, write_json, write_jsonl
 from flexlora.runlock import LOCK_NAME, RunLock
 from flexlora.server import FederatedServer, run_rounds
+from flexlora.spectrum import spectrum_line
 
 
 def load_base(cfg: ExperimentConfig, device: torch.device, source: str | None = None):
@@ -238,9 +239,9 @@ class Experiment:
                 f"server {t['server_s']:.1f} s ({100 * t['server_share']:.1f}%: tasks {t.get('configure_s', 0.0):.1f}, validation {t['validation_s']:.1f}, "
                 f"aggregation {t['aggregation_s']:.1f}, checkpoint {t['checkpoint_s']:.1f}), evaluation {t['evaluation_s']:.1f} s"
             )
-        line = truncation_line(record.get("truncation"))
-        if line:
-            echo(f"round {record['round']}: {line}")
+        for line in (truncation_line(record.get("truncation")), spectrum_line(record.get("spectrum"))):
+            if line:
+                echo(f"round {record['round']}: {line}")
         if ev is None:
             echo(f"round {record['round']}: trained {len(record['clients'])} clients in {record['time']['total_s']:.0f} s")
             return

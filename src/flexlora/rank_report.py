@@ -193,7 +193,7 @@ def plot_rank_report(runs: list[dict], path: Path) -> None:
         top.set_yscale("log")
         top.set_title(f"{name}: energy beyond the smallest client rank", fontsize=10)
         top.set_xlabel("round")
-        top.set_ylabel("share of ‖ΔW‖²_F beyond r_min (fraction, log scale)")
+        top.set_ylabel(r"share of $\Vert\Delta W\Vert_F^2$ beyond $r_{min}$ (fraction, log scale)")
         bottom.set_title(f"{name}: effective rank, mean over layers", fontsize=10)
         bottom.set_xlabel("round")
         bottom.set_ylabel("effective rank exp(H) (singular directions)")

@@ -159,12 +159,12 @@ def plot_spectrum(history: list[dict], path: Path, title: str) -> bool:
         labels = points[-1][1]["bands"]
         for j, label in enumerate(labels):
             series = [(rnd, rec["share"][j]) for rnd, rec in points if j < len(rec["share"])]
-            ax.plot([p[0] for p in series], [p[1] for p in series], marker="o", label=f"σ index {label}")
+            ax.plot([p[0] for p in series], [p[1] for p in series], marker="o", label=f"σ_i, i in {label}")
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("round")
-        ax.set_ylabel("share of ‖ΔW‖²_F (fraction)")
+        ax.set_ylabel(r"share of energy $\Vert\Delta W\Vert_F^2$ (fraction)")
         edges = "/".join(str(e) for e in points[-1][1]["edges"])
-        ax.set_title(f"{name}: energy per rank band (ranks {edges})", fontsize=10)
+        ax.set_title(f"{name}: energy per rank band (client ranks {edges})", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, title="band of singular values", title_fontsize=8)
     ax = flat[len(panels)]

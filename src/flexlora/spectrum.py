@@ -224,3 +224,17 @@ def geometric_rate(rounds: Sequence[int], values: Sequence[float]) -> float | No
         return None
     slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx
     return math.exp(slope)
+
+
+def spectrum_line(record: Mapping | None) -> str | None:
+    """'ΔW energy beyond r_min: attention 0.31, mlp 0.30; effective rank: attention 5.1, mlp 5.0
+    (0.8 s)': a round's spectrum record in one line (groups, else kinds)."""
+    if not record:
+        return None
+    parts = record.get("groups") or record.get("kinds") or {}
+    if not parts:
+        return None
+    beyond = ", ".join(f"{name} {beyond_shared(r):.3g}" for name, r in parts.items())
+    ranks = ", ".join(f"{name} {r['effective_rank_mean']:.1f}" for name, r in parts.items())
+    seconds = f" ({record['seconds']:.1f} s)" if "seconds" in record else ""
+    return f"ΔW energy beyond the smallest client rank: {beyond}; effective rank: {ranks}{seconds}"
