@@ -8,6 +8,8 @@
 - scale: a real federation at growing clients per round, each run its own process: peak
   resident memory, seconds per client, the server's share of a round;
 - eval: evaluation examples/s, the two-prefill path against the cached one.
+- deployment: what a round costs on a loopback Flower deployment (TLS, node authentication),
+  with and without node workers, against the simulation engine and the in-process runtime.
 
 What they share (child-process environment, memory sampling, interleaved timing, PASS/FAIL goal
 lines) is in flexlora.bench.common. A module exposes `run_benchmark(...)` (or
