@@ -57,6 +57,20 @@ def test_log_uniform_ranks_spread_evenly_over_octaves_for_a_fixed_seed():
     assert attention_ranks(drawn(profile, seed=1)) != ranks
 
 
+def test_a_distribution_short_name_is_the_mapping_and_its_own_label():
+    """log-uniform-4-64 (what a grid's --profiles and a run folder name) draws exactly what the
+    mapping does, and profile_label gives the name back, so a grid cell's name round-trips."""
+    mapping = {"distribution": "log-uniform", "min": 4, "max": 64}
+    assert attention_ranks(drawn("log-uniform-4-64", ids=IDS[:300])) == attention_ranks(drawn(mapping, ids=IDS[:300]))
+    assert profile_label(mapping) == profile_label("log-uniform-4-64") == "log-uniform-4-64"
+    assert attention_ranks(drawn("uniform-8-30", ids=IDS[:300])) == attention_ranks(drawn({"distribution": "uniform", "min": 8, "max": 30}, ids=IDS[:300]))
+    with pytest.raises(ValueError, match="min 64 is above max 4"):
+        parse_profile("log-uniform-64-4", paper_rank_types())
+    with pytest.raises(ValueError, match="unknown profile 'log-normal-4-64'"):
+        parse_profile("log-normal-4-64", paper_rank_types())
+    assert load_config(None, ["resources.profile=log-uniform-8-200"]).resources.profile == "log-uniform-8-200"
+
+
 def test_uniform_and_discrete_distributions_follow_their_probabilities():
     ranks = attention_ranks(drawn({"distribution": "uniform", "min": 4, "max": 64}))
     assert min(ranks) == 4 and max(ranks) == 64

@@ -5,6 +5,9 @@ how often each type occurs in the federation. Types are drawn once per run from 
 
 `resources.profile` is one of (docs/resources.md):
 - a preset name (PROFILES): the paper's four types with the paper's probabilities;
+- a distribution's short name, KIND-MIN-MAX (log-uniform-8-200, uniform-8-200): the same as
+  {distribution: KIND, min: MIN, max: MAX}, and what profile_label writes for it, so that a
+  grid (`flexlora compare --profiles`) and a run folder can name it in one word;
 - a list, one entry per client in order: a type name, a rank (int) or {attention: r, mlp: r};
 - a path to a JSON/YAML file holding such a list or a mapping client id -> entry;
 - a mapping: {distribution: log-uniform | uniform, min, max} (or per module kind:
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +83,7 @@ KINDS = ("attention", "mlp")
 DISTRIBUTIONS = ("log-uniform", "uniform", "discrete")
 FILE_SUFFIXES = (".json", ".yaml", ".yml")
 _PROFILE_KEYS = ("distribution", "probs", "clients")
+_SHORT_DISTRIBUTION = re.compile(r"(log-uniform|uniform)-(\d+)-(\d+)")
 
 
 def module_kind(module_name: str) -> str:
@@ -276,7 +281,14 @@ def parse_profile(profile, base_types: dict[str, RankType]) -> Profile:
         if profile.endswith(FILE_SUFFIXES):
             explicit, source = _explicit_entries(profile, base_types)
             return Profile(dict(base_types), explicit=explicit, source=source)
-        raise ValueError(f"unknown profile '{profile}'; choose from: {', '.join(PROFILES)}, or a .json/.yaml clients file")
+        short = _SHORT_DISTRIBUTION.fullmatch(profile)
+        if short:
+            kind, low, high = short.groups()
+            return Profile(dict(base_types), distribution=_distribution({"distribution": kind, "min": int(low), "max": int(high)}))
+        raise ValueError(
+            f"unknown profile '{profile}'; choose from: {', '.join(PROFILES)}, a distribution such as log-uniform-8-200, "
+            "or a .json/.yaml clients file"
+        )
     if isinstance(profile, (list, tuple)):
         explicit, source = _explicit_entries(list(profile), base_types)
         return Profile(dict(base_types), explicit=explicit, source=source)
@@ -336,7 +348,7 @@ def profile_label(profile) -> str:
     """A short name of the profile for run folder names: the preset, the distribution with its
     bounds (log-uniform-4-64), the clients file's stem, or explicit/custom."""
     if isinstance(profile, str):
-        return profile if profile in PROFILES else f"file-{Path(profile).stem}"
+        return profile if profile in PROFILES or _SHORT_DISTRIBUTION.fullmatch(profile) else f"file-{Path(profile).stem}"
     if isinstance(profile, dict) and "distribution" in profile:
         kind = str(profile["distribution"])
         if "min" in profile and "max" in profile:
