@@ -1,17 +1,39 @@
 #!/usr/bin/env bash
-# The NI comparison grid of docs/compare_ni/ (issue 9): FedIT (homogeneous), FlexLoRA, HetLoRA
-# and FLoRA x heavy-tail-light, heavy-tail-strong x seeds 0-2 on the shared NI sample with SmolLM2.
+# The NI comparison grid of docs/compare_ni/ on the shared NI sample with SmolLM2.
 # Run from the repository root with ../shared beside it; rerun to resume (finished cells are
-# skipped, an interrupted cell continues from its round checkpoint). Several hours on 2 cores.
+# skipped, an interrupted cell continues from its round checkpoint). Hours on 2 cores: a cell
+# takes 30-60 minutes.
+#
+#   1. the paper's comparison (issue 9): FedIT (homogeneous), FlexLoRA, HetLoRA, FLoRA
+#      x heavy-tail-light, heavy-tail-strong x seeds 0-2;
+#   2. the methods published since FlexLoRA (issue 20): FedEx-LoRA, FLoRIST, raFLoRA, LoRA-A²,
+#      seed 0 of every cell first, then seeds 1 and 2;
+#   3. one rank-distribution profile (log-uniform ranks in [8, 200]) for FlexLoRA and the
+#      method named by $DISTRIBUTION_RIVAL (default raflora), seeds 0-2.
+# STAGES=1,2,3 (default) picks the stages. Every stage writes into the same grid folder with the
+# same settings, so the report sets every method against FedIT-homo and FlexLoRA.
 #
 # Held-out (never trained on) task categories: every category of the sample with 20 to 40
 # clients, a rule fixed before any run (9 categories, 259 clients; 2 test examples each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FLEXLORA=${FLEXLORA:-.venv/bin/flexlora}
-exec "$FLEXLORA" compare --out docs/compare_ni \
-  --methods fedit,flexlora,hetlora,flora --profiles heavy-tail-light,heavy-tail-strong --seeds 0,1,2 \
-  data.source=natural-instructions data.path=../shared/data/natural-instructions-1613-mini \
-  "data.heldout_categories=[Toxic Language Detection, Misc., Cause Effect Classification, Information Extraction, Textual Entailment, Wrong Candidate Generation, Named Entity Recognition, Commonsense Classification, Fill in The Blank]" \
-  eval.max_examples_per_client=2 federation.rounds=5 federation.clients_per_round=6 \
-  train.steps=6 train.batch_size=4 train.lr=1e-3 eval.every=5 "$@"
+STAGES=${STAGES:-1,2,3}
+NEW_METHODS=fedex,florist,raflora,lora_a2
+grid() {
+  "$FLEXLORA" compare --out docs/compare_ni "$@" \
+    data.source=natural-instructions data.path=../shared/data/natural-instructions-1613-mini \
+    "data.heldout_categories=[Toxic Language Detection, Misc., Cause Effect Classification, Information Extraction, Textual Entailment, Wrong Candidate Generation, Named Entity Recognition, Commonsense Classification, Fill in The Blank]" \
+    eval.max_examples_per_client=2 federation.rounds=5 federation.clients_per_round=6 \
+    train.steps=6 train.batch_size=4 train.lr=1e-3 eval.every=5
+}
+if [[ ,$STAGES, == *,1,* ]]; then
+  grid --methods fedit,flexlora,hetlora,flora --profiles heavy-tail-light,heavy-tail-strong --seeds 0,1,2
+fi
+if [[ ,$STAGES, == *,2,* ]]; then
+  grid --methods $NEW_METHODS --profiles heavy-tail-light,heavy-tail-strong --seeds 0
+  grid --methods $NEW_METHODS --profiles heavy-tail-light,heavy-tail-strong --seeds 1,2
+fi
+if [[ ,$STAGES, == *,3,* ]]; then
+  grid --methods "flexlora,${DISTRIBUTION_RIVAL:-raflora}" --profiles log-uniform-8-200 --seeds 0,1,2
+fi
