@@ -50,7 +50,7 @@ def test_two_rounds_of_flexlora_on_a_loopback_deployment_with_node_workers(tmp_p
         assert log.count("loaded tiny-llama (float32, seed 0)") == 1, log[-2000:]
         for r in (1, 2):
             assert re.search(rf"round {r}: client {c.client_id} trained in [0-9.]+ s", log), log[-2000:]
-        assert "Received: train message" in supernode_logs[i - 1]
+        assert "Receiving: train message" in supernode_logs[i - 1]
 
     clients = json.loads((run_dir / "clients.json").read_text())
     assert {cid: c["rank_type"] for cid, c in clients.items()} == {fed.clients[0].client_id: "r8", fed.clients[1].client_id: "T1"}

@@ -341,20 +341,24 @@ def run_benchmark(
             run_dir = work / "runs" / engine.replace("+", "-")
             echo(f"bench deployment: {engine}, {nodes} nodes, {rounds} rounds, {model} ({precision}, {device}) ...")
             started = time.perf_counter()
-            if engine.startswith("deployment"):
-                with Loopback(work / engine.replace("+", "-"), node_configs, worker_argv if engine.endswith("workers") else None,
-                              node_env={"OMP_NUM_THREADS": str(threads)}) as fed:
-                    fed.run(overrides, run_dir)
-            else:
-                cmd = [sys.executable, "-m", "flexlora.cli", "run", *overrides, f"output.dir={run_dir.parent}", f"output.name={run_dir.name}"]
-                if engine == "simulation":
-                    cmd += ["--engine", "flower", f"flower.workers={nodes}"]
-                done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=7200)
-                (work / f"{run_dir.name}.log").write_text(done.stdout + done.stderr)
-                if done.returncode != 0:
-                    raise RuntimeError(f"{engine} run failed: {(done.stdout + done.stderr)[-3000:]}")
-            echo(f"  done in {time.perf_counter() - started:.0f} s")
-            rows += [{"engine": engine, **r} for r in read_rounds(run_dir)]
+            try:
+                if engine.startswith("deployment"):
+                    with Loopback(work / engine.replace("+", "-"), node_configs, worker_argv if engine.endswith("workers") else None,
+                                  node_env={"OMP_NUM_THREADS": str(threads)}) as fed:
+                        fed.run(overrides, run_dir)
+                else:
+                    cmd = [sys.executable, "-m", "flexlora.cli", "run", *overrides, f"output.dir={run_dir.parent}", f"output.name={run_dir.name}"]
+                    if engine == "simulation":
+                        cmd += ["--engine", "flower", f"flower.workers={nodes}"]
+                    done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=7200)
+                    (work / f"{run_dir.name}.log").write_text(done.stdout + done.stderr)
+                    if done.returncode != 0:
+                        raise RuntimeError(f"{engine} run failed: {(done.stdout + done.stderr)[-3000:]}")
+                echo(f"  done in {time.perf_counter() - started:.0f} s")
+            except (RuntimeError, subprocess.TimeoutExpired) as e:  # keep the rounds it finished; the others still run
+                echo(f"  {engine} FAILED after {time.perf_counter() - started:.0f} s: {str(e).splitlines()[0]}")
+            if (run_dir / "metrics.jsonl").is_file():
+                rows += [{"engine": engine, **r} for r in read_rounds(run_dir)]
         startup = clientapp_startup(model, precision, device, startup_repeat) if startup_repeat else {}
     finally:
         if not keep:
@@ -366,7 +370,9 @@ def run_benchmark(
 
 
 def steady(rows: list[dict], engine: str) -> list[dict]:
-    mine = [r for r in rows if r["engine"] == engine]
+    """An engine's rounds the goals are checked on: rounds 2..K (round 1 when K = 1), and only
+    rounds in which every client replied (a round short of a client is not the same work)."""
+    mine = [r for r in rows if r["engine"] == engine and not r["failures"]]
     later = [r for r in mine if r["round"] >= 2]
     return later or mine
 

@@ -146,9 +146,11 @@ class NodeWorker:
             reply = train_reply(content, node_config, lambda cfg: self.model_for(cfg, node_config))
             head, body = records_to_frame(reply)
             entry.update(finished=time.time(), ok=True)
+            m = _update_metrics(reply)
             log.info(
-                "round %s: client %s trained in %.2f s, reply %.2f MB",
-                entry["round"], entry["client"], entry["finished"] - entry["started"], len(body) / 2**20,
+                "round %s: client %s trained in %.2f s (%s steps at max rank %s, loss %.4f -> %.4f), reply %.2f MB",
+                entry["round"], entry["client"], entry["finished"] - entry["started"], m.get("steps"), m.get("max_rank"),
+                m.get("train_loss_first", float("nan")), m.get("train_loss_last", float("nan")), len(body) / 2**20,
             )
             return {"ok": True, **head}, body
         except Exception as e:  # a failed task is this task's error reply; the worker serves on
@@ -221,6 +223,17 @@ class NodeWorker:
             except OSError:
                 pass
             listener.close()
+
+
+def _update_metrics(reply) -> dict:
+    import json
+
+    from flexlora.engines.flower.codec import UPDATE
+
+    try:
+        return json.loads(reply.config_records[UPDATE][UPDATE]).get("metrics") or {}
+    except (KeyError, TypeError, ValueError):
+        return {}
 
 
 def _task_meta(content) -> dict:
