@@ -56,7 +56,7 @@ class FLoRA(Method):
             elif f"{module}.offset" in state:
                 m, n = state[f"{module}.offset"].shape
             else:
-                raise KeyError(f"module {module!r} is not in the FLoRA state")
+                raise KeyError(f"module {module!r} is not in the {self.name} state")
             empty_A, empty_B = torch.zeros(0, n), torch.zeros(m, 0)
             out[module] = slice_factors(empty_A, empty_B, rank, lora_alpha, module_seed(self.seed, module))
         return out

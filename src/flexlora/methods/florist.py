@@ -50,8 +50,9 @@ import math
 
 import torch
 
-from .base import ClientUpdate, Factors, GlobalState, Method, data_weights, module_names, module_seed, module_shape, slice_factors
+from .base import ClientUpdate, GlobalState, data_weights, module_names, module_shape
 from .flexlora import stack_factors, truncation_summary
+from .flora import FLoRA
 from .svd import truncated_svd
 
 
@@ -77,8 +78,10 @@ def florist_pair(B_stack: torch.Tensor, A_stack: torch.Tensor, energy_threshold:
     return U[:, :k] * S[:k], Vh[:k], S.detach().to(torch.float64), k
 
 
-class FLoRIST(Method):
-    """Stacking, then an SVD of the stacks cut at an energy threshold; the global pair is merged into the base."""
+class FLoRIST(FLoRA):
+    """Stacking, then an SVD of the stacks cut at an energy threshold; the global pair is merged
+    into the base. FLoRA's state layout and client side (a fresh shared LoRA every round on base +
+    offset); only the aggregate differs: the rank-k pair is merged, not the exact sum."""
 
     name = "florist"
 
@@ -99,9 +102,6 @@ class FLoRIST(Method):
         self.max_global_rank = max_global_rank
         self.seed = seed
 
-    def init_state(self, shapes: dict[str, tuple[int, int]]) -> GlobalState:
-        return {f"{module}.shape": torch.tensor(shape, dtype=torch.int64) for module, shape in shapes.items()}
-
     def aggregate(self, updates: list[ClientUpdate], state: GlobalState | None = None) -> GlobalState:
         if not updates:
             raise ValueError("aggregation needs at least one client")
@@ -118,34 +118,6 @@ class FLoRIST(Method):
             new[f"{module}.spectrum"] = spectrum
             new[f"{module}.global_rank"] = torch.tensor(k, dtype=torch.int64)
         return new
-
-    def client_factors(
-        self, state: GlobalState | None, module_ranks: dict[str, int], lora_alpha: float
-    ) -> dict[str, Factors] | None:
-        """A fresh LoRA at the client's own rank every round (the global pairs so far live in the
-        base offset), the same for every client: A = the module's shared seeded rows, B = 0."""
-        if state is None:
-            return None
-        out = {}
-        for module, rank in module_ranks.items():
-            if f"{module}.shape" in state:
-                m, n = (int(v) for v in state[f"{module}.shape"])
-            elif f"{module}.offset" in state:
-                m, n = state[f"{module}.offset"].shape
-            else:
-                raise KeyError(f"module {module!r} is not in the FLoRIST state")
-            out[module] = slice_factors(torch.zeros(0, n), torch.zeros(m, 0), rank, lora_alpha, module_seed(self.seed, module))
-        return out
-
-    def global_factors(self, state: GlobalState, lora_alpha: float) -> tuple[dict[str, Factors], dict[str, int]]:
-        """No adapter: the global model is base + offset (every round's global pair, merged)."""
-        return {}, {}
-
-    def base_offset(self, state: GlobalState | None) -> dict[str, torch.Tensor] | None:
-        if state is None:
-            return None
-        offsets = {key[: -len(".offset")]: value for key, value in state.items() if key.endswith(".offset")}
-        return offsets or None
 
     def truncation(self, state: GlobalState, module_ranks: dict[str, set[int]]) -> dict | None:
         """Per module kind and chosen global rank k: the share of the round's ΔW_t energy the
