@@ -57,19 +57,6 @@ def test_a_missing_page_or_heading_is_caught(tmp_path):
     assert broken_links(tmp_path / "a.md") == ["b.md: no such file", "a.md#nope: no heading #nope in a.md"]
 
 
-# Pages that still link docs/bench_scale.md (folded into docs/performance.md) while others rewrite
-# them; strict, so the test says so as soon as they are fixed: then drop them from this set.
-PENDING = {"README.md", "docs/baselines.md"}
-
-
-@pytest.mark.parametrize(
-    "page",
-    [
-        pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="links docs/bench_scale.md"))
-        if str(p.relative_to(ROOT)) in PENDING else p
-        for p in PAGES
-    ],
-    ids=lambda p: str(p.relative_to(ROOT)),
-)
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_links_resolve(page):
     assert broken_links(page) == []
