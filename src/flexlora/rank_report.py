@@ -202,6 +202,10 @@ def plot_rank_report(runs: list[dict], path: Path) -> None:
             ax.xaxis.get_major_locator().set_params(integer=True)
             if ax.get_lines():
                 ax.legend(fontsize=8)
+        if not top.get_lines():  # a log axis cannot show zeros: say so instead of an empty panel
+            top.set_yscale("linear")
+            top.text(0.5, 0.5, "no energy beyond the smallest rank\n(every client has the same rank)",
+                     ha="center", va="center", transform=top.transAxes, fontsize=9)
     fig.suptitle("Rank collapse: spectrum of the global ΔW over rounds", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

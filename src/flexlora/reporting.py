@@ -153,7 +153,7 @@ def plot_spectrum(history: list[dict], path: Path, title: str) -> bool:
     count = len(panels) + 1
     columns = min(count, 3)
     rows = -(-count // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.6 * columns, 4.0 * rows), squeeze=False)
     flat = list(axes.flat)
     for ax, (name, points) in zip(flat, panels.items()):
         labels = points[-1][1]["bands"]
@@ -166,7 +166,7 @@ def plot_spectrum(history: list[dict], path: Path, title: str) -> bool:
         edges = "/".join(str(e) for e in points[-1][1]["edges"])
         ax.set_title(f"{name}: energy per rank band (client ranks {edges})", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, title="band of singular values", title_fontsize=8)
+        ax.legend(fontsize=8, title="band of singular values", title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax = flat[len(panels)]
     for kind, points in sorted(kinds.items()):
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=kind)
@@ -174,13 +174,13 @@ def plot_spectrum(history: list[dict], path: Path, title: str) -> bool:
     ax.set_ylabel("effective rank exp(H) (singular directions)")
     ax.set_title("effective rank, mean over layers", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, title="module kind", title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     for ax in flat[count:]:
         ax.set_visible(False)
     for ax in flat[:count]:
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # legends sit right of their panels, covering no curve
     plt.close(fig)
     return True
