@@ -5,15 +5,9 @@ Every process the test starts is stopped by its PID (its process group) in a `fi
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import signal
-import socket
-import ssl
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -27,93 +21,13 @@ from flexlora.data.synthetic import make_federation
 from flexlora.models import TINY, default_target_modules, load_model
 from flexlora.resources import adapter_training_bytes, module_ranks, paper_rank_types, rank_type_for_memory
 from flexlora.engines.flower.certs import make_node_keys, make_tls_certificates
+# The loopback pieces the deployment bench uses too: one copy of process handling and health checks.
+from flexlora.bench.deployment import APP, BIN, Processes, free_port, superlink_healthy, wait_for
 
-BIN = Path(sys.executable).parent
-APP = Path(__file__).resolve().parents[1] / "flower_app"
 pytestmark = pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason=f"flower-superlink not found in {BIN}")
 
 # T1=2, T2=4, T3=4 (attention) / 16 (MLP), T4=16 on the tiny model.
 RANKS = ["resources.t1=2", "resources.t2=4", "resources.t3_attention=4", "resources.t3_mlp=16", "resources.t4=16"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Processes:
-    """Processes started by this test, each in its own session so that its children (Flower's
-    SuperExec, ClientApp and ServerApp processes) stop with it."""
-
-    def __init__(self, logs: Path):
-        self.logs = logs
-        self.started: list[tuple[str, subprocess.Popen]] = []
-
-    def start(self, name: str, argv: list[str], env: dict) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "w")
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
-        self.started.append((name, proc))
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
-
-    def stop_all(self) -> None:
-        """SIGTERM each started process's group, then SIGKILL whatever is left, by PID: the
-        groups, and every descendant seen before (the SuperLink starts its SuperExec in a
-        session of its own, which a group signal does not reach)."""
-        descendants = []
-        for _, proc in self.started:
-            try:
-                descendants += psutil.Process(proc.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                pass
-        for _, proc in reversed(self.started):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for _, proc in self.started:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        _, alive = psutil.wait_procs(descendants, timeout=max(0.1, deadline - time.monotonic()))
-        for _, proc in self.started:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=10)
-        for child in alive:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=10)
-        self.descendants = descendants
-
-
-def wait_for(check, timeout: float, what: str, procs: Processes, name: str, proc: subprocess.Popen):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if check():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; log:\n{procs.log(name)[-3000:]}")
-
-
-def superlink_healthy(port: int, ca: Path) -> bool:
-    """True once the SuperLink answers over TLS with a certificate the test CA vouches for."""
-    try:
-        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=2, context=ssl.create_default_context(cafile=str(ca)))
-        conn.request("GET", "/health")
-        ok = conn.getresponse().status == 200
-        conn.close()
-        return ok
-    except (OSError, http.client.HTTPException):
-        return False
 
 
 def test_two_rounds_of_flexlora_on_a_tls_authenticated_loopback_deployment(tmp_path):
