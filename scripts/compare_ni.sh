@@ -19,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 FLEXLORA=${FLEXLORA:-.venv/bin/flexlora}
 STAGES=${STAGES:-1,2,3}
-NEW_METHODS=fedex,florist,raflora,lora_a2
+NEW_METHODS=${NEW_METHODS:-fedex,florist,raflora,lora_a2}  # a subset, e.g. to split the stage over two processes
 grid() {
   "$FLEXLORA" compare --out docs/compare_ni "$@" \
     data.source=natural-instructions data.path=../shared/data/natural-instructions-1613-mini \

@@ -39,3 +39,16 @@ def tiny_overrides(tmp_path):
 
 def requires_shared_data():
     return pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data not present at {SHARED_DATA} (a fresh clone has no ../shared)")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For files of tiny matrices: with two OpenMP threads and another busy process on the two
+    cores, each small LAPACK call can wait ~0.4 s at a thread barrier (measured). One thread
+    keeps such a file at a few seconds; the previous setting is restored afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -12,15 +12,7 @@ from flexlora.methods import svd as svd_mod
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These matrices are tiny; with two OpenMP threads and another busy process on the two
-    cores, each small LAPACK call can wait ~0.4 s at a thread barrier (measured). One thread
-    keeps this file at a few seconds; the previous setting is restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest.py
 
 
 def rel(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -16,7 +16,6 @@ from flexlora.methods import (
     SLoRA,
     SparseDelta,
     compose_method,
-    make_method,
 )
 from flexlora.methods.server_opt import ServerStep, starting_point
 from flexlora.methods.base import ClientUpdate
@@ -26,12 +25,7 @@ from flexlora.config import ConfigError, load_config
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()  # tiny matrices: see test_aggregation.py
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest.py
 
 
 def rel(x, ref) -> float:

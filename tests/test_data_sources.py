@@ -2,7 +2,6 @@
 JSON; bad records, missing ids, empty clients; the Dirichlet split; held-out selection."""
 
 import json
-from collections import Counter
 
 import pytest
 

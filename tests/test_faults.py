@@ -17,7 +17,7 @@ from flexlora.config import load_config
 from flexlora.data.types import ClientData, Example
 from flexlora.models import TINY, load_model
 from flexlora.engines.local import LocalRuntime
-from flexlora.server import ClientFailure, FederatedServer
+from flexlora.server import FederatedServer
 
 
 def records(run_dir):

@@ -27,12 +27,7 @@ ALPHA = 16.0
 SHAPES = {"l0.q_proj": (6, 5), "l0.up_proj": (7, 5)}  # (m, n)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest.py
 
 
 def method(rank=4, **kw) -> LoRAA2:

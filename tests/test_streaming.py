@@ -25,12 +25,7 @@ CLIENTS = [f"c{i:02d}" for i in range(14)]
 ARGS = {"slora": {"sparse_rounds": 1, "densities": 0.2}, "ffa": {}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()  # tiny matrices
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest.py
 
 
 def make_server(method: str, profile: str, **federation) -> FederatedServer:

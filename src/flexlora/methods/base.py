@@ -357,6 +357,17 @@ class Accumulator:
         return self.method.aggregate(normalised, self.previous)
 
 
+def accumulate(accumulator: Accumulator, updates: list[ClientUpdate]) -> GlobalState:
+    """``aggregate`` for a method whose rule is its own streaming accumulator: the updates
+    folded in one at a time with their weights p_k (data_weights), so that one aggregate call
+    and a streamed server round run the same code."""
+    if not updates:
+        raise ValueError("aggregation needs at least one client")
+    for weight, update in zip(data_weights(updates), updates):
+        accumulator.add(update, weight)
+    return accumulator.result()
+
+
 class Method:
     """One federated LoRA method (cf. Flower strategies, PEFT tuners): its server side here, its
     client side in ``client_hooks``. Subclasses set ``name`` and implement ``aggregate``,

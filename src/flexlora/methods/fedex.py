@@ -42,6 +42,7 @@ import torch
 
 from .base import (
     Accumulator,
+    accumulate,
     ClientUpdate,
     Factors,
     GlobalState,
@@ -133,14 +134,9 @@ class FedEx(Method):
 
     def aggregate(self, updates: list[ClientUpdate], state: GlobalState | None = None) -> GlobalState:
         """Ā, B̄ and the offset plus this round's residual, weights ClientUpdate.weight (else n_k)."""
-        if not updates:
-            raise ValueError("aggregation needs at least one client")
         for module in module_names(updates):
             module_shape(updates, module)
-        accumulator = FedExAccumulator(self, state)
-        for u in updates:
-            accumulator.add(u, u.weight if u.weight is not None else u.num_examples)
-        return accumulator.result()
+        return accumulate(FedExAccumulator(self, state), updates)
 
     def accumulator(self, state: GlobalState | None) -> Accumulator:
         if type(self).aggregate is not FedEx.aggregate:  # a subclass's own aggregate is honoured

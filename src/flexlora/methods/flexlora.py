@@ -21,6 +21,7 @@ import torch
 
 from .base import (
     Accumulator,
+    accumulate,
     ClientUpdate,
     Factors,
     GlobalState,
@@ -350,13 +351,8 @@ class FlexLoRA(Method):
         """New global ΔW per module, weights ClientUpdate.weight (else n_k), normalised. The
         previous state is not needed: each client's factors already include the global slice it
         started from."""
-        if not updates:
-            raise ValueError("aggregation needs at least one client")
         module_names(updates)  # every client sent the same modules
-        accumulator = FlexLoRAAccumulator(self, state)
-        for u in updates:
-            accumulator.add(u, u.weight if u.weight is not None else u.num_examples)
-        return accumulator.result()
+        return accumulate(FlexLoRAAccumulator(self, state), updates)
 
     def accumulator(self, state: GlobalState | None) -> Accumulator:
         if type(self).aggregate is not FlexLoRA.aggregate:  # a subclass's own aggregate is honoured

@@ -56,6 +56,7 @@ import torch
 from .base import (
     FLOAT_DTYPES,
     Accumulator,
+    accumulate,
     ClientHook,
     ClientTask,
     ClientUpdate,
@@ -64,7 +65,6 @@ from .base import (
     Method,
     SparseDelta,
     TrainingView,
-    data_weights,
     fresh_rows,
     module_seed,
     nonfinite,
@@ -357,10 +357,7 @@ class LoRAA2(Method):
         return ComponentSum(self, state)
 
     def aggregate(self, updates: list[ClientUpdate], state: GlobalState | None = None) -> GlobalState:
-        accumulator = self.accumulator(state)
-        for p, u in zip(data_weights(updates), updates):
-            accumulator.add(u, p)
-        return accumulator.result()
+        return accumulate(self.accumulator(state), updates)
 
     def client_factors(
         self, state: GlobalState | None, module_ranks: dict[str, int], lora_alpha: float
