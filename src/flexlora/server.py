@@ -361,10 +361,7 @@ class FederatedServer:
             return None
         started = time.perf_counter()
         factors, ranks = self.method.global_factors(self.state, self.cfg.lora.alpha)
-        offsets = self.base_offset()
-        tensors = [t for pair in (factors or {}).values() for t in pair] + list((offsets or {}).values())
-        record = spectrum_record(factors, ranks, offsets, self.cfg.lora.alpha, self.rank_edges,
-                                 device=tensors[0].device if tensors else None)
+        record = spectrum_record(factors, ranks, self.base_offset(), self.cfg.lora.alpha, self.rank_edges)
         if record is not None:
             record["seconds"] = time.perf_counter() - started
         return record

@@ -164,15 +164,13 @@ def spectrum_record(
     offsets: Mapping[str, torch.Tensor] | None,
     lora_alpha: float,
     edges: Mapping[str, Sequence[int]],
-    *,
-    device=None,
 ) -> dict | None:
     """The per-round record of the global ΔW's spectrum, or None when the global model has no ΔW
     (yet): {"kinds": {kind: summarize_modules}, "groups": {"attention" | "mlp": summarize_modules
     + "kinds"}, "routes": {"factored" | "dense": modules}}. `factors`/`ranks`: the global adapter
     (A (R, n), B (m, R), scale lora_alpha / R); `offsets`: the dense base offset per module;
-    `edges`: rank_edges of the run (modules of other kinds are left out); `device`: where the
-    tensors are (on the CPU, modules run side by side: svd.map_modules).
+    `edges`: rank_edges of the run (modules of other kinds are left out). The work runs where the
+    tensors are (on the CPU, modules side by side: svd.map_modules).
 
     A group pools its kinds band by band: band j of every module is its own band j, so k_proj,
     whose top rank is capped at 192 where q_proj has 200, adds its [30, 192) to the group's
@@ -188,6 +186,8 @@ def spectrum_record(
         sigma_sq, route = module_sigma_sq(factors.get(module), scale, offsets.get(module))
         return band_energies(sigma_sq, edges[module_kind(module)]), effective_rank(sigma_sq), route
 
+    module = modules[0]
+    device = (factors[module][0] if module in factors else offsets[module]).device
     results = dict(zip(modules, map_modules(one, modules, device)))
     by_kind: dict[str, list[tuple[list[float], float]]] = {}
     routes: dict[str, int] = {}
