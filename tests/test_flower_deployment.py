@@ -6,23 +6,20 @@ Every process the test starts is stopped by its PID (its process group) in a `fi
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-from pathlib import Path
 
 import psutil
 import pytest
 import torch
 from peft import PeftModel
 
-import flexlora
 from flexlora import lora
 from flexlora.data.synthetic import make_federation
 from flexlora.models import TINY, default_target_modules, load_model
 from flexlora.resources import adapter_training_bytes, module_ranks, paper_rank_types, rank_type_for_memory
 from flexlora.engines.flower.certs import make_node_keys, make_tls_certificates
 # The loopback pieces the deployment bench uses too: one copy of process handling and health checks.
-from flexlora.bench.deployment import APP, BIN, Processes, free_port, superlink_healthy, wait_for
+from flexlora.bench.deployment import APP, BIN, Processes, flower_env, free_port, superlink_healthy, wait_for
 
 pytestmark = pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason=f"flower-superlink not found in {BIN}")
 
@@ -56,22 +53,7 @@ def test_two_rounds_of_flexlora_on_a_tls_authenticated_loopback_deployment(tmp_p
     declared = [("lora-rank=8 num-examples=1000000000", "r8"), ('rank-type="T1"', "T1"), (f"memory-budget-mb={budget_mb:.6f}", "T3")]
 
     port = free_port()
-    src = str(Path(flexlora.__file__).resolve().parents[1])
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        # Flower starts its own helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name.
-        "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        # `flwr run` must never install the app's dependencies from a registry; and if anything
-        # tried, uv/pip would find no index.
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "UV_OFFLINE": "1",
-        "PIP_NO_INDEX": "1",
-        "OMP_WAIT_POLICY": "PASSIVE",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+    env = flower_env()
 
     def home(name: str) -> dict:  # every Flower process gets its own FLWR_HOME in tmp_path
         (tmp_path / "flwr" / name).mkdir(parents=True, exist_ok=True)

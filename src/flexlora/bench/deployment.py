@@ -52,6 +52,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def flower_env() -> dict:
+    """child_env() for Flower's processes, offline."""
+    return {
+        **child_env(),
+        # Flower starts its own helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name.
+        "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # `flwr run` must never install the app's dependencies; and if anything tried, uv/pip find no index.
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "UV_OFFLINE": "1",
+        "PIP_NO_INDEX": "1",
+    }
+
+
 class Processes:
     """Processes started here, each in its own session so that its children (Flower's SuperExec,
     ClientApp and ServerApp processes) stop with it; all stopped by PID in stop_all."""
@@ -151,17 +166,7 @@ class Loopback:
         # Sockets in a short private folder (a Unix socket path has at most ~100 bytes).
         self.sockets = Path(tempfile.mkdtemp(prefix="fxl", dir="/tmp")) if worker is not None else None
         self.port = free_port()
-        self.env = {
-            **child_env(),
-            # Flower starts its own helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name.
-            "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            # `flwr run` must never install the app's dependencies; and if anything tried, uv/pip find no index.
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "UV_OFFLINE": "1",
-            "PIP_NO_INDEX": "1",
-        }
+        self.env = flower_env()
 
     def home(self, name: str) -> dict:
         """Every Flower process gets its own FLWR_HOME."""
