@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from flexlora.checkpoint import load_checkpoint, save_checkpoint
-from flexlora.config import ConfigError, ExperimentConfig, ResourcesConfig, load_config, validate
+from flexlora.config import ConfigError, load_config
 from flexlora.engines import flower
 from flexlora.methods import FedIT, HetLoRA
 from flexlora.methods.base import ClientUpdate
 from flexlora.server import FederatedServer
+import small_federation as fed
 
 F64 = torch.float64
 ALPHA = 16.0
@@ -143,36 +144,12 @@ def test_streamed_accumulator_equals_one_aggregate():
 
 # ---------------------------------------------------------------- in a federation
 
-SERVER_SHAPES = {"l0.q_proj": (12, 10), "l0.down_proj": (10, 16)}
-SERVER_CLIENTS = [f"c{i:02d}" for i in range(8)]
-
-
-def make_server(**method_args) -> FederatedServer:
-    cfg = ExperimentConfig(method="hetlora", method_args={"padding": "replication", **method_args})
-    cfg.resources = ResourcesConfig(profile="uniform", t1=1, t2=2, t3_attention=3, t3_mlp=4, t4=6)
-    cfg.federation.rounds = 3
-    cfg.federation.clients_per_round = 5
-    validate(cfg)
-    return FederatedServer(cfg, SERVER_CLIENTS, SERVER_SHAPES, declared_sizes={c: 100 for c in SERVER_CLIENTS})
-
-
-class SyntheticClients:
-    """Each client returns the factors it was handed plus a seeded step."""
-
-    def train(self, tasks):
-        for task in tasks:
-            g = torch.Generator().manual_seed(task.seed)
-            factors = {module: (A + 0.02 * torch.randn(A.shape, generator=g, dtype=A.dtype), B + 0.05 * torch.randn(B.shape, generator=g, dtype=B.dtype))
-                       for module, (A, B) in task.factors.items()}
-            yield ClientUpdate(task.client_id, 3 + task.seed % 40, ALPHA, factors)
-
-
 def test_round_one_clients_share_one_starting_adapter():
     cfg = load_config(overrides=["method=hetlora", "method_args={padding: replication}", "resources.profile=[T1, T4, T3, T2]"])
-    server = FederatedServer(cfg, ["a", "b", "c", "d"], SERVER_SHAPES)
+    server = FederatedServer(cfg, ["a", "b", "c", "d"], fed.SHAPES)
     assert server.method.padding == "replication"
     tasks = server.configure(1, ["a", "b", "c", "d"])
-    for module in SERVER_SHAPES:
+    for module in fed.SHAPES:
         starts = sorted(((t.factors[module], t.module_ranks[module]) for t in tasks), key=lambda x: -x[1])
         (A_max, _), _ = starts[0]
         assert len({r for _, r in starts}) > 1
@@ -181,10 +158,10 @@ def test_round_one_clients_share_one_starting_adapter():
 
 
 def test_a_streamed_server_round_equals_the_padding_written_out():
-    server = make_server(reg_lambda=0)
+    server = fed.make_server("hetlora", padding="replication", reg_lambda=0)
     seen = []
 
-    class Recording(SyntheticClients):
+    class Recording(fed.SyntheticClients):
         def train(self, tasks):
             for u in super().train(tasks):
                 seen.append(u)
@@ -195,7 +172,7 @@ def test_a_streamed_server_round_equals_the_padding_written_out():
         outcome = server.run_round(round_, Recording())
         assert outcome.valid_updates == 5 and not outcome.rejected
         weights = [u.num_examples / sum(v.num_examples for v in seen) for u in seen]
-        for module in SERVER_SHAPES:
+        for module in fed.SHAPES:
             assert len({u.rank(module) for u in seen}) > 1
             A_ref, B_ref = replicate_then_average(seen, module, weights)
             torch.testing.assert_close(server.state[f"{module}.A"], A_ref, rtol=1e-5, atol=1e-6)
@@ -203,16 +180,16 @@ def test_a_streamed_server_round_equals_the_padding_written_out():
 
 
 def test_checkpoint_and_resume_continue_to_the_same_state(tmp_path):
-    uninterrupted, interrupted = make_server(), make_server()
+    uninterrupted, interrupted = fed.make_server("hetlora", padding="replication"), fed.make_server("hetlora", padding="replication")
     for round_ in (1, 2):
-        uninterrupted.run_round(round_, SyntheticClients())
-        interrupted.run_round(round_, SyntheticClients())
+        uninterrupted.run_round(round_, fed.SyntheticClients())
+        interrupted.run_round(round_, fed.SyntheticClients())
     save_checkpoint(tmp_path, interrupted, [], {"method": "hetlora"})
-    resumed = make_server()
+    resumed = fed.make_server("hetlora", padding="replication")
     load_checkpoint(tmp_path).restore(resumed)
     assert resumed.round == 2 and resumed.client_ranks == uninterrupted.client_ranks
-    uninterrupted.run_round(3, SyntheticClients())
-    resumed.run_round(3, SyntheticClients())
+    uninterrupted.run_round(3, fed.SyntheticClients())
+    resumed.run_round(3, fed.SyntheticClients())
     assert resumed.state.keys() == uninterrupted.state.keys()
     for key, value in uninterrupted.state.items():
         assert torch.equal(resumed.state[key], value), key
@@ -220,15 +197,15 @@ def test_checkpoint_and_resume_continue_to_the_same_state(tmp_path):
 
 def test_flower_codecs_carry_the_padding_argument():
     cfg = load_config(overrides=["method=hetlora", "method_args={padding: replication, weighting: sparsity}"])
-    server = make_server(weighting="sparsity")
-    server.run_round(1, SyntheticClients())
-    task = server.configure(2, SERVER_CLIENTS[:1])[0]
+    server = fed.make_server("hetlora", padding="replication", weighting="sparsity")
+    server.run_round(1, fed.SyntheticClients())
+    task = server.configure(2, fed.CLIENTS[:1])[0]
     decoded, cfg2 = flower.decode_task(flower.encode_task(task, cfg))
     assert cfg2 == cfg and cfg2.method_args == {"padding": "replication", "weighting": "sparsity"}
     assert decoded.options == task.options and decoded.module_ranks == task.module_ranks
     for module, (A, B) in task.factors.items():
         assert torch.equal(decoded.factors[module][0], A) and torch.equal(decoded.factors[module][1], B)
-    update = next(iter(SyntheticClients().train([task])))
+    update = next(iter(fed.SyntheticClients().train([task])))
     back = flower.decode_update(flower.encode_update(update, "float32"))
     assert all(torch.equal(back.factors[m][i], update.factors[m][i]) for m in update.factors for i in (0, 1))
 

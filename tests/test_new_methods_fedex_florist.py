@@ -16,13 +16,12 @@ import pytest
 import torch
 
 from flexlora.checkpoint import load_checkpoint, save_checkpoint
-from flexlora.config import ConfigError, ExperimentConfig, ResourcesConfig, load_config, validate
+from flexlora.config import ConfigError, load_config
 from flexlora.methods import FLoRA, make_method
 from flexlora.methods.base import ClientUpdate, zero_rank_state
 from flexlora.methods.fedex import FedEx
 from flexlora.methods.florist import FLoRIST, threshold_rank
-from flexlora.protocol import ClientTask
-from flexlora.server import FederatedServer
+import small_federation as fed
 
 F64 = torch.float64
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -298,64 +297,35 @@ def test_florist_validation_is_one_line(kwargs, message):
 
 # ---------------------------------------------------------------- server: streaming, checkpoint, codec
 
-CLIENT_IDS = [f"c{i:02d}" for i in range(8)]
-SERVER_SHAPES = {"l0.q_proj": (12, 10), "l0.down_proj": (10, 16)}
-
-
-def make_server(method: str) -> FederatedServer:
-    cfg = ExperimentConfig(method=method, method_args={"energy_threshold": 0.85} if method == "florist" else {})
-    cfg.resources = ResourcesConfig(profile="uniform", t1=1, t2=2, t3_attention=3, t3_mlp=4, t4=6)
-    cfg.federation.rounds = 3
-    cfg.federation.clients_per_round = 5
-    validate(cfg)
-    return FederatedServer(cfg, CLIENT_IDS, SERVER_SHAPES, declared_sizes={c: 100 for c in CLIENT_IDS})
-
-
-def trained(task: ClientTask) -> ClientUpdate:
-    """The factors the client was handed plus a seeded step."""
-    g = torch.Generator().manual_seed(task.seed)
-    factors = {}
-    for module, (A, B) in task.factors.items():
-        factors[module] = ((A + 0.05 * torch.randn(A.shape, generator=g, dtype=A.dtype)).double(),
-                           (B + 0.1 * torch.randn(B.shape, generator=g, dtype=B.dtype)).double())
-    return ClientUpdate(task.client_id, 3 + task.seed % 40, ALPHA, factors)
-
-
-class Clients:
-    def train(self, tasks):
-        for task in tasks:
-            yield trained(task)
-
-
 @pytest.mark.parametrize("method", ["fedex", "florist"])
 def test_checkpoint_and_resume_give_the_uninterrupted_global_model(method, tmp_path):
     """Three streamed rounds in one go, against two rounds, a checkpoint written to disk
     (safetensors + JSON), a fresh server restored from it, and the third round."""
-    straight = make_server(method)
+    straight = fed.make_server(method, **({"energy_threshold": 0.85} if method == "florist" else {}))
     for round_ in (1, 2, 3):
-        straight.run_round(round_, Clients())
-    first = make_server(method)
+        straight.run_round(round_, fed.SyntheticClients())
+    first = fed.make_server(method, **({"energy_threshold": 0.85} if method == "florist" else {}))
     for round_ in (1, 2):
-        first.run_round(round_, Clients())
+        first.run_round(round_, fed.SyntheticClients())
     save_checkpoint(tmp_path, first, [], {})
-    resumed = make_server(method)
+    resumed = fed.make_server(method, **({"energy_threshold": 0.85} if method == "florist" else {}))
     load_checkpoint(tmp_path).restore(resumed)
     assert resumed.round == 2
-    resumed.run_round(3, Clients())
+    resumed.run_round(3, fed.SyntheticClients())
     assert resumed.state.keys() == straight.state.keys()
     for key, value in straight.state.items():
         torch.testing.assert_close(resumed.state[key], value, rtol=1e-12, atol=1e-12)
     offsets = straight.base_offset()
-    assert offsets and set(offsets) == set(SERVER_SHAPES) and all(o.abs().max() > 0 for o in offsets.values())
+    assert offsets and set(offsets) == set(fed.SHAPES) and all(o.abs().max() > 0 for o in offsets.values())
 
 
 @pytest.mark.parametrize("method", ["fedex", "florist"])
 def test_flower_codec_round_trip_keeps_factors_and_base_offset(method):
     from flexlora.engines.flower import codec
 
-    server = make_server(method)
-    server.run_round(1, Clients())
-    task = server.configure(2, CLIENT_IDS[:1])[0]
+    server = fed.make_server(method, **({"energy_threshold": 0.85} if method == "florist" else {}))
+    server.run_round(1, fed.SyntheticClients())
+    task = server.configure(2, fed.CLIENTS[:1])[0]
     assert task.base_offset is not None and task.factors
     decoded, cfg = codec.decode_task(codec.encode_task(task, server.cfg))
     assert cfg.method == method and decoded.module_ranks == task.module_ranks
@@ -363,7 +333,7 @@ def test_flower_codec_round_trip_keeps_factors_and_base_offset(method):
         assert torch.equal(decoded.factors[module][0], A.float()) and torch.equal(decoded.factors[module][1], B.float())
     for module, offset in task.base_offset.items():
         assert torch.equal(decoded.base_offset[module], offset.float())
-    update = trained(task)
+    update = fed.trained(task)
     back = codec.decode_update(codec.encode_update(update, "float32"))
     assert back.client_id == update.client_id and back.num_examples == update.num_examples
     for module, (A, B) in update.factors.items():

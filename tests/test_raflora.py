@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from flexlora.checkpoint import load_checkpoint, save_checkpoint
-from flexlora.config import ConfigError, ExperimentConfig, ResourcesConfig, load_config, validate
+from flexlora.config import ConfigError, load_config
 from flexlora.engines import flower
 from flexlora.methods import METHODS, FlexLoRA, HetLoRA, make_method
 from flexlora.methods.base import Accumulator, ClientUpdate
 from flexlora.methods.flexlora import dense_delta
 from flexlora.methods.raflora import RaFLoRA, coverage, partition_bands
 from flexlora.server import FederatedServer
+import small_federation as fed
 
 F64 = torch.float64
 ALPHA = 16.0
@@ -169,34 +170,10 @@ def test_streamed_accumulator_equals_one_aggregate():
 
 # ---------------------------------------------------------------- in a federation
 
-SERVER_SHAPES = {"l0.q_proj": (12, 10), "l0.down_proj": (10, 16)}
-SERVER_CLIENTS = [f"c{i:02d}" for i in range(8)]
-
-
-def make_server(profile="uniform", **method_args) -> FederatedServer:
-    cfg = ExperimentConfig(method="raflora", method_args=method_args)
-    cfg.resources = ResourcesConfig(profile=profile, t1=1, t2=2, t3_attention=3, t3_mlp=4, t4=6)
-    cfg.federation.rounds = 3
-    cfg.federation.clients_per_round = 5
-    validate(cfg)
-    return FederatedServer(cfg, SERVER_CLIENTS, SERVER_SHAPES, declared_sizes={c: 100 for c in SERVER_CLIENTS})
-
-
-class SyntheticClients:
-    """Each client returns the factors it was handed plus a seeded step."""
-
-    def train(self, tasks):
-        for task in tasks:
-            g = torch.Generator().manual_seed(task.seed)
-            factors = {module: (A + 0.02 * torch.randn(A.shape, generator=g, dtype=A.dtype), B + 0.05 * torch.randn(B.shape, generator=g, dtype=B.dtype))
-                       for module, (A, B) in task.factors.items()}
-            yield ClientUpdate(task.client_id, 3 + task.seed % 40, ALPHA, factors)
-
-
 def test_round_one_clients_share_one_starting_adapter():
     cfg = load_config(overrides=["method=raflora", "resources.profile=[T1, T4, T3, T2]"])
-    tasks = FederatedServer(cfg, ["a", "b", "c", "d"], SERVER_SHAPES).configure(1, ["a", "b", "c", "d"])
-    for module in SERVER_SHAPES:
+    tasks = FederatedServer(cfg, ["a", "b", "c", "d"], fed.SHAPES).configure(1, ["a", "b", "c", "d"])
+    for module in fed.SHAPES:
         starts = sorted(((t.factors[module], t.module_ranks[module]) for t in tasks), key=lambda x: -x[1])
         (A_max, _), _ = starts[0]
         assert len({r for _, r in starts}) > 1
@@ -207,11 +184,11 @@ def test_round_one_clients_share_one_starting_adapter():
 def test_a_streamed_server_round_equals_the_partition_rule():
     """The server folds updates one at a time with raw n_k; the global ΔW is the partition rule
     over that round's updates with p_k = n_k / Σ n."""
-    server = make_server()
-    server.method.bound_ranks({m: min(s) for m, s in SERVER_SHAPES.items()})  # keep ΔW whole to compare it
+    server = fed.make_server("raflora")
+    server.method.bound_ranks({m: min(s) for m, s in fed.SHAPES.items()})  # keep ΔW whole to compare it
     seen = []
 
-    class Recording(SyntheticClients):
+    class Recording(fed.SyntheticClients):
         def train(self, tasks):
             for u in super().train(tasks):
                 seen.append(u)
@@ -222,41 +199,41 @@ def test_a_streamed_server_round_equals_the_partition_rule():
         outcome = server.run_round(round_, Recording())
         assert outcome.valid_updates == 5 and not outcome.rejected
         ups = [dataclasses.replace(u, factors={m: (A.double(), B.double()) for m, (A, B) in u.factors.items()}) for u in seen]
-        for module in SERVER_SHAPES:
+        for module in fed.SHAPES:
             assert len({u.rank(module) for u in ups}) > 1  # heterogeneous ranks in the round
             expected = partition_rule(ups, module, [u.num_examples for u in ups])
             torch.testing.assert_close(dense_delta(server.state, module).double(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_checkpoint_and_resume_continue_to_the_same_state(tmp_path):
-    uninterrupted, interrupted = make_server(), make_server()
+    uninterrupted, interrupted = fed.make_server("raflora"), fed.make_server("raflora")
     for round_ in (1, 2):
-        uninterrupted.run_round(round_, SyntheticClients())
-        interrupted.run_round(round_, SyntheticClients())
+        uninterrupted.run_round(round_, fed.SyntheticClients())
+        interrupted.run_round(round_, fed.SyntheticClients())
     save_checkpoint(tmp_path, interrupted, [], {"method": "raflora"})
-    resumed = make_server()
+    resumed = fed.make_server("raflora")
     load_checkpoint(tmp_path).restore(resumed)
     assert resumed.round == 2 and resumed.state.keys() == uninterrupted.state.keys()
-    uninterrupted.run_round(3, SyntheticClients())
-    resumed.run_round(3, SyntheticClients())
+    uninterrupted.run_round(3, fed.SyntheticClients())
+    resumed.run_round(3, fed.SyntheticClients())
     for key, value in uninterrupted.state.items():
         assert torch.equal(resumed.state[key], value), key
-    wrong = FederatedServer(load_config(overrides=["method=flexlora"]), SERVER_CLIENTS, SERVER_SHAPES)
+    wrong = FederatedServer(load_config(overrides=["method=flexlora"]), fed.CLIENTS, fed.SHAPES)
     with pytest.raises(ValueError, match="checkpoint is of method 'raflora', this run uses 'flexlora'"):
         load_checkpoint(tmp_path).restore(wrong)
 
 
 def test_flower_codecs_round_trip_a_raflora_task_and_update():
     cfg = load_config(overrides=["method=raflora", "method_args={max_global_rank: 6}"])
-    server = make_server(max_global_rank=6)
-    server.run_round(1, SyntheticClients())
-    task = server.configure(2, SERVER_CLIENTS[:1])[0]
+    server = fed.make_server("raflora", max_global_rank=6)
+    server.run_round(1, fed.SyntheticClients())
+    task = server.configure(2, fed.CLIENTS[:1])[0]
     decoded, cfg2 = flower.decode_task(flower.encode_task(task, cfg))
     assert cfg2 == cfg and cfg2.method == "raflora" and cfg2.method_args == {"max_global_rank": 6}
     assert decoded.module_ranks == task.module_ranks and decoded.options == task.options
     for module, (A, B) in task.factors.items():
         assert torch.equal(decoded.factors[module][0], A) and torch.equal(decoded.factors[module][1], B)
-    update = next(iter(SyntheticClients().train([task])))
+    update = next(iter(fed.SyntheticClients().train([task])))
     back = flower.decode_update(flower.encode_update(update, "float32"))
     assert (back.client_id, back.num_examples, back.lora_alpha) == (update.client_id, update.num_examples, update.lora_alpha)
     assert all(torch.equal(back.factors[m][i], update.factors[m][i]) for m in update.factors for i in (0, 1))
