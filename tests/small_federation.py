@@ -36,3 +36,52 @@ class SyntheticClients:
     def train(self, tasks):
         for task in tasks:
             yield trained(task)
+
+
+
+class RecordingClients(SyntheticClients):
+    """SyntheticClients that keep the updates of their last round in `seen`."""
+
+    def __init__(self):
+        self.seen: list[ClientUpdate] = []
+
+    def train(self, tasks):
+        self.seen.clear()
+        for update in super().train(tasks):
+            self.seen.append(update)
+            yield update
+
+
+def resume_after_checkpoint(make_server, tmp_path) -> tuple[FederatedServer, FederatedServer]:
+    """(uninterrupted, resumed): three rounds on one server; on another two rounds, a checkpoint
+    on disk (safetensors + JSON), a fresh server restored from it, and round 3."""
+    from flexlora.checkpoint import load_checkpoint, save_checkpoint
+
+    uninterrupted, interrupted = make_server(), make_server()
+    for round_ in (1, 2):
+        uninterrupted.run_round(round_, SyntheticClients())
+        interrupted.run_round(round_, SyntheticClients())
+    save_checkpoint(tmp_path, interrupted, [], {"method": interrupted.cfg.method})
+    resumed = make_server()
+    load_checkpoint(tmp_path).restore(resumed)
+    assert resumed.round == 2 and resumed.client_ranks == uninterrupted.client_ranks
+    uninterrupted.run_round(3, SyntheticClients())
+    resumed.run_round(3, SyntheticClients())
+    return uninterrupted, resumed
+
+# Heterogeneous updates for the aggregation checks: random float64 factors at each client's own
+# ranks per module (no training), the first `clients` of these.
+UPDATE_SHAPES = {"attn": (24, 16), "mlp": (10, 18)}
+UPDATE_CLIENTS = [("c0", 10, {"attn": 2, "mlp": 3}), ("c1", 50, {"attn": 5, "mlp": 5}),
+                  ("c2", 7, {"attn": 8, "mlp": 2}), ("c3", 21, {"attn": 5, "mlp": 3})]
+
+
+def random_updates(seed: int = 0, ranks: dict[str, int] | None = None, clients: int = 4) -> list[ClientUpdate]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for cid, n_ex, own in UPDATE_CLIENTS[:clients]:
+        factors = {module: (torch.randn((ranks or own)[module], n, generator=gen, dtype=torch.float64),
+                            torch.randn(m, (ranks or own)[module], generator=gen, dtype=torch.float64))
+                   for module, (m, n) in UPDATE_SHAPES.items()}
+        out.append(ClientUpdate(cid, n_ex, ALPHA, factors))
+    return out

@@ -12,7 +12,6 @@ import random
 import pytest
 import torch
 
-from flexlora.checkpoint import load_checkpoint, save_checkpoint
 from flexlora.config import ConfigError, load_config
 from flexlora.engines import flower
 from flexlora.methods import FedIT, HetLoRA
@@ -50,22 +49,6 @@ def test_by_hand_replication_keeps_what_only_the_high_rank_client_has():
     torch.testing.assert_close((ALPHA / 2) * B @ A, torch.diag(torch.tensor([2.5, 8.0, 0.0], dtype=F64)), rtol=0, atol=1e-12)
 
 
-SHAPES = {"attn": (24, 16), "mlp": (10, 18)}
-CLIENTS = [("c0", 10, {"attn": 2, "mlp": 3}), ("c1", 50, {"attn": 5, "mlp": 5}),
-           ("c2", 7, {"attn": 8, "mlp": 2}), ("c3", 21, {"attn": 5, "mlp": 3})]
-
-
-def random_updates(seed=0, ranks_override=None) -> list[ClientUpdate]:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for cid, n_ex, ranks in CLIENTS:
-        ranks = ranks_override or ranks
-        factors = {module: (torch.randn(ranks[module], n, generator=gen, dtype=F64), torch.randn(m, ranks[module], generator=gen, dtype=F64))
-                   for module, (m, n) in SHAPES.items()}
-        out.append(ClientUpdate(cid, n_ex, ALPHA, factors))
-    return out
-
-
 def replicate_then_average(ups: list[ClientUpdate], module: str, weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """The padding written out literally: every client's A (rows) and s·B (columns) filled up
     to R = max r_k, a missing component j taken from the weighted mean of the clients that
@@ -89,10 +72,10 @@ def replicate_then_average(ups: list[ClientUpdate], module: str, weights: list[f
 
 @pytest.mark.parametrize("weighting", ["data", "sparsity"])
 def test_equals_the_padding_written_out_and_differs_from_zero_padding(weighting):
-    ups = random_updates()
+    ups = fed.random_updates()
     state = HetLoRA(weighting=weighting, padding="replication").aggregate(ups, None)
     zero = HetLoRA(weighting=weighting).aggregate(ups, None)
-    for module in SHAPES:
+    for module in fed.UPDATE_SHAPES:
         if weighting == "data":
             weights = [u.num_examples / sum(v.num_examples for v in ups) for u in ups]
         else:  # HetLoRA's sparsity weights ∝ ‖s_k B_k A_k‖_F, per module
@@ -108,17 +91,17 @@ def test_equals_the_padding_written_out_and_differs_from_zero_padding(weighting)
 
 def test_zero_padding_stays_the_default_and_one_rank_is_fedit_either_way():
     assert HetLoRA().padding == "zero"
-    ups = random_updates(ranks_override={"attn": 4, "mlp": 4})
-    fed = FedIT().aggregate(ups, None)
+    ups = fed.random_updates(ranks={"attn": 4, "mlp": 4})
+    fedit = FedIT().aggregate(ups, None)
     for padding in ("zero", "replication"):
         state = HetLoRA(padding=padding).aggregate(ups, None)
-        for module in SHAPES:
-            torch.testing.assert_close(state[f"{module}.A"], fed[f"{module}.A"], rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(state[f"{module}.B"] / (ALPHA / 4), fed[f"{module}.B"], rtol=1e-12, atol=1e-12)
+        for module in fed.UPDATE_SHAPES:
+            torch.testing.assert_close(state[f"{module}.A"], fedit[f"{module}.A"], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(state[f"{module}.B"] / (ALPHA / 4), fedit[f"{module}.B"], rtol=1e-12, atol=1e-12)
 
 
 def test_a_zero_weight_client_is_not_replicated():
-    ups = random_updates()
+    ups = fed.random_updates()
     weights = [0.5, 0.5, 0.0, 0.0]  # c2 alone has attn rows 5..7, and its weight is 0
     state = HetLoRA(padding="replication").aggregate([dataclasses.replace(u, weight=w) for u, w in zip(ups, weights)], None)
     assert state["attn.A"].shape[0] == 8 and not state["attn.A"][5:].any() and not state["attn.B"][:, 5:].any()
@@ -127,7 +110,7 @@ def test_a_zero_weight_client_is_not_replicated():
 
 
 def test_streamed_accumulator_equals_one_aggregate():
-    ups = random_updates(3)
+    ups = fed.random_updates(3)
     raw = [3.0, 1.0, 7.0, 2.0]
     method = HetLoRA(padding="replication")
     accumulator = method.accumulator(None)
@@ -159,17 +142,10 @@ def test_round_one_clients_share_one_starting_adapter():
 
 def test_a_streamed_server_round_equals_the_padding_written_out():
     server = fed.make_server("hetlora", padding="replication", reg_lambda=0)
-    seen = []
-
-    class Recording(fed.SyntheticClients):
-        def train(self, tasks):
-            for u in super().train(tasks):
-                seen.append(u)
-                yield u
-
+    clients = fed.RecordingClients()
     for round_ in (1, 2):
-        seen.clear()
-        outcome = server.run_round(round_, Recording())
+        outcome = server.run_round(round_, clients)
+        seen = clients.seen
         assert outcome.valid_updates == 5 and not outcome.rejected
         weights = [u.num_examples / sum(v.num_examples for v in seen) for u in seen]
         for module in fed.SHAPES:
@@ -180,16 +156,7 @@ def test_a_streamed_server_round_equals_the_padding_written_out():
 
 
 def test_checkpoint_and_resume_continue_to_the_same_state(tmp_path):
-    uninterrupted, interrupted = fed.make_server("hetlora", padding="replication"), fed.make_server("hetlora", padding="replication")
-    for round_ in (1, 2):
-        uninterrupted.run_round(round_, fed.SyntheticClients())
-        interrupted.run_round(round_, fed.SyntheticClients())
-    save_checkpoint(tmp_path, interrupted, [], {"method": "hetlora"})
-    resumed = fed.make_server("hetlora", padding="replication")
-    load_checkpoint(tmp_path).restore(resumed)
-    assert resumed.round == 2 and resumed.client_ranks == uninterrupted.client_ranks
-    uninterrupted.run_round(3, fed.SyntheticClients())
-    resumed.run_round(3, fed.SyntheticClients())
+    uninterrupted, resumed = fed.resume_after_checkpoint(lambda: fed.make_server("hetlora", padding="replication"), tmp_path)
     assert resumed.state.keys() == uninterrupted.state.keys()
     for key, value in uninterrupted.state.items():
         assert torch.equal(resumed.state[key], value), key

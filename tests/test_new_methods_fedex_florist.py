@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexlora.checkpoint import load_checkpoint, save_checkpoint
 from flexlora.config import ConfigError, load_config
 from flexlora.methods import FLoRA, make_method
 from flexlora.methods.base import ClientUpdate, zero_rank_state
@@ -38,21 +37,12 @@ def T(values) -> torch.Tensor:
     return torch.tensor(values, dtype=F64)
 
 
-SHAPES = {"attn": (24, 16), "mlp": (10, 18)}
-CLIENTS = [("c0", 10, {"attn": 2, "mlp": 3}), ("c1", 50, {"attn": 5, "mlp": 5}), ("c2", 7, {"attn": 8, "mlp": 2})]
 ALPHA = 16.0
 
 
 def updates(seed=0, ranks=None) -> list[ClientUpdate]:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for cid, n_ex, own in CLIENTS:
-        factors = {}
-        for module, (m, n) in SHAPES.items():
-            r = (ranks or own)[module]
-            factors[module] = (torch.randn(r, n, generator=gen, dtype=F64), torch.randn(m, r, generator=gen, dtype=F64))
-        out.append(ClientUpdate(cid, n_ex, ALPHA, factors))
-    return out
+    """Clients c0-c2 of the small federation's random updates."""
+    return fed.random_updates(seed, ranks, clients=3)
 
 
 def p_of(ups) -> list[float]:
@@ -104,7 +94,7 @@ def test_fedex_heterogeneous_ranks_pad_the_averages_and_keep_the_global_model_ex
     p = p_of(ups)
     method = FedEx()
     state = method.aggregate(ups, None)
-    for module in SHAPES:
+    for module in fed.UPDATE_SHAPES:
         R = max(u.rank(module) for u in ups)
         A_bar = sum(pk * pad(u.factors[module][0], R, 0) for pk, u in zip(p, ups))
         B_bar = sum(pk * u.scale(module) * pad(u.factors[module][1], R, 1) for pk, u in zip(p, ups))
@@ -127,7 +117,7 @@ def test_fedex_offset_accumulates_over_rounds():
     method = FedEx()
     first = method.aggregate(updates(0), None)
     second = method.aggregate(updates(1), first)
-    for module in SHAPES:
+    for module in fed.UPDATE_SHAPES:
         ups = updates(1)
         residual = exact_sum(ups, module) - second[f"{module}.B"] @ second[f"{module}.A"]
         assert rel(second[f"{module}.offset"], first[f"{module}.offset"] + residual) < 1e-12
@@ -227,8 +217,8 @@ def test_florist_with_mixed_scales_is_the_thresholded_svd_of_the_exact_sum():
     at their own rank (the shared seeded rows, B = 0), whatever k is."""
     ups = updates(5)
     method = FLoRIST(energy_threshold=0.8)
-    state = method.aggregate(ups, method.init_state(SHAPES))
-    for module in SHAPES:
+    state = method.aggregate(ups, method.init_state(fed.UPDATE_SHAPES))
+    for module in fed.UPDATE_SHAPES:
         exact = exact_sum(ups, module)
         U, S, Vh = torch.linalg.svd(exact)
         energy = S.square().cumsum(0) / S.square().sum()
@@ -238,7 +228,7 @@ def test_florist_with_mixed_scales_is_the_thresholded_svd_of_the_exact_sum():
         assert rel(state[f"{module}.offset"], (U[:, :k] * S[:k]) @ Vh[:k]) < 1e-10
         assert rel(state[f"{module}.offset"], exact) > 0.05  # truncated: not FLoRA
         A, B = method.client_factors(state, {module: 3}, ALPHA)[module]
-        assert A.shape == (3, SHAPES[module][1]) and not B.any()
+        assert A.shape == (3, fed.UPDATE_SHAPES[module][1]) and not B.any()
     truncation = method.truncation(state, {})
     for kind, by_rank in truncation.items():
         for k, report in by_rank.items():
@@ -247,11 +237,11 @@ def test_florist_with_mixed_scales_is_the_thresholded_svd_of_the_exact_sum():
 
 def test_florist_threshold_one_is_flora_and_the_cap_binds():
     ups = updates(6)
-    shapes_state = FLoRIST().init_state(SHAPES)
+    shapes_state = FLoRIST().init_state(fed.UPDATE_SHAPES)
     full = FLoRIST(energy_threshold=1.0).aggregate(ups, shapes_state)
-    flora = FLoRA().aggregate(ups, FLoRA().init_state(SHAPES))
+    flora = FLoRA().aggregate(ups, FLoRA().init_state(fed.UPDATE_SHAPES))
     capped = FLoRIST(energy_threshold=1.0, max_global_rank=2).aggregate(ups, shapes_state)
-    for module in SHAPES:
+    for module in fed.UPDATE_SHAPES:
         assert rel(full[f"{module}.offset"], flora[f"{module}.offset"]) < 1e-10
         assert int(capped[f"{module}.global_rank"]) == 2
         assert torch.linalg.matrix_rank(capped[f"{module}.offset"]) == 2
@@ -297,21 +287,12 @@ def test_florist_validation_is_one_line(kwargs, message):
 
 # ---------------------------------------------------------------- server: streaming, checkpoint, codec
 
+ARGS = {"fedex": {}, "florist": {"energy_threshold": 0.85}}
+
+
 @pytest.mark.parametrize("method", ["fedex", "florist"])
 def test_checkpoint_and_resume_give_the_uninterrupted_global_model(method, tmp_path):
-    """Three streamed rounds in one go, against two rounds, a checkpoint written to disk
-    (safetensors + JSON), a fresh server restored from it, and the third round."""
-    straight = fed.make_server(method, **({"energy_threshold": 0.85} if method == "florist" else {}))
-    for round_ in (1, 2, 3):
-        straight.run_round(round_, fed.SyntheticClients())
-    first = fed.make_server(method, **({"energy_threshold": 0.85} if method == "florist" else {}))
-    for round_ in (1, 2):
-        first.run_round(round_, fed.SyntheticClients())
-    save_checkpoint(tmp_path, first, [], {})
-    resumed = fed.make_server(method, **({"energy_threshold": 0.85} if method == "florist" else {}))
-    load_checkpoint(tmp_path).restore(resumed)
-    assert resumed.round == 2
-    resumed.run_round(3, fed.SyntheticClients())
+    straight, resumed = fed.resume_after_checkpoint(lambda: fed.make_server(method, **ARGS[method]), tmp_path)
     assert resumed.state.keys() == straight.state.keys()
     for key, value in straight.state.items():
         torch.testing.assert_close(resumed.state[key], value, rtol=1e-12, atol=1e-12)
@@ -323,7 +304,7 @@ def test_checkpoint_and_resume_give_the_uninterrupted_global_model(method, tmp_p
 def test_flower_codec_round_trip_keeps_factors_and_base_offset(method):
     from flexlora.engines.flower import codec
 
-    server = fed.make_server(method, **({"energy_threshold": 0.85} if method == "florist" else {}))
+    server = fed.make_server(method, **ARGS[method])
     server.run_round(1, fed.SyntheticClients())
     task = server.configure(2, fed.CLIENTS[:1])[0]
     assert task.base_offset is not None and task.factors

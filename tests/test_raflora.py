@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from flexlora.checkpoint import load_checkpoint, save_checkpoint
+from flexlora.checkpoint import load_checkpoint
 from flexlora.config import ConfigError, load_config
 from flexlora.engines import flower
 from flexlora.methods import METHODS, FlexLoRA, HetLoRA, make_method
@@ -63,22 +63,6 @@ def test_each_partition_is_averaged_over_the_clients_that_cover_it():
     torch.testing.assert_close((ALPHA / 1) * B @ A, torch.diag(torch.tensor([0.0, 8.0, 0.0], dtype=F64)), rtol=0, atol=1e-12)
 
 
-SHAPES = {"attn": (24, 16), "mlp": (10, 18)}
-CLIENTS = [("c0", 10, {"attn": 2, "mlp": 3}), ("c1", 50, {"attn": 5, "mlp": 5}),
-           ("c2", 7, {"attn": 8, "mlp": 2}), ("c3", 21, {"attn": 5, "mlp": 3})]
-
-
-def random_updates(seed=0, ranks_override=None) -> list[ClientUpdate]:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for cid, n_ex, ranks in CLIENTS:
-        ranks = ranks_override or ranks
-        factors = {module: (torch.randn(ranks[module], n, generator=gen, dtype=F64), torch.randn(m, ranks[module], generator=gen, dtype=F64))
-                   for module, (m, n) in SHAPES.items()}
-        out.append(ClientUpdate(cid, n_ex, ALPHA, factors))
-    return out
-
-
 def partition_rule(ups: list[ClientUpdate], module: str, sizes: list[float]) -> torch.Tensor:
     """The paper's rule as transcribed (Algorithm 1 / Eq. 8), with explicit bands: partitions
     [l, h) between the sorted distinct ranks, C_h = {k | r_k >= h}, N_h = Σ_{C_h} n_k,
@@ -97,14 +81,14 @@ def partition_rule(ups: list[ClientUpdate], module: str, sizes: list[float]) -> 
 
 
 def test_matches_the_partition_rule_per_module_with_data_or_server_weights():
-    ups = random_updates()
+    ups = fed.random_updates()
     state = raflora().aggregate(ups, None)
-    for module in SHAPES:
+    for module in fed.UPDATE_SHAPES:
         torch.testing.assert_close(dense_delta(state, module), partition_rule(ups, module, [u.num_examples for u in ups]), rtol=1e-10, atol=1e-10)
     # Weights the server assigned (e.g. a cap) replace n_k and are renormalised the same way.
     capped = [0.4, 0.3, 0.2, 0.1]
     state = raflora().aggregate([dataclasses.replace(u, weight=w) for u, w in zip(ups, capped)], None)
-    for module in SHAPES:
+    for module in fed.UPDATE_SHAPES:
         torch.testing.assert_close(dense_delta(state, module), partition_rule(ups, module, capped), rtol=1e-10, atol=1e-10)
         flex = dense_delta(FlexLoRA(device=None).aggregate([dataclasses.replace(u, weight=w) for u, w in zip(ups, capped)], None), module)
         assert torch.linalg.norm(dense_delta(state, module) - flex) > 0.1 * torch.linalg.norm(flex)  # not the rank-agnostic rule
@@ -117,28 +101,28 @@ def test_bands_and_coverage():
 
 
 def test_one_rank_is_flexlora():
-    ups = random_updates(ranks_override={"attn": 4, "mlp": 4})
+    ups = fed.random_updates(ranks={"attn": 4, "mlp": 4})
     ra, flex = raflora().aggregate(ups, None), FlexLoRA(device=None).aggregate(ups, None)
-    for module in SHAPES:
+    for module in fed.UPDATE_SHAPES:
         torch.testing.assert_close(dense_delta(ra, module), dense_delta(flex, module), rtol=1e-12, atol=1e-12)
 
 
 def test_a_zero_weight_client_adds_nothing_and_uncovered_components_are_dropped():
-    ups = random_updates()
+    ups = fed.random_updates()
     weights = [0.5, 0.5, 0.0, 0.0]  # c2 alone has attn components 5..7, and its weight is 0
     state = raflora().aggregate([dataclasses.replace(u, weight=w) for u, w in zip(ups, weights)], None)
     kept = [ups[0], ups[1]]
-    for module in SHAPES:
+    for module in fed.UPDATE_SHAPES:
         torch.testing.assert_close(dense_delta(state, module), partition_rule(kept, module, [0.5, 0.5]), rtol=1e-10, atol=1e-10)
         assert torch.isfinite(state[f"{module}.S"]).all()
 
 
 def test_the_global_model_is_exposed_as_factors_and_clients_get_its_best_rank_r_approximation():
-    ups = random_updates()
+    ups = fed.random_updates()
     method = raflora()
     state = method.aggregate(ups, None)
     factors, ranks = method.global_factors(state, ALPHA)
-    for module, (m, n) in SHAPES.items():
+    for module, (m, n) in fed.UPDATE_SHAPES.items():
         reference = partition_rule(ups, module, [u.num_examples for u in ups])
         A, B = factors[module]
         torch.testing.assert_close((ALPHA / ranks[module]) * B @ A, reference, rtol=1e-10, atol=1e-10)
@@ -153,7 +137,7 @@ def test_the_global_model_is_exposed_as_factors_and_clients_get_its_best_rank_r_
 def test_streamed_accumulator_equals_one_aggregate():
     """The round's Accumulator takes raw weights in any order; the result is aggregate() with
     the weights normalised."""
-    ups = random_updates(3)
+    ups = fed.random_updates(3)
     raw = [3.0, 1.0, 7.0, 2.0]
     method = raflora()
     accumulator = method.accumulator(None)
@@ -164,7 +148,7 @@ def test_streamed_accumulator_equals_one_aggregate():
         accumulator.add(ups[i], raw[i])
     streamed = accumulator.result()
     once = method.aggregate([dataclasses.replace(u, weight=w / sum(raw)) for u, w in zip(ups, raw)], None)
-    for module in SHAPES:
+    for module in fed.UPDATE_SHAPES:
         torch.testing.assert_close(dense_delta(streamed, module), dense_delta(once, module), rtol=1e-12, atol=1e-12)
 
 
@@ -186,19 +170,11 @@ def test_a_streamed_server_round_equals_the_partition_rule():
     over that round's updates with p_k = n_k / Σ n."""
     server = fed.make_server("raflora")
     server.method.bound_ranks({m: min(s) for m, s in fed.SHAPES.items()})  # keep ΔW whole to compare it
-    seen = []
-
-    class Recording(fed.SyntheticClients):
-        def train(self, tasks):
-            for u in super().train(tasks):
-                seen.append(u)
-                yield u
-
+    clients = fed.RecordingClients()
     for round_ in (1, 2):
-        seen.clear()
-        outcome = server.run_round(round_, Recording())
+        outcome = server.run_round(round_, clients)
         assert outcome.valid_updates == 5 and not outcome.rejected
-        ups = [dataclasses.replace(u, factors={m: (A.double(), B.double()) for m, (A, B) in u.factors.items()}) for u in seen]
+        ups = [dataclasses.replace(u, factors={m: (A.double(), B.double()) for m, (A, B) in u.factors.items()}) for u in clients.seen]
         for module in fed.SHAPES:
             assert len({u.rank(module) for u in ups}) > 1  # heterogeneous ranks in the round
             expected = partition_rule(ups, module, [u.num_examples for u in ups])
@@ -206,16 +182,8 @@ def test_a_streamed_server_round_equals_the_partition_rule():
 
 
 def test_checkpoint_and_resume_continue_to_the_same_state(tmp_path):
-    uninterrupted, interrupted = fed.make_server("raflora"), fed.make_server("raflora")
-    for round_ in (1, 2):
-        uninterrupted.run_round(round_, fed.SyntheticClients())
-        interrupted.run_round(round_, fed.SyntheticClients())
-    save_checkpoint(tmp_path, interrupted, [], {"method": "raflora"})
-    resumed = fed.make_server("raflora")
-    load_checkpoint(tmp_path).restore(resumed)
-    assert resumed.round == 2 and resumed.state.keys() == uninterrupted.state.keys()
-    uninterrupted.run_round(3, fed.SyntheticClients())
-    resumed.run_round(3, fed.SyntheticClients())
+    uninterrupted, resumed = fed.resume_after_checkpoint(lambda: fed.make_server("raflora"), tmp_path)
+    assert resumed.state.keys() == uninterrupted.state.keys()
     for key, value in uninterrupted.state.items():
         assert torch.equal(resumed.state[key], value), key
     wrong = FederatedServer(load_config(overrides=["method=flexlora"]), fed.CLIENTS, fed.SHAPES)
@@ -258,7 +226,7 @@ def test_bad_arguments_are_one_line_config_errors(args, message):
 
 
 def test_malformed_updates_are_one_line_errors():
-    ups = random_updates()
+    ups = fed.random_updates()
     A, B = ups[1].factors["attn"]
     bad = dataclasses.replace(ups[1], factors={**ups[1].factors, "attn": (A, B[:, :-1])})
     with pytest.raises(ValueError, match=r"client c1, module attn: need A \(r, n\) and B \(m, r\)") as err:
