@@ -85,13 +85,14 @@ def _bench_aggregate(args) -> None:
     _print_bench(bench, rows, args.json)
 
 
-def _print_bench(module, rows, json_path: str | None) -> None:
-    """A bench module's table and goal lines, and its rows as JSON if asked."""
+def _print_bench(module, rows, json_path: str | None, *write_args) -> None:
+    """A bench module's table and goal lines, and its rows as JSON if asked (write_args: what
+    else the module's write_json records, e.g. the command line)."""
     from flexlora.bench.common import print_report
 
     print_report(module.format_table(rows), module.goals(rows))
     if json_path:
-        module.write_json(rows, json_path)
+        module.write_json(rows, json_path, *write_args)
         print(f"results: {json_path}")
 
 
@@ -111,7 +112,6 @@ def _bench_client(args) -> None:
 
 def _bench_scale(args) -> None:
     from flexlora.bench import scale as bench_scale
-    from flexlora.bench.common import print_report
 
     try:
         clients = bench_scale.parse_clients(args.clients) if args.clients.strip() else []
@@ -125,10 +125,7 @@ def _bench_scale(args) -> None:
         )
     except ValueError as e:
         raise ConfigError(f"bench scale: {e}") from None
-    print_report(bench_scale.format_table(rows), bench_scale.goals(rows))
-    if args.out:
-        bench_scale.write_json(rows, args.out, args.argv)
-        print(f"results: {args.out}")
+    _print_bench(bench_scale, rows, args.out, args.argv)
 
 
 def _bench_eval(args) -> None:
@@ -145,7 +142,6 @@ def _bench_eval(args) -> None:
 
 def _bench_deployment(args) -> None:
     from flexlora.bench import deployment
-    from flexlora.bench.common import print_report
 
     try:
         result = deployment.run_benchmark(
@@ -154,10 +150,7 @@ def _bench_deployment(args) -> None:
         )
     except ValueError as e:
         raise ConfigError(f"bench deployment: {e}") from None
-    print_report(deployment.format_table(result), deployment.goals(result))
-    if args.json:
-        deployment.write_json(result, args.json, args.argv)
-        print(f"results: {args.json}")
+    _print_bench(deployment, result, args.json, args.argv)
 
 
 def _eval(args) -> None:
