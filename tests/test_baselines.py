@@ -17,6 +17,7 @@ from flexlora.methods import (
     SparseDelta,
     compose_method,
 )
+from flexlora.methods import METHODS, make_method
 from flexlora.methods.server_opt import ServerStep, starting_point
 from flexlora.methods.base import ClientUpdate
 from flexlora.methods.ffa import shared_A
@@ -355,3 +356,10 @@ def test_server_opt_only_with_flexlora_and_fedit():
         load_config(overrides=["method=hetlora", "method_args={server_opt: {name: fedavgm}}"])
     cfg = load_config(overrides=["method=slora", "method_args={sparse_rounds: 2, densities: {T1: 0.1}}"])
     assert cfg.method_args["sparse_rounds"] == 2
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_aggregating_no_update_is_a_one_line_error(name):
+    method = make_method(name, **({"rank": 2} if name == "lora_a2" else {}))
+    with pytest.raises(ValueError, match="^aggregation needs at least one client"):
+        method.aggregate([], method.init_state({"m": (4, 3)}))

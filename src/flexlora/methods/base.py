@@ -68,6 +68,8 @@ def capped_weights(sizes: list[float], max_share: float | None) -> tuple[list[fl
 
 
 def module_names(updates: list[ClientUpdate]) -> list[str]:
+    if not updates:
+        raise ValueError("aggregation needs at least one client")
     names = sorted(updates[0].factors)
     for u in updates[1:]:
         if sorted(u.factors) != names:

@@ -42,11 +42,11 @@ import torch
 
 from .base import (
     Accumulator,
-    accumulate,
     ClientUpdate,
     Factors,
     GlobalState,
     Method,
+    accumulate,
     compute_dtype,
     module_names,
     module_seed,

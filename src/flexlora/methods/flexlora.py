@@ -21,11 +21,11 @@ import torch
 
 from .base import (
     Accumulator,
-    accumulate,
     ClientUpdate,
     Factors,
     GlobalState,
     Method,
+    accumulate,
     compute_dtype,
     fresh_rows,
     module_names,

@@ -56,7 +56,6 @@ import torch
 from .base import (
     FLOAT_DTYPES,
     Accumulator,
-    accumulate,
     ClientHook,
     ClientTask,
     ClientUpdate,
@@ -65,6 +64,7 @@ from .base import (
     Method,
     SparseDelta,
     TrainingView,
+    accumulate,
     fresh_rows,
     module_seed,
     nonfinite,
