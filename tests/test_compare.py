@@ -212,3 +212,17 @@ def test_chat_template_without_one_fails_before_training(tmp_path, capsys):
     overrides = tiny_grid_overrides(tmp_path)
     assert main(["run", *overrides, "data.template=chat", f"output.dir={tmp_path / 'runs'}", "output.name=x"]) == 2
     assert "data.template: model tiny-llama has no chat template" in capsys.readouterr().err
+
+
+def test_a_difference_over_fewer_seeds_than_the_grid_says_so(tmp_path):
+    # A method added to a grid runs seed 0 first: its paired difference rests on one seed while
+    # the others' rest on three, and its entry must say so.
+    base = [0.1 * (i % 5) for i in range(40)]
+    scores = {("fedit", s): base for s in (0, 1, 2)}
+    scores.update({("flexlora", s): [v + 0.02 for v in base] for s in (0, 1, 2)})
+    scores[("hetlora", 0)] = [v + 0.01 for v in base]
+    write_finished_grid(tmp_path, scores)
+    md = write_report(tmp_path, echo=None).read_text()
+    assert "| hetlora | +0.0100 [+0.0100, +0.0100] (1 of 3 seeds) |" in md
+    assert "| flexlora | +0.0200 [+0.0200, +0.0200] sd 0.0000 (examples only [+0.0200, +0.0200]) |" in md
+    assert "| flexlora − hetlora | +0.0100 [+0.0100, +0.0100] (1 of 3 seeds) |" in md

@@ -275,7 +275,7 @@ def write_report(out: str | Path, echo=print) -> Path:
     differences = []
     if baseline in methods:
         differences = _differences(methods, profiles, seeds, cell_for, baseline)
-        lines += _difference_tables(differences, profiles, label, baseline)
+        lines += _difference_tables(differences, profiles, label, baseline, of=len(seeds))
     # The paper's claim is also about FlexLoRA against the other heterogeneous methods, not
     # only against the homogeneous baseline: the same paired intervals, FlexLoRA minus each.
     rivals = [m for m in methods if m not in (baseline, OURS) and not is_homogeneous(m)]
@@ -284,7 +284,8 @@ def write_report(out: str | Path, echo=print) -> Path:
         for rival in rivals:
             pairwise += [(rival, p, diffs) for (_, p), diffs in _differences([OURS], profiles, seeds, cell_for, rival)]
     lines += _difference_tables([((f"{OURS} − {rival}", p), diffs) for rival, p, diffs in pairwise], profiles,
-                                lambda name: name, "the other heterogeneous methods", what="the difference each row names")
+                                lambda name: name, "the other heterogeneous methods", what="the difference each row names",
+                                of=len(seeds))
     if baseline in methods:
         lines += table(f"Improvement over {label(baseline)} in {METRIC} (paired by seed)", "final", delta=True)
         lines += table(f"Change in eval loss against {label(baseline)} (paired by seed; negative is better)",
@@ -389,8 +390,10 @@ def _difference_cells(d) -> list:
             d.seeds, d.examples, d.significant, d.significant_examples_only, " ".join(f"{x:+.6f}" for x in d.per_seed)]
 
 
-def _difference_tables(differences, profiles, label, baseline, what=None) -> list[str]:
-    """`what`: what a row's difference is (default: the row's method − the baseline)."""
+def _difference_tables(differences, profiles, label, baseline, what=None, of: int = 1) -> list[str]:
+    """`what`: what a row's difference is (default: the row's method − the baseline); `of`: the
+    grid's number of seeds (an entry over fewer says so: a method added to a finished grid runs
+    seed 0 first)."""
     if not differences:
         return []
     lines = [
@@ -406,13 +409,18 @@ def _difference_tables(differences, profiles, label, baseline, what=None) -> lis
     ]
     by_key = {key: {d.metric: d for d in diffs} for key, diffs in differences}
     methods = list(dict.fromkeys(m for m, _ in by_key))
+
+    def entry(d, digits):
+        partial = f" ({d.seeds} of {of} seeds)" if d.seeds < of else ""
+        return d.format(digits).replace(" n.s.", " **n.s.**") + partial
+
     for metric, digits in ((METRIC, 4), ("rougeL_teacher_forced", 4), (LOSS, 3)):
         lines += [f"**{metric}**", "", "| method | " + " | ".join(profiles) + " |", "|---|" + "---|" * len(profiles)]
         for m in methods:
             cols = []
             for p in profiles:
                 d = by_key.get((m, p)) or by_key.get((m, "homo"))
-                cols.append(d[metric].format(digits).replace(" n.s.", " **n.s.**") if d else "–")
+                cols.append(entry(d[metric], digits) if d else "–")
             lines.append(f"| {label(m)} | " + " | ".join(cols) + " |")
         lines.append("")
     n = next(iter(by_key.values()))[METRIC]
