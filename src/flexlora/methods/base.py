@@ -361,12 +361,13 @@ class Accumulator:
 
 def accumulate(accumulator: Accumulator, updates: list[ClientUpdate]) -> GlobalState:
     """``aggregate`` for a method whose rule is its own streaming accumulator: the updates
-    folded in one at a time with their weights p_k (data_weights), so that one aggregate call
-    and a streamed server round run the same code."""
+    folded in one at a time with the raw weights the server folds (ClientUpdate.weight, else
+    n_k; the accumulator normalises), so that one aggregate call and a streamed server round
+    run the same code and give the same bits."""
     if not updates:
         raise ValueError("aggregation needs at least one client")
-    for weight, update in zip(data_weights(updates), updates):
-        accumulator.add(update, weight)
+    for update in updates:
+        accumulator.add(update, update.weight if update.weight is not None else update.num_examples)
     return accumulator.result()
 
 
