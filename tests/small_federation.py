@@ -69,6 +69,23 @@ def resume_after_checkpoint(make_server, tmp_path) -> tuple[FederatedServer, Fed
     resumed.run_round(3, SyntheticClients())
     return uninterrupted, resumed
 
+
+def assert_round_one_clients_share_one_start(overrides: list[str]) -> FederatedServer:
+    """Round 1's clients of rank types T1, T4, T3, T2 all start from the first r rows of one
+    shared A, with B = 0 (the check every method gets). Returns the server."""
+    from flexlora.config import load_config
+
+    cfg = load_config(overrides=[*overrides, "resources.profile=[T1, T4, T3, T2]"])
+    server = FederatedServer(cfg, ["a", "b", "c", "d"], SHAPES)
+    tasks = server.configure(1, ["a", "b", "c", "d"])
+    for module in SHAPES:
+        starts = sorted(((t.factors[module], t.module_ranks[module]) for t in tasks), key=lambda x: -x[1])
+        (A_max, _), _ = starts[0]
+        assert len({r for _, r in starts}) > 1
+        for (A, B), r in starts:
+            assert torch.equal(A, A_max[:r]) and not B.any()
+    return server
+
 # Heterogeneous updates for the aggregation checks: random float64 factors at each client's own
 # ranks per module (no training), the first `clients` of these.
 UPDATE_SHAPES = {"attn": (24, 16), "mlp": (10, 18)}

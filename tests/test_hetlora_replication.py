@@ -16,7 +16,6 @@ from flexlora.config import ConfigError, load_config
 from flexlora.engines import flower
 from flexlora.methods import FedIT, HetLoRA
 from flexlora.methods.base import ClientUpdate
-from flexlora.server import FederatedServer
 import small_federation as fed
 
 F64 = torch.float64
@@ -128,16 +127,8 @@ def test_streamed_accumulator_equals_one_aggregate():
 # ---------------------------------------------------------------- in a federation
 
 def test_round_one_clients_share_one_starting_adapter():
-    cfg = load_config(overrides=["method=hetlora", "method_args={padding: replication}", "resources.profile=[T1, T4, T3, T2]"])
-    server = FederatedServer(cfg, ["a", "b", "c", "d"], fed.SHAPES)
+    server = fed.assert_round_one_clients_share_one_start(["method=hetlora", "method_args={padding: replication}"])
     assert server.method.padding == "replication"
-    tasks = server.configure(1, ["a", "b", "c", "d"])
-    for module in fed.SHAPES:
-        starts = sorted(((t.factors[module], t.module_ranks[module]) for t in tasks), key=lambda x: -x[1])
-        (A_max, _), _ = starts[0]
-        assert len({r for _, r in starts}) > 1
-        for (A, B), r in starts:
-            assert torch.equal(A, A_max[:r]) and not B.any()
 
 
 def test_a_streamed_server_round_equals_the_padding_written_out():

@@ -155,14 +155,7 @@ def test_streamed_accumulator_equals_one_aggregate():
 # ---------------------------------------------------------------- in a federation
 
 def test_round_one_clients_share_one_starting_adapter():
-    cfg = load_config(overrides=["method=raflora", "resources.profile=[T1, T4, T3, T2]"])
-    tasks = FederatedServer(cfg, ["a", "b", "c", "d"], fed.SHAPES).configure(1, ["a", "b", "c", "d"])
-    for module in fed.SHAPES:
-        starts = sorted(((t.factors[module], t.module_ranks[module]) for t in tasks), key=lambda x: -x[1])
-        (A_max, _), _ = starts[0]
-        assert len({r for _, r in starts}) > 1
-        for (A, B), r in starts:
-            assert torch.equal(A, A_max[:r]) and not B.any()
+    fed.assert_round_one_clients_share_one_start(["method=raflora"])
 
 
 def test_a_streamed_server_round_equals_the_partition_rule():
