@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from flexlora.methods import (
+    METHODS,
     FedIT,
     FFALoRA,
     FlexLoRA,
@@ -16,8 +17,8 @@ from flexlora.methods import (
     SLoRA,
     SparseDelta,
     compose_method,
+    make_method,
 )
-from flexlora.methods import METHODS, make_method
 from flexlora.methods.server_opt import ServerStep, starting_point
 from flexlora.methods.base import ClientUpdate
 from flexlora.methods.ffa import shared_A
