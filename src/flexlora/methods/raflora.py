@@ -11,8 +11,10 @@ into rank partitions and then aggregates each partition weighted by its effectiv
 contributions."
 
 The per-partition rule (the paper's Algorithm 1 / Eq. (8)) could not be read here from the
-paper itself (only its abstract was reachable); it is taken as an independent reimplementation
-transcribes it: partitions [l, h) between the sorted distinct client ranks; C_h = {k | r_k >= h}
+paper itself (only its abstract was reachable); this is our reading of the sentence above, which
+a third-party summary of the full paper supports ("re-weights each partition by the actual
+number of clients that provide it", pith.science/p/2602.13486): partitions [l, h) between the
+sorted distinct client ranks; C_h = {k | r_k >= h}
 (the clients that cover the partition); N_h = Σ_{k∈C_h} n_k;
 ΔW_h = Σ_{k∈C_h} (n_k / N_h) · s_k B_k[:, l:h] A_k[l:h, :]; ΔW = Σ_h ΔW_h; its truncated SVD
 is the global model and a client of rank r gets the best rank-r approximation (FlexLoRA's
