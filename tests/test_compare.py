@@ -3,6 +3,9 @@
 
 import csv
 import json
+import pathlib
+import shutil
+import subprocess
 
 from flexlora.cli import main
 from flexlora.compare import _fmt, grid_cells, write_report
@@ -226,3 +229,42 @@ def test_a_difference_over_fewer_seeds_than_the_grid_says_so(tmp_path):
     assert "| hetlora | +0.0100 [+0.0100, +0.0100] (1 of 3 seeds) |" in md
     assert "| flexlora | +0.0200 [+0.0200, +0.0200] sd 0.0000 (examples only [+0.0200, +0.0200]) |" in md
     assert "| flexlora − hetlora | +0.0100 [+0.0100, +0.0100] (1 of 3 seeds) |" in md
+
+
+def _stage_three(tmp_path, finals):
+    """scripts/compare_ni.sh's stage 3 in a copy of the repository layout, with stage 2's cells
+    written from `finals` ({(method, profile, seed): Rouge-L}) and `flexlora` replaced by a
+    recorder of its arguments."""
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(repo / "scripts" / "compare_ni.sh", tmp_path / "scripts" / "compare_ni.sh")
+    for (method, profile, seed), final in finals.items():
+        cell = tmp_path / "docs" / "compare_ni" / "cells" / f"{method}-{profile}-seed{seed}"
+        cell.mkdir(parents=True)
+        (cell / "summary.json").write_text(json.dumps({"final": final}))
+    recorder = tmp_path / "flexlora"
+    recorder.write_text('#!/usr/bin/env bash\necho "flexlora $*"\n')
+    recorder.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "STAGES": "3", "FLEXLORA": str(recorder)}
+    return subprocess.run(["bash", str(tmp_path / "scripts" / "compare_ni.sh")], env=env, capture_output=True, text=True)
+
+
+def test_stage_three_runs_flexlora_against_the_new_method_with_the_best_mean_score(tmp_path):
+    # florist wins on the mean over its 6 cells although raflora has the single best cell
+    finals = {(m, p, s): 0.20 for m in ["fedex", "florist", "raflora", "lora_a2"]
+              for p in ["heavy-tail-light", "heavy-tail-strong"] for s in range(3)}
+    finals |= {("florist", p, s): 0.25 for p in ["heavy-tail-light", "heavy-tail-strong"] for s in range(3)}
+    finals[("raflora", "heavy-tail-strong", 1)] = 0.40
+    run = _stage_three(tmp_path, finals)
+    assert run.returncode == 0, run.stderr
+    assert "--methods flexlora,florist --profiles log-uniform-8-200 --seeds 0,1,2" in run.stdout
+
+
+def test_stage_three_refuses_to_pick_before_stage_two_is_done(tmp_path):
+    finals = {(m, p, s): 0.20 for m in ["fedex", "florist", "raflora", "lora_a2"]
+              for p in ["heavy-tail-light", "heavy-tail-strong"] for s in range(3)}
+    del finals[("fedex", "heavy-tail-strong", 2)]
+    run = _stage_three(tmp_path, finals)
+    assert run.returncode != 0
+    assert "not finished: fedex-heavy-tail-strong-seed2" in run.stderr
+    assert "flexlora compare" not in run.stdout
