@@ -3,6 +3,7 @@
 
 import csv
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -245,7 +246,7 @@ def _stage_three(tmp_path, finals):
     recorder = tmp_path / "flexlora"
     recorder.write_text('#!/usr/bin/env bash\necho "flexlora $*"\n')
     recorder.chmod(0o755)
-    env = {"PATH": "/usr/bin:/bin", "STAGES": "3", "FLEXLORA": str(recorder)}
+    env = {k: v for k, v in os.environ.items() if k != "DISTRIBUTION_RIVAL"} | {"STAGES": "3", "FLEXLORA": str(recorder)}
     return subprocess.run(["bash", str(tmp_path / "scripts" / "compare_ni.sh")], env=env, capture_output=True, text=True)
 
 
