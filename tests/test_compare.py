@@ -250,11 +250,15 @@ def _stage_three(tmp_path, finals):
     return subprocess.run(["bash", str(tmp_path / "scripts" / "compare_ni.sh")], env=env, capture_output=True, text=True)
 
 
+def _every_stage_two_cell(final):
+    return {(m, p, s): final for m in ["fedex", "florist", "raflora", "lora_a2"]
+            for p in ["heavy-tail-light", "heavy-tail-strong"] for s in range(3)}
+
+
 def test_stage_three_runs_flexlora_against_the_new_method_with_the_best_mean_score(tmp_path):
     # florist wins on the mean over its 6 cells although raflora has the single best cell
-    finals = {(m, p, s): 0.20 for m in ["fedex", "florist", "raflora", "lora_a2"]
-              for p in ["heavy-tail-light", "heavy-tail-strong"] for s in range(3)}
-    finals |= {("florist", p, s): 0.25 for p in ["heavy-tail-light", "heavy-tail-strong"] for s in range(3)}
+    finals = _every_stage_two_cell(0.20)
+    finals |= {cell: 0.25 for cell in _every_stage_two_cell(0) if cell[0] == "florist"}
     finals[("raflora", "heavy-tail-strong", 1)] = 0.40
     run = _stage_three(tmp_path, finals)
     assert run.returncode == 0, run.stderr
@@ -262,8 +266,7 @@ def test_stage_three_runs_flexlora_against_the_new_method_with_the_best_mean_sco
 
 
 def test_stage_three_refuses_to_pick_before_stage_two_is_done(tmp_path):
-    finals = {(m, p, s): 0.20 for m in ["fedex", "florist", "raflora", "lora_a2"]
-              for p in ["heavy-tail-light", "heavy-tail-strong"] for s in range(3)}
+    finals = _every_stage_two_cell(0.20)
     del finals[("fedex", "heavy-tail-strong", 2)]
     run = _stage_three(tmp_path, finals)
     assert run.returncode != 0
