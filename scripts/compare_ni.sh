@@ -21,7 +21,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 FLEXLORA=${FLEXLORA:-.venv/bin/flexlora}
 STAGES=${STAGES:-1,2,3}
-NEW_METHODS=${NEW_METHODS:-fedex,florist,raflora,lora_a2}  # a subset, e.g. to split the stage over two processes
+STAGE2_METHODS=fedex,florist,raflora,lora_a2
+NEW_METHODS=${NEW_METHODS:-$STAGE2_METHODS}  # a subset, e.g. to split the stage over two processes
 grid() {
   "$FLEXLORA" compare --out docs/compare_ni "$@" \
     data.source=natural-instructions data.path=../shared/data/natural-instructions-1613-mini \
@@ -30,11 +31,11 @@ grid() {
     train.steps=6 train.batch_size=4 train.lr=1e-3 eval.every=5
 }
 strongest_new_method() {  # stage 3's rival: the rule in the header; every stage-2 cell must be done
-  python3 - <<'PY'
+  python3 - "$STAGE2_METHODS" <<'PY'
 import json, pathlib, statistics, sys
 cells = pathlib.Path("docs/compare_ni/cells")
 scores, missing = {}, []
-for method in ["fedex", "florist", "raflora", "lora_a2"]:
+for method in sys.argv[1].split(","):
     for profile in ["heavy-tail-light", "heavy-tail-strong"]:
         for seed in range(3):
             summary = cells / f"{method}-{profile}-seed{seed}" / "summary.json"
