@@ -5,6 +5,7 @@ server holds one task and a bounded number of updates, whatever the round's size
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import weakref
@@ -188,3 +189,25 @@ def test_the_server_holds_one_task_and_a_bounded_number_of_updates():
 
     assert most["tasks"] <= 2  # the one being trained (and, while its result is folded, the previous)
     assert most["updates"] <= NORM_WARMUP + 1
+
+
+@pytest.mark.parametrize("method", ["flexlora", "fedex"])
+def test_a_subclass_with_its_own_aggregate_is_streamed_through_that_rule(method):
+    """FlexLoRA and FedEx-LoRA stream through their own running sums; a subclass that overrides
+    aggregate must not be fed to its parent's sums, or its rule would be silently skipped."""
+    server = make_server(method, "heavy-tail-light")
+    parent = type(server.method)
+
+    class Marked(parent):
+        def aggregate(self, updates, state=None):
+            return {**parent.aggregate(self, updates, state), "marker": torch.ones(1)}
+
+    tasks = server.configure(1, server.sample(1))
+    updates, _ = server.validate([trained(t) for t in tasks], tasks)
+    subclassed = copy.copy(server.method)
+    subclassed.__class__ = Marked  # the same arguments, the subclass's rule
+    for owner, marked in ((server.method, False), (subclassed, True)):
+        accumulator = owner.accumulator(None)
+        for update in updates:
+            accumulator.add(update, update.num_examples)
+        assert ("marker" in accumulator.result()) is marked

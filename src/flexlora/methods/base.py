@@ -359,6 +359,16 @@ class Accumulator:
         return self.method.aggregate(normalised, self.previous)
 
 
+def streaming_accumulator(
+    method: Method, owner: type[Method], streaming: type[Accumulator], previous: GlobalState | None
+) -> Accumulator:
+    """`owner`'s streaming accumulator for `method`, unless `method` is a subclass with its own
+    ``aggregate``: that rule is honoured by the default keep-every-update Accumulator."""
+    if type(method).aggregate is not owner.aggregate:
+        return Accumulator(method, previous)
+    return streaming(method, previous)
+
+
 def accumulate(accumulator: Accumulator, updates: list[ClientUpdate]) -> GlobalState:
     """``aggregate`` for a method whose rule is its own streaming accumulator: the updates
     folded in one at a time with the raw weights the server folds (ClientUpdate.weight, else

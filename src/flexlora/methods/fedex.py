@@ -52,6 +52,7 @@ from .base import (
     module_seed,
     module_shape,
     slice_factors,
+    streaming_accumulator,
     zero_rank_state,
 )
 
@@ -139,9 +140,7 @@ class FedEx(Method):
         return accumulate(FedExAccumulator(self, state), updates)
 
     def accumulator(self, state: GlobalState | None) -> Accumulator:
-        if type(self).aggregate is not FedEx.aggregate:  # a subclass's own aggregate is honoured
-            return Accumulator(self, state)
-        return FedExAccumulator(self, state)
+        return streaming_accumulator(self, FedEx, FedExAccumulator, state)
 
     def client_factors(
         self, state: GlobalState | None, module_ranks: dict[str, int], lora_alpha: float

@@ -30,6 +30,7 @@ from .base import (
     fresh_rows,
     module_names,
     module_seed,
+    streaming_accumulator,
 )
 from .svd import (
     MODES,
@@ -355,9 +356,7 @@ class FlexLoRA(Method):
         return accumulate(FlexLoRAAccumulator(self, state), updates)
 
     def accumulator(self, state: GlobalState | None) -> Accumulator:
-        if type(self).aggregate is not FlexLoRA.aggregate:  # a subclass's own aggregate is honoured
-            return Accumulator(self, state)
-        return FlexLoRAAccumulator(self, state)
+        return streaming_accumulator(self, FlexLoRA, FlexLoRAAccumulator, state)
 
     def truncation(self, state: GlobalState, module_ranks: dict[str, set[int]]) -> dict:
         """What handing each client rank its rank-r slice of ΔW loses (see truncation_summary)."""
