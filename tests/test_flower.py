@@ -262,7 +262,8 @@ def test_the_streaming_runtime_gives_the_all_at_once_results(tiny_federation, ru
     server.complete_round(1, tasks := server.configure(1, ids), list(runtime.train(tasks)))
     tasks = server.configure(2, ids)  # with factors: round 2 sends each client its slice
     messages = strategy.task_messages(tasks)
-    at_once = strategy.collect(tasks, messages, InProcessGrid(node_configs).send_and_receive(messages))
+    sent = [flower.Sent.of(t.client_id, m) for t, m in zip(tasks, messages)]
+    at_once = strategy.collect(sent, InProcessGrid(node_configs).send_and_receive(messages))
     streamed = list(runtime.train(tasks))
     assert [r.client_id for r in streamed] == [ids[1], ids[2], ids[0]]  # as they came
     assert all(isinstance(r, protocol.ClientUpdate) for r in at_once)
@@ -546,3 +547,47 @@ def test_a_node_declaring_a_billion_examples_is_capped_and_one_claiming_more_tha
     outcome = server.complete_round(2, tasks, runtime.train(tasks))
     assert outcome.rejected == {ids[1]: f"num_examples 1000000000 is above the {n1} this client declared"}
     assert set(outcome.weights) == {ids[0], ids[2]} and outcome.weights[ids[0]] == 0.5
+
+
+def _dict_shapes(obj) -> dict[int, frozenset]:
+    """The key set of every dict and object __dict__ reachable from `obj`: what a pickle running
+    in another thread iterates (Flower's simulation pickles a pushed Message for its Ray actor)."""
+    shapes, stack = {}, [obj]
+    while stack:
+        o = stack.pop()
+        if id(o) in shapes or isinstance(o, (str, bytes, int, float, bool, type(None))):
+            continue
+        if isinstance(o, dict):
+            shapes[id(o)] = frozenset(o)
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            stack.extend(o)
+        elif hasattr(o, "__dict__") and not isinstance(o, type):
+            shapes[id(o)] = frozenset(vars(o))
+            stack.extend(vars(o).values())
+    return shapes
+
+
+class HandsOffGrid(EchoGrid):
+    """Records each pushed Message's dict shapes as Flower takes it, and checks them when it is
+    answered: a Message pushed is Flower's, and the sender must not add to it (not even a cached
+    object id), or a concurrent pickle fails with "dictionary changed size during iteration"."""
+
+    def push_messages(self, messages):
+        ids = super().push_messages(messages)
+        self.shapes_at_push = getattr(self, "shapes_at_push", {})
+        for mid in ids:
+            self.shapes_at_push[mid] = _dict_shapes(self.pushed[mid])
+        return ids
+
+    def _answer(self, m):
+        assert _dict_shapes(m) == self.shapes_at_push[m.metadata.message_id], "the Message changed after it was pushed"
+        return super()._answer(m)
+
+
+def test_a_pushed_message_is_not_touched_by_the_sender(tiny_overrides, run_identity):
+    strategy, _, tasks = _echo_setup(tiny_overrides, 3)
+    grid = HandsOffGrid([100, 101, 102])
+    results = list(flower.FlowerRuntime(strategy, grid, max_in_flight=3).train(tasks))
+    assert sorted(r.client_id for r in results) == ["c0", "c1", "c2"]
+    assert all(r.metrics["bytes_down"] > r.metrics["payload_bytes_down"] > 0 for r in results)

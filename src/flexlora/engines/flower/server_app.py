@@ -82,7 +82,7 @@ class FederatedStrategy(Strategy):
         self.server = server
         self.nodes = dict(nodes)  # client id -> Flower node id
         self.timeout_s = timeout_s
-        self._pending: dict[int, tuple[list[ClientTask], list[Message]]] = {}
+        self._pending: dict[int, tuple[list[ClientTask], list[Sent]]] = {}
         self.last_results: list[ClientUpdate | ClientFailure] = []
 
     # The two halves shared with FlowerRuntime.
@@ -99,26 +99,24 @@ class FederatedStrategy(Strategy):
             raise ValueError(f"no Flower node holds client {unknown[0]}")
         return [self.task_message(t) for t in tasks]
 
-    def collect(self, tasks: list[ClientTask], messages: list[Message], replies) -> list[ClientUpdate | ClientFailure]:
+    def collect(self, sent: list[Sent], replies) -> list[ClientUpdate | ClientFailure]:
         """Replies (all of a round's, matched by node) -> one ClientUpdate or ClientFailure per
-        task, in task order, each update's metrics with the bytes moved (see reply_result)."""
+        task sent, in task order, each update's metrics with the bytes moved (see reply_result)."""
         by_node = {r.metadata.src_node_id: r for r in replies}
-        return [
-            reply_result(Sent.of(task.client_id, message), by_node.get(message.metadata.dst_node_id), self.timeout_s)
-            for task, message in zip(tasks, messages)
-        ]
+        return [reply_result(s, by_node.get(s.node_id), self.timeout_s) for s in sent]
 
     # Flower's Strategy interface.
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         # The global state lives in the FederatedServer; `arrays` (Flower's shared model) is unused.
         tasks = self.server.configure(server_round, self.server.sample(server_round))
         messages = self.task_messages(tasks)
-        self._pending[server_round] = (tasks, messages)
+        # Measured now: once returned, the Messages are Flower's (see FlowerRuntime.push).
+        self._pending[server_round] = (tasks, [Sent.of(t.client_id, m) for t, m in zip(tasks, messages)])
         return messages
 
     def aggregate_train(self, server_round: int, replies):
-        tasks, messages = self._pending.pop(server_round)
-        self.last_results = self.collect(tasks, messages, list(replies))
+        tasks, sent = self._pending.pop(server_round)
+        self.last_results = self.collect(sent, list(replies))
         # The server validates each update against its task, leaves rejected ones out and
         # aggregates (or keeps the previous state), exactly as for the in-process runtime.
         outcome = self.server.complete_round(server_round, tasks, self.last_results)
@@ -161,8 +159,11 @@ class FlowerRuntime:
     def push(self, task: ClientTask) -> tuple[str | None, Sent]:
         """Encode the task and push it: (its Message id, or None if Flower did not take it; what is kept)."""
         message = self.strategy.task_message(task)
-        ids = list(self.grid.push_messages([message]))
+        # Measured before the push: once pushed the Message is Flower's, and measuring it caches
+        # object ids in its objects, which races with the simulation engine pickling it for a
+        # Ray actor ("dictionary changed size during iteration": the task was lost).
         sent = Sent.of(task.client_id, message)
+        ids = list(self.grid.push_messages([message]))
         return (str(ids[0]) if ids and ids[0] else None), sent
 
     def train(self, tasks: Iterable[ClientTask]) -> Iterator[ClientUpdate | ClientFailure]:
