@@ -23,6 +23,7 @@ FLEXLORA=${FLEXLORA:-.venv/bin/flexlora}
 STAGES=${STAGES:-1,2,3}
 STAGE2_METHODS=fedex,florist,raflora,lora_a2
 NEW_METHODS=${NEW_METHODS:-$STAGE2_METHODS}  # a subset, e.g. to split the stage over two processes
+STAGE3_METHODS=${STAGE3_METHODS:-flexlora,rival}  # "rival": the strongest new method (see 3. above)
 grid() {
   "$FLEXLORA" compare --out docs/compare_ni "$@" \
     data.source=natural-instructions data.path=../shared/data/natural-instructions-1613-mini \
@@ -57,7 +58,14 @@ if [[ ,$STAGES, == *,2,* ]]; then
   grid --methods $NEW_METHODS --profiles heavy-tail-light,heavy-tail-strong --seeds 1,2
 fi
 if [[ ,$STAGES, == *,3,* ]]; then
-  rival=${DISTRIBUTION_RIVAL:-$(strongest_new_method)}
-  echo "stage 3: flexlora and $rival on log-uniform-8-200"
-  grid --methods "flexlora,$rival" --profiles log-uniform-8-200 --seeds 0,1,2
+  methods=""
+  for part in ${STAGE3_METHODS//,/ }; do  # a subset, e.g. to split the stage over two processes
+    case $part in
+      flexlora) methods+=,flexlora ;;
+      rival) rival=${DISTRIBUTION_RIVAL:-$(strongest_new_method)}; methods+=,$rival ;;
+      *) echo "STAGE3_METHODS: unknown '$part' (choose from flexlora, rival)" >&2; exit 2 ;;
+    esac
+  done
+  echo "stage 3: ${methods#,} on log-uniform-8-200"
+  grid --methods "${methods#,}" --profiles log-uniform-8-200 --seeds 0,1,2
 fi

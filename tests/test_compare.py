@@ -232,12 +232,12 @@ def test_a_difference_over_fewer_seeds_than_the_grid_says_so(tmp_path):
     assert "| flexlora − hetlora | +0.0100 [+0.0100, +0.0100] (1 of 3 seeds) |" in md
 
 
-def _stage_three(tmp_path, finals):
+def _stage_three(tmp_path, finals, **env):
     """scripts/compare_ni.sh's stage 3 in a copy of the repository layout, with stage 2's cells
     written from `finals` ({(method, profile, seed): Rouge-L}) and `flexlora` replaced by a
     recorder of its arguments."""
     repo = pathlib.Path(__file__).resolve().parents[1]
-    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts").mkdir(parents=True)
     shutil.copy(repo / "scripts" / "compare_ni.sh", tmp_path / "scripts" / "compare_ni.sh")
     for (method, profile, seed), final in finals.items():
         cell = tmp_path / "docs" / "compare_ni" / "cells" / f"{method}-{profile}-seed{seed}"
@@ -246,7 +246,7 @@ def _stage_three(tmp_path, finals):
     recorder = tmp_path / "flexlora"
     recorder.write_text('#!/usr/bin/env bash\necho "flexlora $*"\n')
     recorder.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k != "DISTRIBUTION_RIVAL"} | {"STAGES": "3", "FLEXLORA": str(recorder)}
+    env = {k: v for k, v in os.environ.items() if k not in ("DISTRIBUTION_RIVAL", "STAGE3_METHODS")} | {"STAGES": "3", "FLEXLORA": str(recorder)} | env
     return subprocess.run(["bash", str(tmp_path / "scripts" / "compare_ni.sh")], env=env, capture_output=True, text=True)
 
 
@@ -272,3 +272,20 @@ def test_stage_three_refuses_to_pick_before_stage_two_is_done(tmp_path):
     assert run.returncode != 0
     assert "not finished: fedex-heavy-tail-strong-seed2" in run.stderr
     assert "flexlora compare" not in run.stdout
+
+
+def test_stage_three_splits_into_flexlora_and_the_rival(tmp_path):
+    """Two processes share the stage: FlexLoRA's cells need no stage-2 result, the rival's do."""
+    finals = _every_stage_two_cell(0.20)
+    finals |= {cell: 0.25 for cell in _every_stage_two_cell(0) if cell[0] == "lora_a2"}
+    del finals[("fedex", "heavy-tail-strong", 2)]
+    alone = _stage_three(tmp_path / "flexlora", finals, STAGE3_METHODS="flexlora")
+    assert alone.returncode == 0, alone.stderr
+    assert "--methods flexlora --profiles log-uniform-8-200" in alone.stdout
+    assert _stage_three(tmp_path / "early", finals, STAGE3_METHODS="rival").returncode != 0
+    finals[("fedex", "heavy-tail-strong", 2)] = 0.20
+    rival = _stage_three(tmp_path / "rival", finals, STAGE3_METHODS="rival")
+    assert rival.returncode == 0, rival.stderr
+    assert "--methods lora_a2 --profiles log-uniform-8-200" in rival.stdout
+    wrong = _stage_three(tmp_path / "wrong", finals, STAGE3_METHODS="flexlora,best")
+    assert wrong.returncode == 2 and "STAGE3_METHODS: unknown 'best'" in wrong.stderr
