@@ -573,9 +573,12 @@ class HandsOffGrid(EchoGrid):
     answered: a Message pushed is Flower's, and the sender must not add to it (not even a cached
     object id), or a concurrent pickle fails with "dictionary changed size during iteration"."""
 
+    def __init__(self, nodes):
+        super().__init__(nodes)
+        self.shapes_at_push: dict[str, dict[int, frozenset]] = {}  # message id -> its shapes
+
     def push_messages(self, messages):
         ids = super().push_messages(messages)
-        self.shapes_at_push = getattr(self, "shapes_at_push", {})
         for mid in ids:
             self.shapes_at_push[mid] = _dict_shapes(self.pushed[mid])
         return ids
