@@ -11,8 +11,10 @@
 #   3. one rank-distribution profile (log-uniform ranks in [8, 200]) for FlexLoRA and the
 #      strongest method of stage 2, seeds 0-2. "Strongest" is a rule fixed before stage 2's seeds
 #      1 and 2 ran: the highest mean held-out generated Rouge-L over its 6 cells (2 profiles x
-#      3 seeds). $DISTRIBUTION_RIVAL names another method instead.
-# STAGES=1,2,3 (default) picks the stages. Every stage writes into the same grid folder with the
+#      3 seeds). $DISTRIBUTION_RIVAL names another method instead;
+#   4. HetLoRA with replication padding (Byun & Lee 2025; a variant of a stage-1 method, so it
+#      is not a stage-3 candidate) x heavy-tail-light, heavy-tail-strong, seed 0 first, then 1, 2.
+# STAGES=1,2,3,4 (default) picks the stages. Every stage writes into the same grid folder with the
 # same settings, so the report sets every method against FedIT-homo and FlexLoRA.
 #
 # Held-out (never trained on) task categories: every category of the sample with 20 to 40
@@ -20,7 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FLEXLORA=${FLEXLORA:-.venv/bin/flexlora}
-STAGES=${STAGES:-1,2,3}
+STAGES=${STAGES:-1,2,3,4}
 STAGE2_METHODS=fedex,florist,raflora,lora_a2
 NEW_METHODS=${NEW_METHODS:-$STAGE2_METHODS}  # a subset, e.g. to split the stage over two processes
 STAGE3_METHODS=${STAGE3_METHODS:-flexlora,rival}  # "rival": the strongest new method (see 3. above)
@@ -68,4 +70,8 @@ if [[ ,$STAGES, == *,3,* ]]; then
   done
   echo "stage 3: ${methods#,} on log-uniform-8-200"
   grid --methods "${methods#,}" --profiles log-uniform-8-200 --seeds 0,1,2
+fi
+if [[ ,$STAGES, == *,4,* ]]; then
+  grid --methods hetlora:padding=replication --profiles heavy-tail-light,heavy-tail-strong --seeds 0
+  grid --methods hetlora:padding=replication --profiles heavy-tail-light,heavy-tail-strong --seeds 1,2
 fi

@@ -8,6 +8,8 @@ import pathlib
 import shutil
 import subprocess
 
+import yaml
+
 from flexlora.cli import main
 from flexlora.compare import _fmt, grid_cells, write_report
 
@@ -232,9 +234,9 @@ def test_a_difference_over_fewer_seeds_than_the_grid_says_so(tmp_path):
     assert "| flexlora − hetlora | +0.0100 [+0.0100, +0.0100] (1 of 3 seeds) |" in md
 
 
-def _stage_three(tmp_path, finals, **env):
-    """scripts/compare_ni.sh's stage 3 in a copy of the repository layout, with stage 2's cells
-    written from `finals` ({(method, profile, seed): Rouge-L}) and `flexlora` replaced by a
+def _compare_ni_script(tmp_path, finals, **env):
+    """scripts/compare_ni.sh (stage 3 unless env sets STAGES) in a copy of the repository layout,
+    with stage 2's cells written from `finals` ({(method, profile, seed): Rouge-L}) and `flexlora` replaced by a
     recorder of its arguments."""
     repo = pathlib.Path(__file__).resolve().parents[1]
     (tmp_path / "scripts").mkdir(parents=True)
@@ -260,7 +262,7 @@ def test_stage_three_runs_flexlora_against_the_new_method_with_the_best_mean_sco
     finals = _every_stage_two_cell(0.20)
     finals |= {cell: 0.25 for cell in _every_stage_two_cell(0) if cell[0] == "florist"}
     finals[("raflora", "heavy-tail-strong", 1)] = 0.40
-    run = _stage_three(tmp_path, finals)
+    run = _compare_ni_script(tmp_path, finals)
     assert run.returncode == 0, run.stderr
     assert "--methods flexlora,florist --profiles log-uniform-8-200 --seeds 0,1,2" in run.stdout
 
@@ -268,7 +270,7 @@ def test_stage_three_runs_flexlora_against_the_new_method_with_the_best_mean_sco
 def test_stage_three_refuses_to_pick_before_stage_two_is_done(tmp_path):
     finals = _every_stage_two_cell(0.20)
     del finals[("fedex", "heavy-tail-strong", 2)]
-    run = _stage_three(tmp_path, finals)
+    run = _compare_ni_script(tmp_path, finals)
     assert run.returncode != 0
     assert "not finished: fedex-heavy-tail-strong-seed2" in run.stderr
     assert "flexlora compare" not in run.stdout
@@ -279,13 +281,46 @@ def test_stage_three_splits_into_flexlora_and_the_rival(tmp_path):
     finals = _every_stage_two_cell(0.20)
     finals |= {cell: 0.25 for cell in _every_stage_two_cell(0) if cell[0] == "lora_a2"}
     del finals[("fedex", "heavy-tail-strong", 2)]
-    alone = _stage_three(tmp_path / "flexlora", finals, STAGE3_METHODS="flexlora")
+    alone = _compare_ni_script(tmp_path / "flexlora", finals, STAGE3_METHODS="flexlora")
     assert alone.returncode == 0, alone.stderr
     assert "--methods flexlora --profiles log-uniform-8-200" in alone.stdout
-    assert _stage_three(tmp_path / "early", finals, STAGE3_METHODS="rival").returncode != 0
+    assert _compare_ni_script(tmp_path / "early", finals, STAGE3_METHODS="rival").returncode != 0
     finals[("fedex", "heavy-tail-strong", 2)] = 0.20
-    rival = _stage_three(tmp_path / "rival", finals, STAGE3_METHODS="rival")
+    rival = _compare_ni_script(tmp_path / "rival", finals, STAGE3_METHODS="rival")
     assert rival.returncode == 0, rival.stderr
     assert "--methods lora_a2 --profiles log-uniform-8-200" in rival.stdout
-    wrong = _stage_three(tmp_path / "wrong", finals, STAGE3_METHODS="flexlora,best")
+    wrong = _compare_ni_script(tmp_path / "wrong", finals, STAGE3_METHODS="flexlora,best")
     assert wrong.returncode == 2 and "STAGE3_METHODS: unknown 'best'" in wrong.stderr
+
+
+def test_a_method_variant_runs_in_cells_of_its_own_with_its_method_args(tmp_path, capsys):
+    overrides = [*tiny_grid_overrides(tmp_path), "federation.rounds=1"]
+    out = tmp_path / "grid"
+    args = ["compare", "--out", str(out), "--methods", "hetlora,hetlora:padding=replication", "--profiles", "uniform",
+            "--seeds", "0", "--baseline", "hetlora", *overrides]
+    assert main(args) == 0
+    cells = out / "cells"
+    assert sorted(p.name for p in cells.iterdir()) == ["hetlora-padding-replication-uniform-seed0", "hetlora-uniform-seed0"]
+    config = {p.name: yaml.safe_load((p / "config.yaml").read_text()) for p in cells.iterdir()}
+    assert config["hetlora-padding-replication-uniform-seed0"]["method"] == "hetlora"
+    assert config["hetlora-padding-replication-uniform-seed0"]["method_args"] == {"padding": "replication"}
+    assert config["hetlora-uniform-seed0"]["method_args"] == {}
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert [r["method"] for r in rows] == ["hetlora", "hetlora:padding=replication"]
+    capsys.readouterr()
+
+    # A variant that is not NAME:KEY=VALUE, or whose value the method refuses, stops before any cell runs.
+    for spec, message in [("hetlora:padding", "'hetlora:padding' is not NAME or NAME:KEY=VALUE"),
+                          ("hetlora:padding=mirror", "method_args: ")]:
+        assert main(["compare", "--out", str(tmp_path / "other"), "--methods", spec, "--profiles", "uniform", *overrides]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "other").exists()
+
+
+def test_stage_four_runs_hetlora_with_replication_padding_seed_zero_first(tmp_path):
+    run = _compare_ni_script(tmp_path, {}, STAGES="4")
+    assert run.returncode == 0, run.stderr
+    calls = [line for line in run.stdout.splitlines() if line.startswith("flexlora compare")]
+    assert [c.split(" --profiles")[0] for c in calls] == ["flexlora compare --out docs/compare_ni --methods hetlora:padding=replication"] * 2
+    assert ["--seeds 0 " in calls[0], "--seeds 1,2 " in calls[1]] == [True, True]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 import statistics
 import sys
@@ -40,20 +41,34 @@ CELL_KEYS = ("method", "seed", "resources.profile", "output.dir", "output.name",
 
 @dataclass(frozen=True)
 class Cell:
-    method: str
+    method: str  # a method name, or a variant with arguments of its own: "hetlora:padding=replication"
     profile: str
     seed: int
 
     @property
     def name(self) -> str:
-        return f"{self.method}-{self.profile}-seed{self.seed}"
+        return f"{re.sub(r'[:=]', '-', self.method)}-{self.profile}-seed{self.seed}"
+
+    def overrides(self) -> list[str]:
+        """The settings this cell sets: its method (and a variant's method_args), profile and seed."""
+        name, *arguments = self.method.split(":")
+        return [f"method={name}", *(f"method_args.{argument}" for argument in arguments),
+                f"resources.profile={self.profile}", f"seed={self.seed}"]
+
+
+def check_method_spec(spec: str) -> None:
+    """A grid method is NAME or NAME:KEY=VALUE[:KEY=VALUE...], the second a variant of the method
+    with those method_args, in cells of its own (e.g. hetlora:padding=replication)."""
+    name, *arguments = spec.split(":")
+    if not name or any(not re.fullmatch(r"[A-Za-z_]\w*=.+", a) for a in arguments):
+        raise ConfigError(f"--methods: '{spec}' is not NAME or NAME:KEY=VALUE (e.g. hetlora:padding=replication)")
 
 
 def is_homogeneous(method: str) -> bool:
     from flexlora.methods import METHODS
 
     # A grid folder may list a method this version lacks (cells added by a newer version).
-    return bool(getattr(METHODS.get(method), "homogeneous", False))
+    return bool(getattr(METHODS.get(method.split(":")[0]), "homogeneous", False))
 
 
 def grid_cells(methods: list[str], profiles: list[str], seeds: list[int]) -> list[Cell]:
@@ -110,9 +125,11 @@ def run_grid(
     for key in CELL_KEYS:
         if any(o.split("=", 1)[0].strip() == key for o in overrides):
             raise ConfigError(f"compare: '{key}' is set per cell; use --methods/--profiles/--seeds/--out instead")
+    for spec in methods:
+        check_method_spec(spec)
     cells = grid_cells(methods, profiles, seeds)
     for cell in cells:  # every cell's config is valid before the first one starts
-        load_config(config_path, [*overrides, f"method={cell.method}", f"resources.profile={cell.profile}", f"seed={cell.seed}"])
+        load_config(config_path, [*overrides, *cell.overrides()])
     settings = _base_settings(base)
     grid_path = out / GRID_FILE
     if grid_path.is_file():
@@ -136,8 +153,7 @@ def run_grid(
     for i, cell in enumerate(todo, start=1):
         cfg = load_config(
             config_path,
-            [*overrides, f"method={cell.method}", f"resources.profile={cell.profile}", f"seed={cell.seed}",
-             f"output.dir={cells_dir}", f"output.name={cell.name}", "output.overwrite=true"],
+            [*overrides, *cell.overrides(), f"output.dir={cells_dir}", f"output.name={cell.name}", "output.overwrite=true"],
         )
         zero_path = out / "zero_shot.json"  # the base model's scores, once per grid
         zero_shot = json.loads(zero_path.read_text()) if zero_path.is_file() else None
