@@ -7,6 +7,8 @@ import os
 import pathlib
 import shutil
 import subprocess
+import threading
+import time
 
 import yaml
 
@@ -324,3 +326,35 @@ def test_stage_four_runs_hetlora_with_replication_padding_seed_zero_first(tmp_pa
     calls = [line for line in run.stdout.splitlines() if line.startswith("flexlora compare")]
     assert [c.split(" --profiles")[0] for c in calls] == ["flexlora compare --out docs/compare_ni --methods hetlora:padding=replication"] * 2
     assert ["--seeds 0 " in calls[0], "--seeds 1,2 " in calls[1]] == [True, True]
+
+
+def test_two_processes_adding_cells_to_one_grid_at_once_keep_both(tmp_path, monkeypatch):
+    """A stage split over two processes: each reads grid.json, adds its cells and writes it back;
+    the second must not write back what it read before the first wrote (its cells would vanish
+    from the report)."""
+    from flexlora import compare
+
+    write = compare.write_json
+
+    def write_slowly(path, data):  # widen the window between reading grid.json and writing it
+        time.sleep(0.3)
+        write(path, data)
+
+    monkeypatch.setattr(compare, "write_json", write_slowly)
+    errors = []
+
+    def add(method):
+        try:
+            compare.register_cells(tmp_path, {"model": "tiny-llama"}, [compare.Cell(method, "uniform", 0)], "fedit", f"add {method}")
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=add, args=(m,)) for m in ("fedex", "florist")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    grid = json.loads((tmp_path / "grid.json").read_text())
+    assert sorted(c["method"] for c in grid["cells"]) == ["fedex", "florist"]
+    assert sorted(grid["commands"]) == ["add fedex", "add florist"]

@@ -17,6 +17,7 @@ and test examples, which decides "significant", and one over the test examples o
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import re
@@ -34,6 +35,7 @@ from flexlora.reporting import write_json
 from flexlora.stats import LOSS, MEAN_SCORES, paired_difference
 
 GRID_FILE = "grid.json"
+GRID_LOCK = ".grid.lock"  # held while grid.json is read, merged and written
 OURS = "flexlora"  # the library's method: the report also sets it against every other heterogeneous method
 # Settings a cell sets itself; everything else must match between runs of one grid folder.
 CELL_KEYS = ("method", "seed", "resources.profile", "output.dir", "output.name", "output.overwrite")
@@ -106,6 +108,30 @@ def _first_difference(a, b, prefix=""):
     return prefix.rstrip(".") if a != b else None
 
 
+def register_cells(out: Path, settings: dict, cells: list[Cell], baseline: str | None, command: str | None) -> None:
+    """Add `cells` (and the command) to the grid file of `out`, creating it; ConfigError if the
+    folder holds a grid with other settings. Two processes may add cells to one folder at once
+    (a stage split over two cores): an exclusive lock around the read-merge-write keeps the
+    second from writing back what it read before the first wrote."""
+    grid_path = out / GRID_FILE
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / GRID_LOCK, "a") as lock:  # the lock goes with the file's closing
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if grid_path.is_file():
+            stored = json.loads(grid_path.read_text())
+            diff = _first_difference(stored["settings"], settings)
+            if diff:
+                raise ConfigError(f"compare: {out} holds a grid run with other settings ({diff} differs); use another --out")
+            known = [Cell(**c) for c in stored["cells"]]
+            cells_all = known + [c for c in cells if c not in known]
+            commands = stored.get("commands", [])
+        else:
+            cells_all, commands = cells, []
+        if command and command not in commands:
+            commands.append(command)
+        write_json(grid_path, {"settings": settings, "cells": [c.__dict__ for c in cells_all], "baseline": baseline, "commands": commands})
+
+
 def run_grid(
     out_dir: str | Path,
     methods: list[str],
@@ -130,22 +156,7 @@ def run_grid(
     cells = grid_cells(methods, profiles, seeds)
     for cell in cells:  # every cell's config is valid before the first one starts
         load_config(config_path, [*overrides, *cell.overrides()])
-    settings = _base_settings(base)
-    grid_path = out / GRID_FILE
-    if grid_path.is_file():
-        stored = json.loads(grid_path.read_text())
-        diff = _first_difference(stored["settings"], settings)
-        if diff:
-            raise ConfigError(f"compare: {out} holds a grid run with other settings ({diff} differs); use another --out")
-        known = [Cell(**c) for c in stored["cells"]]
-        cells_all = known + [c for c in cells if c not in known]
-        commands = stored.get("commands", [])
-    else:
-        cells_all, commands = cells, []
-    out.mkdir(parents=True, exist_ok=True)
-    if command and command not in commands:
-        commands.append(command)
-    write_json(grid_path, {"settings": settings, "cells": [c.__dict__ for c in cells_all], "baseline": baseline, "commands": commands})
+    register_cells(out, _base_settings(base), cells, baseline, command)
 
     cells_dir = out / "cells"
     todo = [c for c in cells if not (cells_dir / c.name / "summary.json").is_file()]
