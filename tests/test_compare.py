@@ -358,3 +358,19 @@ def test_two_processes_adding_cells_to_one_grid_at_once_keep_both(tmp_path, monk
     grid = json.loads((tmp_path / "grid.json").read_text())
     assert sorted(c["method"] for c in grid["cells"]) == ["fedex", "florist"]
     assert sorted(grid["commands"]) == ["add fedex", "add florist"]
+
+
+def test_a_cell_running_in_another_process_is_skipped_not_restarted(tmp_path, capsys):
+    from flexlora.runlock import RunLock
+
+    overrides = [*tiny_grid_overrides(tmp_path), "federation.rounds=1"]
+    out = tmp_path / "grid"
+    busy = RunLock(out / "cells" / "fedit-homo-seed0").acquire()  # as a second process running that cell holds it
+    try:
+        assert main(["compare", "--out", str(out), "--methods", "fedit,flexlora", "--profiles", "uniform", "--seeds", "0", *overrides]) == 0
+    finally:
+        busy.release()
+    printed = capsys.readouterr().out
+    assert "cell fedit-homo-seed0 is running elsewhere" in printed and "in use by pid" in printed
+    assert not (out / "cells" / "fedit-homo-seed0" / "config.yaml").exists()  # nothing written into it
+    assert (out / "cells" / "flexlora-uniform-seed0" / "summary.json").is_file()

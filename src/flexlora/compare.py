@@ -32,6 +32,7 @@ from pathlib import Path
 from flexlora.config import ConfigError, ExperimentConfig, load_config
 from flexlora.evaluation import METRIC
 from flexlora.reporting import write_json
+from flexlora.runlock import RunLock
 from flexlora.stats import LOSS, MEAN_SCORES, paired_difference
 
 GRID_FILE = "grid.json"
@@ -168,6 +169,11 @@ def run_grid(
         )
         zero_path = out / "zero_shot.json"  # the base model's scores, once per grid
         zero_shot = json.loads(zero_path.read_text()) if zero_path.is_file() else None
+        try:  # another process filling the same grid may be running this cell: leave it to that one
+            RunLock(cells_dir / cell.name).check_free()
+        except ConfigError as e:
+            echo(f"compare: cell {cell.name} is running elsewhere, skipped ({e})")
+            continue
         echo(f"compare: cell {i}/{len(todo)}: {cell.name}")
         started = time.perf_counter()
         cell_echo = lambda line, c=cell: echo(f"  [{c.name}] {line}")  # noqa: E731
