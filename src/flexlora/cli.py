@@ -249,7 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("--config", "-c", help="YAML config file shared by every cell")
     cmp.add_argument("--out", required=True, help="grid folder (cells/, compare.md/.csv/.png); rerun to resume")
-    cmp.add_argument("--methods", default="fedit,flexlora", help="comma-separated, e.g. fedit,hetlora,flexlora; NAME:KEY=VALUE is a variant with method_args of its own, in cells of its own (hetlora:padding=replication)")
+    cmp.add_argument(
+        "--methods", default="fedit,flexlora",
+        help="comma-separated, e.g. fedit,hetlora,flexlora; NAME:KEY=VALUE is a variant with method_args "
+             "of its own, in cells of its own (hetlora:padding=replication)",
+    )
     cmp.add_argument("--profiles", default="uniform,heavy-tail-light,heavy-tail-strong", help="comma-separated resource profiles")
     cmp.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     cmp.add_argument("--baseline", default="fedit", help="method the report measures improvements against")
