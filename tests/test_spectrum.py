@@ -15,9 +15,12 @@ from flexlora.cli import main
 from flexlora.methods.svd import factored_svd
 from flexlora.rank_report import main as rank_report_main
 from flexlora.rank_report import write_rank_report
+from flexlora.reporting import spectrum_panels
 from flexlora.spectrum import (
     band_labels,
     band_shares,
+    coarse_edges,
+    coarsen,
     dense_sigma_sq,
     effective_rank,
     factored_sigma_sq,
@@ -132,6 +135,29 @@ def test_rank_edges_are_the_distinct_capped_ranks_per_kind():
         "c": {"l0.q_proj": 30, "l1.q_proj": 30, "l0.k_proj": 30},
     }
     assert rank_edges(ranks) == {"k_proj": [8, 30, 192], "q_proj": [8, 30, 200]}
+
+
+def test_a_rank_distribution_gets_octave_bands_not_one_band_per_drawn_rank():
+    # log-uniform ranks in [8, 200] draw ~190 distinct ranks: one band each is unreadable
+    drawn = {f"c{r}": {"l0.q_proj": r, "l0.k_proj": min(r, 192)} for r in range(8, 201) if r not in (16, 17, 33)}
+    assert rank_edges(drawn) == {"k_proj": [8, 18, 36, 72, 144, 192], "q_proj": [8, 18, 36, 72, 144, 200]}
+    assert coarse_edges([8, 30, 200]) == [8, 30, 200]  # the paper's types keep their own bands
+    assert coarse_edges(list(range(8, 16))) == list(range(8, 16))  # 8 distinct ranks, no more
+    assert coarse_edges(list(range(8, 17))) == [8, 16]
+
+
+def test_coarsening_a_record_equals_measuring_with_the_coarse_bands():
+    sigma_sq = torch.tensor([float(220 - i) for i in range(210)]) ** 2
+    fine = list(range(8, 201))
+    record = {"edges": fine, "bands": band_labels(fine), "share": band_shares(sigma_sq, fine), "energy": 1.0}
+    coarse = coarsen(record)
+    assert coarse["edges"] == [8, 16, 32, 64, 128, 200] and coarse["bands"] == band_labels(coarse["edges"])
+    assert coarse["share"] == pytest.approx(band_shares(sigma_sq, coarse["edges"]), abs=1e-12)
+    assert coarse["energy"] == 1.0
+    # an old run's records with one band per drawn rank plot with the coarse bands
+    history = [{"round": 1, "spectrum": {"kinds": {"q_proj": record}, "groups": {"attention": {**record, "kinds": ["q_proj"]}}}}]
+    level, panels = spectrum_panels(history)
+    assert level == "groups" and panels["attention"][0][1]["edges"] == [8, 16, 32, 64, 128, 200]
 
 
 def test_geometric_rate_recovers_the_ratio():

@@ -124,13 +124,16 @@ def plot_metric(series: dict[str, list[tuple[int, float]]], path: Path, title: s
 def spectrum_panels(history: list[dict]) -> tuple[str, dict[str, list[tuple[int, dict]]]]:
     """("groups" | "kinds", {name: [(round, record)]}) of a run's spectrum records (see
     flexlora.spectrum): the attention / MLP groups where every round has them, else the module
-    kinds."""
+    kinds. Records with one band per drawn rank (written before rank distributions got octave
+    bands) are merged into octave bands."""
+    from flexlora.spectrum import coarsen
+
     rounds = [(r["round"], r["spectrum"]) for r in history if r.get("spectrum")]
     level = "groups" if rounds and all(s.get("groups") for _, s in rounds) else "kinds"
     panels: dict[str, list[tuple[int, dict]]] = {}
     for round_, s in rounds:
         for name, record in s.get(level, {}).items():
-            panels.setdefault(name, []).append((round_, record))
+            panels.setdefault(name, []).append((round_, coarsen(record)))
     return level, panels
 
 

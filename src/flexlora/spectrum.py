@@ -128,14 +128,51 @@ def module_sigma_sq(
     return dense_sigma_sq(dense), "dense"
 
 
+# More distinct client ranks than this (a rank distribution draws one per client) get octave bands.
+MAX_EDGES = 8
+
+
+def coarse_edges(edges: Sequence[int]) -> list[int]:
+    """The band edges themselves when there are at most MAX_EDGES; else octaves of them: the
+    smallest rank (the one every client holds: the collapse claim is about energy beyond it),
+    then each next edge at least twice the previous, and the largest rank. Every coarse edge is
+    one of `edges`, so a record measured with `edges` can be merged into these (coarsen)."""
+    edges = check_edges(edges)
+    if len(edges) <= MAX_EDGES:
+        return edges
+    out = [edges[0]]
+    for e in edges[1:]:
+        if e >= 2 * out[-1]:
+            out.append(e)
+    return out if out[-1] == edges[-1] else [*out, edges[-1]]
+
+
+def coarsen(record: Mapping) -> dict:
+    """A summarize_modules record with its band shares merged into coarse_edges(record's edges):
+    coarse band j sums the fine bands that start inside it (exact: coarse edges are fine edges)."""
+    fine = list(record["edges"])
+    edges = coarse_edges(fine)
+    if edges == fine:
+        return dict(record)
+    starts = [0, *fine]
+    position = {edge: j + 1 for j, edge in enumerate(edges)}  # fine band starting at edge -> coarse band
+    share = [0.0] * (len(edges) + 1)
+    band = 0
+    for start, value in zip(starts, record["share"]):
+        band = position.get(start, band)
+        share[band] += value
+    return {**record, "edges": edges, "bands": band_labels(edges), "share": share}
+
+
 def rank_edges(client_ranks: Mapping[str, Mapping[str, int]]) -> dict[str, list[int]]:
     """Per module kind, the sorted distinct ranks clients hold on modules of that kind (each
-    already capped at the module's min(m, n)): the edges of its rank bands."""
+    already capped at the module's min(m, n)): the edges of its rank bands (octaves of them
+    past MAX_EDGES distinct ranks, see coarse_edges)."""
     kinds: dict[str, set[int]] = {}
     for ranks in client_ranks.values():
         for module, r in ranks.items():
             kinds.setdefault(module_kind(module), set()).add(int(r))
-    return {kind: sorted(r for r in ranks if r > 0) for kind, ranks in sorted(kinds.items()) if any(r > 0 for r in ranks)}
+    return {kind: coarse_edges(sorted(r for r in ranks if r > 0)) for kind, ranks in sorted(kinds.items()) if any(r > 0 for r in ranks)}
 
 
 def summarize_modules(per_module: Sequence[tuple[list[float], float]], edges: Sequence[int]) -> dict:
