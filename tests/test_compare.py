@@ -374,3 +374,25 @@ def test_a_cell_running_in_another_process_is_skipped_not_restarted(tmp_path, ca
     assert "cell fedit-homo-seed0 is running elsewhere" in printed and "in use by pid" in printed
     assert not (out / "cells" / "fedit-homo-seed0" / "config.yaml").exists()  # nothing written into it
     assert (out / "cells" / "flexlora-uniform-seed0" / "summary.json").is_file()
+
+
+def test_a_cell_another_process_finished_meanwhile_is_not_run_again(tmp_path, monkeypatch, capsys):
+    import flexlora.engines
+
+    overrides = [*tiny_grid_overrides(tmp_path), "federation.rounds=1"]
+    out = tmp_path / "grid"
+    real, ran = flexlora.engines.run_experiment, []
+
+    def run_then_the_other_process_finishes_the_next_cell(cfg, **kwargs):
+        ran.append(cfg.output.name)
+        run_dir = real(cfg, **kwargs)
+        other = out / "cells" / "flexlora-uniform-seed0"  # a finished run folder, as the other process leaves it
+        other.mkdir(parents=True)
+        for name in ("metrics.jsonl", "summary.json"):
+            shutil.copy(run_dir / name, other / name)
+        return run_dir
+
+    monkeypatch.setattr(flexlora.engines, "run_experiment", run_then_the_other_process_finishes_the_next_cell)
+    assert main(["compare", "--out", str(out), "--methods", "fedit,flexlora", "--profiles", "uniform", "--seeds", "0", *overrides]) == 0
+    assert ran == ["fedit-homo-seed0"]
+    assert "cell flexlora-uniform-seed0 was finished elsewhere" in capsys.readouterr().out

@@ -169,6 +169,9 @@ def run_grid(
         )
         zero_path = out / "zero_shot.json"  # the base model's scores, once per grid
         zero_shot = json.loads(zero_path.read_text()) if zero_path.is_file() else None
+        if (cells_dir / cell.name / "summary.json").is_file():  # another process filling this grid did it
+            echo(f"compare: cell {cell.name} was finished elsewhere")
+            continue
         try:  # another process filling the same grid may be running this cell: leave it to that one
             RunLock(cells_dir / cell.name).check_free()
         except ConfigError as e:
