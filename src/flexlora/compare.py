@@ -160,16 +160,14 @@ def run_grid(
     register_cells(out, _base_settings(base), cells, baseline, command)
 
     cells_dir = out / "cells"
-    todo = [c for c in cells if not (cells_dir / c.name / "summary.json").is_file()]
+
+    def finished(cell: Cell) -> bool:
+        return (cells_dir / cell.name / "summary.json").is_file()
+
+    todo = [c for c in cells if not finished(c)]
     echo(f"compare: {len(cells)} cells ({len(cells) - len(todo)} done), writing to {out}")
     for i, cell in enumerate(todo, start=1):
-        cfg = load_config(
-            config_path,
-            [*overrides, *cell.overrides(), f"output.dir={cells_dir}", f"output.name={cell.name}", "output.overwrite=true"],
-        )
-        zero_path = out / "zero_shot.json"  # the base model's scores, once per grid
-        zero_shot = json.loads(zero_path.read_text()) if zero_path.is_file() else None
-        if (cells_dir / cell.name / "summary.json").is_file():  # another process filling this grid did it
+        if finished(cell):  # by another process filling this grid, since `todo` was listed
             echo(f"compare: cell {cell.name} was finished elsewhere")
             continue
         try:  # another process filling the same grid may be running this cell: leave it to that one
@@ -177,6 +175,12 @@ def run_grid(
         except ConfigError as e:
             echo(f"compare: cell {cell.name} is running elsewhere, skipped ({e})")
             continue
+        cfg = load_config(
+            config_path,
+            [*overrides, *cell.overrides(), f"output.dir={cells_dir}", f"output.name={cell.name}", "output.overwrite=true"],
+        )
+        zero_path = out / "zero_shot.json"  # the base model's scores, once per grid
+        zero_shot = json.loads(zero_path.read_text()) if zero_path.is_file() else None
         echo(f"compare: cell {i}/{len(todo)}: {cell.name}")
         started = time.perf_counter()
         cell_echo = lambda line, c=cell: echo(f"  [{c.name}] {line}")  # noqa: E731
