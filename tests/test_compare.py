@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 
+import pytest
 import yaml
 
 from flexlora.cli import main
@@ -396,3 +397,22 @@ def test_a_cell_another_process_finished_meanwhile_is_not_run_again(tmp_path, mo
     assert main(["compare", "--out", str(out), "--methods", "fedit,flexlora", "--profiles", "uniform", "--seeds", "0", *overrides]) == 0
     assert ran == ["fedit-homo-seed0"]
     assert "cell flexlora-uniform-seed0 was finished elsewhere" in capsys.readouterr().out
+
+
+def test_a_report_interrupted_while_writing_leaves_each_previous_file_whole(tmp_path, monkeypatch):
+    # Two grid processes finishing cells at the same moment, or one killed mid-report, must not
+    # leave a truncated or mixed file: each report file is replaced whole or not at all.
+    base = [0.1 * (i % 5) for i in range(20)]
+    write_finished_grid(tmp_path, {("fedit", 0): base, ("hetlora", 0): base, ("flexlora", 0): [v + 0.1 for v in base]})
+    write_report(tmp_path, echo=None)
+    before = {name: (tmp_path / name).read_text() for name in ("compare.md", "differences.csv", "differences_flexlora.csv")}
+
+    def crash(d):
+        raise RuntimeError("killed while writing the differences")
+
+    monkeypatch.setattr("flexlora.compare._difference_cells", crash)
+    with pytest.raises(RuntimeError):
+        write_report(tmp_path, echo=None)
+    for name, text in before.items():
+        assert (tmp_path / name).read_text() == text, name
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind

@@ -26,12 +26,13 @@ import statistics
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from flexlora.config import ConfigError, ExperimentConfig, load_config
 from flexlora.evaluation import METRIC
-from flexlora.reporting import write_json
+from flexlora.reporting import atomic_path, write_json
 from flexlora.runlock import RunLock
 from flexlora.stats import LOSS, MEAN_SCORES, paired_difference
 
@@ -345,13 +346,12 @@ def write_report(out: str | Path, echo=print) -> Path:
         lines += ["", f"Failed cells (see their error.txt): {', '.join(failed)}"]
     if grid.get("commands"):
         lines += ["", "### Command", "", "```", *grid["commands"], "```"]
+    # Every file is replaced whole (atomic_path): a process killed mid-report, or two processes
+    # finishing cells at once, leave each file as one complete report wrote it.
     md = out / "compare.md"
-    md.write_text("\n".join(lines) + "\n")
-
-    import csv
-
-    with open(out / "compare.csv", "w", newline="") as f:
-        w = csv.writer(f)
+    with atomic_path(md) as tmp:
+        Path(tmp).write_text("\n".join(lines) + "\n")
+    with _csv_writer(out / "compare.csv") as w:
         w.writerow(["method", "profile", "seeds", "final_mean", "final_sd", f"delta_vs_{baseline}_mean", f"delta_vs_{baseline}_sd",
                     "teacher_forced_mean", "teacher_forced_sd", "eval_loss_mean", "eval_loss_sd",
                     f"eval_loss_delta_vs_{baseline}_mean", f"eval_loss_delta_vs_{baseline}_sd", "best_mean", "zero_shot"])
@@ -366,21 +366,18 @@ def write_report(out: str | Path, echo=print) -> Path:
                        *_mean_sd(values(m, p, "final_eval_loss")), *_mean_sd(dl),
                        _mean_sd(values(m, p, "best"))[0], _mean_sd(values(m, p, "zero_shot"))[0]]
                 w.writerow([f"{v:.6f}" if isinstance(v, float) else v for v in row])
-    with open(out / "differences.csv", "w", newline="") as f:
-        w = csv.writer(f)
+    with _csv_writer(out / "differences.csv") as w:
         w.writerow(["method", "profile", "metric", f"mean_minus_{baseline}", *DIFFERENCE_COLUMNS])
         for (m, p), diffs in differences:
             for d in diffs:
                 w.writerow([label(m), p, d.metric, f"{d.mean:.6f}", *_difference_cells(d)])
     if pairwise:
-        with open(out / f"differences_{OURS}.csv", "w", newline="") as f:
-            w = csv.writer(f)
+        with _csv_writer(out / f"differences_{OURS}.csv") as w:
             w.writerow(["method", "against", "profile", "metric", "mean_difference", *DIFFERENCE_COLUMNS])
             for rival, p, diffs in pairwise:
                 for d in diffs:
                     w.writerow([OURS, rival, p, d.metric, f"{d.mean:.6f}", *_difference_cells(d)])
-    with open(out / "cells.csv", "w", newline="") as f:
-        w = csv.writer(f)
+    with _csv_writer(out / "cells.csv") as w:
         w.writerow(["method", "profile", "seed", "round", METRIC, "rougeL_teacher_forced", "eval_loss"])
         for r in rows:
             for rec in r["history"]:
@@ -423,6 +420,14 @@ def _differences(methods, profiles, seeds, cell_for, baseline):
 # ci95_examples_*: the test examples resampled only; per_seed: the difference in each seed.
 DIFFERENCE_COLUMNS = ("ci95_low", "ci95_high", "ci95_examples_low", "ci95_examples_high", "seed_sd", "seeds", "examples",
                       "significant", "significant_examples_only", "per_seed")
+
+
+@contextmanager
+def _csv_writer(path: Path):
+    import csv
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        yield csv.writer(f)
 
 
 def _difference_cells(d) -> list:
@@ -564,7 +569,8 @@ def _plot(path: Path, rows, methods, profiles, seeds, cell_for, label) -> None:
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(2, len(handles)) or 1, fontsize=8, frameon=False)
     rows_of_legend = -(-len(handles) // 2)
     fig.tight_layout(rect=(0, 0.045 * rows_of_legend + 0.03, 1, 1))
-    fig.savefig(path, dpi=120)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
