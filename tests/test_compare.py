@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from flexlora.cli import main
-from flexlora.compare import _fmt, grid_cells, write_report
+from flexlora.compare import Cell, _fmt, grid_cells, write_report
 
 
 def write_ni_fixture(folder):
@@ -74,7 +74,7 @@ def write_finished_grid(out, scores):
                         "loss": 2.0 - v, "tokens": 1} for i, v in enumerate(values)]
         mean = sum(values) / len(values)
         ev = {"rougeL_generated": mean, "rougeL_teacher_forced": mean, "eval_loss": 2.0 - mean, "per_example": per_example}
-        folder = out / "cells" / f"{cell['method']}-{cell['profile']}-seed{cell['seed']}"
+        folder = out / "cells" / Cell(**cell).name
         folder.mkdir()
         (folder / "metrics.jsonl").write_text(json.dumps({"round": 1, "eval": ev}) + "\n")
         (folder / "summary.json").write_text(json.dumps({
@@ -102,6 +102,25 @@ def test_the_report_sets_flexlora_against_each_other_heterogeneous_method(tmp_pa
     assert abs(float(rows[2]["mean_difference"]) + 0.1) < 1e-9  # loss is 2 - score: 0.1 lower
     # Against the homogeneous baseline, as before.
     assert "| flexlora | +0.1500 [+0.1500, +0.1500] sd 0.0000 (examples only [+0.1500, +0.1500]) |" in md
+
+
+def test_the_report_sets_a_method_variant_against_the_plain_method(tmp_path):
+    # Stage 4's question is whether replication padding beats HetLoRA's own zero padding: the
+    # report gives that paired difference, variant minus plain method, per profile and metric.
+    base = [0.1 * (i % 5) for i in range(40)]
+    scores = {}
+    for seed in (0, 1):
+        scores[("fedit", seed)] = base
+        scores[("hetlora", seed)] = [v + 0.05 for v in base]
+        scores[("hetlora:padding=replication", seed)] = [v + 0.02 for v in base]  # 0.03 below zero padding
+    write_finished_grid(tmp_path, scores)
+    md = write_report(tmp_path, echo=None).read_text()
+    assert "### Difference against the method without the variant's arguments, with 95% intervals" in md
+    assert "| hetlora:padding=replication − hetlora | -0.0300 [-0.0300, -0.0300] sd 0.0000" in md
+    rows = list(csv.DictReader((tmp_path / "differences_variants.csv").open()))
+    assert [(r["method"], r["against"], r["metric"]) for r in rows] == [
+        ("hetlora:padding=replication", "hetlora", m) for m in ("rougeL_generated", "rougeL_teacher_forced", "eval_loss")]
+    assert abs(float(rows[0]["mean_difference"]) + 0.03) < 1e-9 and rows[0]["significant"] == "True"
 
 
 def test_significance_follows_the_interval_that_resamples_seeds(tmp_path):

@@ -327,6 +327,14 @@ def write_report(out: str | Path, echo=print) -> Path:
     lines += _difference_tables([((f"{OURS} − {rival}", p), diffs) for rival, p, diffs in pairwise], profiles,
                                 lambda name: name, "the other heterogeneous methods", what="the difference each row names",
                                 of=len(seeds))
+    # A variant asks whether its arguments beat the method without them (HetLoRA's replication
+    # padding against its zero padding): the same paired intervals, variant minus plain method.
+    variants = [(m, m.split(":")[0]) for m in methods if ":" in m and m.split(":")[0] in methods]
+    against_plain = [(variant, plain, p, diffs) for variant, plain in variants
+                     for (_, p), diffs in _differences([variant], profiles, seeds, cell_for, plain)]
+    lines += _difference_tables([((f"{variant} − {plain}", p), diffs) for variant, plain, p, diffs in against_plain],
+                                profiles, lambda name: name, "the method without the variant's arguments",
+                                what="the difference each row names", of=len(seeds))
     if baseline in methods:
         lines += table(f"Improvement over {label(baseline)} in {METRIC} (paired by seed)", "final", delta=True)
         lines += table(f"Change in eval loss against {label(baseline)} (paired by seed; negative is better)",
@@ -371,12 +379,8 @@ def write_report(out: str | Path, echo=print) -> Path:
         for (m, p), diffs in differences:
             for d in diffs:
                 w.writerow([label(m), p, d.metric, f"{d.mean:.6f}", *_difference_cells(d)])
-    if pairwise:
-        with _csv_writer(out / f"differences_{OURS}.csv") as w:
-            w.writerow(["method", "against", "profile", "metric", "mean_difference", *DIFFERENCE_COLUMNS])
-            for rival, p, diffs in pairwise:
-                for d in diffs:
-                    w.writerow([OURS, rival, p, d.metric, f"{d.mean:.6f}", *_difference_cells(d)])
+    _write_pairs(out / f"differences_{OURS}.csv", [(OURS, rival, p, diffs) for rival, p, diffs in pairwise])
+    _write_pairs(out / "differences_variants.csv", against_plain)
     with _csv_writer(out / "cells.csv") as w:
         w.writerow(["method", "profile", "seed", "round", METRIC, "rougeL_teacher_forced", "eval_loss"])
         for r in rows:
@@ -428,6 +432,17 @@ def _csv_writer(path: Path):
 
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         yield csv.writer(f)
+
+
+def _write_pairs(path: Path, pairs) -> None:
+    """One CSV row per (method, against, profile, PairedDifference of a metric); none if no pairs."""
+    if not pairs:
+        return
+    with _csv_writer(path) as w:
+        w.writerow(["method", "against", "profile", "metric", "mean_difference", *DIFFERENCE_COLUMNS])
+        for method, against, p, diffs in pairs:
+            for d in diffs:
+                w.writerow([method, against, p, d.metric, f"{d.mean:.6f}", *_difference_cells(d)])
 
 
 def _difference_cells(d) -> list:
