@@ -68,11 +68,16 @@ def check_method_spec(spec: str) -> None:
         raise ConfigError(f"--methods: '{spec}' is not NAME or NAME:KEY=VALUE (e.g. hetlora:padding=replication)")
 
 
+def plain_method(spec: str) -> str:
+    """The method a grid method names: "hetlora" for the variant "hetlora:padding=replication"."""
+    return spec.split(":")[0]
+
+
 def is_homogeneous(method: str) -> bool:
     from flexlora.methods import METHODS
 
     # A grid folder may list a method this version lacks (cells added by a newer version).
-    return bool(getattr(METHODS.get(method.split(":")[0]), "homogeneous", False))
+    return bool(getattr(METHODS.get(plain_method(method)), "homogeneous", False))
 
 
 def grid_cells(methods: list[str], profiles: list[str], seeds: list[int]) -> list[Cell]:
@@ -329,7 +334,7 @@ def write_report(out: str | Path, echo=print) -> Path:
                                 of=len(seeds))
     # A variant asks whether its arguments beat the method without them (HetLoRA's replication
     # padding against its zero padding): the same paired intervals, variant minus plain method.
-    variants = [(m, m.split(":")[0]) for m in methods if ":" in m and m.split(":")[0] in methods]
+    variants = [(m, plain_method(m)) for m in methods if plain_method(m) != m and plain_method(m) in methods]
     against_plain = [(variant, plain, p, diffs) for variant, plain in variants
                      for (_, p), diffs in _differences([variant], profiles, seeds, cell_for, plain)]
     lines += _difference_tables([((f"{variant} − {plain}", p), diffs) for variant, plain, p, diffs in against_plain],
