@@ -236,3 +236,27 @@ def test_methods_whose_clients_train_the_base_weights_are_refused():
         Aggregator("slora")
     with pytest.raises(ValueError, match="unknown aggregation method 'nope'"):
         Aggregator("nope")
+
+
+def test_save_and_load_resume_the_next_round(tmp_path, adapters):
+    agg = aggregated("flexlora", adapters, server_opt={"name": "fedadam", "lr": 0.1})
+    agg.save(tmp_path / "server.safetensors")
+    again = Aggregator("flexlora", lora_alpha=ALPHA, server_opt={"name": "fedadam", "lr": 0.1})
+    again.load(tmp_path / "server.safetensors")
+    assert again.round == 1 and again.keys == agg.keys
+    for a in (agg, again):  # both run round 2 on the same update
+        a.add(adapters[0], num_examples=3)
+        a.aggregate()
+    for key, tensor in agg.client_adapter(16).items():
+        assert torch.equal(again.client_adapter(16)[key], tensor)
+    with pytest.raises(ValueError, match="saved by method 'flexlora', this Aggregator runs 'hetlora'"):
+        Aggregator("hetlora").load(tmp_path / "server.safetensors")
+
+
+def test_a_module_missing_from_one_client(adapters):
+    agg = Aggregator("flexlora", lora_alpha=ALPHA)
+    agg.add(adapters[0], num_examples=3)
+    module = modules(adapters[1])[-1]
+    partial = {k: v for k, v in adapters[1].items() if not k.startswith(module + ".")}
+    with pytest.raises(ValueError, match=rf"key '{module}\.lora_A\.weight' is missing \(the federation's adapters have it\)"):
+        agg.add(partial, num_examples=3)

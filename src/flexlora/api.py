@@ -30,10 +30,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from flexlora.methods import METHODS, GlobalState, compose_method
 from flexlora.methods.base import FLOAT_DTYPES, nonfinite
 from flexlora.protocol import ClientUpdate, Factors
+from flexlora.reporting import atomic_path
 
 # A LoRA factor as PEFT's get_peft_model_state_dict names it: "<module>.lora_A.weight".
 FACTOR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
@@ -143,7 +146,8 @@ class Aggregator:
         self._pending: list[str] = []  # client ids of the open round
         self._round_ranks: dict[str, int] = {}  # module -> the open round's first rank (homogeneous methods)
         if template is not None:
-            self._declare(*split_adapter(template))
+            factors, keys = split_adapter(template)
+            self._declare(keys, {module: (B.shape[0], A.shape[1]) for module, (A, B) in factors.items()})
 
     # -- a round ------------------------------------------------------------------------------
 
@@ -224,6 +228,45 @@ class Aggregator:
         regularizer); {} for methods that ask nothing of the client."""
         return dict(self.method.client_options(self._current_state(), self.round + 1 if round_ is None else round_, ""))
 
+    # -- persistence --------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        """Write what the next round needs (the global state, the server optimizer's moments, the
+        modules' keys, alpha, the round) to one safetensors file, atomically: a crash while
+        saving leaves the previous file whole. An open round is not saved."""
+        tensors = {f"state/{k}": v for k, v in (self.state or {}).items()}
+        if self._server_step is not None:
+            tensors.update({f"moments/{k}": v for k, v in self._server_step.moments.items()})
+        extra = self.method.extra_state()
+        if extra is not None:
+            tensors.update({f"extra/{k}": v for k, v in extra[0].items()})
+        meta = {"method": self.method.name, "round": self.round, "lora_alpha": self.lora_alpha,
+                "keys": self.keys, "shapes": self.shapes, "extra": extra[1] if extra is not None else None}
+        with atomic_path(path, suffix=".tmp") as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"flexlora": json.dumps(meta)})
+
+    def load(self, path: str | Path) -> None:
+        """Restore what ``save`` wrote, into an Aggregator made with the same method and arguments."""
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads((f.metadata() or {})["flexlora"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (OSError, KeyError, ValueError) as e:
+            raise ValueError(f"{path}: not an Aggregator file ({e})") from None
+        if meta["method"] != self.method.name:
+            raise ValueError(f"{path}: saved by method {meta['method']!r}, this Aggregator runs {self.method.name!r}")
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self._declare({m: tuple(k) for m, k in meta["keys"].items()}, {m: tuple(s) for m, s in meta["shapes"].items()})
+        self.state = part("state/") or None
+        self.round, self.lora_alpha = meta["round"], meta["lora_alpha"]
+        if self._server_step is not None:
+            self._server_step.moments = part("moments/")
+        if meta["extra"] is not None:
+            self.method.load_extra_state(part("extra/"), meta["extra"])
+
     # -- internals ----------------------------------------------------------------------------
 
     def _update(self, state_dict, num_examples, lora_alpha, adapter_config, client_id) -> ClientUpdate:
@@ -247,7 +290,7 @@ class Aggregator:
                 raise ValueError(f"keys {a_key!r}, {b_key!r}: weight shape {(B.shape[0], A.shape[1])}, the federation's is {shapes[module]}")
             self._check_rank(module, A.shape[0], a_key, shapes[module], in_round=True)
         if not self.shapes:
-            self._declare(factors, keys)
+            self._declare(keys, shapes)
         for module, (A, _) in factors.items():
             self._round_ranks.setdefault(module, A.shape[0])
         self.lora_alpha = alpha
@@ -268,11 +311,11 @@ class Aggregator:
             if fixed is not None and rank != fixed:
                 raise ValueError(f"key {key!r}: rank {rank}, but {self.method.name} needs every client at rank {fixed}")
 
-    def _declare(self, factors: dict[str, Factors], keys: dict[str, tuple[str, str]]) -> None:
-        self.keys = keys
-        self.shapes = {module: (B.shape[0], A.shape[1]) for module, (A, B) in factors.items()}
-        if self.max_rank is not None and self._server_step is None:
-            self.method.bound_ranks({module: min(self.max_rank, m, n) for module, (m, n) in self.shapes.items()})
+    def _declare(self, keys: dict[str, tuple[str, str]], shapes: dict[str, tuple[int, int]]) -> None:
+        """The federation's modules: their keys as clients name them and their weights' shapes."""
+        self.keys, self.shapes = keys, shapes
+        if self.max_rank is not None and self._server_step is None:  # a server optimizer steps the whole ΔW
+            self.method.bound_ranks({module: min(self.max_rank, m, n) for module, (m, n) in shapes.items()})
 
     def _current_state(self) -> GlobalState | None:
         if self.state is None and self.shapes:
