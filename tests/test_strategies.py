@@ -7,7 +7,10 @@ where a node's rank comes from before its first reply."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,9 +144,14 @@ def test_each_node_gets_its_rank_and_the_global_update_is_the_aggregators(method
         assert offset is None and all("base-offset" not in m.content for m in round_two.values())
 
 
-def delta(state_dict, module):
+def scaled(state_dict, module, alpha):
+    """(α/r) B @ A of one module of an adapter state dict, in float64."""
     A, B = state_dict[f"{module}.lora_A.weight"].double(), state_dict[f"{module}.lora_B.weight"].double()
-    return (ALPHA / A.shape[0]) * B @ A
+    return (alpha / A.shape[0]) * B @ A
+
+
+def delta(state_dict, module):
+    return scaled(state_dict, module, ALPHA)
 
 
 def test_flexlora_global_update_is_the_formula_of_the_last_rounds_replies():
@@ -227,3 +235,102 @@ def test_bad_setup_is_one_line():
     strategy = HeteroRankStrategy("flexlora", lora_alpha=ALPHA)
     with pytest.raises(ValueError, match=r"initial_arrays must hold the clients' LoRA factors"):
         strategy.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(dict(NODES)))
+
+
+# -- the example app (examples/flower-peft) in Flower's simulation engine ----------------------------
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "flower-peft"
+
+
+def with_run_config(server_app, client_app, run_config: dict):
+    """The example's apps with its pyproject's run config: ``run_simulation`` hands apps an empty
+    one (``flwr run`` would read it from the pyproject). Closures, so that Ray ships them by value."""
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+    server, client = ServerApp(), ClientApp()
+
+    @server.main()
+    def _main(grid, context):
+        context.run_config.update(run_config)
+        server_app(grid, context)
+
+    def _handle(message, context):  # a node's run config is read-only: hand the app a Context with it
+        from flwr.app import Context
+
+        given = Context(context.run_id, context.node_id, context.node_config, context.state, dict(run_config), context.series_id)
+        return client_app(message, given)
+
+    client.train()(_handle)
+    client.query("lora_rank")(_handle)
+    return server, client
+
+
+def test_the_example_app_on_flowers_simulation_engine(tmp_path, monkeypatch):
+    """Two nodes at ranks 4 and 16, 2 rounds of FlexLoRA: each node is sent its own rank (round 2:
+    the best rank-r approximation of round 1's ΔW), and the saved global update is
+    ΔW = Σ p_k (α/r_k) B_k A_k of the last round's replies."""
+    pytest.importorskip("ray", reason="Flower's simulation engine needs Ray: pip install 'flwr[simulation]==1.41.*'")
+    import ray
+    from flwr.common.config import get_fused_config_from_dir
+    from flwr.simulation import run_simulation
+    from safetensors.torch import load_file
+
+    for key, value in {"FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(key, value)
+    # The example's package, for this process and for Ray's workers (they start from this environment).
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(EXAMPLE), os.environ.get("PYTHONPATH")])))
+    from flower_peft import client_app, server_app
+
+    sent, replies = {}, {}  # round -> {node: state dict}, round -> [(node, state dict, metrics)]
+    configure, aggregate = HeteroRankStrategy.configure_train, HeteroRankStrategy.aggregate_train
+
+    def configure_train(self, server_round, arrays, config, grid):
+        messages = list(configure(self, server_round, arrays, config, grid))
+        sent[server_round] = {m.metadata.dst_node_id: m.content["arrays"].to_torch_state_dict() for m in messages}
+        return messages
+
+    def aggregate_train(self, server_round, got):
+        got = list(got)
+        replies[server_round] = [(r.metadata.src_node_id, r.content["arrays"].to_torch_state_dict(), dict(r.content["metrics"]))
+                                 for r in got if not r.has_error()]
+        return aggregate(self, server_round, got)
+
+    monkeypatch.setattr(HeteroRankStrategy, "configure_train", configure_train)
+    monkeypatch.setattr(HeteroRankStrategy, "aggregate_train", aggregate_train)
+    run_config = get_fused_config_from_dir(EXAMPLE, {"save-path": str(tmp_path / "global")})
+    assert (run_config["method"], run_config["lora-ranks"], run_config["num-server-rounds"]) == ("flexlora", "4,16", 2)
+    server, client = with_run_config(server_app.app, client_app.app, run_config)
+    resources = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                 "init_args": {"num_cpus": 1, "num_gpus": 0, "include_dashboard": False, "object_store_memory": 256 * 2**20}}
+    try:
+        run_simulation(server_app=server, client_app=client, num_supernodes=2, backend_config=resources)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+
+    alpha = run_config["lora-alpha"]
+    assert sorted(sent) == sorted(replies) == [1, 2]
+    declared = {node: metrics["lora-rank"] for node, _, metrics in replies[1]}
+    assert sorted(declared.values()) == [4, 16]
+    for server_round in (1, 2):
+        assert {node: set(ranks_of(sd).values()) for node, sd in sent[server_round].items()} == {n: {r} for n, r in declared.items()}
+        assert {node: set(ranks_of(sd).values()) for node, sd, _ in replies[server_round]} == {n: {r} for n, r in declared.items()}
+
+    def global_update(round_replies, module):  # Σ p_k (α/r_k) B_k A_k, p_k = n_k / Σ n
+        total = sum(metrics["num-examples"] for _, _, metrics in round_replies)
+        return sum(metrics["num-examples"] / total * scaled(sd, module, alpha) for _, sd, metrics in round_replies)
+
+    modules = sorted(ranks_of(replies[2][0][1]))
+    assert {metrics["num-examples"] for _, _, metrics in replies[2]} == {4, 8}  # the nodes weigh 1/3 and 2/3
+    saved = load_file(tmp_path / "global" / "adapter_model.safetensors")
+    adapter_config = json.loads((tmp_path / "global" / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 20 and adapter_config["lora_alpha"] == alpha  # ΔW kept whole: rank 4 + 16
+    for module in modules:
+        torch.testing.assert_close(scaled(saved, module, alpha), global_update(replies[2], module), rtol=1e-4, atol=1e-6)
+        U, S, Vh = torch.linalg.svd(global_update(replies[1], module))
+        for node, rank in declared.items():  # what each node started round 2 from
+            best = U[:, :rank] @ torch.diag(S[:rank]) @ Vh[:rank]
+            torch.testing.assert_close(scaled(sent[2][node], module, alpha), best, rtol=1e-4, atol=1e-6)

@@ -144,6 +144,9 @@ class HeteroRankStrategy(FedAvg):
         adapter, ranks = self.aggregator.global_adapter()
         log(INFO, "aggregate_train: %s over %d node(s); global ranks %s", self.method_name, len(taken), sorted(set(ranks.values())))
         metrics = self.train_metrics_aggr_fn(taken, self.weighted_by_key)
+        for declaration in (self.rank_key, "lora-alpha"):  # not metrics: their average means nothing
+            if declaration in metrics:
+                del metrics[declaration]
         return ArrayRecord(self._wire(adapter)), metrics
 
     # -- evaluation: each node evaluates the global model at its own rank -------------------------
