@@ -208,9 +208,10 @@ def test_where_a_nodes_rank_comes_from_before_its_first_reply():
         return trained, metrics
 
     grid = FakeGrid(dict(NODES), break_reply=prune_or_declare)
-    strategy, _ = run("hetlora", grid, rounds=2)
+    strategy, result = run("hetlora", grid, rounds=2)
     second = {node: set(ranks_of(m.content["arrays"].to_torch_state_dict()).values()) for node, m in grid.train_messages(2).items()}
     assert second == {11: {2}, 22: {6}, 33: {2}}
+    assert "lora-rank" not in result.train_metrics_clientapp[2]  # a declaration, not a metric to average
     assert sum(m.metadata.message_type == RANK_QUERY for m in grid.sent) == 3  # asked once, in round 1
 
 
@@ -232,6 +233,8 @@ def test_bad_setup_is_one_line():
         HeteroRankStrategy("slora", lora_alpha=ALPHA)
     with pytest.raises(ValueError, match="lora_alpha must be a positive number"):
         HeteroRankStrategy("flexlora", lora_alpha=0)
+    with pytest.raises(ValueError, match="lora_alpha is required"):
+        HeteroRankStrategy("flexlora", lora_alpha=None)
     strategy = HeteroRankStrategy("flexlora", lora_alpha=ALPHA)
     with pytest.raises(ValueError, match=r"initial_arrays must hold the clients' LoRA factors"):
         strategy.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(dict(NODES)))

@@ -89,6 +89,8 @@ class HeteroRankStrategy(FedAvg):
         dtype: torch.dtype = torch.float32,
         **fedavg_args,
     ) -> None:
+        if lora_alpha is None:
+            raise ValueError("lora_alpha is required: the LoRA alpha every node trains with (PEFT's LoraConfig.lora_alpha)")
         super().__init__(**fedavg_args)
         self.method_name, self.method_args = method, dict(method_args or {})
         self.lora_alpha, self.max_rank = lora_alpha, max_rank
@@ -220,7 +222,12 @@ class HeteroRankStrategy(FedAvg):
             return ranks
         _, held = self.aggregator.global_adapter()
         wanted = {node: _per_module(rank, self.aggregator.shapes) for node, rank in ranks.items() if rank is not None}
-        fixed = held or {m: min(r[m] for r in wanted.values()) for m in self.aggregator.shapes} if wanted else {}
+        if held:  # after round 1: the global adapter's rank
+            fixed = held
+        elif wanted:  # round 1: the smallest rank of the round's nodes
+            fixed = {m: min(r[m] for r in wanted.values()) for m in self.aggregator.shapes}
+        else:
+            return {}
         out = {}
         for node, rank in wanted.items():
             if any(rank[m] < fixed[m] for m in fixed):

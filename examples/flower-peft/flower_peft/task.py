@@ -81,4 +81,4 @@ def train(model, texts: list[str], cfg: dict, seed: int) -> float:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    return float(loss)
+    return float(loss.detach())
