@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+pytest.importorskip("flwr", reason="Flower is the optional extra flexlora[flower]")
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
