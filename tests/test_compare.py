@@ -59,9 +59,11 @@ def test_a_mean_over_fewer_seeds_than_the_grid_says_so():
     assert _fmt([0.2], of=3) == "0.2000 (1 seed)" and _fmt([], of=3) == "–"
 
 
-def write_finished_grid(out, scores):
+def write_finished_grid(out, scores, categories=None):
     """A grid folder as `flexlora compare` leaves it, without training: scores[(method, seed)]
-    is every held-out example's Rouge-L (the same for both scores) in the cell's last evaluation."""
+    is every held-out example's Rouge-L (the same for both scores) in the cell's last evaluation;
+    `categories`: example i -> its client's NI category label (client "k<i//2>", two examples
+    each), recorded as evaluation records it (per_client)."""
     cells = [{"method": m, "profile": "homo" if m == "fedit" else "uniform", "seed": s} for m, s in scores]
     settings = {"model": "tiny-llama", "data": {"source": "natural-instructions", "path": "ni"},
                 "federation": {"rounds": 1, "clients_per_round": 2}, "train": {"steps": 1, "batch_size": 1},
@@ -74,6 +76,10 @@ def write_finished_grid(out, scores):
                         "loss": 2.0 - v, "tokens": 1} for i, v in enumerate(values)]
         mean = sum(values) / len(values)
         ev = {"rougeL_generated": mean, "rougeL_teacher_forced": mean, "eval_loss": 2.0 - mean, "per_example": per_example}
+        if categories:
+            for i, e in enumerate(per_example):
+                e["client"], e["index"] = f"k{i // 2}", i % 2
+            ev["per_client"] = {f"k{i // 2}": {"category": categories(i)} for i in range(len(values))}
         folder = out / "cells" / Cell(**cell).name
         folder.mkdir()
         (folder / "metrics.jsonl").write_text(json.dumps({"round": 1, "eval": ev}) + "\n")
@@ -140,6 +146,28 @@ def test_significance_follows_the_interval_that_resamples_seeds(tmp_path):
     assert d["significant"] == "False" and d["significant_examples_only"] == "True"
     assert float(d["ci95_low"]) < 0 < float(d["ci95_examples_low"]) < float(d["ci95_examples_high"]) < float(d["ci95_high"])
     assert [round(float(x), 6) for x in d["per_seed"].split()] == [0.04, 0.04, -0.05]
+
+
+def test_a_gain_that_lives_in_one_held_out_category_is_not_significant_over_tasks(tmp_path):
+    # FlexLoRA − FLoRA on NI had this shape: most of the gain from two of nine categories.
+    # Resampling test examples calls it significant; resampling the categories does not.
+    base = [0.05 * (i % 7) for i in range(180)]
+    scores = {}
+    for seed in (0, 1, 2):
+        scores[("fedit", seed)] = base
+        scores[("flexlora", seed)] = [v + (0.3 if i < 20 else -0.005) + 0.001 * seed for i, v in enumerate(base)]
+    write_finished_grid(tmp_path, scores, categories=lambda i: f"Category {'ABCDEFGHI'[i // 20]} {100 + i // 2}.json")
+    md = write_report(tmp_path, echo=None).read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| flexlora | +0.0299 ["))
+    assert "(seeds and categories [-0.0" in row and row.endswith("**n.s.** |")
+    assert "resamples the seeds and then the 9 held-out task categories" in md and "significance follows it" in md
+    assert "(180 paired test examples from 9 held-out categories, 3 seed(s)" in md
+    assert "Significant with seeds and examples resampled, not once the held-out categories are resampled: " \
+           "flexlora uniform rougeL_generated" in md
+    d = {r["metric"]: r for r in csv.DictReader((tmp_path / "differences.csv").open())}["rougeL_generated"]
+    assert d["significant_by"] == "seeds and categories" and d["categories"] == "9"
+    assert d["significant"] == "False" and d["significant_seeds_examples"] == "True"
+    assert float(d["ci95_categories_low"]) < 0 < float(d["ci95_low"])
 
 
 def test_with_one_seed_the_report_says_the_two_intervals_are_one(tmp_path):

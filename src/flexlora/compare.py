@@ -11,8 +11,10 @@ reference ("improvement over homogeneous FedIT") for every profile.
 
 The base model is evaluated once per grid (zero_shot.json): held-out clients and greedy decoding
 do not depend on the seed. Every difference against the baseline is paired (same seed, same test
-examples) and comes with two 95% bootstrap intervals (flexlora.stats): one that resamples seeds
-and test examples, which decides "significant", and one over the test examples only.
+examples) and comes with 95% bootstrap intervals (flexlora.stats): one that resamples seeds and
+test examples, one over the test examples only, and, where the held-out examples come from
+several task categories, one that resamples seeds and then categories (task-level). "Significant"
+follows the widest the design supports: the task-level one where there is one.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from flexlora.config import ConfigError, ExperimentConfig, load_config
 from flexlora.evaluation import METRIC
 from flexlora.reporting import atomic_path, write_json
 from flexlora.runlock import RunLock
-from flexlora.stats import LOSS, MEAN_SCORES, paired_difference
+from flexlora.stats import LOSS, MEAN_SCORES, SEEDS_AND_CATEGORIES, paired_difference
 
 GRID_FILE = "grid.json"
 GRID_LOCK = ".grid.lock"  # held while grid.json is read, merged and written
@@ -408,27 +410,51 @@ def _final_examples(row) -> list[dict] | None:
     return evaluated[-1]["eval"].get("per_example") if evaluated else None
 
 
+def _final_categories(row) -> dict[str, str]:
+    """Client id -> held-out task category ('Textual Entailment' for 'Textual Entailment
+    1090.json') of the clients in a cell's last evaluation ({} where it recorded none)."""
+    from flexlora.data.split import task_category
+
+    evaluated = [rec for rec in row["history"] if rec.get("eval")]
+    per_client = evaluated[-1]["eval"].get("per_client") or {} if evaluated else {}
+    return {cid: task_category(c["category"]) for cid, c in per_client.items() if c.get("category") is not None}
+
+
+def _categories_of(rows, runs) -> dict[str, str] | None:
+    """The held-out category of every client the runs' examples come from, or None when any
+    client lacks one (cells written before evaluation recorded them)."""
+    categories: dict[str, str] = {}
+    for row in rows:
+        categories.update(_final_categories(row))
+    clients = {str(e["client"]) for run in runs for e in run}
+    return categories if clients <= set(categories) else None
+
+
 def _differences(methods, profiles, seeds, cell_for, baseline):
     """[((method, profile), [PairedDifference per metric])] against the baseline, over the seeds
-    where both cells are done."""
+    where both cells are done; with the task-level interval where the examples' categories are known."""
     out = []
     for m in methods:
         if m == baseline:
             continue
         for p in (["homo"] if is_homogeneous(m) else profiles):
-            pairs = [(_final_examples(r), _final_examples(b)) for s in seeds
-                     if (r := cell_for(m, p, s)) and (b := cell_for(baseline, p, s))]
-            pairs = [(x, y) for x, y in pairs if x and y]
+            cells = [(r, b) for s in seeds if (r := cell_for(m, p, s)) and (b := cell_for(baseline, p, s))]
+            pairs = [(x, y, r, b) for r, b in cells if (x := _final_examples(r)) and (y := _final_examples(b))]
             if pairs:
-                runs, base = [x for x, _ in pairs], [y for _, y in pairs]
-                out.append(((m, p), [paired_difference(runs, base, metric) for metric in (*MEAN_SCORES, LOSS)]))
+                runs, base = [x for x, *_ in pairs], [y for _, y, *_ in pairs]
+                categories = _categories_of([c for *_, r, b in pairs for c in (r, b)], runs + base)
+                out.append(((m, p), [paired_difference(runs, base, metric, categories=categories)
+                                     for metric in (*MEAN_SCORES, LOSS)]))
     return out
 
 
-# ci95_*: the two-level interval (seeds and examples resampled), which `significant` follows;
-# ci95_examples_*: the test examples resampled only; per_seed: the difference in each seed.
+# ci95_*: the two-level interval (seeds and examples resampled); ci95_examples_*: the test
+# examples resampled only; ci95_categories_*: seeds, then held-out categories resampled (empty
+# where the examples come from fewer than 2 categories); `significant` follows the interval
+# `significant_by` names; per_seed: the difference in each seed.
 DIFFERENCE_COLUMNS = ("ci95_low", "ci95_high", "ci95_examples_low", "ci95_examples_high", "seed_sd", "seeds", "examples",
-                      "significant", "significant_examples_only", "per_seed")
+                      "significant", "significant_examples_only", "per_seed", "ci95_categories_low", "ci95_categories_high",
+                      "categories", "significant_by", "significant_seeds_examples")
 
 
 @contextmanager
@@ -451,8 +477,10 @@ def _write_pairs(path: Path, pairs) -> None:
 
 
 def _difference_cells(d) -> list:
+    categories = [f"{d.category_low:.6f}", f"{d.category_high:.6f}"] if d.has_categories else ["", ""]
     return [f"{d.low:.6f}", f"{d.high:.6f}", f"{d.example_low:.6f}", f"{d.example_high:.6f}", f"{d.seed_sd:.6f}",
-            d.seeds, d.examples, d.significant, d.significant_examples_only, " ".join(f"{x:+.6f}" for x in d.per_seed)]
+            d.seeds, d.examples, d.significant, d.significant_examples_only, " ".join(f"{x:+.6f}" for x in d.per_seed),
+            *categories, d.categories, d.decided_by, d.significant_seeds_examples]
 
 
 def _difference_tables(differences, profiles, label, baseline, what=None, of: int = 1) -> list[str]:
@@ -461,18 +489,28 @@ def _difference_tables(differences, profiles, label, baseline, what=None, of: in
     seed 0 first)."""
     if not differences:
         return []
-    lines = [
-        f"### Difference against {label(baseline)}, with 95% intervals",
-        "",
+    by_key = {key: {d.metric: d for d in diffs} for key, diffs in differences}
+    categories = max((d.categories for ds in by_key.values() for d in ds.values() if d.has_categories), default=0)
+    intervals = (
         f"{what or 'method − ' + label(baseline)}, mean over seeds; [95% paired two-level bootstrap interval: seeds resampled "
         "with replacement and the held-out test examples resampled (the same examples for every seed and for both methods), "
         "2000 resamples]; sd: standard deviation of the per-seed difference; (examples only [...]): the interval that "
-        "resamples the test examples only and keeps the seeds fixed, so it leaves training randomness out. **n.s.**: the "
-        "two-level interval contains 0 (not significant). With one seed the two intervals are the same. With 3 seeds the "
-        "two-level interval is coarse (10 distinct seed resamples). Eval loss: negative is better.",
-        "",
-    ]
-    by_key = {key: {d.metric: d for d in diffs} for key, diffs in differences}
+        "resamples the test examples only and keeps the seeds fixed, so it leaves training randomness out. "
+    )
+    if categories:
+        intervals += (
+            f"({SEEDS_AND_CATEGORIES} [...]): the task-level interval, which resamples the seeds and then the {categories} "
+            "held-out task categories, each category's test examples together (a cluster bootstrap), since the claim is about "
+            "unseen tasks. **n.s.**: the seeds-and-categories interval contains 0 (not significant): significance follows it, "
+            "the widest interval this grid's design supports. With one seed the first two intervals are the same. With 3 "
+            "seeds the intervals that resample seeds are coarse (10 distinct seed resamples). Eval loss: negative is better."
+        )
+    else:
+        intervals += (
+            "**n.s.**: the two-level interval contains 0 (not significant). With one seed the two intervals are the same. "
+            "With 3 seeds the two-level interval is coarse (10 distinct seed resamples). Eval loss: negative is better."
+        )
+    lines = [f"### Difference against {label(baseline)}, with 95% intervals", "", intervals, ""]
     methods = list(dict.fromkeys(m for m, _ in by_key))
 
     def entry(d, digits):
@@ -490,11 +528,22 @@ def _difference_tables(differences, profiles, label, baseline, what=None, of: in
         lines.append("")
     n = next(iter(by_key.values()))[METRIC]
     one_seed = " (one seed: the two-level interval is the examples-only one)" if n.seeds == 1 else ""
-    lines += [f"({n.examples} paired test examples, {n.seeds} seed(s) in the first row's cells{one_seed}.)", ""]
+    from_categories = f" from {n.categories} held-out categories" if n.has_categories else ""
+    lines += [f"({n.examples} paired test examples{from_categories}, {n.seeds} seed(s) in the first row's cells{one_seed}.)", ""]
     flips = [f"{label(m)} {p} {metric}" for (m, p), ds in by_key.items() for metric, d in ds.items()
-             if d.significant_examples_only and not d.significant]
+             if d.significant_examples_only and not d.significant_seeds_examples]
     if flips:
         lines += [f"Significant over the test examples only, not once seeds are resampled: {', '.join(flips)}.", ""]
+    for text, test in (
+        ("Significant with seeds and examples resampled, not once the held-out categories are resampled",
+         lambda d: d.significant_seeds_examples and not d.significant),
+        ("Significant once the held-out categories are resampled, not with seeds and examples resampled",
+         lambda d: d.significant and not d.significant_seeds_examples),
+    ):
+        found = [f"{label(m)} {p} {metric}" for (m, p), ds in by_key.items() for metric, d in ds.items()
+                 if d.has_categories and test(d)]
+        if found:
+            lines += [f"{text}: {', '.join(found)}.", ""]
     return lines
 
 
