@@ -214,7 +214,7 @@ def test_two_cell_grid_end_to_end_resumes_and_never_trains_heldout_clients(tmp_p
     fedit_final = json.loads((cells / "fedit-homo-seed0" / "summary.json").read_text())["final"]
     flex_final = json.loads((cells / "flexlora-uniform-seed0" / "summary.json").read_text())["final"]
     assert abs(float(flex_row["delta_vs_fedit_mean"]) - (flex_final - fedit_final)) < 1e-6
-    assert (out / "compare.png").stat().st_size > 1000
+    assert (out / "forest.png").stat().st_size > 1000 and (out / "scores.png").stat().st_size > 1000
     # The paired difference with its bootstrap interval, recomputed here from the per-example scores.
     assert "Difference against fedit (homo), with 95% intervals" in md
     diffs = {r["metric"]: r for r in csv.DictReader((out / "differences.csv").open())}

@@ -39,6 +39,7 @@ from flexlora.runlock import RunLock
 from flexlora.stats import LOSS, MEAN_SCORES, SEEDS_AND_CATEGORIES, paired_difference
 
 GRID_FILE = "grid.json"
+FOREST_PNG, SCORES_PNG = "forest.png", "scores.png"
 GRID_LOCK = ".grid.lock"  # held while grid.json is read, merged and written
 OURS = "flexlora"  # the library's method: the report also sets it against every other heterogeneous method
 # Settings a cell sets itself; everything else must match between runs of one grid folder.
@@ -255,7 +256,7 @@ def load_cells(out: Path) -> tuple[dict, list[dict]]:
 
 def write_report(out: str | Path, echo=print) -> Path:
     """compare.md, compare.csv (mean ± spread per method and profile), cells.csv (one row per
-    cell) and compare.png (the metric per round) from the finished cells."""
+    cell), differences*.csv, forest.png and scores.png from the finished cells."""
     out = Path(out)
     grid, rows = load_cells(out)
     cells = [Cell(**c) for c in grid["cells"]]
@@ -320,10 +321,7 @@ def write_report(out: str | Path, echo=print) -> Path:
                 *("| " + " | ".join(row) + " |" for row in body), ""]
 
     lines += table(f"Final {METRIC} (held-out clients)", "final")
-    differences = []
-    if baseline in methods:
-        differences = _differences(methods, profiles, seeds, cell_for, baseline)
-        lines += _difference_tables(differences, profiles, label, baseline, of=len(seeds))
+    differences = _differences(methods, profiles, seeds, cell_for, baseline) if baseline in methods else []
     # The paper's claim is also about FlexLoRA against the other heterogeneous methods, not
     # only against the homogeneous baseline: the same paired intervals, FlexLoRA minus each.
     rivals = [m for m in methods if m not in (baseline, OURS) and not is_homogeneous(m)]
@@ -331,14 +329,18 @@ def write_report(out: str | Path, echo=print) -> Path:
     if OURS in methods:
         for rival in rivals:
             pairwise += [(rival, p, diffs) for (_, p), diffs in _differences([OURS], profiles, seeds, cell_for, rival)]
-    lines += _difference_tables([((f"{OURS} − {rival}", p), diffs) for rival, p, diffs in pairwise], profiles,
-                                lambda name: name, "the other heterogeneous methods", what="the difference each row names",
-                                of=len(seeds))
     # A variant asks whether its arguments beat the method without them (HetLoRA's replication
     # padding against its zero padding): the same paired intervals, variant minus plain method.
     variants = [(m, plain_method(m)) for m in methods if plain_method(m) != m and plain_method(m) in methods]
     against_plain = [(variant, plain, p, diffs) for variant, plain in variants
                      for (_, p), diffs in _differences([variant], profiles, seeds, cell_for, plain)]
+    forest = _forest(differences, pairwise, baseline, profiles, label)
+    if forest:
+        lines += _forest_lines(forest, label(baseline))
+    lines += _difference_tables(differences, profiles, label, baseline, of=len(seeds))
+    lines += _difference_tables([((f"{OURS} − {rival}", p), diffs) for rival, p, diffs in pairwise], profiles,
+                                lambda name: name, "the other heterogeneous methods", what="the difference each row names",
+                                of=len(seeds))
     lines += _difference_tables([((f"{variant} − {plain}", p), diffs) for variant, plain, p, diffs in against_plain],
                                 profiles, lambda name: name, "the method without the variant's arguments",
                                 what="the difference each row names", of=len(seeds))
@@ -397,10 +399,41 @@ def write_report(out: str | Path, echo=print) -> Path:
                     w.writerow([r["cell"].method, r["cell"].profile, r["cell"].seed, rec["round"],
                                 f"{e[METRIC]:.6f}", f"{e['rougeL_teacher_forced']:.6f}", f"{e['eval_loss']:.6f}"])
     if rows:
-        _plot(out / "compare.png", rows, methods, profiles, seeds, cell_for, label)
+        _figures(out, rows, methods, profiles, seeds, cell_for, label, forest)
     if echo:
         echo(f"compare: report {md} ({len(rows)}/{len(cells)} cells)")
     return md
+
+
+def _forest(differences, pairwise, baseline, profiles, label):
+    from flexlora.compare_figures import forest_rows
+
+    return forest_rows(differences, pairwise, baseline, OURS, profiles, label, METRIC) if differences or pairwise else []
+
+
+def _forest_lines(forest, baseline_label: str) -> list[str]:
+    intervals = " / ".join(sorted({r.interval for r in forest}))
+    return [
+        "### The differences at a glance", "",
+        f"![Paired differences: each method − {baseline_label} and each method − {OURS}, per profile]({FOREST_PNG})", "",
+        f"Per resource profile, each method − {baseline_label}, then each method − {OURS}, in {METRIC}: the mean (◆, "
+        f"filled when significant), the 95% interval over {intervals} (the one \"significant\" follows), one dot per "
+        f"seed. [{SCORES_PNG}]({SCORES_PNG}): the scores themselves (round curves where intermediate rounds were "
+        "evaluated, otherwise each seed's final score).", "",
+    ]
+
+
+def _figures(out: Path, rows, methods, profiles, seeds, cell_for, label, forest) -> None:
+    """forest.png (every difference against the baseline and against FlexLoRA) and scores.png
+    (round curves, or final scores where only the first and last rounds were evaluated). They
+    replace compare.png, whose straight lines from round 0 to the last round drew progress
+    nobody measured: a compare.png left by an older version is removed."""
+    from flexlora.compare_figures import plot_forest, plot_scores, score_panels
+
+    plot_forest(out / FOREST_PNG, forest, profiles, METRIC)
+    zero_shot = statistics.fmean(r["summary"]["zero_shot"] for r in rows)
+    plot_scores(out / SCORES_PNG, score_panels(methods, profiles, seeds, cell_for, label, is_homogeneous), zero_shot)
+    (out / "compare.png").unlink(missing_ok=True)
 
 
 def _final_examples(row) -> list[dict] | None:
@@ -597,50 +630,6 @@ def _category_table(rows, methods, profiles, label) -> list[str]:
             if any(vals.values()):
                 lines.append(f"| {label(m)} | {p} | " + " | ".join(f"{statistics.fmean(v):.3f}" if v else "–" for v in vals.values()) + " |")
     return lines + [""]
-
-
-def _plot(path: Path, rows, methods, profiles, seeds, cell_for, label) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(profiles), figsize=(4.2 * len(profiles), 3.9), sharey=True, squeeze=False)
-    handles: dict[str, object] = {}
-    for ax, profile in zip(axes[0], profiles):
-        for method in methods:
-            curves = [
-                {int(k): v for k, v in r["summary"]["per_round"].items()}
-                for s in seeds if (r := cell_for(method, profile, s))
-            ]
-            if not curves:
-                continue
-            rounds = sorted(set.intersection(*(set(c) for c in curves)))
-            mean = [statistics.fmean(c[t] for c in curves) for t in rounds]
-            lo = [min(c[t] for c in curves) for t in rounds]
-            hi = [max(c[t] for c in curves) for t in rounds]
-            style = "--" if is_homogeneous(method) else "-"
-            # A homogeneous method runs once, on the homo profile: the same curve in every panel.
-            name = f"{label(method)}: every client at the same rank" if is_homogeneous(method) else \
-                f"{label(method)}: ranks from the panel's profile"
-            line, = ax.plot(rounds, mean, style, marker="o", label=f"{name}, {len(curves)} seeds")
-            handles.setdefault(line.get_label(), line)
-            if len(curves) > 1:
-                ax.fill_between(rounds, lo, hi, color=line.get_color(), alpha=0.15)
-        ax.set_title(f"resource profile: {profile}", fontsize=10)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_xlabel("federated round (0 = zero-shot)")
-        ax.grid(alpha=0.3)
-        ax.set_ylim(bottom=0)
-    axes[0][0].set_ylabel("held-out Rouge-L F1, generated (0-1)")
-    fig.suptitle("Held-out clients' Rouge-L per round: mean over seeds, band from the lowest to the highest seed", fontsize=10)
-    # One legend for all panels, below them, so that it covers no curve.
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(2, len(handles)) or 1, fontsize=8, frameon=False)
-    rows_of_legend = -(-len(handles) // 2)
-    fig.tight_layout(rect=(0, 0.045 * rows_of_legend + 0.03, 1, 1))
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
 
 
 def command_line(argv: list[str] | None = None) -> str:
