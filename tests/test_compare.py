@@ -168,6 +168,11 @@ def test_a_gain_that_lives_in_one_held_out_category_is_not_significant_over_task
     assert d["significant_by"] == "seeds and categories" and d["categories"] == "9"
     assert d["significant"] == "False" and d["significant_seeds_examples"] == "True"
     assert float(d["ci95_categories_low"]) < 0 < float(d["ci95_low"])
+    # The seeds agree (+0.0289, +0.0299, +0.0309): two seeds would do; the categories are what
+    # the grid lacks, and the report says the seed count leaves them as they are.
+    assert "| flexlora − fedit (homo) | uniform | +0.0299 | 0.0010 | 3 | no (seeds and categories) | 2 | 2 |" in md
+    assert "more seeds leave its category part as wide as it is" in md
+    assert (d["seeds_to_exclude_0"], d["seeds_for_80pct_power"]) == ("2", "2")
 
 
 def test_with_one_seed_the_report_says_the_two_intervals_are_one(tmp_path):
@@ -282,6 +287,9 @@ def test_a_difference_over_fewer_seeds_than_the_grid_says_so(tmp_path):
     assert "| hetlora | +0.0100 [+0.0100, +0.0100] (1 of 3 seeds) |" in md
     assert "| flexlora | +0.0200 [+0.0200, +0.0200] sd 0.0000 (examples only [+0.0200, +0.0200]) |" in md
     assert "| flexlora − hetlora | +0.0100 [+0.0100, +0.0100] (1 of 3 seeds) |" in md
+    # One seed has no spread over seeds: the report says so instead of a number of seeds.
+    assert "| hetlora − fedit (homo) | uniform | +0.0100 | 0.0000 | 1 | yes (seeds and examples) | " \
+           "– (1 seed: no spread) | – (1 seed: no spread) |" in md
 
 
 def _compare_ni_script(tmp_path, finals, **env):

@@ -150,3 +150,20 @@ def test_t_quantiles_match_the_tables(p, df, expected):
     from flexlora.stats import t_quantile
 
     assert t_quantile(p, df) == pytest.approx(expected, abs=1e-4)
+
+
+def test_seeds_needed_follows_the_t_interval_of_the_per_seed_differences():
+    from flexlora.stats import seeds_needed
+
+    # |d|/s = 1: √6 = 2.449 < t(0.975, 5) = 2.571 but √7 = 2.646 > t(0.975, 6) = 2.447; for 80% power
+    # √9 = 3 < 2.306 + 0.889 but √10 = 3.162 ≥ t(0.975, 9) + t(0.8, 9) = 2.262 + 0.883.
+    assert seeds_needed(0.03, 0.03, 3) == 7 and seeds_needed(-0.03, 0.03, 3, power=0.8) == 10
+    method, base = seeds_with_gains([0.0, 0.03, 0.06], noise=0.0)
+    d = paired_difference(method, base, "rougeL_generated")
+    assert d.mean == pytest.approx(0.03) and d.seed_sd == pytest.approx(0.03)
+    assert (d.seeds_to_exclude_zero, d.seeds_for_power) == (7, 10)
+    # |d|/s = 2: √3·2 = 3.46 < t(0.975, 2) = 4.30, √4·2 = 4 > t(0.975, 3) = 3.18.
+    assert seeds_needed(0.03, 0.015, 3) == 4
+    # No spread known with one seed; none needed beyond two without spread; never for a zero mean.
+    assert seeds_needed(0.03, 0.0, 1) is None and seeds_needed(0.03, 0.0, 3) == 2 and seeds_needed(0.0, 0.01, 3) is None
+    assert seeds_needed(1e-9, 0.05, 3) == 100_001  # more than MAX_SEEDS

@@ -36,7 +36,7 @@ from flexlora.config import ConfigError, ExperimentConfig, load_config
 from flexlora.evaluation import METRIC
 from flexlora.reporting import atomic_path, write_json
 from flexlora.runlock import RunLock
-from flexlora.stats import LOSS, MEAN_SCORES, SEEDS_AND_CATEGORIES, paired_difference
+from flexlora.stats import LOSS, MAX_SEEDS, MEAN_SCORES, SEEDS_AND_CATEGORIES, paired_difference
 
 GRID_FILE = "grid.json"
 FOREST_PNG, SCORES_PNG = "forest.png", "scores.png"
@@ -344,6 +344,9 @@ def write_report(out: str | Path, echo=print) -> Path:
     lines += _difference_tables([((f"{variant} − {plain}", p), diffs) for variant, plain, p, diffs in against_plain],
                                 profiles, lambda name: name, "the method without the variant's arguments",
                                 what="the difference each row names", of=len(seeds))
+    lines += _power_table([(f"{label(m)} − {label(baseline)}", p, diffs) for (m, p), diffs in differences]
+                          + [(f"{OURS} − {rival}", p, diffs) for rival, p, diffs in pairwise]
+                          + [(f"{variant} − {plain}", p, diffs) for variant, plain, p, diffs in against_plain])
     if baseline in methods:
         lines += table(f"Improvement over {label(baseline)} in {METRIC} (paired by seed)", "final", delta=True)
         lines += table(f"Change in eval loss against {label(baseline)} (paired by seed; negative is better)",
@@ -487,7 +490,8 @@ def _differences(methods, profiles, seeds, cell_for, baseline):
 # `significant_by` names; per_seed: the difference in each seed.
 DIFFERENCE_COLUMNS = ("ci95_low", "ci95_high", "ci95_examples_low", "ci95_examples_high", "seed_sd", "seeds", "examples",
                       "significant", "significant_examples_only", "per_seed", "ci95_categories_low", "ci95_categories_high",
-                      "categories", "significant_by", "significant_seeds_examples")
+                      "categories", "significant_by", "significant_seeds_examples", "seeds_to_exclude_0",
+                      "seeds_for_80pct_power")
 
 
 @contextmanager
@@ -513,7 +517,41 @@ def _difference_cells(d) -> list:
     categories = [f"{d.category_low:.6f}", f"{d.category_high:.6f}"] if d.has_categories else ["", ""]
     return [f"{d.low:.6f}", f"{d.high:.6f}", f"{d.example_low:.6f}", f"{d.example_high:.6f}", f"{d.seed_sd:.6f}",
             d.seeds, d.examples, d.significant, d.significant_examples_only, " ".join(f"{x:+.6f}" for x in d.per_seed),
-            *categories, d.categories, d.decided_by, d.significant_seeds_examples]
+            *categories, d.categories, d.decided_by, d.significant_seeds_examples,
+            *("" if n is None else n for n in (d.seeds_to_exclude_zero, d.seeds_for_power))]
+
+
+def _seeds(n: int | None, d) -> str:
+    if n is None:
+        return "– (1 seed: no spread)" if d.seeds < 2 else "never (mean 0)"
+    return f"> {MAX_SEEDS:,}" if n > MAX_SEEDS else str(n)
+
+
+def _power_table(named) -> list[str]:
+    """What the grid can resolve: per difference in the report's metric, the seeds at which a
+    difference of the observed mean and spread over seeds would exclude 0 (flexlora.stats)."""
+    rows = [(name, p, next(d for d in diffs if d.metric == METRIC)) for name, p, diffs in named]
+    if not rows:
+        return []
+    lines = [
+        f"### What the grid can resolve: seeds needed ({METRIC})",
+        "",
+        "Per difference: its mean d and the standard deviation s of the per-seed differences, as observed; the number "
+        "of seeds n at which an effect of that size, with that spread, would exclude 0: the smallest n with "
+        "√n·|d|/s > t(0.975, n−1) (the 95% t interval of the mean over n seeds), and for 80% power √n·|d|/s ≥ "
+        "t(0.975, n−1) + t(0.80, n−1) (the noncentral t approximated by a shifted central t). Seeds only: the test "
+        "examples and held-out categories stay as they are, so where significance follows the task-level interval, "
+        "more seeds leave its category part as wide as it is. s from 3 seeds is itself uncertain: read these as "
+        "orders of magnitude.",
+        "",
+        "| difference | profile | mean | sd over seeds | seeds | significant | seeds to exclude 0 | seeds for 80% power |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, p, d in rows:
+        verdict = ("yes" if d.significant else "no") + f" ({d.decided_by})"
+        lines.append(f"| {name} | {p} | {d.mean:+.4f} | {d.seed_sd:.4f} | {d.seeds} | {verdict} | "
+                     f"{_seeds(d.seeds_to_exclude_zero, d)} | {_seeds(d.seeds_for_power, d)} |")
+    return lines + [""]
 
 
 def _difference_tables(differences, profiles, label, baseline, what=None, of: int = 1) -> list[str]:
