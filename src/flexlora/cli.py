@@ -169,7 +169,7 @@ def _eval(args) -> None:
         raise ConfigError("--base evaluates the model without an adapter; drop --adapter")
     if adapter is None and not args.base:
         raise ConfigError("flexlora eval needs --adapter DIR, --run RUN_DIR or --base")
-    metrics = run_evaluation(load_config(config, args.overrides), adapter, args.clients)
+    metrics = run_evaluation(load_config(config, args.overrides), adapter, args.clients, keep=args.keep_rank)
     if args.out:
         write_json(Path(args.out), metrics)
         print(f"metrics: {args.out}")
@@ -228,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--base", action="store_true", help="evaluate the base model without an adapter")
     ev.add_argument("--clients", default="heldout", help="heldout (default) | training | all: whose test sets")
     ev.add_argument("--out", help="write the metrics (overall, per client, per category) to this JSON file")
+    ev.add_argument(
+        "--keep-rank", type=int, metavar="R",
+        help="evaluate the adapter with every component beyond rank R cut (A's rows, B's columns; the saved "
+             "adapter is untouched): for FlexLoRA's SVD-ordered export its best rank-R approximation",
+    )
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.source=dolly data.path=...")
     ev.set_defaults(func=_eval)
     conf = sub.add_parser(

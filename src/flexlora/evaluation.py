@@ -37,6 +37,24 @@ def clean_generation(text: str) -> str:
     return text.strip()
 
 
+def keep_rank(factors: dict[str, Factors], ranks: dict[str, int], rank: int) -> tuple[dict[str, Factors], dict[str, int]]:
+    """Every module's adapter with its components beyond `rank` cut: A's first rows and B's first
+    columns, copies (the inputs are left as they are). PEFT scales a rank-r adapter by alpha/r, so
+    B is multiplied by r'/r (r' = min(r, rank)): the cut adapter's update is exactly
+    (alpha/r)·B[:, :r']·A[:r'], the original's first r' components. For an adapter whose
+    components are ordered by singular value (FlexLoRA's export: B = U_r S_r / s, A = V_rᵀ) that is
+    its best rank-r' approximation; for any other, simply its first r' components."""
+    if rank < 1:
+        raise ValueError(f"the rank to keep must be >= 1, got {rank}")
+    cut_factors, cut_ranks = {}, {}
+    for name, (A, B) in factors.items():
+        r = ranks[name]
+        kept = min(r, rank)
+        cut_factors[name] = (A[:kept].clone(), B[:, :kept] * (kept / r))
+        cut_ranks[name] = kept
+    return cut_factors, cut_ranks
+
+
 @contextmanager
 def adapter(model, factors: dict[str, Factors] | None, ranks: dict[str, int] | None, alpha, target_modules):
     """The model with the given adapter (no dropout) merged into its weights, or the bare model

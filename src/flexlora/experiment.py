@@ -17,7 +17,7 @@ from flexlora import lora
 from flexlora.checkpoint import Checkpointer, open_checkpoint
 from flexlora.config import ConfigError, ExperimentConfig
 from flexlora.data.sources import load_federated_dataset
-from flexlora.evaluation import METRIC, evaluate
+from flexlora.evaluation import METRIC, evaluate, keep_rank
 from flexlora.models import default_device, default_target_modules, load_model
 from flexlora.resources import client_record, profile_label as resource_profile_label
 from flexlora.reporting import WriteError, append_line, plot_metric, plot_spectrum, write_json, write_jsonl
@@ -325,11 +325,18 @@ class Experiment:
 EVAL_CLIENTS = ("heldout", "training", "all")
 
 
-def run_evaluation(cfg: ExperimentConfig, adapter: str | Path | None, clients: str = "heldout", echo=print) -> dict:
+def run_evaluation(
+    cfg: ExperimentConfig, adapter: str | Path | None, clients: str = "heldout", echo=print, keep: int | None = None,
+) -> dict:
     """Evaluate a saved PEFT adapter (or, with adapter=None, the base model) on the test sets
-    of a data source's held-out clients, training clients, or all of them."""
+    of a data source's held-out clients, training clients, or all of them. `keep`: evaluate the
+    adapter with every component beyond that rank cut (evaluation.keep_rank; the saved adapter
+    is only read)."""
     from peft import PeftModel
 
+    if keep is not None and (adapter is None or keep < 1):
+        raise ConfigError("--keep-rank: cuts a saved adapter; --base has none" if adapter is None
+                          else f"--keep-rank: must be >= 1, got {keep}")
     if clients not in EVAL_CLIENTS:
         raise ConfigError(f"--clients: must be one of {', '.join(EVAL_CLIENTS)}, got '{clients}'")
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
@@ -353,6 +360,11 @@ def run_evaluation(cfg: ExperimentConfig, adapter: str | Path | None, clients: s
         peft_config = peft_model.peft_config[lora.ADAPTER]
         alpha, target_modules = peft_config.lora_alpha, sorted(peft_config.target_modules)
         model = lora.detach(peft_model)
+        if keep is not None:
+            saved_ranks = sorted(set(ranks.values()))
+            factors, ranks = keep_rank(factors, ranks, keep)
+            echo(f"adapter {adapter}: components beyond rank {keep} cut (saved ranks {saved_ranks}, "
+                 f"evaluated ranks {sorted(set(ranks.values()))})")
     metrics = evaluate(
         model, tokenizer, chosen,
         factors=factors, ranks=ranks, alpha=alpha, target_modules=target_modules,
@@ -362,6 +374,9 @@ def run_evaluation(cfg: ExperimentConfig, adapter: str | Path | None, clients: s
         decode_batch_size=cfg.eval.decode_batch_size,
     )
     metrics["adapter"] = str(adapter) if adapter is not None else None
+    if keep is not None:
+        metrics["keep_rank"] = keep
+        metrics["ranks_evaluated"] = {str(r): list(ranks.values()).count(r) for r in sorted(set(ranks.values()))}
     metrics["clients"] = clients
     what = f"adapter {adapter}" if adapter is not None else f"base model {cfg.model}"
     echo(
