@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flexlora.config import ConfigError, ExperimentConfig, load_config
-from flexlora.evaluation import METRIC
+from flexlora.metrics import EVAL_LOSS, METRIC, METRICS, TEACHER_FORCED
 from flexlora.reporting import atomic_path, write_json
 from flexlora.runlock import RunLock
-from flexlora.stats import LOSS, MAX_SEEDS, MEAN_SCORES, SEEDS_AND_CATEGORIES, paired_difference
+from flexlora.stats import MAX_SEEDS, SEEDS_AND_CATEGORIES, paired_difference
 
 GRID_FILE = "grid.json"
 FOREST_PNG, SCORES_PNG = "forest.png", "scores.png"
@@ -295,16 +295,19 @@ def write_report(out: str | Path, echo=print) -> Path:
         f"Metric: **{METRIC}** — Rouge-L F1 of greedy generations (max {settings['eval']['max_new_tokens']} new tokens; "
         "rouge-score with a Unicode-aware tokenizer, identical to its default on English, see docs/data_and_eval.md) "
         "on the held-out clients (tasks never trained on), weighted by test-set size, after the last round. "
-        "`rougeL_teacher_forced` is the released FlexLoRA code's metric (argmax of teacher-forced logits), for comparison. "
+        f"`{TEACHER_FORCED.name}` is the released FlexLoRA code's metric (argmax of teacher-forced logits), for comparison. "
         "Mean ± sample standard deviation over seeds. A homogeneous method trains every client at the smallest rank "
         "whatever the profile, so its one run per seed is repeated in every profile column.",
         "",
     ]
+    # Every registered metric but the headline one that every finished cell's summary holds (a
+    # metric registered after the grid ran is left out, not an error).
+    others = [m for m in METRICS.values() if m.name != METRIC and all(f"final{m.summary_suffix}" in r["summary"] for r in rows)]
     if rows:
         zero = [r["summary"]["zero_shot"] for r in rows]
-        lines += [f"Zero-shot (base model, no adapter): {METRIC} {statistics.fmean(zero):.4f}, "
-                  f"teacher-forced {statistics.fmean(r['summary']['zero_shot_teacher_forced'] for r in rows):.4f}, "
-                  f"eval loss {statistics.fmean(r['summary']['zero_shot_eval_loss'] for r in rows):.3f}.", ""]
+        means = [f"{m.label} {statistics.fmean(r['summary'][f'zero_shot{m.summary_suffix}'] for r in rows):.{m.digits}f}"
+                 for m in others]
+        lines += [f"Zero-shot (base model, no adapter): {', '.join([f'{METRIC} {statistics.fmean(zero):.4f}', *means])}.", ""]
 
     def table(title, key, digits=4, delta=False):
         head = ["method", *profiles]
@@ -349,18 +352,19 @@ def write_report(out: str | Path, echo=print) -> Path:
                           + [(f"{variant} − {plain}", p, diffs) for variant, plain, p, diffs in against_plain])
     if baseline in methods:
         lines += table(f"Improvement over {label(baseline)} in {METRIC} (paired by seed)", "final", delta=True)
-        lines += table(f"Change in eval loss against {label(baseline)} (paired by seed; negative is better)",
-                       "final_eval_loss", digits=3, delta=True)
-    lines += table("Final rougeL_teacher_forced (released code's metric)", "final_teacher_forced")
-    lines += table("Final eval loss (per answer token; lower is better)", "final_eval_loss", digits=3)
+        lines += table(f"Change in {EVAL_LOSS.label} against {label(baseline)} (paired by seed; negative is better)",
+                       f"final{EVAL_LOSS.summary_suffix}", digits=EVAL_LOSS.digits, delta=True)
+    for m in others:
+        lines += table(f"Final {m.title}", f"final{m.summary_suffix}", digits=m.digits)
     lines += table(f"Best {METRIC} over rounds", "best")
     lines += _truncation_table(rows, profiles)
     lines += _category_table(rows, methods, profiles, label)
-    lines += ["### Cells", "", "| cell | zero-shot | final | teacher-forced | eval loss | wall time (s) |", "|---|---|---|---|---|---|"]
+    lines += ["### Cells", "", "| cell | zero-shot | final | " + "".join(f"{m.label} | " for m in others) + "wall time (s) |",
+              "|---|---|---|" + "---|" * len(others) + "---|"]
     for r in rows:
         s = r["summary"]
-        lines.append(f"| {r['cell'].name} | {s['zero_shot']:.4f} | {s['final']:.4f} | {s['final_teacher_forced']:.4f} | "
-                     f"{s['final_eval_loss']:.3f} | {s['wall_time_s']:.0f} |")
+        finals = "".join(f"{s[f'final{m.summary_suffix}']:.{m.digits}f} | " for m in others)
+        lines.append(f"| {r['cell'].name} | {s['zero_shot']:.4f} | {s['final']:.4f} | {finals}{s['wall_time_s']:.0f} |")
     failed = [c.name for c in cells if (out / "cells" / c.name / "error.txt").is_file() and c not in by_cell]
     if failed:
         lines += ["", f"Failed cells (see their error.txt): {', '.join(failed)}"]
@@ -372,19 +376,25 @@ def write_report(out: str | Path, echo=print) -> Path:
     with atomic_path(md) as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n")
     with _csv_writer(out / "compare.csv") as w:
-        w.writerow(["method", "profile", "seeds", "final_mean", "final_sd", f"delta_vs_{baseline}_mean", f"delta_vs_{baseline}_sd",
-                    "teacher_forced_mean", "teacher_forced_sd", "eval_loss_mean", "eval_loss_sd",
-                    f"eval_loss_delta_vs_{baseline}_mean", f"eval_loss_delta_vs_{baseline}_sd", "best_mean", "zero_shot"])
+        head = ["method", "profile", "seeds", "final_mean", "final_sd", f"delta_vs_{baseline}_mean", f"delta_vs_{baseline}_sd"]
+        for metric in others:  # mean and sd of each other metric; the eval loss's paired change too
+            key = metric.summary_suffix.lstrip("_")
+            head += [f"{key}_mean", f"{key}_sd"] + ([f"{key}_delta_vs_{baseline}_mean", f"{key}_delta_vs_{baseline}_sd"]
+                                                   if metric is EVAL_LOSS else [])
+        w.writerow([*head, "best_mean", "zero_shot"])
         for m in methods:
             for p in profiles:
                 final = values(m, p, "final")
                 if not final:
                     continue
                 d = paired_delta(m, p, "final") if baseline in methods else []
-                dl = paired_delta(m, p, "final_eval_loss") if baseline in methods else []
-                row = [label(m), p, len(final), *_mean_sd(final), *_mean_sd(d), *_mean_sd(values(m, p, "final_teacher_forced")),
-                       *_mean_sd(values(m, p, "final_eval_loss")), *_mean_sd(dl),
-                       _mean_sd(values(m, p, "best"))[0], _mean_sd(values(m, p, "zero_shot"))[0]]
+                row = [label(m), p, len(final), *_mean_sd(final), *_mean_sd(d)]
+                for metric in others:
+                    key = f"final{metric.summary_suffix}"
+                    row += _mean_sd(values(m, p, key))
+                    if metric is EVAL_LOSS:
+                        row += _mean_sd(paired_delta(m, p, key) if baseline in methods else [])
+                row += [_mean_sd(values(m, p, "best"))[0], _mean_sd(values(m, p, "zero_shot"))[0]]
                 w.writerow([f"{v:.6f}" if isinstance(v, float) else v for v in row])
     with _csv_writer(out / "differences.csv") as w:
         w.writerow(["method", "profile", "metric", f"mean_minus_{baseline}", *DIFFERENCE_COLUMNS])
@@ -394,13 +404,13 @@ def write_report(out: str | Path, echo=print) -> Path:
     _write_pairs(out / f"differences_{OURS}.csv", [(OURS, rival, p, diffs) for rival, p, diffs in pairwise])
     _write_pairs(out / "differences_variants.csv", against_plain)
     with _csv_writer(out / "cells.csv") as w:
-        w.writerow(["method", "profile", "seed", "round", METRIC, "rougeL_teacher_forced", "eval_loss"])
+        w.writerow(["method", "profile", "seed", "round", METRIC, *(m.name for m in others)])
         for r in rows:
             for rec in r["history"]:
                 if rec.get("eval"):
                     e = rec["eval"]
                     w.writerow([r["cell"].method, r["cell"].profile, r["cell"].seed, rec["round"],
-                                f"{e[METRIC]:.6f}", f"{e['rougeL_teacher_forced']:.6f}", f"{e['eval_loss']:.6f}"])
+                                f"{e[METRIC]:.6f}", *(f"{e[m.name]:.6f}" for m in others)])
     if rows:
         _figures(out, rows, methods, profiles, seeds, cell_for, label, forest)
     if echo:
@@ -479,8 +489,8 @@ def _differences(methods, profiles, seeds, cell_for, baseline):
             if pairs:
                 runs, base = [x for x, *_ in pairs], [y for _, y, *_ in pairs]
                 categories = _categories_of([c for *_, r, b in pairs for c in (r, b)], runs + base)
-                out.append(((m, p), [paired_difference(runs, base, metric, categories=categories)
-                                     for metric in (*MEAN_SCORES, LOSS)]))
+                recorded = [name for name, metric in METRICS.items() if all(f in runs[0][0] for f, _ in metric.fields)]
+                out.append(((m, p), [paired_difference(runs, base, metric, categories=categories) for metric in recorded]))
     return out
 
 
@@ -588,7 +598,8 @@ def _difference_tables(differences, profiles, label, baseline, what=None, of: in
         partial = f" ({d.seeds} of {of} seeds)" if d.seeds < of else ""
         return d.format(digits).replace(" n.s.", " **n.s.**") + partial
 
-    for metric, digits in ((METRIC, 4), ("rougeL_teacher_forced", 4), (LOSS, 3)):
+    recorded = {d.metric for ds in by_key.values() for d in ds.values()}
+    for metric, digits in ((m.name, m.digits) for m in METRICS.values() if m.name in recorded):
         lines += [f"**{metric}**", "", "| method | " + " | ".join(profiles) + " |", "|---|" + "---|" * len(profiles)]
         for m in methods:
             cols = []

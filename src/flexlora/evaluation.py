@@ -1,11 +1,10 @@
 """Evaluation of a (global) adapter on clients' test sets.
 
-Two Rouge-L scores, always reported under distinct names:
-- `rougeL_generated`: Rouge-L F1 of greedy generations against the references (what users of
-  an LLM expect; the default metric);
-- `rougeL_teacher_forced`: Rouge-L F1 of the teacher-forced argmax tokens (what the FlexLoRA
-  paper's released code computes), for comparison.
-Client scores are weighted by test-set size. Eval loss is the teacher-forced answer loss.
+The metrics are those registered in flexlora.metrics: two Rouge-L scores, always reported under
+distinct names (Rouge-L F1 of greedy generations against the references, what users of an LLM
+expect and the headline metric; Rouge-L F1 of the teacher-forced argmax tokens, what the
+FlexLoRA paper's released code computes, for comparison), and the eval loss, the teacher-forced
+answer loss per token. Client scores are weighted by test-set size.
 """
 
 from __future__ import annotations
@@ -22,9 +21,8 @@ from flexlora import lora
 from flexlora.protocol import Factors
 from flexlora.data.prompts import collate, fit_prompt, tokenize_for_training
 from flexlora.data.types import ClientData, Example
+from flexlora.metrics import METRIC, METRICS, Scored  # noqa: F401  (METRIC: part of this module's API)
 from flexlora.rouge import rouge_l  # noqa: F401  (Unicode-aware tokenizer; part of this module's API)
-
-METRIC = "rougeL_generated"
 
 
 STOPS = ("\n\n", "###", "<|im_end|>")
@@ -471,12 +469,8 @@ def score_examples(
 
 
 def _finish(stats: dict) -> dict:
-    return {
-        "n": stats["n"],
-        "rougeL_generated": stats["gen"] / stats["n"],
-        "rougeL_teacher_forced": stats["tf"] / stats["n"],
-        "eval_loss": stats["loss"] / max(stats["tokens"], 1),
-    }
+    """{n, every registered metric} from a set of examples' sums of per-example fields."""
+    return {"n": stats["n"], **{m.name: m.aggregate(stats, stats["n"]) for m in METRICS.values()}}
 
 
 def evaluate(
@@ -512,7 +506,7 @@ def evaluate(
     work = [(c, ex) for c in clients for ex in c.test[:max_examples_per_client]]
     if not work:
         raise ValueError("evaluation needs at least one test example")
-    empty = {"n": 0, "gen": 0.0, "tf": 0.0, "loss": 0.0, "tokens": 0}
+    empty = {"n": 0, **{field: 0.0 for m in METRICS.values() for field, _ in m.fields}}
     per_client: dict[str, dict] = {c.client_id: dict(empty) for c in clients}
     per_category: dict[str, dict] = {}
     categories = {c.client_id: c.category for c in clients}
@@ -524,19 +518,14 @@ def evaluate(
         )
     index: dict[str, int] = {}
     for (client, ex), (loss, tokens, tf, gen) in zip(work, scored):
-        gen_score, tf_score = rouge_l(gen, ex.output), rouge_l(tf, ex.output)
+        fields = {k: v for m in METRICS.values() for k, v in m.example_fields(Scored(gen, tf, ex.output, loss, tokens)).items()}
         category = task_category(client.category)
         for stats in (per_client[client.client_id], per_category.setdefault(category, dict(empty))):
             stats["n"] += 1
-            stats["gen"] += gen_score
-            stats["tf"] += tf_score
-            stats["loss"] += loss
-            stats["tokens"] += tokens
+            for field, value in fields.items():
+                stats[field] += value
         i = index[client.client_id] = index.get(client.client_id, -1) + 1
-        per_example.append({
-            "client": client.client_id, "index": i, "rougeL_generated": gen_score,
-            "rougeL_teacher_forced": tf_score, "loss": loss, "tokens": tokens,
-        })
+        per_example.append({"client": client.client_id, "index": i, **fields})
         if len(samples) < 6:
             samples.append({"client": client.client_id, "input": ex.input[:200], "reference": ex.output, "generated": gen})
     total = {k: sum(s[k] for s in per_client.values()) for k in empty}
@@ -544,9 +533,7 @@ def evaluate(
     # the eval loss is per answer token.
     overall = _finish(total)
     return {
-        "rougeL_generated": overall["rougeL_generated"],
-        "rougeL_teacher_forced": overall["rougeL_teacher_forced"],
-        "eval_loss": overall["eval_loss"],
+        **{name: overall[name] for name in METRICS},
         "num_examples": total["n"],
         "per_client": {
             cid: {"category": categories[cid], **_finish(s)}

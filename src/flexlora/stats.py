@@ -36,8 +36,8 @@ usual approximation of the noncentral t by a shifted central t). Both count seed
 test examples and held-out categories stay as they are, so they say nothing about how much of
 a task-level interval more seeds would remove.
 
-Scores are per-example means (Rouge-L); the eval loss is per answer token, so it is resampled
-as a ratio (Σ loss / Σ tokens over the resampled examples).
+Metrics are those of flexlora.metrics: a mean over examples (Rouge-L) is resampled as a mean; a
+ratio (the eval loss, per answer token) as a ratio (Σ loss / Σ tokens over the resampled examples).
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MEAN_SCORES = ("rougeL_generated", "rougeL_teacher_forced")
-LOSS = "eval_loss"
+from flexlora.metrics import METRICS
+
 # A task-level interval needs categories to resample: with one, the design supports none.
 MIN_CATEGORIES = 2
 SEEDS_AND_EXAMPLES = "seeds and examples"
@@ -212,8 +212,9 @@ def paired_difference(
     index, the Rouge scores, loss and tokens; see evaluation.evaluate's "per_example").
     Only examples present in every run are compared. `categories`: client id -> its held-out
     task category, for the task-level interval (every shared example's client must have one)."""
-    if metric not in (*MEAN_SCORES, LOSS):
+    if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}")
+    spec = METRICS[metric]
     if not method_runs or len(method_runs) != len(baseline_runs):
         raise ValueError("need one baseline run per method run (paired by seed)")
     shared = set.intersection(*({_key(e) for e in run} for run in (*method_runs, *baseline_runs)))
@@ -224,15 +225,17 @@ def paired_difference(
     picks = rng.integers(0, len(keys), size=(resamples, len(keys)))
     # Drawn after the example picks, so the examples-only interval is what it was before.
     seed_picks = rng.integers(0, len(method_runs), size=(resamples, len(method_runs)))
-    if metric == LOSS:
-        lm, tm = _arrays(method_runs, keys, "loss"), _arrays(method_runs, keys, "tokens")
-        lb, tb = _arrays(baseline_runs, keys, "loss"), _arrays(baseline_runs, keys, "tokens")
+    if spec.ratio:  # Σ numerator / Σ denominator over the resampled examples (the loss per token)
+        (numerator, _), (denominator, _) = spec.fields
+        lm, tm = _arrays(method_runs, keys, numerator), _arrays(method_runs, keys, denominator)
+        lb, tb = _arrays(baseline_runs, keys, numerator), _arrays(baseline_runs, keys, denominator)
         per_seed = lm.sum(1) / np.maximum(tm.sum(1), 1) - lb.sum(1) / np.maximum(tb.sum(1), 1)
         # (seeds, resamples): each seed's difference on each example resample
         boot_by_seed = (lm[:, picks].sum(-1) / np.maximum(tm[:, picks].sum(-1), 1)
                         - lb[:, picks].sum(-1) / np.maximum(tb[:, picks].sum(-1), 1))
     else:
-        diff = _arrays(method_runs, keys, metric) - _arrays(baseline_runs, keys, metric)
+        field = spec.fields[0][0]
+        diff = _arrays(method_runs, keys, field) - _arrays(baseline_runs, keys, field)
         per_seed = diff.mean(1)
         boot_by_seed = diff[:, picks].mean(-1)
     examples_only = boot_by_seed.mean(0)
@@ -258,7 +261,7 @@ def paired_difference(
 
         # Drawn after the other picks, so those intervals are what they were before.
         category_picks = rng.integers(0, n_categories, size=(resamples, n_categories))
-        if metric == LOSS:
+        if spec.ratio:
             category_by_seed = (by_category(lm) / np.maximum(by_category(tm), 1)
                                 - by_category(lb) / np.maximum(by_category(tb), 1))
         else:  # a resample's mean over its examples, each drawn category's examples all counted
