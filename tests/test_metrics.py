@@ -8,7 +8,7 @@ from test_eval_cache import _clients, _model
 from flexlora import metrics
 from flexlora.evaluation import evaluate
 from flexlora.metrics import METRICS, Metric, register_metric
-from flexlora.stats import paired_difference
+from flexlora.analysis.stats import paired_difference
 
 
 @pytest.fixture
@@ -17,10 +17,10 @@ def answer_length(monkeypatch):
     the examples (Σ characters / Σ examples counted by a second field)."""
     monkeypatch.setattr(metrics, "METRICS", dict(METRICS))  # registrations end with the test
     import flexlora.evaluation
-    import flexlora.stats
+    import flexlora.analysis.stats
 
     monkeypatch.setattr(flexlora.evaluation, "METRICS", metrics.METRICS)
-    monkeypatch.setattr(flexlora.stats, "METRICS", metrics.METRICS)
+    monkeypatch.setattr(flexlora.analysis.stats, "METRICS", metrics.METRICS)
     return register_metric(Metric(
         "answer_chars", "answer characters", "answer characters", "_answer_chars", 1,
         (("chars", lambda s: len(s.generated)), ("answers", lambda s: 1)), ratio=True,

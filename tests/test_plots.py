@@ -71,9 +71,9 @@ def by_gid(fig, kind: str) -> dict[str, object]:
 def test_the_forest_plot_shows_each_method_against_fedit_and_against_flexlora(tmp_path, saved):
     import csv
 
-    from test_compare import write_finished_grid
+    from test_compare_report import write_finished_grid
 
-    from flexlora.compare import write_report
+    from flexlora.analysis.report import write_report
 
     base = [0.05 * (i % 7) for i in range(180)]
     gains = {"hetlora": (0.01, 0.02, -0.01), "flexlora": (0.04, 0.05, 0.03)}
@@ -114,7 +114,7 @@ def test_the_forest_plot_shows_each_method_against_fedit_and_against_flexlora(tm
 
 
 def test_with_only_the_first_and_last_rounds_evaluated_no_curve_is_drawn(tmp_path, saved):
-    from flexlora.compare_figures import plot_scores, score_panels
+    from flexlora.analysis.figures import plot_scores, score_panels
 
     methods, profiles, seeds = ["fedit", "flexlora", "hetlora"], ["heavy-tail-light", "heavy-tail-strong"], [0, 1]
     finals = {m: {s: {"fedit": 0.20, "flexlora": 0.25, "hetlora": 0.22}[m] + 0.01 * s for s in seeds} for m in methods}
@@ -139,7 +139,7 @@ def test_with_only_the_first_and_last_rounds_evaluated_no_curve_is_drawn(tmp_pat
 
 
 def test_round_curves_join_only_evaluated_rounds(tmp_path, saved):
-    from flexlora.compare_figures import plot_scores, score_panels
+    from flexlora.analysis.figures import plot_scores, score_panels
 
     methods, profiles, seeds = ["fedit", "flexlora", "hetlora"], ["heavy-tail-light", "heavy-tail-strong"], [0, 1]
 

@@ -1,10 +1,10 @@
-"""Paired bootstrap differences (flexlora.stats) against numbers worked out by hand."""
+"""Paired bootstrap differences (flexlora.analysis.stats) against numbers worked out by hand."""
 
 import random
 
 import pytest
 
-from flexlora.stats import paired_difference
+from flexlora.analysis.stats import paired_difference
 
 
 def records(scores, losses=None, tokens=None):
@@ -147,13 +147,13 @@ def test_with_one_example_per_category_the_task_level_interval_is_the_example_le
     (0.975, 61, 1.9996), (0.975, 1000, 1.9623), (0.8, 2, 1.0607), (0.8, 10, 0.8791), (0.8, 120, 0.8446),
 ])
 def test_t_quantiles_match_the_tables(p, df, expected):
-    from flexlora.stats import t_quantile
+    from flexlora.analysis.stats import t_quantile
 
     assert t_quantile(p, df) == pytest.approx(expected, abs=1e-4)
 
 
 def test_seeds_needed_follows_the_t_interval_of_the_per_seed_differences():
-    from flexlora.stats import seeds_needed
+    from flexlora.analysis.stats import seeds_needed
 
     # |d|/s = 1: √6 = 2.449 < t(0.975, 5) = 2.571 but √7 = 2.646 > t(0.975, 6) = 2.447; for 80% power
     # √9 = 3 < 2.306 + 0.889 but √10 = 3.162 ≥ t(0.975, 9) + t(0.8, 9) = 2.262 + 0.883.
