@@ -14,14 +14,13 @@
 # rerun to resume (finished cells are skipped, an interrupted cell continues from its round
 # checkpoint). The grid report ($OUT/compare.md) sets raFLoRA and HetLoRA against FlexLoRA with
 # paired intervals (--baseline flexlora); then $OUT/rank_collapse.md and .png summarise the
-# spectra (python -m flexlora.rank_report). Run from the repository root with ../shared beside it.
+# spectra (flexlora rank-report). Run from the repository root with ../shared beside it.
 #
-# Environment: OUT, METHODS, PROFILES, SEEDS, FLEXLORA, PYTHON; extra arguments are key=value
+# Environment: OUT, METHODS, PROFILES, SEEDS, FLEXLORA; extra arguments are key=value
 # overrides for every cell (e.g. a short check: model=tiny-llama federation.rounds=2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FLEXLORA=${FLEXLORA:-.venv/bin/flexlora}
-PYTHON=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-runs/rank_collapse}
 "$FLEXLORA" compare --out "$OUT" \
   --methods "${METHODS:-flexlora,raflora,hetlora}" --profiles "${PROFILES:-heavy-tail-light,heavy-tail-strong}" \
@@ -30,4 +29,4 @@ OUT=${OUT:-runs/rank_collapse}
   "data.heldout_categories=[Toxic Language Detection, Misc., Cause Effect Classification, Information Extraction, Textual Entailment, Wrong Candidate Generation, Named Entity Recognition, Commonsense Classification, Fill in The Blank]" \
   eval.max_examples_per_client=2 federation.rounds=10 federation.clients_per_round=6 \
   train.steps=6 train.batch_size=4 train.lr=1e-3 eval.every=10 eval.spectrum=true "$@"
-"$PYTHON" -m flexlora.rank_report "$OUT" --out "$OUT" --rounds 1,5,10
+"$FLEXLORA" rank-report "$OUT" --out "$OUT" --rounds 1,5,10

@@ -1,5 +1,6 @@
 """The comparison grid end to end on the tiny model and a small NI-layout folder written here,
-`flexlora eval` on its adapter, and held-out clients never reaching training."""
+`flexlora eval` on its adapter, and held-out clients never reaching training. The report from
+grid folders written without training: test_compare_report.py."""
 
 import csv
 import json
@@ -10,11 +11,10 @@ import subprocess
 import threading
 import time
 
-import pytest
 import yaml
 
+from flexlora.analysis.cells import grid_cells
 from flexlora.cli import main
-from flexlora.compare import Cell, _fmt, grid_cells, write_report
 
 
 def write_ni_fixture(folder):
@@ -52,105 +52,6 @@ def test_grid_cells_run_fedit_once_per_seed():
     ]
 
 
-def test_a_mean_over_fewer_seeds_than_the_grid_says_so():
-    # An unfinished grid's methods are averaged over different seed sets; the table must show it.
-    assert _fmt([0.2, 0.3], of=3) == "0.2500 ± 0.0707 (2 of 3 seeds)"
-    assert _fmt([0.2, 0.3, 0.4], of=3) == "0.3000 ± 0.1000"
-    assert _fmt([0.2], of=3) == "0.2000 (1 seed)" and _fmt([], of=3) == "–"
-
-
-def write_finished_grid(out, scores):
-    """A grid folder as `flexlora compare` leaves it, without training: scores[(method, seed)]
-    is every held-out example's Rouge-L (the same for both scores) in the cell's last evaluation."""
-    cells = [{"method": m, "profile": "homo" if m == "fedit" else "uniform", "seed": s} for m, s in scores]
-    settings = {"model": "tiny-llama", "data": {"source": "natural-instructions", "path": "ni"},
-                "federation": {"rounds": 1, "clients_per_round": 2}, "train": {"steps": 1, "batch_size": 1},
-                "eval": {"max_new_tokens": 2}}
-    (out / "cells").mkdir(parents=True)
-    (out / "grid.json").write_text(json.dumps({"settings": settings, "cells": cells, "baseline": "fedit"}))
-    for cell in cells:
-        values = scores[(cell["method"], cell["seed"])]
-        per_example = [{"client": f"c{i % 3}", "index": i, "rougeL_generated": v, "rougeL_teacher_forced": v,
-                        "loss": 2.0 - v, "tokens": 1} for i, v in enumerate(values)]
-        mean = sum(values) / len(values)
-        ev = {"rougeL_generated": mean, "rougeL_teacher_forced": mean, "eval_loss": 2.0 - mean, "per_example": per_example}
-        folder = out / "cells" / Cell(**cell).name
-        folder.mkdir()
-        (folder / "metrics.jsonl").write_text(json.dumps({"round": 1, "eval": ev}) + "\n")
-        (folder / "summary.json").write_text(json.dumps({
-            "final": mean, "best": mean, "zero_shot": 0.0, "zero_shot_teacher_forced": 0.0, "zero_shot_eval_loss": 2.0,
-            "final_teacher_forced": mean, "final_eval_loss": 2.0 - mean, "wall_time_s": 1.0, "per_round": {"1": mean}}))
-
-
-def test_the_report_sets_flexlora_against_each_other_heterogeneous_method(tmp_path):
-    # The paper's claim is FlexLoRA against HetLoRA too, not only against the homogeneous
-    # baseline: the report gives that paired difference with its interval, per metric.
-    base = [0.1 * (i % 5) for i in range(40)]
-    scores = {}
-    for seed in (0, 1):
-        scores[("fedit", seed)] = base
-        scores[("hetlora", seed)] = [v + 0.05 for v in base]
-        scores[("flexlora", seed)] = [v + 0.15 for v in base]  # exactly 0.1 above HetLoRA on every example
-    write_finished_grid(tmp_path, scores)
-    md = write_report(tmp_path, echo=None).read_text()
-    assert "### Difference against the other heterogeneous methods, with 95% intervals" in md
-    assert "| flexlora − hetlora | +0.1000 [+0.1000, +0.1000] sd 0.0000 (examples only [+0.1000, +0.1000]) |" in md
-    rows = list(csv.DictReader((tmp_path / "differences_flexlora.csv").open()))
-    assert [(r["against"], r["metric"]) for r in rows] == [
-        ("hetlora", "rougeL_generated"), ("hetlora", "rougeL_teacher_forced"), ("hetlora", "eval_loss")]
-    assert abs(float(rows[0]["mean_difference"]) - 0.1) < 1e-9 and rows[0]["significant"] == "True"
-    assert abs(float(rows[2]["mean_difference"]) + 0.1) < 1e-9  # loss is 2 - score: 0.1 lower
-    # Against the homogeneous baseline, as before.
-    assert "| flexlora | +0.1500 [+0.1500, +0.1500] sd 0.0000 (examples only [+0.1500, +0.1500]) |" in md
-
-
-def test_the_report_sets_a_method_variant_against_the_plain_method(tmp_path):
-    # Stage 4's question is whether replication padding beats HetLoRA's own zero padding: the
-    # report gives that paired difference, variant minus plain method, per profile and metric.
-    base = [0.1 * (i % 5) for i in range(40)]
-    scores = {}
-    for seed in (0, 1):
-        scores[("fedit", seed)] = base
-        scores[("hetlora", seed)] = [v + 0.05 for v in base]
-        scores[("hetlora:padding=replication", seed)] = [v + 0.02 for v in base]  # 0.03 below zero padding
-    write_finished_grid(tmp_path, scores)
-    md = write_report(tmp_path, echo=None).read_text()
-    assert "### Difference against the method without the variant's arguments, with 95% intervals" in md
-    assert "| hetlora:padding=replication − hetlora | -0.0300 [-0.0300, -0.0300] sd 0.0000" in md
-    rows = list(csv.DictReader((tmp_path / "differences_variants.csv").open()))
-    assert [(r["method"], r["against"], r["metric"]) for r in rows] == [
-        ("hetlora:padding=replication", "hetlora", m) for m in ("rougeL_generated", "rougeL_teacher_forced", "eval_loss")]
-    assert abs(float(rows[0]["mean_difference"]) + 0.03) < 1e-9 and rows[0]["significant"] == "True"
-
-
-def test_significance_follows_the_interval_that_resamples_seeds(tmp_path):
-    # Seeds that disagree (as FlexLoRA − FedIT under heavy-tail-strong did on NI: +0.041, +0.038,
-    # −0.048): over the test examples alone the mean gain looks certain, over seeds it is not.
-    base = [0.1 * (i % 5) + 0.001 * (i % 7) for i in range(300)]
-    scores = {}
-    for seed, gain in enumerate((0.04, 0.04, -0.05)):
-        scores[("fedit", seed)] = base
-        scores[("flexlora", seed)] = [v + gain + 0.01 * ((i * (seed + 1)) % 5 - 2) for i, v in enumerate(base)]
-    write_finished_grid(tmp_path, scores)
-    md = write_report(tmp_path, echo=None).read_text()
-    row = next(line for line in md.splitlines() if line.startswith("| flexlora | +0.0100 ["))
-    assert row.endswith("**n.s.** |") and "(examples only [+0.0" in row
-    assert "Significant over the test examples only, not once seeds are resampled: flexlora uniform rougeL_generated" in md
-    d = {r["metric"]: r for r in csv.DictReader((tmp_path / "differences.csv").open())}["rougeL_generated"]
-    assert d["significant"] == "False" and d["significant_examples_only"] == "True"
-    assert float(d["ci95_low"]) < 0 < float(d["ci95_examples_low"]) < float(d["ci95_examples_high"]) < float(d["ci95_high"])
-    assert [round(float(x), 6) for x in d["per_seed"].split()] == [0.04, 0.04, -0.05]
-
-
-def test_with_one_seed_the_report_says_the_two_intervals_are_one(tmp_path):
-    base = [0.1 * (i % 5) for i in range(40)]
-    write_finished_grid(tmp_path, {("fedit", 0): base, ("flexlora", 0): [v + 0.02 * (i % 3) for i, v in enumerate(base)]})
-    md = write_report(tmp_path, echo=None).read_text()
-    assert "1 seed(s) in the first row's cells (one seed: the two-level interval is the examples-only one)" in md
-    d = {r["metric"]: r for r in csv.DictReader((tmp_path / "differences.csv").open())}["rougeL_generated"]
-    assert (d["ci95_low"], d["ci95_high"]) == (d["ci95_examples_low"], d["ci95_examples_high"])
-
-
 def test_two_cell_grid_end_to_end_resumes_and_never_trains_heldout_clients(tmp_path, capsys):
     overrides = tiny_grid_overrides(tmp_path)
     out = tmp_path / "grid"
@@ -186,7 +87,7 @@ def test_two_cell_grid_end_to_end_resumes_and_never_trains_heldout_clients(tmp_p
     fedit_final = json.loads((cells / "fedit-homo-seed0" / "summary.json").read_text())["final"]
     flex_final = json.loads((cells / "flexlora-uniform-seed0" / "summary.json").read_text())["final"]
     assert abs(float(flex_row["delta_vs_fedit_mean"]) - (flex_final - fedit_final)) < 1e-6
-    assert (out / "compare.png").stat().st_size > 1000
+    assert (out / "forest.png").stat().st_size > 1000 and (out / "scores.png").stat().st_size > 1000
     # The paired difference with its bootstrap interval, recomputed here from the per-example scores.
     assert "Difference against fedit (homo), with 95% intervals" in md
     diffs = {r["metric"]: r for r in csv.DictReader((out / "differences.csv").open())}
@@ -240,20 +141,6 @@ def test_chat_template_without_one_fails_before_training(tmp_path, capsys):
     overrides = tiny_grid_overrides(tmp_path)
     assert main(["run", *overrides, "data.template=chat", f"output.dir={tmp_path / 'runs'}", "output.name=x"]) == 2
     assert "data.template: model tiny-llama has no chat template" in capsys.readouterr().err
-
-
-def test_a_difference_over_fewer_seeds_than_the_grid_says_so(tmp_path):
-    # A method added to a grid runs seed 0 first: its paired difference rests on one seed while
-    # the others' rest on three, and its entry must say so.
-    base = [0.1 * (i % 5) for i in range(40)]
-    scores = {("fedit", s): base for s in (0, 1, 2)}
-    scores.update({("flexlora", s): [v + 0.02 for v in base] for s in (0, 1, 2)})
-    scores[("hetlora", 0)] = [v + 0.01 for v in base]
-    write_finished_grid(tmp_path, scores)
-    md = write_report(tmp_path, echo=None).read_text()
-    assert "| hetlora | +0.0100 [+0.0100, +0.0100] (1 of 3 seeds) |" in md
-    assert "| flexlora | +0.0200 [+0.0200, +0.0200] sd 0.0000 (examples only [+0.0200, +0.0200]) |" in md
-    assert "| flexlora − hetlora | +0.0100 [+0.0100, +0.0100] (1 of 3 seeds) |" in md
 
 
 def _compare_ni_script(tmp_path, finals, **env):
@@ -352,7 +239,7 @@ def test_two_processes_adding_cells_to_one_grid_at_once_keep_both(tmp_path, monk
     """A stage split over two processes: each reads grid.json, adds its cells and writes it back;
     the second must not write back what it read before the first wrote (its cells would vanish
     from the report)."""
-    from flexlora import compare
+    from flexlora.analysis import cells as compare
 
     write = compare.write_json
 
@@ -416,22 +303,3 @@ def test_a_cell_another_process_finished_meanwhile_is_not_run_again(tmp_path, mo
     assert main(["compare", "--out", str(out), "--methods", "fedit,flexlora", "--profiles", "uniform", "--seeds", "0", *overrides]) == 0
     assert ran == ["fedit-homo-seed0"]
     assert "cell flexlora-uniform-seed0 was finished elsewhere" in capsys.readouterr().out
-
-
-def test_a_report_interrupted_while_writing_leaves_each_previous_file_whole(tmp_path, monkeypatch):
-    # Two grid processes finishing cells at the same moment, or one killed mid-report, must not
-    # leave a truncated or mixed file: each report file is replaced whole or not at all.
-    base = [0.1 * (i % 5) for i in range(20)]
-    write_finished_grid(tmp_path, {("fedit", 0): base, ("hetlora", 0): base, ("flexlora", 0): [v + 0.1 for v in base]})
-    write_report(tmp_path, echo=None)
-    before = {name: (tmp_path / name).read_text() for name in ("compare.md", "differences.csv", "differences_flexlora.csv")}
-
-    def crash(d):
-        raise RuntimeError("killed while writing the differences")
-
-    monkeypatch.setattr("flexlora.compare._difference_cells", crash)
-    with pytest.raises(RuntimeError):
-        write_report(tmp_path, echo=None)
-    for name, text in before.items():
-        assert (tmp_path / name).read_text() == text, name
-    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind

@@ -7,7 +7,8 @@ import torch
 from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
 
 from flexlora.data.types import ClientData, Example
-from flexlora.evaluation import _items, _rows, common_prefix_len, evaluate, score_examples
+from flexlora.evaluation import evaluate, score_examples
+from flexlora.evaluation.cached import _items, _rows, common_prefix_len
 from flexlora.models import TINY, load_model
 
 INSTR = "Answer the question about the animal in one word. Think about where it lives."
@@ -156,7 +157,7 @@ def test_reference_draft_tokens_are_accepted_and_change_nothing(monkeypatch, bat
     teacher-forced argmax as greedy output without decoding steps; results stay identical."""
     import dataclasses
 
-    import flexlora.evaluation as ev
+    import flexlora.evaluation.cached as ev
 
     model, tok = _model(0.3, 1.0)
     with torch.no_grad():  # greedy picks the added <xN> tokens, whose text tokenizes back to the same ids

@@ -13,8 +13,6 @@ import torch
 
 from flexlora.cli import main
 from flexlora.methods.svd import factored_svd
-from flexlora.rank_report import main as rank_report_main
-from flexlora.rank_report import write_rank_report
 from flexlora.reporting import spectrum_panels
 from flexlora.spectrum import (
     band_labels,
@@ -192,7 +190,8 @@ def test_tiny_run_logs_the_spectrum_every_round_and_plots_it(tiny_overrides, tmp
     png = run / "rank_energy.png"
     assert png.is_file() and png.stat().st_size > 10_000
     # the study's summary on this run: its round-1 share beyond r_min is 1 − share of [0, 2)
-    md = write_rank_report([run], tmp_path / "report", rounds=(1, 2))
+    assert main(["rank-report", str(run), "--out", str(tmp_path / "report"), "--rounds", "1,2"]) == 0
+    md = tmp_path / "report" / "rank_collapse.md"
     text = md.read_text()
     beyond = 1 - records[1]["spectrum"]["groups"]["mlp"]["share"][0]
     mlp_row = next(line for line in text.splitlines() if "| mlp |" in line)
@@ -216,8 +215,8 @@ def test_spectrum_can_be_turned_off_and_a_dense_method_is_measured(tiny_override
 
 
 def test_rank_report_says_what_is_wrong_with_a_folder(tmp_path, capsys):
-    assert rank_report_main([str(tmp_path)]) == 2
-    assert "neither a run folder" in capsys.readouterr().out
+    assert main(["rank-report", str(tmp_path)]) == 2
+    assert "neither a run folder" in capsys.readouterr().err
 
 
 def test_spectrum_line_reports_the_share_beyond_the_smallest_rank():

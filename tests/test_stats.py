@@ -1,10 +1,10 @@
-"""Paired bootstrap differences (flexlora.stats) against numbers worked out by hand."""
+"""Paired bootstrap differences (flexlora.analysis.stats) against numbers worked out by hand."""
 
 import random
 
 import pytest
 
-from flexlora.stats import paired_difference
+from flexlora.analysis.stats import paired_difference
 
 
 def records(scores, losses=None, tokens=None):
@@ -88,3 +88,82 @@ def test_seeds_that_agree_stay_significant_under_both_intervals():
     assert d.significant and d.significant_examples_only
     assert d.low <= d.example_low and d.high >= d.example_high  # the two-level interval is the wider one
     assert d.low == pytest.approx(0.05, abs=0.004) and d.high == pytest.approx(0.06, abs=0.004)
+
+
+def one_category_carries_the_gain(seeds=3, categories=9, per_category=20, gain=0.3, elsewhere=-0.005):
+    """(method runs, baseline runs, client -> category): the method is `gain` above the baseline
+    on every example of category 0 and `elsewhere` on the others' (the same in every seed)."""
+    rng = random.Random(4)
+    n = categories * per_category
+    base = [rng.random() * 0.5 for _ in range(n)]
+    method = [b + (gain if i < per_category else elsewhere) for i, b in enumerate(base)]
+
+    def recs(values):
+        return [{"client": f"k{i // 2}", "index": i % 2, "rougeL_generated": v, "rougeL_teacher_forced": v,
+                 "loss": 1.0 - v, "tokens": 1} for i, v in enumerate(values)]
+
+    of = {f"k{c}": f"category {(2 * c) // per_category}" for c in range(n // 2)}
+    return [recs(method)] * seeds, [recs(base)] * seeds, of
+
+
+def test_a_difference_carried_by_one_category_is_not_significant_once_categories_are_resampled():
+    method, base, categories = one_category_carries_the_gain()
+    d = paired_difference(method, base, "rougeL_generated", categories=categories)
+    assert d.mean == pytest.approx((0.3 - 8 * 0.005) / 9) and d.categories == 9
+    # Over examples (and seeds, which agree) the gain looks certain...
+    assert 0 < d.example_low <= d.low < d.mean < d.high <= d.example_high and d.significant_seeds_examples
+    # ...but a draw of the 9 categories without category 0 (chance (8/9)^9 = 35%) leaves only
+    # the −0.005 of the other eight: the task-level interval runs from −0.005.
+    assert d.category_low == pytest.approx(-0.005) and d.category_high > d.high
+    assert d.decided_by == "seeds and categories" and not d.significant
+    assert "(seeds and categories [-0.0050, +0." in d.format() and d.format().endswith(" n.s.")
+    # The eval loss (1 − score here, one token each) takes the same task-level resampling.
+    loss = paired_difference(method, base, "eval_loss", categories=categories)
+    assert loss.category_high == pytest.approx(0.005) and not loss.significant and loss.significant_seeds_examples
+
+
+def test_without_two_categories_significance_follows_the_seeds_and_examples_interval():
+    method, base, categories = one_category_carries_the_gain()
+    one = paired_difference(method, base, "rougeL_generated", categories={c: "all" for c in categories})
+    assert one.categories == 1 and not one.has_categories and one.decided_by == "seeds and examples"
+    assert one.significant and "categories" not in one.format()
+    plain = paired_difference(method, base, "rougeL_generated")
+    assert (plain.low, plain.high, plain.significant) == (one.low, one.high, one.significant) and plain.categories == 0
+    with pytest.raises(ValueError, match="no held-out category for client 'k0'"):
+        paired_difference(method, base, "rougeL_generated", categories={"k1": "x"})
+
+
+def test_with_one_example_per_category_the_task_level_interval_is_the_example_level_one():
+    # Each category a single example: resampling categories is resampling examples (other draws).
+    method, base = seeds_with_gains([0.03], n=400, noise=0.1)
+    keyed = [[{**e, "client": f"e{e['index']}"} for e in run] for run in (*method, *base)]
+    d = paired_difference(keyed[:1], keyed[1:], "rougeL_generated", categories={f"e{i}": f"e{i}" for i in range(400)})
+    assert d.categories == 400
+    assert d.category_low == pytest.approx(d.example_low, abs=0.003) and d.category_high == pytest.approx(d.example_high, abs=0.003)
+
+
+@pytest.mark.parametrize("p, df, expected", [
+    (0.975, 1, 12.7062), (0.975, 2, 4.3027), (0.975, 3, 3.1824), (0.975, 10, 2.2281), (0.975, 60, 2.0003),
+    (0.975, 61, 1.9996), (0.975, 1000, 1.9623), (0.8, 2, 1.0607), (0.8, 10, 0.8791), (0.8, 120, 0.8446),
+])
+def test_t_quantiles_match_the_tables(p, df, expected):
+    from flexlora.analysis.stats import t_quantile
+
+    assert t_quantile(p, df) == pytest.approx(expected, abs=1e-4)
+
+
+def test_seeds_needed_follows_the_t_interval_of_the_per_seed_differences():
+    from flexlora.analysis.stats import seeds_needed
+
+    # |d|/s = 1: √6 = 2.449 < t(0.975, 5) = 2.571 but √7 = 2.646 > t(0.975, 6) = 2.447; for 80% power
+    # √9 = 3 < 2.306 + 0.889 but √10 = 3.162 ≥ t(0.975, 9) + t(0.8, 9) = 2.262 + 0.883.
+    assert seeds_needed(0.03, 0.03, 3) == 7 and seeds_needed(-0.03, 0.03, 3, power=0.8) == 10
+    method, base = seeds_with_gains([0.0, 0.03, 0.06], noise=0.0)
+    d = paired_difference(method, base, "rougeL_generated")
+    assert d.mean == pytest.approx(0.03) and d.seed_sd == pytest.approx(0.03)
+    assert (d.seeds_to_exclude_zero, d.seeds_for_power) == (7, 10)
+    # |d|/s = 2: √3·2 = 3.46 < t(0.975, 2) = 4.30, √4·2 = 4 > t(0.975, 3) = 3.18.
+    assert seeds_needed(0.03, 0.015, 3) == 4
+    # No spread known with one seed; none needed beyond two without spread; never for a zero mean.
+    assert seeds_needed(0.03, 0.0, 1) is None and seeds_needed(0.03, 0.0, 3) == 2 and seeds_needed(0.0, 0.01, 3) is None
+    assert seeds_needed(1e-9, 0.05, 3) == 100_001  # more than MAX_SEEDS

@@ -169,7 +169,7 @@ def _eval(args) -> None:
         raise ConfigError("--base evaluates the model without an adapter; drop --adapter")
     if adapter is None and not args.base:
         raise ConfigError("flexlora eval needs --adapter DIR, --run RUN_DIR or --base")
-    metrics = run_evaluation(load_config(config, args.overrides), adapter, args.clients)
+    metrics = run_evaluation(load_config(config, args.overrides), adapter, args.clients, keep=args.keep_rank)
     if args.out:
         write_json(Path(args.out), metrics)
         print(f"metrics: {args.out}")
@@ -193,7 +193,8 @@ def _config(args) -> None:
 
 
 def _compare(args) -> None:
-    from flexlora.compare import command_line, run_grid, write_report
+    from flexlora.analysis.report import write_report
+    from flexlora.analysis.runner import command_line, run_grid
 
     if args.report_only:
         write_report(args.out)
@@ -206,6 +207,20 @@ def _compare(args) -> None:
         args.out, _list(args.methods), _list(args.profiles), seeds, args.config, args.overrides,
         baseline=args.baseline, command=command_line(args.argv),
     )
+
+
+def _rank_report(args) -> None:
+    from flexlora.analysis.rank_report import write_rank_report
+
+    try:
+        rounds = tuple(int(r) for r in args.rounds.split(",") if r.strip())
+    except ValueError:
+        raise ConfigError(f"--rounds: expected comma-separated integers, got '{args.rounds}'") from None
+    try:
+        md = write_rank_report(args.dirs, args.out or args.dirs[0], rounds)
+    except ValueError as e:
+        raise ConfigError(f"rank-report: {e}") from None
+    print(f"rank report: {md}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--base", action="store_true", help="evaluate the base model without an adapter")
     ev.add_argument("--clients", default="heldout", help="heldout (default) | training | all: whose test sets")
     ev.add_argument("--out", help="write the metrics (overall, per client, per category) to this JSON file")
+    ev.add_argument(
+        "--keep-rank", type=int, metavar="R",
+        help="evaluate the adapter with every component beyond rank R cut (A's rows, B's columns; the saved "
+             "adapter is untouched): for FlexLoRA's SVD-ordered export its best rank-R approximation",
+    )
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.source=dolly data.path=...")
     ev.set_defaults(func=_eval)
     conf = sub.add_parser(
@@ -260,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--report-only", action="store_true", help="only rewrite the report from the finished cells")
     cmp.add_argument("overrides", nargs="*", help="key=value overrides for every cell, e.g. data.source=natural-instructions")
     cmp.set_defaults(func=_compare)
+    rr = sub.add_parser(
+        "rank-report",
+        help="the rank-collapse summary (rank_collapse.md/.png) from runs' spectrum records: run folders or compare grid folders",
+    )
+    rr.add_argument("dirs", nargs="+", help="run folders, or `flexlora compare` grid folders (every cell)")
+    rr.add_argument("--out", help="where to write the report (default: the first DIR)")
+    rr.add_argument("--rounds", default="1,5,10", help="rounds whose share is tabulated (default 1,5,10)")
+    rr.set_defaults(func=_rank_report)
     certs = sub.add_parser(
         "flower-certs",
         help="write a test CA, a SuperLink TLS certificate and SuperNode auth keys (trials/CI only)",

@@ -17,7 +17,8 @@ from flexlora import lora
 from flexlora.checkpoint import Checkpointer, open_checkpoint
 from flexlora.config import ConfigError, ExperimentConfig
 from flexlora.data.sources import load_federated_dataset
-from flexlora.evaluation import METRIC, evaluate
+from flexlora.evaluation import evaluate, keep_rank
+from flexlora.metrics import EVAL_LOSS, METRIC, METRICS, TEACHER_FORCED
 from flexlora.models import default_device, default_target_modules, load_model
 from flexlora.resources import client_record, profile_label as resource_profile_label
 from flexlora.reporting import WriteError, append_line, plot_metric, plot_spectrum, write_json, write_jsonl
@@ -247,8 +248,8 @@ class Experiment:
             return
         label = "zero-shot" if record["round"] == 0 else f"round {record['round']}/{cfg.federation.rounds}"
         echo(
-            f"{label}: held-out {METRIC} {ev[METRIC]:.4f} (teacher-forced {ev['rougeL_teacher_forced']:.4f}), "
-            f"eval loss {ev['eval_loss']:.3f}" + (f", {record['time']['total_s']:.0f} s" if record["round"] else "")
+            f"{label}: held-out {METRIC} {ev[METRIC]:.4f} ({TEACHER_FORCED.label} {ev[TEACHER_FORCED.name]:.4f}), "
+            f"{EVAL_LOSS.label} {ev[EVAL_LOSS.name]:.3f}" + (f", {record['time']['total_s']:.0f} s" if record["round"] else "")
         )
 
     def run(self, runtime) -> None:
@@ -285,7 +286,7 @@ class Experiment:
         evaluated = [r for r in self.history if r["eval"] is not None]
         summary = {
             "metric": METRIC,
-            "metric_description": "Rouge-L F1 of greedy generations on held-out (unseen-task) clients, weighted by test-set size",
+            "metric_description": METRICS[METRIC].description,
             "method": cfg.method,
             "engine": self.engine,
             "profile": profile_label(cfg),
@@ -295,10 +296,9 @@ class Experiment:
             "zero_shot": evaluated[0]["eval"][METRIC],
             "final": evaluated[-1]["eval"][METRIC],
             "best": max(r["eval"][METRIC] for r in evaluated),
-            "zero_shot_teacher_forced": evaluated[0]["eval"]["rougeL_teacher_forced"],
-            "final_teacher_forced": evaluated[-1]["eval"]["rougeL_teacher_forced"],
-            "zero_shot_eval_loss": evaluated[0]["eval"]["eval_loss"],
-            "final_eval_loss": evaluated[-1]["eval"]["eval_loss"],
+            **{key: value for m in METRICS.values() if m.name != METRIC for key, value in (
+                (f"zero_shot{m.summary_suffix}", evaluated[0]["eval"][m.name]),
+                (f"final{m.summary_suffix}", evaluated[-1]["eval"][m.name]))},
             "per_round": {r["round"]: r["eval"][METRIC] for r in evaluated},
             "final_per_category": evaluated[-1]["eval"].get("per_category"),
             "truncation": {r["round"]: r["truncation"] for r in self.history if r.get("truncation")},
@@ -325,11 +325,18 @@ class Experiment:
 EVAL_CLIENTS = ("heldout", "training", "all")
 
 
-def run_evaluation(cfg: ExperimentConfig, adapter: str | Path | None, clients: str = "heldout", echo=print) -> dict:
+def run_evaluation(
+    cfg: ExperimentConfig, adapter: str | Path | None, clients: str = "heldout", echo=print, keep: int | None = None,
+) -> dict:
     """Evaluate a saved PEFT adapter (or, with adapter=None, the base model) on the test sets
-    of a data source's held-out clients, training clients, or all of them."""
+    of a data source's held-out clients, training clients, or all of them. `keep`: evaluate the
+    adapter with every component beyond that rank cut (evaluation.keep_rank; the saved adapter
+    is only read)."""
     from peft import PeftModel
 
+    if keep is not None and (adapter is None or keep < 1):
+        raise ConfigError("--keep-rank: cuts a saved adapter; --base has none" if adapter is None
+                          else f"--keep-rank: must be >= 1, got {keep}")
     if clients not in EVAL_CLIENTS:
         raise ConfigError(f"--clients: must be one of {', '.join(EVAL_CLIENTS)}, got '{clients}'")
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
@@ -353,6 +360,11 @@ def run_evaluation(cfg: ExperimentConfig, adapter: str | Path | None, clients: s
         peft_config = peft_model.peft_config[lora.ADAPTER]
         alpha, target_modules = peft_config.lora_alpha, sorted(peft_config.target_modules)
         model = lora.detach(peft_model)
+        if keep is not None:
+            saved_ranks = sorted(set(ranks.values()))
+            factors, ranks = keep_rank(factors, ranks, keep)
+            echo(f"adapter {adapter}: components beyond rank {keep} cut (saved ranks {saved_ranks}, "
+                 f"evaluated ranks {sorted(set(ranks.values()))})")
     metrics = evaluate(
         model, tokenizer, chosen,
         factors=factors, ranks=ranks, alpha=alpha, target_modules=target_modules,
@@ -362,13 +374,17 @@ def run_evaluation(cfg: ExperimentConfig, adapter: str | Path | None, clients: s
         decode_batch_size=cfg.eval.decode_batch_size,
     )
     metrics["adapter"] = str(adapter) if adapter is not None else None
+    if keep is not None:
+        metrics["keep_rank"] = keep
+        metrics["ranks_evaluated"] = {str(r): list(ranks.values()).count(r) for r in sorted(set(ranks.values()))}
     metrics["clients"] = clients
     what = f"adapter {adapter}" if adapter is not None else f"base model {cfg.model}"
     echo(
         f"{what} on {len([c for c in chosen if c.test])} {clients} clients of {cfg.data.source} "
         f"({metrics['num_examples']} examples): {METRIC} {metrics[METRIC]:.4f}, "
-        f"rougeL_teacher_forced {metrics['rougeL_teacher_forced']:.4f}, eval loss {metrics['eval_loss']:.3f}"
+        f"{TEACHER_FORCED.name} {metrics[TEACHER_FORCED.name]:.4f}, {EVAL_LOSS.label} {metrics[EVAL_LOSS.name]:.3f}"
     )
     for category, m in metrics["per_category"].items():
-        echo(f"  {category or '(none)'}: n={m['n']} {METRIC} {m[METRIC]:.4f}, teacher-forced {m['rougeL_teacher_forced']:.4f}, loss {m['eval_loss']:.3f}")
+        echo(f"  {category or '(none)'}: n={m['n']} {METRIC} {m[METRIC]:.4f}, {TEACHER_FORCED.label} {m[TEACHER_FORCED.name]:.4f}, "
+             f"loss {m[EVAL_LOSS.name]:.3f}")
     return metrics

@@ -1,4 +1,5 @@
-"""`flexlora rank-report DIR...`: the rank-collapse study's summary from runs' spectrum records.
+"""`flexlora rank-report DIR... [--out OUT] [--rounds 1,5,10]`: the rank-collapse study's summary
+from runs' spectrum records.
 
 For every run (a run folder, or every cell of a `flexlora compare` grid folder) and module group
 (attention, MLP; and per module kind in a second table): the share of the global ΔW's energy
@@ -210,32 +211,3 @@ def plot_rank_report(runs: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """python -m flexlora.rank_report DIR... [--out OUT] [--rounds 1,5,10]"""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m flexlora.rank_report",
-        description="rank_collapse.md and rank_collapse.png from runs' spectrum records (run folders or compare grid folders)",
-    )
-    parser.add_argument("dirs", nargs="+", help="run folders, or `flexlora compare` grid folders (every cell)")
-    parser.add_argument("--out", help="where to write the report (default: the first DIR)")
-    parser.add_argument("--rounds", default=",".join(map(str, DEFAULT_ROUNDS)), help="rounds whose share is tabulated (default 1,5,10)")
-    args = parser.parse_args(argv)
-    try:
-        rounds = tuple(int(r) for r in args.rounds.split(",") if r.strip())
-        md = write_rank_report(args.dirs, args.out or args.dirs[0], rounds)
-    except ValueError as e:
-        print(f"rank_report: error: {e}")
-        return 2
-    except FileNotFoundError as e:
-        print(f"rank_report: error: {e}")
-        return 2
-    print(f"rank report: {md}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
