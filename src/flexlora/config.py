@@ -238,13 +238,14 @@ def validate(c: ExperimentConfig) -> None:
         not looks_like_path or Path(c.model).expanduser().exists(),
         f"model: model path does not exist: {c.model}",
     )
+    changes_base = METHODS[c.method].changes_base_weights
     if c.quantization is not None:
         _require(
-            c.method not in ("flora", "slora"),
+            not changes_base,
             f"quantization: nf4 cannot be used with method={c.method}, which changes the base weights (4-bit weights cannot be changed)",
         )
     _require(
-        c.model_dtype == "float32" or c.method not in ("flora", "slora"),
+        c.model_dtype == "float32" or not changes_base,
         f"model_dtype: method={c.method} changes the base weights, which must then be float32 (a 16-bit base would round its updates away), got '{c.model_dtype}'",
     )
 

@@ -396,6 +396,10 @@ class Method:
     homogeneous: ClassVar[bool] = False
     # The client hooks this method's client_options may ask for (registered with the method).
     client_hooks: ClassVar[tuple[type[ClientHook], ...]] = ()
+    # The global model changes the base weights themselves (``base_offset``: FLoRA's merged
+    # updates, SLoRA's sparse stage, FedEx-LoRA's residual): the base must then be float32 and
+    # unquantized (checked by flexlora.config), and a run exports a merged model.
+    changes_base_weights: ClassVar[bool] = False
 
     def init_state(self, shapes: dict[str, tuple[int, int]]) -> GlobalState | None:
         """The state before round 1 (e.g. a rank-0 state, so that every client of round 1 starts

@@ -123,6 +123,7 @@ class FedEx(Method):
     """FedEx-LoRA: FedIT's (padded) averages for the clients, the exact residual folded into the base."""
 
     name = "fedex"
+    changes_base_weights = True  # the residual is folded into the base (base_offset)
 
     def __init__(self, seed: int = 0):
         """seed: of the shared A rows of round 1 (and of rows beyond the state's rank)."""

@@ -24,6 +24,7 @@ class FLoRA(Method):
     """Stacking: the exact weighted sum of the clients' updates is merged into the base."""
 
     name = "flora"
+    changes_base_weights = True  # every round's update is merged into the base (base_offset)
 
     def __init__(self, seed: int = 0):
         """seed: of the shared A rows of every round's fresh start."""

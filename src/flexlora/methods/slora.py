@@ -208,6 +208,7 @@ class SLoRA(Method):
     """Sparse fine-tuning for ``sparse_rounds`` rounds, then LoRA from the SVD of W − W₀."""
 
     name = "slora"
+    changes_base_weights = True  # the sparse stage trains the base weights (base_offset)
     client_hooks = (SparseTraining,)
 
     def __init__(
