@@ -251,11 +251,10 @@ def validate(c: ExperimentConfig) -> None:
 
 
 def validate_data(d: DataConfig) -> None:
-    from flexlora.data.sources import SOURCES
+    from flexlora.data.sources import check_source
 
-    _require(d.source in SOURCES, f"data.source: unknown data source '{d.source}'; choose from: {', '.join(SOURCES)}")
-    if d.source != "synthetic":
-        _require(d.path is not None, f"data.path: data.source={d.source} needs data.path (a folder or file)")
+    source = check_source(d)  # a registered source, data.path given if it reads one, its own rules
+    if source.needs_path:
         _require(Path(d.path).expanduser().exists(), f"data.path: not found: {d.path}")
     if d.test_path is not None:
         _require(Path(d.test_path).expanduser().exists(), f"data.test_path: not found: {d.test_path}")
