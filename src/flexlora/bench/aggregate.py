@@ -37,8 +37,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from flexlora.bench.common import goal, interleaved, median, with_count
-from flexlora.methods.base import ClientUpdate, data_weights
-from flexlora.methods.flexlora import FlexLoRA, stack_factors
+from flexlora.methods.base import ClientUpdate
+from flexlora.methods.flexlora import FlexLoRA
+from flexlora.methods.helpers import data_weights, stack_factors
 from flexlora.resources import assign_rank_types, paper_rank_types
 
 # (m, n) per module kind; attention modules use q_proj's ranks, MLP ones down_proj's.

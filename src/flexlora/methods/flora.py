@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import ClientUpdate, Factors, GlobalState, Method, data_weights, module_names, module_seed, module_shape, slice_factors
-from .flexlora import delta_matrix
+from .base import ClientUpdate, Factors, GlobalState, Method
+from .helpers import data_weights, delta_matrix, module_names, module_seed, module_shape, slice_factors
 
 
 class FLoRA(Method):
