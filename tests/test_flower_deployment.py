@@ -19,7 +19,7 @@ from flexlora.models import TINY, default_target_modules, load_model
 from flexlora.resources import adapter_training_bytes, module_ranks, paper_rank_types, rank_type_for_memory
 from flexlora.engines.flower.certs import make_node_keys, make_tls_certificates
 # The loopback pieces the deployment bench uses too: one copy of process handling and health checks.
-from flexlora.bench.deployment import APP, BIN, Processes, flower_env, free_port, superlink_healthy, wait_for
+from flexlora.bench.loopback import APP, BIN, Processes, flower_env, free_port, superlink_healthy, wait_for
 
 pytestmark = pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason=f"flower-superlink not found in {BIN}")
 

@@ -2,7 +2,7 @@
 separate processes, TLS with a test CA, registered SuperNode keys), with a node worker beside
 each SuperNode (`flexlora node serve`, node config `worker-socket`): two rounds of FlexLoRA on
 the tiny model, trained by the workers, and the global adapter checked as there. The harness
-(flexlora.bench.deployment.Loopback) stops every process it started by PID."""
+(flexlora.bench.loopback.Loopback) stops every process it started by PID."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 
 from flexlora import lora
-from flexlora.bench.deployment import BIN, Loopback
+from flexlora.bench.loopback import BIN, Loopback
 from flexlora.data.synthetic import make_federation
 from flexlora.models import TINY, load_model
 

@@ -1,5 +1,6 @@
 """The layout's rules that code can check: no import cycle anywhere in src/flexlora (imports inside
-functions count; `if TYPE_CHECKING:` blocks, which never run, do not), and the server side of a run imports no PEFT."""
+functions count; `if TYPE_CHECKING:` blocks, which never run, do not), the server side of a run imports no PEFT,
+and no Python file is over 450 lines outside the data tables named below."""
 
 from __future__ import annotations
 
@@ -139,3 +140,26 @@ def test_the_server_side_imports_no_peft():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(SRC), "PATH": ""})
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# No file over MAX_LINES: a longer module is split along a seam of its subject (see "Where the
+# code is" in docs/index.md). Data tables are the exception, each named here with its reason.
+MAX_LINES = 450
+DATA_TABLES = {
+    "src/flexlora/data/synthetic.py": "the built-in tasks: word and knowledge tables, one small generator per task type",
+}
+
+
+def test_no_python_file_is_over_450_lines_outside_data_tables():
+    root = SRC.parent
+    assert all((root / path).is_file() for path in DATA_TABLES), "a data table named here no longer exists"
+    over = {}
+    for folder in ("src", "tests"):
+        for path in sorted((root / folder).rglob("*.py")):
+            name = path.relative_to(root).as_posix()
+            if name in DATA_TABLES or "/fixtures/" in name:
+                continue
+            lines = len(path.read_text().splitlines())
+            if lines > MAX_LINES:
+                over[name] = lines
+    assert not over, f"over {MAX_LINES} lines: " + ", ".join(f"{name} ({n})" for name, n in over.items())

@@ -17,7 +17,8 @@ import torch
 
 from flexlora.config import ConfigError, load_config
 from flexlora.methods import FLoRA, make_method
-from flexlora.methods.base import ClientUpdate, zero_rank_state
+from flexlora.methods.base import ClientUpdate
+from flexlora.methods.helpers import zero_rank_state
 from flexlora.methods.fedex import FedEx
 from flexlora.methods.florist import FLoRIST, threshold_rank
 import small_federation as fed

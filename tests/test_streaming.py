@@ -182,10 +182,10 @@ def test_the_server_holds_one_task_and_a_bounded_number_of_updates():
 
     outcome = server.run_round(1, Watching())
     assert outcome.valid_updates == 12
-    from flexlora.methods import base
+    from flexlora.methods import helpers
     from flexlora.validation import NORM_WARMUP
 
-    assert not base._fresh_rows_cache  # round 1's shared seeded rows are dropped once handed out
+    assert not helpers._fresh_rows_cache  # round 1's shared seeded rows are dropped once handed out
 
     assert most["tasks"] <= 2  # the one being trained (and, while its result is folded, the previous)
     assert most["updates"] <= NORM_WARMUP + 1

@@ -23,7 +23,7 @@ import flexlora.engines.local as local_module
 from flexlora.methods.flexlora import dense_delta
 from flexlora.cli import main
 from flexlora.runlock import LOCK_NAME
-from flexlora.server import RoundAggregation
+from flexlora.round_aggregation import RoundAggregation
 
 SRC = Path(flexlora.__file__).resolve().parents[1]
 

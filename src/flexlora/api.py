@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from flexlora.methods import METHODS, GlobalState, compose_method
-from flexlora.methods.base import FLOAT_DTYPES, nonfinite
+from flexlora.methods.helpers import FLOAT_DTYPES, nonfinite
 from flexlora.protocol import ClientUpdate, Factors
 from flexlora.reporting import atomic_path
 

@@ -70,89 +70,6 @@ def _node(args) -> None:
         raise ConfigError(f"node {args.node}: {e}") from None
 
 
-def _bench_aggregate(args) -> None:
-    from flexlora.bench import aggregate as bench
-
-    sizes = ["quick"] if args.quick else args.sizes.split(",")
-    repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
-    try:
-        rows = bench.run_benchmark(
-            sizes, args.cases.split(","), args.modes.split(","),
-            seed=args.seed, device=args.device, repeat=repeat, oversample=args.oversample, niter=args.niter,
-        )
-    except ValueError as e:
-        raise ConfigError(f"bench aggregate: {e}") from None
-    _print_bench(bench, rows, args.json)
-
-
-def _print_bench(module, rows, json_path: str | None, *write_args) -> None:
-    """A bench module's table and goal lines, and its rows as JSON if asked (write_args: what
-    else the module's write_json records, e.g. the command line)."""
-    from flexlora.bench.common import print_report
-
-    print_report(module.format_table(rows), module.goals(rows))
-    if json_path:
-        module.write_json(rows, json_path, *write_args)
-        print(f"results: {json_path}")
-
-
-def _bench_client(args) -> None:
-    from flexlora.bench import client as bench_client
-
-    try:
-        rows = bench_client.run_benchmark(
-            _list(args.models), _list(args.options), steps=args.steps, warmup=args.warmup, batch=args.batch,
-            seq=args.seq, rank=args.rank, device=args.device, reference=args.reference, seed=args.seed,
-            timeout_s=args.timeout,
-        )
-    except ValueError as e:
-        raise ConfigError(f"bench client: {e}") from None
-    _print_bench(bench_client, rows, args.json)
-
-
-def _bench_scale(args) -> None:
-    from flexlora.bench import scale as bench_scale
-
-    try:
-        clients = bench_scale.parse_clients(args.clients) if args.clients.strip() else []
-        if not clients and not args.ni:
-            raise ValueError("--clients: give at least one value (or --ni)")
-        if args.timeout <= 0:
-            raise ValueError(f"--timeout: must be > 0, got {args.timeout:g}")
-        rows = bench_scale.run_benchmark(
-            clients, args.rounds, args.model, ni=args.ni, ni_path=args.ni_path, extra=args.overrides,
-            runs_dir=args.runs_dir, timeout_s=args.timeout,
-        )
-    except ValueError as e:
-        raise ConfigError(f"bench scale: {e}") from None
-    _print_bench(bench_scale, rows, args.out, args.argv)
-
-
-def _bench_eval(args) -> None:
-    from flexlora.bench.eval import run_eval_benchmark
-    from flexlora.reporting import write_json
-
-    if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
-        raise ConfigError(f"--adapter: {args.adapter} is not a PEFT adapter folder (no adapter_config.json)")
-    result = run_eval_benchmark(load_config(args.config, args.overrides), args.clients, args.repeat, adapter=args.adapter)
-    if args.json:
-        write_json(Path(args.json), result)
-        print(f"results: {args.json}")
-
-
-def _bench_deployment(args) -> None:
-    from flexlora.bench import deployment
-
-    try:
-        result = deployment.run_benchmark(
-            args.nodes, args.rounds, args.model, args.precision, args.device, tuple(_list(args.engines)), args.overrides,
-            workdir=args.workdir, threads=args.threads, startup_repeat=args.startup_repeat,
-        )
-    except ValueError as e:
-        raise ConfigError(f"bench deployment: {e}") from None
-    _print_bench(deployment, result, args.json, args.argv)
-
-
 def _eval(args) -> None:
     from flexlora.experiment import run_evaluation
     from flexlora.reporting import write_json
@@ -315,84 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
     nst.add_argument("--socket", help="socket path (default as for serve)")
     nst.set_defaults(func=_node)
 
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    agg = bench.add_parser(
-        "aggregate",
-        help="FlexLoRA's server step vs the reference procedure (per-client products + full SVD) on random client factors",
-    )
-    agg.add_argument("--sizes", default="1.3b,8b", help="comma-separated: quick (512x512, 512x1376), 1.3b (2048x2048, 2048x5504), 8b (4096x4096, 4096x14336)")
-    agg.add_argument("--cases", default="a,b", help="a: 10 clients from heavy-tail-light; b: 80 clients from heavy-tail-strong")
-    agg.add_argument("--modes", default="auto,dense,randomized", help="FlexLoRA svd modes: auto, factored, dense, randomized")
-    agg.add_argument("--quick", action="store_true", help="small shapes only, one repeat unless --repeat (seconds)")
-    agg.add_argument("--repeat", type=int, default=None, help="time every procedure N times, interleaved; report medians (default 3; --quick: 1)")
-    agg.add_argument("--seed", type=int, default=0)
-    agg.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    agg.add_argument("--oversample", type=int, default=64, help="randomized mode: extra subspace columns")
-    agg.add_argument("--niter", type=int, default=2, help="randomized mode: power iterations")
-    agg.add_argument("--json", help="also write the rows to this JSON file")
-    agg.set_defaults(func=_bench_aggregate)
-    cl = bench.add_parser(
-        "client",
-        help="one client's local training per precision option (float32, bfloat16, nf4, +ckpt): peak memory and tokens/s, "
-        "each in a fresh process, next to a bare PEFT training loop",
-    )
-    cl.add_argument("--models", default="smollm2-135m-instruct,random-llama-1b", help="comma-separated model sources (random-llama-1b: TinyLlama-1.1B shapes, random weights)")
-    cl.add_argument("--options", default="float32,bfloat16,bfloat16+ckpt,nf4,nf4+ckpt", help="comma-separated <float32|bfloat16|float16|nf4>[+ckpt]")
-    cl.add_argument("--steps", type=int, default=3, help="timed optimizer steps (default 3)")
-    cl.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    cl.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
-    cl.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
-    cl.add_argument("--rank", type=int, default=8, help="LoRA rank on every default target module (default 8)")
-    cl.add_argument("--reference", default="all", help="options that also get a bare PEFT row: all (default), none, or a comma-separated list")
-    cl.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    cl.add_argument("--seed", type=int, default=0)
-    cl.add_argument("--timeout", type=float, default=1800, help="seconds per child process (default 1800)")
-    cl.add_argument("--json", help="also write the rows to this JSON file")
-    cl.set_defaults(func=_bench_client)
-    sc = bench.add_parser(
-        "scale",
-        help="a real federation at 10, 20, 40, 80 clients per round (heavy-tail-strong, short local training), each run "
-        "in its own process: peak resident memory, seconds per client, the server's share of the round",
-    )
-    sc.add_argument("--clients", default="10,20,40,80", help="comma-separated clients per round (default 10,20,40,80; empty with --ni: NI only)")
-    sc.add_argument("--rounds", type=int, default=2, help="rounds per run (default 2)")
-    sc.add_argument("--model", default="smollm2-135m-instruct", help="model (default smollm2-135m-instruct; tiny-llama for tests)")
-    sc.add_argument("--ni", action="store_true", help="also run the 1,613-client Natural Instructions sample with federation.fraction=0.05")
-    sc.add_argument("--ni-path", default="../shared/data/natural-instructions-1613-mini", help="the NI per-client folder for --ni")
-    sc.add_argument("--runs-dir", help="keep the run folders and logs here (default: a temporary folder, removed)")
-    sc.add_argument("--timeout", type=float, default=7200, help="seconds per run before it is killed (default 7200)")
-    sc.add_argument("--out", help="write the results (rows, per-round times, goals) to this JSON file")
-    sc.add_argument("overrides", nargs="*", help="key=value overrides for every run, e.g. device=cpu train.steps=2")
-    sc.set_defaults(func=_bench_scale)
-    ev = bench.add_parser(
-        "eval",
-        help="evaluation examples/s: the two-prefill path (eval.kv_cache=false) vs the cached path, same examples, one process",
-    )
-    ev.add_argument("--config", help="YAML config (model, data.*, eval.*)")
-    ev.add_argument("--clients", type=int, default=8, help="clients to evaluate: held-out ones first (default 8)")
-    ev.add_argument("--repeat", type=int, default=1, help="time each path N times, alternating; report the fastest (default 1)")
-    ev.add_argument("--adapter", help="a PEFT adapter folder to merge first (e.g. runs/.../adapter): a trained model")
-    ev.add_argument("--json", help="also write the result to this JSON file")
-    ev.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.max_examples_per_client=4")
-    ev.set_defaults(func=_bench_eval)
-    dep = bench.add_parser(
-        "deployment",
-        help="a loopback Flower deployment (TLS, node auth) with and without node workers, per round: wall time, slowest "
-        "client's training, overhead; the same config on Flower's simulation engine and in-process",
-    )
-    dep.add_argument("--nodes", type=int, default=2, help="SuperNodes, each holding one training client (default 2)")
-    dep.add_argument("--rounds", type=int, default=2, help="rounds per run (default 2)")
-    dep.add_argument("--model", default="smollm2-135m-instruct", help="base model (default smollm2-135m-instruct; random-llama-1b on a GPU)")
-    dep.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "nf4"], help="base weights (default float32)")
-    dep.add_argument("--device", default="cpu", help="cpu (default), auto or cuda")
-    dep.add_argument("--engines", default="deployment+workers,deployment,simulation,in-process", help="which runs, comma-separated")
-    dep.add_argument("--threads", type=int, default=None, help="torch threads per node (default: cores / nodes)")
-    dep.add_argument("--startup-repeat", type=int, default=3, help="fresh-process ClientApp start-ups to time per path (0: skip)")
-    dep.add_argument("--workdir", help="keep run folders and every process's log here (default: a temporary folder, removed)")
-    dep.add_argument("--json", help="also write the rows and goals to this JSON file")
-    dep.add_argument("overrides", nargs="*", help="key=value overrides for every run, e.g. train.steps=6")
-    dep.set_defaults(func=_bench_deployment)
+    _add_benchmarks(sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True))
     return parser
+
+
+def _add_benchmarks(bench) -> None:
+    """`flexlora bench <name>`: each benchmark module adds its own flags and runs its command
+    (flexlora.bench: HELP, add_arguments, run_command)."""
+    from flexlora.bench import commands
+
+    for name, module in commands():
+        parser = bench.add_parser(name, help=module.HELP)
+        module.add_arguments(parser)
+        parser.set_defaults(func=module.run_command)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

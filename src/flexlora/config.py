@@ -238,23 +238,23 @@ def validate(c: ExperimentConfig) -> None:
         not looks_like_path or Path(c.model).expanduser().exists(),
         f"model: model path does not exist: {c.model}",
     )
+    changes_base = METHODS[c.method].changes_base_weights
     if c.quantization is not None:
         _require(
-            c.method not in ("flora", "slora"),
+            not changes_base,
             f"quantization: nf4 cannot be used with method={c.method}, which changes the base weights (4-bit weights cannot be changed)",
         )
     _require(
-        c.model_dtype == "float32" or c.method not in ("flora", "slora"),
+        c.model_dtype == "float32" or not changes_base,
         f"model_dtype: method={c.method} changes the base weights, which must then be float32 (a 16-bit base would round its updates away), got '{c.model_dtype}'",
     )
 
 
 def validate_data(d: DataConfig) -> None:
-    from flexlora.data.sources import SOURCES
+    from flexlora.data.sources import check_source
 
-    _require(d.source in SOURCES, f"data.source: unknown data source '{d.source}'; choose from: {', '.join(SOURCES)}")
-    if d.source != "synthetic":
-        _require(d.path is not None, f"data.path: data.source={d.source} needs data.path (a folder or file)")
+    source = check_source(d)  # a registered source, data.path given if it reads one, its own rules
+    if source.needs_path:
         _require(Path(d.path).expanduser().exists(), f"data.path: not found: {d.path}")
     if d.test_path is not None:
         _require(Path(d.test_path).expanduser().exists(), f"data.test_path: not found: {d.test_path}")

@@ -30,16 +30,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from flexlora.methods.svd import map_modules
+from flexlora.methods.helpers import module_kind
+from flexlora.methods.threads import map_modules
 from flexlora.resources import ATTENTION, MLP
 
 # Module kinds pooled into the two groups the issue names (attention, MLP).
 GROUPS = {"attention": ATTENTION, "mlp": MLP}
-
-
-def module_kind(module: str) -> str:
-    """'model.layers.3.self_attn.k_proj' -> 'k_proj'."""
-    return module.rsplit(".", 1)[-1]
 
 
 def band_labels(edges: Sequence[int]) -> list[str]:
@@ -207,7 +203,7 @@ def spectrum_record(
     + "kinds"}, "routes": {"factored" | "dense": modules}}. `factors`/`ranks`: the global adapter
     (A (R, n), B (m, R), scale lora_alpha / R); `offsets`: the dense base offset per module;
     `edges`: rank_edges of the run (modules of other kinds are left out). The work runs where the
-    tensors are (on the CPU, modules side by side: svd.map_modules).
+    tensors are (on the CPU, modules side by side: threads.map_modules).
 
     A group pools its kinds band by band: band j of every module is its own band j, so k_proj,
     whose top rank is capped at 192 where q_proj has 200, adds its [30, 192) to the group's

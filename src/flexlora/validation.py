@@ -32,9 +32,9 @@ from statistics import median
 import torch
 
 from flexlora.methods import parse_client_options
-from flexlora.methods.base import FLOAT_DTYPES, nonfinite
-from flexlora.methods.base import update_norm as factor_norm
-from flexlora.methods.svd import map_modules
+from flexlora.methods.helpers import FLOAT_DTYPES, nonfinite
+from flexlora.methods.helpers import update_norm as factor_norm
+from flexlora.methods.threads import map_modules
 from flexlora.protocol import ClientUpdate
 
 
@@ -131,7 +131,7 @@ def update_norm(update: ClientUpdate) -> float:
     def module_norm(module: str) -> float:  # float32 (2.6x faster than float64 here, relative error ~1e-8)
         return update.scale(module) ** 2 * factor_norm(*update.factors[module], squared=True, exact=False)
 
-    # Modules side by side, each on one thread (small r×r products: see svd.map_modules).
+    # Modules side by side, each on one thread (small r×r products: see threads.map_modules).
     modules = list(update.factors)
     device = update.factors[modules[0]][0].device if modules else None
     total += sum(map_modules(module_norm, modules, device))

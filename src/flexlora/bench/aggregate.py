@@ -33,13 +33,16 @@ import logging
 import platform
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-
-from flexlora.bench.common import goal, interleaved, median, with_count
-from flexlora.methods.base import ClientUpdate, data_weights
-from flexlora.methods.flexlora import FlexLoRA, stack_factors
+from flexlora.bench.common import goal, interleaved, median, report, with_count
+from flexlora.errors import ConfigError
 from flexlora.resources import assign_rank_types, paper_rank_types
+
+if TYPE_CHECKING:  # torch and the methods are imported where they run: the command line stays light
+    import torch
+
+    from flexlora.methods.base import ClientUpdate
 
 # (m, n) per module kind; attention modules use q_proj's ranks, MLP ones down_proj's.
 SIZES = {
@@ -76,6 +79,10 @@ class Row:
 
 def client_updates(case: str, module: str, shape: tuple[int, int], seed: int, device: torch.device) -> list[ClientUpdate]:
     """Random float32 factors for the case's clients (types drawn from its profile and seed)."""
+    import torch
+
+    from flexlora.methods.base import ClientUpdate
+
     profile, count = CASES[case]
     ids = [f"client{i:03d}" for i in range(count)]
     types = assign_rank_types(ids, profile, seed)
@@ -97,6 +104,8 @@ def client_updates(case: str, module: str, shape: tuple[int, int], seed: int, de
 
 def reference_aggregate(updates: list[ClientUpdate], module: str):
     """The released code's procedure: one dense product per client, summed, full SVD."""
+    import torch
+
     total = sum(u.num_examples for u in updates)
     dense = None
     for u in updates:
@@ -164,6 +173,9 @@ def slice_quality(dense: torch.Tensor, S_ref: torch.Tensor, approx_factors, rank
 
 
 def run_case(size: str, case: str, module: str, shape, modes, *, seed, device, repeat, oversample, niter, echo) -> list[Row]:
+    from flexlora.methods.flexlora import FlexLoRA
+    from flexlora.methods.helpers import data_weights, stack_factors
+
     updates = client_updates(case, module, shape, seed, device)
     ranks = sorted({u.rank(module) for u in updates})
     R, max_rank = sum(u.rank(module) for u in updates), max(ranks)
@@ -253,6 +265,8 @@ def run_benchmark(
             raise ValueError(f"unknown mode {mode!r}; choose from: {', '.join(MODES)}")
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
+    import torch
+
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda requested but no CUDA GPU is available")
@@ -314,3 +328,35 @@ def goals(rows: list[Row]) -> list[str]:
 def write_json(rows: list[Row], path) -> None:
     with open(path, "w") as f:
         json.dump([{**asdict(r), "quality": {str(k): v for k, v in r.quality.items()}} for r in rows], f, indent=2)
+
+
+# ---------------------------------------------------------------- the command
+
+
+HELP = "FlexLoRA's server step vs the reference procedure (per-client products + full SVD) on random client factors"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--sizes", default="1.3b,8b", help="comma-separated: quick (512x512, 512x1376), 1.3b (2048x2048, 2048x5504), 8b (4096x4096, 4096x14336)")
+    parser.add_argument("--cases", default="a,b", help="a: 10 clients from heavy-tail-light; b: 80 clients from heavy-tail-strong")
+    parser.add_argument("--modes", default="auto,dense,randomized", help="FlexLoRA svd modes: auto, factored, dense, randomized")
+    parser.add_argument("--quick", action="store_true", help="small shapes only, one repeat unless --repeat (seconds)")
+    parser.add_argument("--repeat", type=int, default=None, help="time every procedure N times, interleaved; report medians (default 3; --quick: 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--oversample", type=int, default=64, help="randomized mode: extra subspace columns")
+    parser.add_argument("--niter", type=int, default=2, help="randomized mode: power iterations")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+
+
+def run_command(args) -> None:
+    sizes = ["quick"] if args.quick else args.sizes.split(",")
+    repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
+    try:
+        rows = run_benchmark(
+            sizes, args.cases.split(","), args.modes.split(","),
+            seed=args.seed, device=args.device, repeat=repeat, oversample=args.oversample, niter=args.niter,
+        )
+    except ValueError as e:
+        raise ConfigError(f"bench aggregate: {e}") from None
+    report(__name__, rows, args.json)

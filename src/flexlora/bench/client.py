@@ -28,7 +28,8 @@ import subprocess
 import sys
 import time
 
-from flexlora.bench.common import PeakRSS, child_env, goal, median, rss_mb, with_count
+from flexlora.bench.common import PeakRSS, child_env, comma_list, goal, median, report, rss_mb, with_count
+from flexlora.errors import ConfigError
 
 DEFAULT_OPTIONS = ("float32", "bfloat16", "bfloat16+ckpt", "nf4", "nf4+ckpt")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -322,6 +323,42 @@ def goals(rows: list[dict]) -> list[str]:
 def write_json(rows: list[dict], path) -> None:
     with open(path, "w") as f:
         json.dump(rows, f, indent=2)
+
+
+# ---------------------------------------------------------------- the command
+
+
+HELP = (
+    "one client's local training per precision option (float32, bfloat16, nf4, +ckpt): peak memory and tokens/s, "
+    "each in a fresh process, next to a bare PEFT training loop"
+)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--models", default="smollm2-135m-instruct,random-llama-1b", help="comma-separated model sources (random-llama-1b: TinyLlama-1.1B shapes, random weights)")
+    parser.add_argument("--options", default="float32,bfloat16,bfloat16+ckpt,nf4,nf4+ckpt", help="comma-separated <float32|bfloat16|float16|nf4>[+ckpt]")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
+    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank on every default target module (default 8)")
+    parser.add_argument("--reference", default="all", help="options that also get a bare PEFT row: all (default), none, or a comma-separated list")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per child process (default 1800)")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+
+
+def run_command(args) -> None:
+    try:
+        rows = run_benchmark(
+            comma_list(args.models), comma_list(args.options), steps=args.steps, warmup=args.warmup, batch=args.batch,
+            seq=args.seq, rank=args.rank, device=args.device, reference=args.reference, seed=args.seed,
+            timeout_s=args.timeout,
+        )
+    except ValueError as e:
+        raise ConfigError(f"bench client: {e}") from None
+    report(__name__, rows, args.json)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,17 @@
 """What every benchmark shares, kept once: the environment of a child process, resident-memory
-sampling and wall-clock timing (interleaved repeats, medians), and the goal lines printed as
-PASS or FAIL with a count.
+sampling and wall-clock timing (interleaved repeats, medians), the goal lines printed as
+PASS or FAIL with a count, and a command's report (table, goals, JSON).
 
 Nothing here imports torch at module level: a parent process that only launches children
-(`bench client`, `bench scale`) stays light.
+(`bench client`, `bench scale`) stays light. The same holds for every benchmark module, which
+the command line imports to add its flags (``add_arguments``).
 """
 
 from __future__ import annotations
 
 import os
 import statistics
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -151,3 +153,19 @@ def print_report(table: str, goal_lines: list[str], echo=print) -> None:
     echo(table)
     echo("")
     echo("\n".join(goal_lines))
+
+
+def report(module_name: str, rows, json_path: str | None, *write_args) -> None:
+    """What `flexlora bench <name>` prints: the benchmark module's table and goal lines (its
+    format_table and goals), and its rows as JSON if asked (its write_json; write_args: what
+    else that records, e.g. the command line)."""
+    module = sys.modules[module_name]
+    print_report(module.format_table(rows), module.goals(rows))
+    if json_path:
+        module.write_json(rows, json_path, *write_args)
+        print(f"results: {json_path}")
+
+
+def comma_list(text: str) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c'] (a comma-separated flag)."""
+    return [part.strip() for part in text.split(",") if part.strip()]

@@ -5,16 +5,17 @@ and examples in one process, with how far their results agree."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from flexlora.bench.common import sync
-from flexlora.config import ConfigError, ExperimentConfig
+from flexlora.config import ConfigError, ExperimentConfig, load_config
 from flexlora.data.sources import load_federated_dataset
-from flexlora.evaluation import rouge_l, score_examples
-from flexlora.experiment import check_template, resolve_device
-from flexlora.models import load_model
+from flexlora.reporting import write_json
 
 
 def _timed(model, tokenizer, work, cfg: ExperimentConfig, kv_cache: bool):
+    from flexlora.evaluation import score_examples
+
     device = next(model.parameters()).device
     sync(device)
     started = time.perf_counter()
@@ -31,6 +32,11 @@ def run_eval_benchmark(cfg: ExperimentConfig, num_clients: int, repeat: int = 1,
     fastest of each (the machine's other load only ever adds time). `adapter`: a PEFT adapter
     folder merged into the model first (a trained model: its greedy answers often match the
     references, which the cached path takes as a free draft)."""
+    # The model code is imported here, not at module level: the command line stays light.
+    from flexlora.evaluation import rouge_l
+    from flexlora.experiment import check_template, resolve_device
+    from flexlora.models import load_model
+
     dataset = load_federated_dataset(cfg.data, cfg.seed)
     chosen = [c for c in dataset.heldout + dataset.clients if c.test][:num_clients]
     if not chosen:
@@ -94,3 +100,27 @@ def run_eval_benchmark(cfg: ExperimentConfig, num_clients: int, repeat: int = 1,
         f"{result['rougeL_generated']['uncached']:.4f} vs {result['rougeL_generated']['cached']:.4f}"
     )
     return result
+
+
+# ---------------------------------------------------------------- the command
+
+
+HELP = "evaluation examples/s: the two-prefill path (eval.kv_cache=false) vs the cached path, same examples, one process"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", help="YAML config (model, data.*, eval.*)")
+    parser.add_argument("--clients", type=int, default=8, help="clients to evaluate: held-out ones first (default 8)")
+    parser.add_argument("--repeat", type=int, default=1, help="time each path N times, alternating; report the fastest (default 1)")
+    parser.add_argument("--adapter", help="a PEFT adapter folder to merge first (e.g. runs/.../adapter): a trained model")
+    parser.add_argument("--json", help="also write the result to this JSON file")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.max_examples_per_client=4")
+
+
+def run_command(args) -> None:
+    if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"--adapter: {args.adapter} is not a PEFT adapter folder (no adapter_config.json)")
+    result = run_eval_benchmark(load_config(args.config, args.overrides), args.clients, args.repeat, adapter=args.adapter)
+    if args.json:
+        write_json(Path(args.json), result)
+        print(f"results: {args.json}")

@@ -40,7 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from flexlora.bench.common import child_env, goal, not_checked, with_count
+from flexlora.bench.common import child_env, goal, not_checked, report, with_count
+from flexlora.errors import ConfigError
 
 DEFAULT_CLIENTS = (10, 20, 40, 80)
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -310,3 +311,40 @@ def write_json(rows: list[dict], path, argv: list[str] | None = None) -> None:
     }
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
+
+
+# ---------------------------------------------------------------- the command
+
+
+HELP = (
+    "a real federation at 10, 20, 40, 80 clients per round (heavy-tail-strong, short local training), each run "
+    "in its own process: peak resident memory, seconds per client, the server's share of the round"
+)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--clients", default="10,20,40,80", help="comma-separated clients per round (default 10,20,40,80; empty with --ni: NI only)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per run (default 2)")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="model (default smollm2-135m-instruct; tiny-llama for tests)")
+    parser.add_argument("--ni", action="store_true", help="also run the 1,613-client Natural Instructions sample with federation.fraction=0.05")
+    parser.add_argument("--ni-path", default="../shared/data/natural-instructions-1613-mini", help="the NI per-client folder for --ni")
+    parser.add_argument("--runs-dir", help="keep the run folders and logs here (default: a temporary folder, removed)")
+    parser.add_argument("--timeout", type=float, default=7200, help="seconds per run before it is killed (default 7200)")
+    parser.add_argument("--out", help="write the results (rows, per-round times, goals) to this JSON file")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for every run, e.g. device=cpu train.steps=2")
+
+
+def run_command(args) -> None:
+    try:
+        clients = parse_clients(args.clients) if args.clients.strip() else []
+        if not clients and not args.ni:
+            raise ValueError("--clients: give at least one value (or --ni)")
+        if args.timeout <= 0:
+            raise ValueError(f"--timeout: must be > 0, got {args.timeout:g}")
+        rows = run_benchmark(
+            clients, args.rounds, args.model, ni=args.ni, ni_path=args.ni_path, extra=args.overrides,
+            runs_dir=args.runs_dir, timeout_s=args.timeout,
+        )
+    except ValueError as e:
+        raise ConfigError(f"bench scale: {e}") from None
+    report(__name__, rows, args.out, args.argv)

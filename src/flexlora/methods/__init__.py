@@ -17,19 +17,8 @@ import importlib
 import inspect
 from dataclasses import dataclass
 
-from .base import (
-    ClientHook,
-    ClientUpdate,
-    Factors,
-    GlobalState,
-    Method,
-    SparseDelta,
-    compute_dtype,
-    capped_weights,
-    data_weights,
-    module_names,
-    module_shape,
-)
+from .base import ClientHook, ClientUpdate, Factors, GlobalState, Method, SparseDelta
+from .helpers import capped_weights, compute_dtype, data_weights, module_names, module_shape
 from .fedit import FedIT
 from .fedprox import FedProx
 from .ffa import FFALoRA

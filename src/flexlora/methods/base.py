@@ -1,5 +1,6 @@
 """The interface every method implements (``Method``, its server side, and ``ClientHook``, its
-client side), with default hooks, and the tensor helpers methods share.
+client side), with default hooks, and ``Accumulator``, a round's aggregation one update at a
+time. The math methods share is in ``helpers.py``.
 
 No I/O, no model, no transport here. A method sees the LoRA factors the clients sent and the
 previous global state, and returns the new global state; it also tells a client of a given rank
@@ -13,8 +14,6 @@ s = lora_alpha / r.
 from __future__ import annotations
 
 import dataclasses
-import math
-import zlib
 from typing import Callable, ClassVar
 
 import torch
@@ -22,219 +21,6 @@ import torch
 from flexlora.protocol import ClientTask, ClientUpdate, Factors, SparseDelta
 
 GlobalState = dict[str, torch.Tensor]  # flat and safetensors-ready; keys are method-defined
-
-
-def data_weights(updates: list[ClientUpdate]) -> list[float]:
-    """p_k of each update: the weight the server assigned (`ClientUpdate.weight`, set on every
-    update by the round's Accumulator, already summing to 1), else n_k / sum_j n_j over the
-    clients of this round. Every method's aggregate takes its weights from here (FlexLoRA's
-    accumulator normalises the same weights itself), so a bound the server puts on the weights
-    holds whatever the method."""
-    if updates and all(u.weight is not None for u in updates):
-        return [float(u.weight) for u in updates]
-    total = sum(u.num_examples for u in updates)
-    if total <= 0:
-        raise ValueError("aggregation needs at least one client with num_examples > 0")
-    return [u.num_examples / total for u in updates]
-
-
-def capped_weights(sizes: list[float], max_share: float | None) -> tuple[list[float], bool]:
-    """(weights, feasible): p_k = n_k / sum_j n_j, except that no p_k exceeds `max_share`; the
-    excess is spread over the others in proportion to their n_k (water-filling: clients at the
-    cap stay there, the rest share what is left, repeated until nobody is above it), so the
-    weights still sum to 1. With max_share * K < 1 no such weights exist: every client then
-    gets 1/K and `feasible` is False. max_share=None: the plain proportional weights."""
-    total = sum(sizes)
-    if not sizes or total <= 0 or any(n < 0 for n in sizes):
-        raise ValueError("weights need non-negative sizes with a positive sum")
-    plain = [n / total for n in sizes]
-    if max_share is None or max(plain) <= max_share:
-        return plain, True
-    k = len(sizes)
-    if max_share * k < 1:
-        return [1.0 / k] * k, False
-    capped: set[int] = set()
-    while True:
-        free = [i for i in range(k) if i not in capped]
-        left = 1.0 - max_share * len(capped)
-        free_total = sum(sizes[i] for i in free)
-        weights = [max_share] * k
-        for i in free:
-            weights[i] = left * sizes[i] / free_total if free_total > 0 else left / len(free)
-        over = {i for i in free if weights[i] > max_share}
-        if not over:
-            return weights, True
-        capped |= over
-
-
-def module_names(updates: list[ClientUpdate]) -> list[str]:
-    if not updates:
-        raise ValueError("aggregation needs at least one client")
-    names = sorted(updates[0].factors)
-    for u in updates[1:]:
-        if sorted(u.factors) != names:
-            raise ValueError(f"client {u.client_id} sent a different set of modules")
-    return names
-
-
-def module_shape(updates: list[ClientUpdate], module: str) -> tuple[int, int]:
-    """(m, n) of a module's weight, checking every client's A (r, n) and B (m, r) agree."""
-    shape = None
-    for u in updates:
-        A, B = u.factors[module]
-        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-            raise ValueError(
-                f"client {u.client_id}, module {module}: need A (r, n) and B (m, r), "
-                f"got A {tuple(A.shape)} and B {tuple(B.shape)}"
-            )
-        mn = (B.shape[0], A.shape[1])
-        if shape is None:
-            shape = mn
-        elif mn != shape:
-            raise ValueError(f"client {u.client_id}, module {module}: weight shape {mn}, others have {shape}")
-    if shape is None:
-        raise ValueError("aggregation needs at least one client")
-    return shape
-
-
-def module_seed(seed: int, module: str, *parts: int) -> int:
-    """A deterministic 63-bit seed for (run seed, module name, parts...), stable across processes."""
-    value = seed * 1_000_003 + zlib.crc32(module.encode())
-    for part in parts:
-        value = value * 1_000_003 + part
-    return value % 2**63
-
-
-# fresh_rows keeps its latest draws, up to this many bytes: in round 1 every client of a module
-# is handed a prefix of the same seeded draw (the shared initial adapter), which is then drawn
-# once per module instead of once per client (80 clients a round: 24.5 s of building tasks).
-FRESH_ROWS_CACHE_BYTES = 256 * 2**20
-_fresh_rows_cache: dict[tuple, torch.Tensor] = {}  # (n, seed, dtype, device) -> the largest draw, oldest first
-
-
-def fresh_rows(count: int, n: int, seed: int, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
-    """`count` rows of a LoRA A drawn like PEFT's fresh init (kaiming-uniform: U(-1/√n, 1/√n)),
-    from a generator seeded with `seed` (deterministic, the global RNG untouched). The generator
-    fills rows in order, so fewer rows of the same seed are a prefix of more: a smaller request
-    is answered from a cached larger draw (a copy: the caller may train it in place)."""
-    key = (n, seed, dtype, str(device))
-    cached = _fresh_rows_cache.get(key)
-    if cached is not None and cached.shape[0] >= count:
-        return cached[:count].clone()
-    gen = torch.Generator().manual_seed(seed)
-    rows = ((torch.rand(count, n, generator=gen, dtype=torch.float64) * 2 - 1) / n**0.5).to(dtype=dtype, device=device)
-    _fresh_rows_cache.pop(key, None)
-    _fresh_rows_cache[key] = rows
-    size = sum(t.numel() * t.element_size() for t in _fresh_rows_cache.values())
-    while size > FRESH_ROWS_CACHE_BYTES and _fresh_rows_cache:
-        oldest = _fresh_rows_cache.pop(next(iter(_fresh_rows_cache)))
-        size -= oldest.numel() * oldest.element_size()
-    return rows.clone()
-
-
-def clear_fresh_rows() -> None:
-    """Drop fresh_rows's cached draws (the server does after building a round's tasks)."""
-    _fresh_rows_cache.clear()
-
-
-def zero_rank_state(shapes: dict[str, tuple[int, int]], a_key: str = "A", b_key: str = "B") -> GlobalState:
-    """A state of rank 0 per module (A (0, n), B (m, 0): no update yet) that still records every
-    module's shape, so that a client of round 1 starts from the shared initial adapter (see
-    slice_factors) instead of its own random PEFT init: FedAvg-style averaging of A and B
-    assumes every client started from one point."""
-    state: GlobalState = {}
-    for module, (m, n) in shapes.items():
-        state[f"{module}.{a_key}"] = torch.zeros(0, n)
-        state[f"{module}.{b_key}"] = torch.zeros(m, 0)
-    return state
-
-
-def weighted_padded_sum(tensors: list[torch.Tensor], weights: list[float], dim: int, size: int) -> torch.Tensor:
-    """Σ_k w_k · t_k with each t_k zero-padded along `dim` (0: rows, 1: columns) to `size`,
-    accumulated in float32 (float64 if any input is) on the first tensor's device."""
-    dtype, device = compute_dtype(*tensors), tensors[0].device
-    shape = list(tensors[0].shape)
-    shape[dim] = size
-    out = torch.zeros(shape, dtype=dtype, device=device)
-    for w, t in zip(weights, tensors):
-        if w == 0:
-            continue
-        target = out.narrow(dim, 0, t.shape[dim])
-        target.add_(t.to(dtype=dtype, device=device), alpha=w)
-    return out
-
-
-def slice_factors(
-    A: torch.Tensor, B_scaled: torch.Tensor, rank: int, lora_alpha: float, pad_seed: int
-) -> Factors:
-    """A client's (A, B) of `rank` from global factors A (R, n) and B_scaled (m, R) whose
-    product B_scaled @ A is the global update (the LoRA scale folded into B): the first `rank`
-    rows of A, the first `rank` columns of B_scaled divided by the client's scale α/rank.
-    If rank > R, B gets zero columns (the product is unchanged) and A fresh rows (PEFT-like,
-    seeded with `pad_seed`) so that the extra rank can learn; with R = 0 (a zero_rank_state)
-    this is the shared initial adapter, the same rows for every client of the module (a
-    prefix of one seeded draw, so nested across ranks). Never aliases the inputs."""
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
-    k = min(rank, A.shape[0])
-    a = A[:k].clone()
-    b = B_scaled[:, :k] / (lora_alpha / rank)
-    if rank > k:
-        a = torch.cat([a, fresh_rows(rank - k, A.shape[1], pad_seed, a.dtype, a.device)], dim=0)
-        b = torch.cat([b, b.new_zeros(b.shape[0], rank - k)], dim=1)
-    return a.contiguous(), b.contiguous()
-
-
-def update_norm(A: torch.Tensor, B: torch.Tensor, *, squared: bool = False, exact: bool = True) -> float:
-    """‖B A‖_F (or its square) from the r×r Gram matrices (‖BA‖² = Σ (BᵀB) ⊙ (AAᵀ)), no (m, n)
-    matrix formed; in float64 (`exact`), else in compute_dtype (float32 unless an input is float64)."""
-    dtype = torch.float64 if exact else compute_dtype(A, B)
-    A, B = A.detach().to(dtype), B.detach().to(dtype)
-    sq = ((B.T @ B) * (A @ A.T)).sum().clamp_min(0)
-    return float(sq) if squared else float(sq.sqrt())
-
-
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32 (half precision is promoted for the sums)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def nonfinite(t: torch.Tensor) -> str | None:
-    """'contains NaN' / 'contains Inf', or None. Any NaN or Inf makes the sum non-finite, so the
-    elementwise scan only runs when the (cheap, allocation-free) sum says something is wrong.
-    The sum is in the tensor's own precision (float32 for 16-bit tensors, whose sums overflow
-    early): a float64 sum of float32 values takes a converting path, measured 12x slower."""
-    if t.numel() == 0:
-        return None
-    if bool(torch.isfinite(t.sum(dtype=t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32))):
-        return None
-    if bool(torch.isnan(t).any()):
-        return "contains NaN"
-    if bool(torch.isinf(t).any()):
-        return "contains Inf"
-    return None  # finite values whose sum overflowed: left to the norm bound
-
-
-def option_keys(value, name: str, allowed: tuple[str, ...]) -> None:
-    """A client option that is a mapping with only `allowed` keys (else a one-line ValueError)."""
-    if not isinstance(value, dict):
-        raise ValueError(f"client option {name} must be a mapping, got {value!r}")
-    unknown = sorted(set(value) - set(allowed))
-    if unknown:
-        raise ValueError(f"client option {name}.{unknown[0]} is unknown; known: {', '.join(allowed)}")
-
-
-def option_number(value, name: str, low: float, high: float, *, open_low=False, closed_high=False) -> float:
-    """A client option's finite number in the interval (else a one-line ValueError)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if open_low else value >= low) and (value <= high if closed_high else value < high)
-    if not ok:
-        interval = f"{'(' if open_low else '['}{low:g}, {high:g}{']' if closed_high else ')'}"
-        raise ValueError(f"client option {name} must be a number in {interval}, got {value!r}")
-    return float(value)
 
 
 @dataclasses.dataclass(eq=False)
@@ -396,6 +182,10 @@ class Method:
     homogeneous: ClassVar[bool] = False
     # The client hooks this method's client_options may ask for (registered with the method).
     client_hooks: ClassVar[tuple[type[ClientHook], ...]] = ()
+    # The global model changes the base weights themselves (``base_offset``: FLoRA's merged
+    # updates, SLoRA's sparse stage, FedEx-LoRA's residual): the base must then be float32 and
+    # unquantized (checked by flexlora.config), and a run exports a merged model.
+    changes_base_weights: ClassVar[bool] = False
 
     def init_state(self, shapes: dict[str, tuple[int, int]]) -> GlobalState | None:
         """The state before round 1 (e.g. a rank-0 state, so that every client of round 1 starts

@@ -33,28 +33,15 @@ Where this differs from the authors' code, and why:
 State keys per module: f"{module}.A" (R, n) = Ā, f"{module}.B" (m, R) = B̄ (the scale folded in),
 and from round 1 on f"{module}.offset" (m, n), the sum of every round's residual (the method's
 base offset: clients train on W₀ + offset, evaluation and export include it). Before round 1 the
-state has rank 0 (see base.zero_rank_state): every client starts from the shared adapter.
+state has rank 0 (see helpers.zero_rank_state): every client starts from the shared adapter.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import (
-    Accumulator,
-    ClientUpdate,
-    Factors,
-    GlobalState,
-    Method,
-    accumulate,
-    compute_dtype,
-    module_names,
-    module_seed,
-    module_shape,
-    slice_factors,
-    streaming_accumulator,
-    zero_rank_state,
-)
+from .base import Accumulator, ClientUpdate, Factors, GlobalState, Method, accumulate, streaming_accumulator
+from .helpers import compute_dtype, module_names, module_seed, module_shape, slice_factors, zero_rank_state
 
 
 class FedExAccumulator(Accumulator):
@@ -123,6 +110,7 @@ class FedEx(Method):
     """FedEx-LoRA: FedIT's (padded) averages for the clients, the exact residual folded into the base."""
 
     name = "fedex"
+    changes_base_weights = True  # the residual is folded into the base (base_offset)
 
     def __init__(self, seed: int = 0):
         """seed: of the shared A rows of round 1 (and of rows beyond the state's rank)."""

@@ -5,7 +5,7 @@ A = Σ p_k A_k and B = Σ p_k B_k (p_k = n_k / Σ n_j). FedIT and FedAvg differ 
 local optimizer (AdamW vs SGD), which is the client's business, not the aggregator's.
 
 State keys per module: f"{module}.A" (r, n), f"{module}.B" (m, r), f"{module}.alpha" (0-dim).
-Before round 1 the state has rank 0 (see base.zero_rank_state): every client starts from the
+Before round 1 the state has rank 0 (see helpers.zero_rank_state): every client starts from the
 same adapter, A = the module's shared seeded rows and B = 0, so the first average of A and B
 is an average around one point (clients with their own random A's would average to noise).
 """
@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import (
-    ClientUpdate,
-    Factors,
-    GlobalState,
-    Method,
+from .base import ClientUpdate, Factors, GlobalState, Method
+from .helpers import (
     compute_dtype,
     data_weights,
     module_names,

@@ -11,7 +11,8 @@ from typing import ClassVar
 
 import torch
 
-from .base import ClientHook, option_number
+from .base import ClientHook
+from .helpers import option_number
 
 
 def proximal_loss(params: list[torch.Tensor], anchors: list[torch.Tensor], mu: float) -> torch.Tensor:

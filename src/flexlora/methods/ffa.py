@@ -19,21 +19,17 @@ from typing import ClassVar
 
 import torch
 
-from .base import (
-    ClientHook,
-    ClientTask,
-    ClientUpdate,
-    Factors,
-    GlobalState,
-    Method,
+from .base import ClientHook, ClientTask, ClientUpdate, Factors, GlobalState, Method
+from .helpers import (
     data_weights,
     fresh_rows,
     module_names,
     module_seed,
     module_shape,
+    padded_modules,
+    weighted_padded_sum,
     zero_rank_state,
 )
-from .hetlora import padded_modules, weighted_padded_sum
 
 # Rows of the shared A are drawn in blocks, each from its own seed, so that the first r rows
 # are the same whatever larger rank anyone asks for.

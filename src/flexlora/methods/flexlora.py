@@ -19,92 +19,21 @@ from __future__ import annotations
 
 import torch
 
-from .base import (
-    Accumulator,
-    ClientUpdate,
-    Factors,
-    GlobalState,
-    Method,
-    accumulate,
+from .base import Accumulator, ClientUpdate, Factors, GlobalState, Method, accumulate, streaming_accumulator
+from .helpers import (
+    DENSE_GROUP_RANK,
     compute_dtype,
     fresh_rows,
     module_names,
     module_seed,
-    streaming_accumulator,
+    stack_pieces,
+    state_modules,
+    truncation_summary,
 )
-from .svd import (
-    MODES,
-    SINGLE_THREAD_MAX_FLOPS,
-    dense_flops,
-    dense_svd,
-    factored_flops,
-    factored_svd_energy,
-    map_modules,
-    randomized_svd,
-    small_work_threads,
-)
+from .svd import MODES, dense_svd, factored_svd_energy, randomized_svd
+from .threads import SINGLE_THREAD_MAX_FLOPS, dense_flops, factored_flops, map_modules, small_work_threads
 
 SPLITS = ("all_in_B", "sqrt")
-
-
-def stack_pieces(pieces: list[tuple[torch.Tensor, torch.Tensor, float]], divide_by: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """B̃ = [c_1 B_1 / divide_by, …] (m, R) and Ã = [A_1; …] (R, n) of pieces (B_k, A_k, c_k), in
-    float32 (float64 if any piece is float64), so that B̃ Ã = Σ c_k B_k A_k / divide_by."""
-    dtype = compute_dtype(*(t for B, A, _ in pieces for t in (B, A)))
-    B = torch.cat([B.to(dtype) * (c / divide_by) for B, _, c in pieces], dim=1)
-    return B, torch.cat([A.to(dtype) for _, A, _ in pieces], dim=0)
-
-
-def stack_factors(updates: list[ClientUpdate], module: str, weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """B̃ = [p_1 s_1 B_1, …] (m, R) and Ã = [A_1; …] (R, n), so that B̃ Ã = Σ p_k s_k B_k A_k.
-
-    Clients with zero weight are left out: they add nothing to ΔW but would add rank.
-    The result lives on the device of the first client's tensors.
-    """
-    pairs = [(p, u) for p, u in zip(weights, updates) if p > 0]
-    device = pairs[0][1].factors[module][0].device
-    return stack_pieces([(B.to(device), A.to(device), p * u.scale(module)) for p, u in pairs for A, B in [u.factors[module]]])
-
-
-# Clients are stacked into groups of about this total rank for the dense product: each group
-# is one full-speed matrix product accumulated in place, and memory stays one ΔW plus one
-# group's factors instead of every client's factors stacked at once.
-DENSE_GROUP_RANK = 2048
-
-
-def delta_matrix(
-    updates: list[ClientUpdate],
-    module: str,
-    weights: list[float],
-    *,
-    device: torch.device | None = None,
-    group_rank: int = DENSE_GROUP_RANK,
-) -> torch.Tensor:
-    """ΔW = Σ_k p_k s_k B_k A_k as one dense (m, n) matrix, on `device` (default: the first
-    client's), in float32 (float64 if any factor is float64)."""
-    pairs = [(p, u) for p, u in zip(weights, updates) if p > 0]
-    tensors = [t for _, u in pairs for t in u.factors[module]]
-    dtype = compute_dtype(*tensors)
-    device = device if device is not None else tensors[0].device
-    m, n = pairs[0][1].factors[module][1].shape[0], pairs[0][1].factors[module][0].shape[1]
-    out = torch.zeros(m, n, dtype=dtype, device=device)
-    group: list[tuple[float, ClientUpdate]] = []
-
-    def flush():
-        if group:
-            B, A = stack_factors([u for _, u in group], module, [p for p, _ in group])
-            out.addmm_(B.to(device), A.to(device))
-            group.clear()
-
-    rank = 0
-    for p, u in pairs:
-        group.append((p, u))
-        rank += u.rank(module)
-        if rank >= group_rank:
-            flush()
-            rank = 0
-    flush()
-    return out
 
 
 def split_factors(
@@ -148,58 +77,10 @@ def split_factors(
     return A.contiguous(), B.contiguous()
 
 
-def state_modules(state: GlobalState) -> list[str]:
-    """Module names present in a FlexLoRA state."""
-    return sorted(key[: -len(".U")] for key in state if key.endswith(".U"))
-
-
 def dense_delta(state: GlobalState, module: str) -> torch.Tensor:
     """The global ΔW of one module as a dense (m, n) matrix."""
     U, S, Vh = (state[f"{module}.{part}"] for part in ("U", "S", "Vh"))
     return (U * S) @ Vh
-
-
-def energy_kept(S: torch.Tensor, ranks, total: float | None = None) -> dict[int, float]:
-    """Per rank r, the share of ΔW's energy (squared Frobenius norm) that its best rank-r
-    approximation keeps: Σ_{i<r} S_i² / ‖ΔW‖²_F. The paper's approximation error ratio
-    ‖ΔW − Ŵ_r‖_F / ‖ΔW‖_F is sqrt(1 − kept). `total`: ‖ΔW‖²_F (the state's E); None: Σ S_i²,
-    right only when S is ΔW's whole spectrum."""
-    energy = S.detach().to(torch.float64).square()
-    total = float(energy.sum()) if total is None else float(total)
-    cumulative = energy.cumsum(0)
-    out = {}
-    for r in ranks:
-        k = min(int(r), energy.shape[0])
-        out[int(r)] = 1.0 if total == 0 else min(1.0, float(cumulative[k - 1]) / total)  # zero ΔW: nothing lost
-    return out
-
-
-def module_kind(module: str) -> str:
-    """'model.layers.3.self_attn.k_proj' -> 'k_proj'."""
-    return module.rsplit(".", 1)[-1]
-
-
-def truncation_summary(state: GlobalState, module_ranks: dict[str, set[int]]) -> dict[str, dict[str, dict[str, float]]]:
-    """Per module kind (q_proj, k_proj, ...) and per client rank r of the round: the energy
-    share kept by the rank-r slice and the approximation error ratio, averaged over layers
-    (err_max: the worst layer). JSON-ready: {kind: {str(r): {kept, err, err_max}}}."""
-    per_kind: dict[str, dict[int, list[float]]] = {}
-    for module, ranks in module_ranks.items():
-        key = f"{module}.S"
-        if key not in state:
-            continue
-        slot = per_kind.setdefault(module_kind(module), {})
-        total = state.get(f"{module}.E")
-        for r, kept in energy_kept(state[key], ranks, None if total is None else float(total.sum())).items():
-            slot.setdefault(r, []).append(kept)
-    out = {}
-    for kind in sorted(per_kind):
-        out[kind] = {}
-        for r in sorted(per_kind[kind]):
-            kept = per_kind[kind][r]
-            errs = [max(0.0, 1.0 - k) ** 0.5 for k in kept]
-            out[kind][str(r)] = {"kept": sum(kept) / len(kept), "err": sum(errs) / len(errs), "err_max": max(errs)}
-    return out
 
 
 class FlexLoRAAccumulator(Accumulator):
@@ -274,7 +155,7 @@ class FlexLoRAAccumulator(Accumulator):
         K = min(R, m, n, method.max_global_rank or R, method.rank_bound.get(module, R))
         if module not in self.dense:  # R < min(m, n): the factored route
             # Small modules on one CPU thread, stacking and rotation included (see
-            # svd.SINGLE_THREAD_MAX_FLOPS); the energy ‖B̃Ã‖² comes from the kernel's R×R
+            # threads.SINGLE_THREAD_MAX_FLOPS); the energy ‖B̃Ã‖² comes from the kernel's R×R
             # Gram matrices.
             with small_work_threads(factored_flops(m, n, R), self.pending[module][0][0].device, SINGLE_THREAD_MAX_FLOPS):
                 B, A = stack_pieces(self.pending.pop(module), divide_by=self.total)

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import ClientUpdate, Factors, GlobalState, Method, data_weights, module_names, module_seed, module_shape, slice_factors
-from .flexlora import delta_matrix
+from .base import ClientUpdate, Factors, GlobalState, Method
+from .helpers import data_weights, delta_matrix, module_names, module_seed, module_shape, slice_factors
 
 
 class FLoRA(Method):
     """Stacking: the exact weighted sum of the clients' updates is merged into the base."""
 
     name = "flora"
+    changes_base_weights = True  # every round's update is merged into the base (base_offset)
 
     def __init__(self, seed: int = 0):
         """seed: of the shared A rows of every round's fresh start."""

@@ -50,8 +50,8 @@ import math
 
 import torch
 
-from .base import ClientUpdate, GlobalState, data_weights, module_names, module_shape
-from .flexlora import stack_factors, truncation_summary
+from .base import ClientUpdate, GlobalState
+from .helpers import data_weights, module_names, module_shape, stack_factors, truncation_summary
 from .flora import FLoRA
 from .svd import truncated_svd
 
@@ -122,7 +122,7 @@ class FLoRIST(FLoRA):
     def truncation(self, state: GlobalState, module_ranks: dict[str, set[int]]) -> dict | None:
         """Per module kind and chosen global rank k: the share of the round's ΔW_t energy the
         merged rank-k pair keeps (>= τ) and its error ratio ‖ΔW_t − pair‖/‖ΔW_t‖ (see
-        flexlora.truncation_summary; here keyed by k, not by client rank)."""
+        helpers.truncation_summary; here keyed by k, not by client rank)."""
         spectra = {key[: -len(".spectrum")]: value for key, value in state.items() if key.endswith(".spectrum")}
         if not spectra:
             return None

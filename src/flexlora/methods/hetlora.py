@@ -39,18 +39,15 @@ from typing import ClassVar
 
 import torch
 
-from .base import (
-    ClientHook,
-    ClientUpdate,
-    Factors,
-    GlobalState,
-    Method,
+from .base import ClientHook, ClientUpdate, Factors, GlobalState, Method
+from .helpers import (
     data_weights,
     module_names,
     module_seed,
     module_shape,
     option_keys,
     option_number,
+    padded_modules,
     slice_factors,
     update_norm,
     weighted_padded_sum,
@@ -98,10 +95,6 @@ def replicated_average(updates: list[ClientUpdate], module: str, weights: list[f
     P = covering_weights([u.rank(module) for u in updates], weights)
     inverse = torch.where(P > 0, 1.0 / P.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(P))
     return A * inverse.to(A.dtype)[:, None], B * inverse.to(B.dtype)[None, :]
-
-
-def padded_modules(state: GlobalState) -> list[str]:
-    return sorted(key[: -len(".A")] for key in state if key.endswith(".A"))
 
 
 def padded_client_factors(

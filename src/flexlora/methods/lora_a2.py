@@ -54,7 +54,6 @@ from typing import ClassVar
 import torch
 
 from .base import (
-    FLOAT_DTYPES,
     Accumulator,
     ClientHook,
     ClientTask,
@@ -65,12 +64,8 @@ from .base import (
     SparseDelta,
     TrainingView,
     accumulate,
-    fresh_rows,
-    module_seed,
-    nonfinite,
-    option_keys,
-    slice_factors,
 )
+from .helpers import FLOAT_DTYPES, fresh_rows, module_seed, nonfinite, option_keys, slice_factors
 
 SELECTIONS = ("model", "module")
 

@@ -39,7 +39,8 @@ import dataclasses
 
 import torch
 
-from .base import Accumulator, ClientUpdate, GlobalState, Method, data_weights, module_names, module_shape
+from .base import Accumulator, ClientUpdate, GlobalState, Method
+from .helpers import data_weights, module_names, module_shape
 from .flexlora import FlexLoRA
 
 

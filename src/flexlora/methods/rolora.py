@@ -18,13 +18,8 @@ from typing import ClassVar
 
 import torch
 
-from .base import (
-    ClientHook,
-    ClientTask,
-    ClientUpdate,
-    Factors,
-    GlobalState,
-    Method,
+from .base import ClientHook, ClientTask, ClientUpdate, Factors, GlobalState, Method
+from .helpers import (
     data_weights,
     module_names,
     module_seed,

@@ -30,7 +30,6 @@ from typing import ClassVar
 import torch
 
 from .base import (
-    FLOAT_DTYPES,
     ClientHook,
     ClientTask,
     ClientUpdate,
@@ -39,12 +38,9 @@ from .base import (
     Method,
     SparseDelta,
     TrainingView,
-    data_weights,
-    nonfinite,
-    option_keys,
-    option_number,
 )
-from .flexlora import FlexLoRA, state_modules
+from .helpers import FLOAT_DTYPES, data_weights, nonfinite, option_keys, option_number, state_modules
+from .flexlora import FlexLoRA
 from .hetlora import HetLoRA
 from .svd import dense_svd
 
@@ -208,6 +204,7 @@ class SLoRA(Method):
     """Sparse fine-tuning for ``sparse_rounds`` rounds, then LoRA from the SVD of W − W₀."""
 
     name = "slora"
+    changes_base_weights = True  # the sparse stage trains the base weights (base_offset)
     client_hooks = (SparseTraining,)
 
     def __init__(

@@ -24,13 +24,12 @@ rank-deficient input.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 
-from .base import compute_dtype
+from .helpers import compute_dtype
+from .threads import SINGLE_THREAD_MAX_FLOPS, factored_flops, openblas, small_work_threads
 
 MODES = ("auto", "factored", "dense", "randomized")
 log = logging.getLogger(__name__)  # DEBUG: which Gram route the dense kernel took
@@ -96,86 +95,6 @@ def truncated_svd(
     if mode == "dense":
         return dense_svd(dense, k)
     return randomized_svd(dense, k, oversample=oversample, niter=niter, seed=seed)
-
-
-# Tall-skinny QR and the small core SVD are chains of small LAPACK steps, each ending at a
-# thread barrier; on a busy machine a barrier waits for a descheduled thread. Measured here
-# (2 shared cores): QR of a 5504×272 matrix 35-50 ms on one thread, 240-700 ms on two. The
-# factored kernel runs on one CPU thread while its work is below this many flops. The same
-# holds for the dense kernel on small modules (SmolLM2's 576×1536, ΔW of 10 rank-200 clients,
-# measured on the 2 shared cores: product + top-200 0.1 s on one thread, 4-12 s on two).
-SINGLE_THREAD_MAX_FLOPS = 4e9
-DENSE_SINGLE_THREAD_MAX_FLOPS = 1e10  # per step of the dense route (see dense_flops)
-
-
-def dense_flops(m: int, n: int, R: int, group_rank: int = 2048) -> float:
-    """About the largest single step of the dense route: one group's product of stacked
-    factors (2mn·min(R, group_rank), see flexlora.delta_matrix), plus the Gram matrix of the
-    smaller side and its eigen-decomposition."""
-    p, q = min(m, n), max(m, n)
-    return 2.0 * m * n * min(R, group_rank) + 2.0 * p * p * q + 9.0 * p**3
-
-
-def factored_flops(m: int, n: int, R: int) -> float:
-    """About the work of the factored route (QR of both factors and the R×R core SVD)."""
-    return 4.0 * (m + n) * R * R + 20.0 * R**3
-
-
-def small_work_threads(flops: float, device, limit: float = DENSE_SINGLE_THREAD_MAX_FLOPS):
-    """One CPU thread for a block of about `flops` of work up to `limit` (see above); the
-    process's threads otherwise, or off the CPU."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    return _cpu_threads(1 if flops <= limit else torch.get_num_threads(), device)
-
-
-def one_cpu_thread():
-    """torch's intra-op CPU threads capped at one for the block (small work, see above)."""
-    return _cpu_threads(1, torch.device("cpu"))
-
-
-@contextmanager
-def _cpu_threads(n: int, device: torch.device):
-    """torch's intra-op CPU threads capped at n for the block (process-wide, restored after).
-    Inside map_modules's workers the process is already on one thread: it changes nothing."""
-    previous = torch.get_num_threads()
-    if device.type != "cpu" or n >= previous:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-# Per-module work (a factored or dense SVD of one target module) is a chain of small LAPACK
-# steps whose thread barriers are what a busy machine punishes (above). map_modules runs
-# modules side by side instead: one worker per CPU thread, each on one intra-op thread, so the
-# cores stay busy without barriers. Measured here (2 idle cores, the 210 SmolLM2 modules of a
-# default-run round, captured client updates): 13.3 s one module at a time, 6.9 s side by side.
-
-
-def map_modules(fn, items: list, device) -> list:
-    """[fn(item) for item in items], on the CPU spread over torch.get_num_threads() workers
-    that each use one intra-op thread (and numpy's OpenBLAS on one thread, see top_eigh); off
-    the CPU (device None: items on several devices), or with one thread or one item, a plain
-    loop. fn must not depend on the order in which the items run."""
-    workers = min(torch.get_num_threads(), len(items))
-    if device is None or torch.device(device).type != "cpu" or workers <= 1:
-        return [fn(item) for item in items]
-    lapack = _syevr()
-    blas_threads = lapack[1]() if lapack is not None else None
-    if lapack is not None:
-        lapack[2](1)
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # process-wide: every worker's ops run on one thread
-    try:
-        with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(fn, items))
-    finally:
-        torch.set_num_threads(torch_threads)
-        if lapack is not None:
-            lapack[2](blas_threads)
 
 
 def factored_svd(B_stack: torch.Tensor, A_stack: torch.Tensor, k: int) -> TruncatedSVD:
@@ -343,8 +262,8 @@ def _gram_svd(dense: torch.Tensor, k: int) -> TruncatedSVD:
 # ?syevr (MRRR) computes only those: measured here on one thread, float32, top 216 of a
 # 2048×2048 Gram matrix 0.44 s against 0.63 s for eigh, of 4096×4096 2.8 s against 4.3 s.
 # torch does not expose ?syevr; numpy's Linux/macOS wheels bundle OpenBLAS with all of LAPACK
-# (ILP64 LAPACKE, symbols prefixed "scipy_"), which is called through ctypes when present, on
-# one OpenBLAS thread (on the shared 2-core machine two OpenBLAS threads took 5.7 s instead of
+# (ILP64 LAPACKE, symbols prefixed "scipy_"), which is called through ctypes when present
+# (threads.openblas), on one OpenBLAS thread (on the shared 2-core machine two OpenBLAS threads took 5.7 s instead of
 # 0.44 s: they spin while waiting). Without it, or on a GPU, torch.linalg.eigh.
 # For a larger share of the spectrum the full divide-and-conquer eigh is faster (one thread,
 # top 217, float32: p = 576 16 ms against 24 ms for ?syevr, 768 32 against 37, 1024 79 against
@@ -354,38 +273,6 @@ def _gram_svd(dense: torch.Tensor, k: int) -> TruncatedSVD:
 # with eigh, each failure recomputing the Gram matrix in float64).
 PARTIAL_EIGH = True  # False: always torch.linalg.eigh
 PARTIAL_EIGH_MAX_FRACTION = 0.25
-_syevr_cache: list = []  # [(functions by dtype, get_threads, set_threads)] or [None]
-
-
-def _syevr():
-    if not _syevr_cache:
-        _syevr_cache.append(None)
-        try:
-            import ctypes
-            import glob
-            import os
-
-            import numpy
-
-            found = glob.glob(os.path.join(os.path.dirname(numpy.__file__), os.pardir, "numpy.libs", "libscipy_openblas64_*"))
-            lib = ctypes.CDLL(sorted(found)[0])
-            i64 = ctypes.c_int64
-            functions = {}
-            for dtype, name, real in (
-                (torch.float32, "scipy_LAPACKE_ssyevr64_", ctypes.c_float),
-                (torch.float64, "scipy_LAPACKE_dsyevr64_", ctypes.c_double),
-            ):
-                f = getattr(lib, name)
-                f.restype = i64
-                f.argtypes = [ctypes.c_int, ctypes.c_char, ctypes.c_char, ctypes.c_char, i64, ctypes.c_void_p, i64, real, real,
-                              i64, i64, real, ctypes.POINTER(i64), ctypes.c_void_p, ctypes.c_void_p, i64, ctypes.c_void_p]
-                functions[dtype] = f
-            get_threads, set_threads = lib.scipy_openblas_get_num_threads64_, lib.scipy_openblas_set_num_threads64_
-            get_threads.restype, set_threads.argtypes = ctypes.c_int, [ctypes.c_int]
-            _syevr_cache[0] = (functions, get_threads, set_threads)
-        except (ImportError, IndexError, OSError, AttributeError):
-            pass
-    return _syevr_cache[0]
 
 
 def top_eigh(G: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -396,7 +283,7 @@ def top_eigh(G: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     partial = PARTIAL_EIGH and G.device.type == "cpu" and count < p
     if G.dtype == torch.float64 and count >= PARTIAL_EIGH_MAX_FRACTION * p:
         partial = False  # see PARTIAL_EIGH_MAX_FRACTION; in float32 ?syevr is kept for accuracy
-    lapack = _syevr() if partial else None
+    lapack = openblas() if partial else None
     if lapack is not None and G.dtype in lapack[0]:
         import ctypes
 
