@@ -43,6 +43,12 @@ def _run(args) -> None:
     run_experiment(load_config(run_dir / "config.yaml", [*args.overrides, *engine]), resume=run_dir)
 
 
+def _flower_app(args) -> None:
+    from flexlora.engines import FLOWER_APP
+
+    print(FLOWER_APP)
+
+
 def _flower_certs(args) -> None:
     from flexlora.engines.flower.certs import make_node_keys, make_tls_certificates
 
@@ -214,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs to make (default 2)")
     certs.add_argument("--days", type=int, default=30, help="certificate validity in days (default 30)")
     certs.set_defaults(func=_flower_certs)
+    app = sub.add_parser("flower-app", help="print the folder of the Flower app, for `flwr run \"$(flexlora flower-app)\" ...`")
+    app.set_defaults(func=_flower_app)
 
     node = sub.add_parser(
         "node", help="a long-lived node worker for a Flower deployment: loads the base model once, trains its SuperNode's tasks",

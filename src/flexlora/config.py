@@ -207,6 +207,8 @@ def validate(c: ExperimentConfig) -> None:
     """The checks a key's type, range or choices cannot express: registries, several keys
     together, paths on this machine."""
     from flexlora.methods import METHODS, compose_method
+    from flexlora.extras import require
+    from flexlora.models import bundled_model_missing
     from flexlora.data.prompts import TEMPLATES
     from flexlora.resources import paper_rank_types, parse_profile
 
@@ -238,8 +240,11 @@ def validate(c: ExperimentConfig) -> None:
         not looks_like_path or Path(c.model).expanduser().exists(),
         f"model: model path does not exist: {c.model}",
     )
+    missing_model = bundled_model_missing(c.model)  # the default model's package, not a dependency
+    _require(missing_model is None, missing_model or "")
     changes_base = METHODS[c.method].changes_base_weights
     if c.quantization is not None:
+        require("bitsandbytes", "quantization=nf4")  # an extra (flexlora[nf4]): fail before any work
         _require(
             not changes_base,
             f"quantization: nf4 cannot be used with method={c.method}, which changes the base weights (4-bit weights cannot be changed)",

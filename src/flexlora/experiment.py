@@ -18,6 +18,7 @@ from flexlora.checkpoint import Checkpointer, open_checkpoint
 from flexlora.config import ConfigError, ExperimentConfig
 from flexlora.data.sources import load_federated_dataset
 from flexlora.evaluation import evaluate, keep_rank
+from flexlora.extras import quiet_peft
 from flexlora.metrics import EVAL_LOSS, METRIC, METRICS, TEACHER_FORCED
 from flexlora.models import default_device, default_target_modules, load_model
 from flexlora.resources import client_record, profile_label as resource_profile_label
@@ -355,7 +356,8 @@ def run_evaluation(
     if adapter is not None:
         # Loaded by PEFT, then applied exactly as a run applies its global adapter, so that
         # `flexlora eval --run RUN` reproduces the run's reported metrics.
-        peft_model = PeftModel.from_pretrained(model, str(adapter))
+        with quiet_peft():
+            peft_model = PeftModel.from_pretrained(model, str(adapter))
         factors, ranks = lora.get_factors(peft_model), lora.get_ranks(peft_model)
         peft_config = peft_model.peft_config[lora.ADAPTER]
         alpha, target_modules = peft_config.lora_alpha, sorted(peft_config.target_modules)

@@ -14,10 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 
+from flexlora.extras import quiet_peft
 from flexlora.methods.base import TrainingView
 from flexlora.protocol import Factors
+
+with quiet_peft():  # else importing PEFT imports bitsandbytes (see flexlora.extras)
+    from peft import LoraConfig, PeftModel, get_peft_model
 
 ADAPTER = "default"
 
@@ -66,7 +69,7 @@ def attach(
     else from PEFT's init (A random from `seed`, B zero). The LoRA factors are float32 whatever
     the base weights' dtype (bfloat16/float16/4-bit): PEFT's `autocast_adapter_dtype`."""
     config = lora_config(module_ranks, alpha, dropout, target_modules)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), quiet_peft():
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
     if factors is not None:

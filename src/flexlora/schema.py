@@ -227,7 +227,7 @@ class ExperimentConfig(Section):
     seed: int = 0
     """Seed of client sampling, rank-type assignment, initialisation and training."""
     engine: Literal["local", "flower"] = "local"
-    """local (in-process) | flower (Flower's simulation engine; deployment: flower_app/)."""
+    """local (in-process) | flower (Flower's simulation engine; deployment: the app that `flexlora flower-app` prints)."""
     model: str = "smollm2-135m-instruct"
     """smollm2-135m-instruct | tiny-llama | random-llama-1b | a Hugging Face path or id."""
     model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 
 from flexlora.bench.common import child_env
+from flexlora.engines import FLOWER_APP as APP
+from flexlora.extras import require
 
 BIN = Path(sys.executable).parent
-APP = Path(__file__).resolve().parents[3] / "flower_app"
 
 
 def free_port() -> int:
@@ -170,8 +171,9 @@ class Loopback:
         from flexlora.engines.flower.certs import make_node_keys, make_tls_certificates
         from flexlora.engines.node.channel import WorkerUnavailable, worker_status
 
-        if not APP.is_dir():
-            raise RuntimeError(f"the Flower app folder {APP} is missing (run from a source checkout)")
+        require("psutil", "a loopback Flower deployment (flexlora bench deployment)")
+        if not (APP / "pyproject.toml").is_file():
+            raise RuntimeError(f"the Flower app {APP} is missing from the installed package")
         n = len(self.node_configs)
         node_env = {**self.env, **self.node_env}
         workers = []
@@ -211,7 +213,9 @@ class Loopback:
             ], {**self.home(f"supernode-{i}"), **self.node_env})
 
         for i, (name, proc) in enumerate(workers, 1):
-            def ready(path=self.socket_path(i)):
+            socket_path = self.socket_path(i)
+
+            def ready(path=socket_path):
                 try:
                     worker_status(path)
                     return True
@@ -221,7 +225,7 @@ class Loopback:
             wait_for(ready, 600, f"node worker {i}", self.procs, name, proc)
 
     def run(self, overrides: list[str], run_dir: Path, timeout_s: float = 3600) -> float:
-        """`flwr run flower_app` with these config overrides, writing to run_dir; returns its
+        """`flwr run` of the packaged Flower app with these config overrides, writing to run_dir; returns its
         wall time. A failed run raises with the tail of its output."""
         (self.work / "run.toml").write_text(f"overrides = {json.dumps(' '.join([*overrides, f'output.dir={run_dir.parent}', f'output.name={run_dir.name}']))}\n")
         started = time.perf_counter()

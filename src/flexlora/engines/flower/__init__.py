@@ -38,6 +38,13 @@ simulation.py (`run_simulation`), certs.py (TLS certificates and SuperNode keys)
 
 from __future__ import annotations
 
+try:  # an extra, not a core dependency: say which one when it is missing
+    import flwr  # noqa: F401
+except ModuleNotFoundError:
+    from flexlora.extras import missing
+
+    raise missing("flwr", "the Flower engine") from None
+
 from flexlora.engines.flower.client_app import (  # noqa: F401
     CLIENT_ERROR,
     RESOURCE_KEYS,

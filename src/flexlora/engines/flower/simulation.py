@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from flexlora.config import ExperimentConfig
 from flexlora.engines.flower.client_app import client_app
 from flexlora.engines.flower.server_app import serve
+from flexlora.extras import require
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +47,7 @@ def run_simulation(cfg: ExperimentConfig, echo=print, resume: str | Path | None 
     """Run the experiment on Flower's simulation engine (Ray actors as ClientApps), or continue
     the run in the folder `resume`; returns the run folder, with the same files as the
     in-process runtime's."""
+    require("ray", "Flower's simulation engine")  # flwr[simulation]: an extra of its own
     from flwr.simulation import run_simulation as flower_simulation
 
     from flexlora.experiment import Experiment

@@ -12,5 +12,13 @@ local channel and returns the worker's reply; it imports neither torch nor trans
 - worker.py: the worker (torch side): loads the model, checks each task's base model against
   its own, trains with the same `client.train_client` as every engine, one task at a time.
 
-Nothing is imported here, so that `import flexlora.engines.node.channel` stays torch-free.
+Nothing is imported here but flwr, so that `import flexlora.engines.node.channel` stays
+torch-free; flwr is an extra (flexlora[flower]): a missing one is one line naming it.
 """
+
+try:
+    import flwr  # noqa: F401
+except ModuleNotFoundError:
+    from flexlora.extras import missing
+
+    raise missing("flwr", "the node worker (a Flower deployment)") from None
