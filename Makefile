@@ -1,6 +1,7 @@
 # The two quickstart commands: `make run` (set up + the default experiment) and
 # `make test` (set up + the test suite). Extra arguments for `flexlora run`: ARGS="...".
-.PHONY: setup run test
+# `make lint`: ruff's check and format check (configured in pyproject.toml), as CI runs them.
+.PHONY: setup run test lint
 
 setup:
 	bash scripts/setup.sh
@@ -10,3 +11,7 @@ run: setup
 
 test: setup
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .

