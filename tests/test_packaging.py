@@ -47,15 +47,15 @@ TINY_RUN = [
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """The project's wheel, built as `pip wheel --no-deps` builds it (without build isolation:
-    the setuptools of this environment, which pyproject's build-system floor must admit)."""
+    """The project's wheel, built as `pip wheel --no-deps` builds it: in an isolated build
+    environment with the setuptools that pyproject's build-system floor admits."""
     out = tmp_path_factory.mktemp("dist")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
-        check=True,
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-qq", "-w", str(out), str(ROOT)],
         capture_output=True,
         text=True,
     )
+    assert build.returncode == 0, build.stderr[-3000:]
     [built] = out.glob("flexlora-*.whl")
     return built
 
