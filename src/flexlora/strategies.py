@@ -45,6 +45,14 @@ from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 
 import torch
+
+try:  # an extra (flexlora[flower]), not a core dependency: say which one when it is missing
+    import flwr  # noqa: F401
+except ModuleNotFoundError:
+    from flexlora.extras import missing
+
+    raise missing("flwr", "flexlora.strategies") from None
+
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
