@@ -14,6 +14,12 @@
 #      3 seeds). $DISTRIBUTION_RIVAL names another method instead;
 #   4. HetLoRA with replication padding (Byun & Lee 2025; a variant of a stage-1 method, so it
 #      is not a stage-3 candidate) x heavy-tail-light, heavy-tail-strong, seed 0 first, then 1, 2.
+#   a2: LoRA-A² under its published rule (issue 30: B at 5x A's learning rate, Eq. 4 on a trial
+#      pass's update) x heavy-tail-light, heavy-tail-strong, seed 0 first, then 1, 2. Stage 2's
+#      LoRA-A² cells ran the earlier rule; they are kept as the variant
+#      lora_a2:score=gradient:lr_b_ratio=1 (cells lora_a2-score-gradient-lr_b_ratio-1-...), so
+#      the report sets the two rules against each other. Stage 2 itself would run these cells
+#      too. Not in the default STAGES; run it with STAGES=a2.
 #   wide: a second grid beside this one (docs/compare_ni_wide; issue 30), its held-out tasks
 #      spread over many categories so that an interval can resample them: FedIT (homogeneous),
 #      FlexLoRA, HetLoRA x heavy-tail-light, heavy-tail-strong, seed 0 of every cell first, then
@@ -47,10 +53,16 @@ strongest_new_method() {  # stage 3's rival: the rule in the header; every stage
 import json, pathlib, statistics, sys
 cells = pathlib.Path("docs/compare_ni/cells")
 scores, missing = {}, []
+# The rule ran on stage 2's cells as they were: LoRA-A²'s under its earlier rule, kept since as a
+# variant (stage a2), so that a rerun of stage 3 picks the rival the rule picked.
+as_run = {"lora_a2": "lora_a2-score-gradient-lr_b_ratio-1"}
 for method in sys.argv[1].split(","):
     for profile in ["heavy-tail-light", "heavy-tail-strong"]:
         for seed in range(3):
-            summary = cells / f"{method}-{profile}-seed{seed}" / "summary.json"
+            folder = as_run.get(method, method)
+            if not (cells / f"{folder}-{profile}-seed{seed}").is_dir():
+                folder = method
+            summary = cells / f"{folder}-{profile}-seed{seed}" / "summary.json"
             if summary.exists():
                 scores.setdefault(method, []).append(json.loads(summary.read_text())["final"])
             else:
@@ -83,6 +95,10 @@ fi
 if [[ ,$STAGES, == *,4,* ]]; then
   grid --methods hetlora:padding=replication --profiles heavy-tail-light,heavy-tail-strong --seeds 0
   grid --methods hetlora:padding=replication --profiles heavy-tail-light,heavy-tail-strong --seeds 1,2
+fi
+if [[ ,$STAGES, == *,a2,* ]]; then
+  grid --methods lora_a2 --profiles heavy-tail-light,heavy-tail-strong --seeds 0
+  grid --methods lora_a2 --profiles heavy-tail-light,heavy-tail-strong --seeds 1,2
 fi
 if [[ ,$STAGES, == *,wide,* ]]; then
   OUT=docs/compare_ni_wide HELDOUT=$WIDE EXAMPLES=1

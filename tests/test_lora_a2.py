@@ -1,7 +1,8 @@
 """LoRA-A² (methods/lora_a2.py): alternating freeze of one global adapter, each client training
-and uploading only the components its first batch scores highest within its budget; the server
-adds the data-weighted average of the changes. Checked against the rule written out here by hand,
-and against the plausible wrong rules (unsent components averaged as zeros; both factors trained)."""
+and uploading only the components that score highest within its budget; the server adds the
+data-weighted average of the changes. Checked against the rule written out here by hand, and
+against the plausible wrong rules (unsent components averaged as zeros; both factors trained).
+The paper's score, learning rates and trial pass inside a real client step: test_lora_a2_paper.py."""
 
 from __future__ import annotations
 
@@ -106,11 +107,12 @@ def test_a_round_updates_rows_of_A():
     torch.testing.assert_close(new[f"{module}.B"], state[f"{module}.B"])
 
 
-def test_scores_are_the_first_order_change_of_delta_w_and_selection_is_model_wide():
+def test_scores_are_the_change_of_delta_w_per_component_and_selection_is_model_wide():
     gen = torch.Generator().manual_seed(0)
     A, B, g = torch.randn(4, 5, generator=gen), torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)
     scores = component_scores(A, B, g, "B")
-    for j in range(4):  # ‖g_j a_jᵀ‖_F, the size of the change of ΔW that training column j makes
+    # Eq. 4, ‖ΔB[:, j] A[j, :]‖_F, with g a trial pass's ΔB (score "update") or a gradient ("gradient").
+    for j in range(4):
         assert scores[j].item() == pytest.approx(torch.linalg.norm(torch.outer(g[:, j], A[j]).double()).item())
     gA = torch.randn(4, 5, generator=gen)
     scores_a = component_scores(A, B, gA, "A")
@@ -131,7 +133,7 @@ def test_round_one_start_is_shared_and_every_client_gets_the_global_rank():
         (A0, B0), (A1, B1) = tasks[0].factors[module], tasks[1].factors[module]
         assert A0.shape[0] == A1.shape[0] == 4  # the global rank, whatever the budget
         assert torch.equal(A0, A1) and torch.equal(B0, B1) and not B0.any()
-    assert tasks[0].options["lora_a2"] == {"train": "B", "selection": "model"}
+    assert tasks[0].options["lora_a2"] == {"train": "B", "selection": "model", "score": "update", "lr_b_ratio": 5.0}
     assert server.configure(2, ["a"])[0].options["lora_a2"]["train"] == "A"
 
 

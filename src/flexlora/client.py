@@ -35,11 +35,24 @@ class InjectedFailure(RuntimeError):
 
 
 def make_optimizer(params, cfg: ExperimentConfig, lr: float | None = None) -> torch.optim.Optimizer:
-    """The local optimizer: AdamW or SGD (train.optimizer); lr defaults to train.lr."""
+    """The local optimizer: AdamW or SGD (train.optimizer); lr defaults to train.lr. `params`: the
+    tensors, or parameter groups (a group's own "lr" wins)."""
     lr = cfg.train.lr if lr is None else lr
     if cfg.train.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=cfg.train.weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
+
+
+def factor_groups(params: list[torch.Tensor], view, lr: float, lr_b_ratio: float) -> list:
+    """What the optimizer trains: the LoRA B factors (of the view's adapter) at lr · lr_b_ratio
+    (LoRA+'s ratio), everything else at lr, as parameter groups (empty ones left out); at ratio 1
+    the parameters themselves, one group at lr (the optimizer before the ratio existed)."""
+    if lr_b_ratio == 1:
+        return params
+    b_factors = {id(B) for _, B in view.weights.values()}
+    rest = [p for p in params if id(p) not in b_factors]
+    b = [p for p in params if id(p) in b_factors]
+    return [group for group in ({"params": rest, "lr": lr}, {"params": b, "lr": lr * lr_b_ratio}) if group["params"]]
 
 
 def batches(num_examples: int, batch_size: int, num_steps: int, rng: random.Random):
@@ -126,36 +139,53 @@ def train_client(
             for hook in hooks:
                 hook.start(view)
             local.params = view.params = local.trainable()
-            lr = next((hook.lr() for hook in hooks if hook.lr() is not None), None)
-            optimizer = make_optimizer(local.params, cfg, lr=lr)
+            lr = next((hook.lr() for hook in hooks if hook.lr() is not None), cfg.train.lr)
+            ratio = next((r for r in (hook.lr_b_ratio() for hook in hooks) if r is not None), cfg.train.lr_b_ratio)
             amp = autocast_dtype(cfg, device)
             # float16 gradients underflow without loss scaling; a disabled scaler is a no-op.
             scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
-            torch.manual_seed(task.seed)  # dropout masks
-            net.train()
             checkpointing = models.is_checkpointing(model)
-            losses = []
-            for step, batch in enumerate(batches(len(features), batch_size, num_steps, random.Random(task.seed))):
-                if timeout_s is not None and time.perf_counter() - started > timeout_s:
-                    raise ClientTimeout(f"client {data.client_id}: timed out after {timeout_s:g} s at step {step}/{num_steps}")
-                fault_point("train_step", task.round)
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(backward_batch(net, features, batch, micro, device, tokenizer.pad_token_id, amp, scaler))
-                penalty = None
+            net.train()
+
+            def train_steps(count: int) -> list[float]:
+                """`count` optimizer steps; a trial pass and the training after it see the same
+                batches and dropout masks, each with a fresh optimizer."""
+                optimizer = make_optimizer(factor_groups(local.params, view, lr, ratio), cfg, lr=lr)
+                torch.manual_seed(task.seed)  # dropout masks
+                losses = []
+                for step, batch in enumerate(batches(len(features), batch_size, count, random.Random(task.seed))):
+                    if timeout_s is not None and time.perf_counter() - started > timeout_s:
+                        raise ClientTimeout(f"client {data.client_id}: timed out after {timeout_s:g} s at step {step}/{count}")
+                    fault_point("train_step", task.round)
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.append(backward_batch(net, features, batch, micro, device, tokenizer.pad_token_id, amp, scaler))
+                    penalty = None
+                    for hook in hooks:
+                        term = hook.penalty(view)
+                        if term is not None:
+                            penalty = term if penalty is None else penalty + term
+                    if penalty is not None:
+                        scaler.scale(penalty).backward()
+                    scaler.unscale_(optimizer)
+                    for hook in hooks:
+                        hook.mask_gradients(view)
+                    torch.nn.utils.clip_grad_norm_(local.params, cfg.train.max_grad_norm)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    for hook in hooks:
+                        hook.after_step(view)
+                return losses
+
+            epoch_steps = None if cfg.train.steps else math.ceil(len(features) / batch_size)
+            trial = max((hook.trial_steps(num_steps, epoch_steps) for hook in hooks), default=0)
+            trial_metrics = {}
+            if trial:
+                trial_started = time.perf_counter()
+                train_steps(trial)
                 for hook in hooks:
-                    term = hook.penalty(view)
-                    if term is not None:
-                        penalty = term if penalty is None else penalty + term
-                if penalty is not None:
-                    scaler.scale(penalty).backward()
-                scaler.unscale_(optimizer)
-                for hook in hooks:
-                    hook.mask_gradients(view)
-                torch.nn.utils.clip_grad_norm_(local.params, cfg.train.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                for hook in hooks:
-                    hook.after_step(view)
+                    hook.after_trial(view)
+                trial_metrics = {"trial_steps": trial, "trial_time_s": time.perf_counter() - trial_started}
+            losses = train_steps(num_steps)
             factors, deltas, extra_metrics = local.result()
             for hook in hooks:
                 factors = hook.finish(factors, extra_metrics)
@@ -179,6 +209,7 @@ def train_client(
             "train_time_s": time.perf_counter() - started,
             "base_dtype": cfg.model_dtype if cfg.quantization is None else f"{cfg.quantization}/{cfg.model_dtype}",
             "gradient_checkpointing": checkpointing,
+            **trial_metrics,
             **extra_metrics,
         },
     )

@@ -152,6 +152,8 @@ class TrainConfig(Section):
     """Local optimizer: adamw (FedIT) | sgd (FedAvg)."""
     lr: float = Field(3e-4, gt=0)
     """Local learning rate."""
+    lr_b_ratio: float = Field(1.0, gt=0)
+    """LoRA's B factor trains at lr_b_ratio x lr, A (and anything else) at lr (LoRA+'s ratio; 1: one rate). A method argument of the same name, where a method has one, wins: lora_a2's defaults to 5, its paper's (docs/baselines.md)."""
     weight_decay: float = Field(0.0, ge=0)
     """Optimizer weight decay."""
     steps: int | None = Field(6, ge=1)

@@ -92,6 +92,19 @@ class ClientHook:
         """The local learning rate this hook asks for (None: train.lr)."""
         return None
 
+    def lr_b_ratio(self) -> float | None:
+        """B's learning rate over A's this hook asks for (None: train.lr_b_ratio)."""
+        return None
+
+    def trial_steps(self, local_steps: int, epoch_steps: int | None) -> int:
+        """Steps of a trial pass before local training (0: none): the loop trains them, calls
+        ``after_trial``, then trains its `local_steps` with a fresh optimizer on the same batches.
+        `epoch_steps`: one epoch's steps when the config counts local training in epochs."""
+        return 0
+
+    def after_trial(self, view: TrainingView) -> None:
+        """After the trial pass (e.g. score what it changed, then reset the factors)."""
+
     def penalty(self, view: TrainingView) -> torch.Tensor | None:
         """An extra loss term of this step (after the batch's backward), or None."""
         return None

@@ -1,41 +1,47 @@
 """LoRA-A² (Koo, Jang & Ok, "Towards Robust and Efficient Federated Low-Rank Adaptation with
 Heterogeneous Clients", ACL 2025, arXiv 2410.22815): Alternating freeze and Adaptive rank
 selection. The authors have released no code (their project page, github.com/pseudope/LoRA-A2,
-says "Code (to be released soon)"); this follows the paper's text and project page.
+says "Code (to be released soon)"); this follows the ACL 2025 camera-ready (its section, equation
+and algorithm numbers below).
 
-The rule as the paper states it, and what we pinned down:
-
-- Alternating freeze. "LoRA-A2 alternates between the two [...] when freezing A, we have
-  ΔW = Σ_k (w_k B_k) A = Σ_k (w_k B_k A_k) = Σ_k (w_k ΔW_k)" (arXiv v2, §Alternating Freeze), so
-  the average of the trained factor is the exact average of the clients' updates. Which factor
-  first: the project page says "Since the standard convention of LoRA initializes B to zero, we
-  first train B": odd rounds train B (A frozen), even rounds A (B frozen), as rolora does.
-- One global adapter of rank r_G. "This approach selects important LoRA ranks to match local
-  communication rank budget r_i out of global LoRA adapter with rank r_G adaptively based on the
-  local dataset". Every client holds the global adapter at r_G; its assigned ranks are a budget
-  of components it trains and uploads. r_G per module: the federation's largest client rank
-  (the server's bound_ranks), or ``rank``.
-- Selection across the whole model. "we select r_i·N LoRA ranks from a total of r_G·N based on
-  the scores across the entire model, where N denotes the number of target modules" (arXiv v1,
-  §Adaptive Rank Selection): a client's budget is Σ_m r_i(m) components, wherever they are;
-  ``selection="module"`` keeps each module to its own r_i(m) instead.
-- The score: the paper "measures the importance of ranks in each module by calculating how much
-  each rank contributes to the change in ΔW" (its Eq. 2, S^B / S^A, could not be read in the
-  stored copies: the formula did not survive HTML extraction). CHOSEN: the first-order change
-  of ΔW that training component j causes, at the start of local training, on the first batch:
-  B rounds ‖∂L/∂B[:, j]‖·‖A[j, :]‖, A rounds ‖B[:, j]‖·‖∂L/∂A[j, :]‖ (the Frobenius norm of the
-  rank-1 change). It must be computed before training because the paper's clients select "LoRA
-  ranks for local training and transmit only the selected part" (v2); the alternatives the
-  paper compares with (magnitude, SNIP sensitivity) are also pre-training scores.
-- The mask. "each client defines LoRA module mask [...] which is producted element-wise to the
-  updated" module (Eq. 3): only the selected components of the trained factor move (gradients
+- Alternating freeze (§4.1, Eq. 3): "when freezing A, we have ΔW = Σ_k (w_k B_k) A =
+  Σ_k (w_k B_k A_k)", so the average of the trained factor is the exact average of the clients'
+  updates. Algorithm 1 trains B in rounds with t % 2 = 1 and A in the others (§4.1's prose says
+  the opposite, "module A is frozen during even rounds, while module B is frozen during odd
+  rounds"; we follow Algorithm 1, which the project page's "we first train B" agrees with).
+- Learning rates (§4.1, §5.4, Appendix B): "η_A = η is used for A and η_B = 5·η_A is used for B,
+  which is inspired by LoRA+". ``lr_b_ratio`` (default 5): the client trains B at lr_b_ratio ×
+  train.lr; null defers to train.lr_b_ratio.
+- One global adapter of rank r_G (§4.2): "selects important LoRA ranks to match local
+  communication rank budget r_i out of global LoRA adapter with rank r_G". Every client holds
+  the global adapter at r_G; its assigned ranks are the budget of components it trains and
+  uploads. r_G per module: the federation's largest client rank (bound_ranks), or ``rank``.
+- The score (Eq. 4): S^B_{m,i} = ‖ΔB_k[:, i] A[i, :]‖_F, S^A_{m,i} = ‖B[:, i] ΔA_k[i, :]‖_F, with
+  ΔB_k the client's own update: "At each round, participating clients run local training for 1
+  epoch to obtain ΔW for calculating the contribution". Algorithm 2 then trains from the round's
+  global factor (B_k^(t;0) = B^(t)) with the mask and returns B_k^(t;E) − B^(t). So with
+  ``score="update"`` (the default) the client runs a trial pass (ClientHook.trial_steps: its
+  local budget, train.steps steps, or one epoch when training is counted in epochs), scores
+  ‖ΔB[:, i]‖·‖A[i, :]‖ (A rounds ‖B[:, i]‖·‖ΔA[i, :]‖) on PEFT's factors, resets the trained
+  factor to the global one, and trains its selected components with a fresh optimizer on the
+  same batches. The cost: §5.5 reports "a 1.17x increase in computation time compared to
+  standard FL+LoRA"; ours is measured in docs/baselines.md. ``score="gradient"``: our earlier
+  rule, not the paper's: the first batch's gradient in place of ΔB, selected before training.
+  The paper's ablation baselines (Table 9) are "Importance" and "Magnitude", the latter "gradient
+  magnitude-based criteria, ‖ΔB_k[:, i]‖ or ‖ΔA_k[i, :]‖" (§4.2), i.e. the same trial update
+  without A's norms; neither is implemented here.
+- Selection across the whole model (§4.2): "we select top-(r_i·N) LoRA ranks from a total of
+  r_G·N based on the scores across the entire model, where N denotes the number of target
+  modules": a client's budget is Σ_m r_i(m) components, wherever they are; ``selection="module"``
+  keeps each module to its own r_i(m) instead.
+- The mask (Eq. 5, 6): only the selected components of the trained factor move (gradients
   masked; AdamW's decay undone on the others), and only they are uploaded.
-- Aggregation. Not written out beyond Eq. 1. CHOSEN, the reading that keeps Eq. 1 exact: every
-  client's local factor is the global one with its selected components changed, and the server
-  averages those local factors with the data weights w_k: X ← X + Σ_k w_k M_k ⊙ ΔX_k. A component
-  a client did not upload counts as unchanged (the global value the server sent), not as zero,
-  and the weights are not renormalised over the clients that uploaded it; then
-  s·B_new·A = Σ_k w_k s·B_k·A exactly (and likewise for A rounds).
+- Aggregation (Algorithm 1): B^(t+1) = B^(t) + Σ_k w_k ΔB_k^(t+1) with w_k = |D_k| / Σ_k |D_k|
+  (A likewise in A rounds); §4.2: the uploaded parts "are again added to the B_k (or A_k) saved
+  two rounds before". A component a client did not upload is zero in its ΔB_k: it counts as
+  unchanged, and the weights are not renormalised over the clients that uploaded it; then
+  s·B_new·A = Σ_k w_k s·B_k·A exactly. Algorithm 1's w_k sums over all K clients (its
+  experiments use full participation); ours over the round's clients, as every method here.
 
 On the wire an update carries, per module, a SparseDelta over the component matrix
 C = [A | Bᵀ] (r_G × (n + m); row j is component j: A[j, :] then B[:, j]) holding the change of
@@ -49,6 +55,7 @@ scale folded in). init_state draws A like PEFT (seeded) and sets B = 0, so every
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -65,25 +72,26 @@ from .base import (
     TrainingView,
     accumulate,
 )
-from .helpers import FLOAT_DTYPES, fresh_rows, module_seed, nonfinite, option_keys, slice_factors
+from .helpers import FLOAT_DTYPES, fresh_rows, module_seed, nonfinite, option_keys, option_number, slice_factors
 
 SELECTIONS = ("model", "module")
+SCORES = ("update", "gradient")  # the paper's (a trial pass's ΔB, Eq. 4) | the first batch's gradient
 
 
 # ---------------------------------------------------------------- the math (pure tensor functions)
 
 
-def component_scores(A: torch.Tensor, B: torch.Tensor, grad: torch.Tensor | None, train: str) -> torch.Tensor:
-    """Per component j of one module, the size of the first-order change of ΔW that training
-    component j of the trained factor makes: ‖grad_B[:, j]‖·‖A[j, :]‖ (train "B") or
-    ‖B[:, j]‖·‖grad_A[j, :]‖ (train "A"), in float64. No gradient (the module took no part in
-    the loss): zeros."""
+def component_scores(A: torch.Tensor, B: torch.Tensor, change: torch.Tensor | None, train: str) -> torch.Tensor:
+    """Per component i of one module, ‖change[:, i] A[i, :]‖_F = ‖change[:, i]‖·‖A[i, :]‖ (train
+    "B") or ‖B[:, i] change[i, :]‖_F = ‖B[:, i]‖·‖change[i, :]‖ (train "A"), in float64: Eq. 4
+    when `change` is the trained factor's update over a trial pass (ΔB_k or ΔA_k); the first-order
+    change of ΔW when it is a gradient. No change (the module took no part in the loss): zeros."""
     r = A.shape[0]
-    if grad is None:
+    if change is None:
         return torch.zeros(r, dtype=torch.float64)
     if train == "B":
-        return torch.linalg.vector_norm(grad.double(), dim=0).cpu() * torch.linalg.vector_norm(A.detach().double(), dim=1).cpu()
-    return torch.linalg.vector_norm(B.detach().double(), dim=0).cpu() * torch.linalg.vector_norm(grad.double(), dim=1).cpu()
+        return torch.linalg.vector_norm(change.double(), dim=0).cpu() * torch.linalg.vector_norm(A.detach().double(), dim=1).cpu()
+    return torch.linalg.vector_norm(B.detach().double(), dim=0).cpu() * torch.linalg.vector_norm(change.double(), dim=1).cpu()
 
 
 def select_components(scores: dict[str, torch.Tensor], budget: dict[str, int], selection: str = "model") -> dict[str, list[int]]:
@@ -137,18 +145,20 @@ def fold_delta(total: torch.Tensor, delta: SparseDelta, weight: float, scale: fl
 
 
 class ComponentSelection(ClientHook):
-    """Client option "lora_a2": {"train": "A" | "B", "selection": "model" | "module"}. The other
-    factor is frozen; the client trains the global adapter (the rank of the task's factors), but
-    only the components its first batch's gradients score highest, within the budget of its
-    assigned ranks, and sends their change (a SparseDelta per module over C = [A | Bᵀ]).
-    Works on the client loop's TrainingView (the adapter's A, B and their gradients)."""
+    """Client option "lora_a2": {"train": "A" | "B", "selection": "model" | "module", "score":
+    "update" | "gradient", "lr_b_ratio": number | null}. The other factor is frozen; the client
+    trains the global adapter (the rank of the task's factors), but only the components that
+    score highest within the budget of its assigned ranks ("update": over a trial pass, after
+    which the trained factor goes back to the global one; "gradient": on the first batch), and
+    sends their change (a SparseDelta per module over C = [A | Bᵀ]). Works on the client loop's
+    TrainingView (the adapter's A, B and their gradients)."""
 
     option: ClassVar[str] = "lora_a2"
     needs_adapter: ClassVar[bool] = True
     sends: ClassVar[str] = "deltas"
 
-    def __init__(self, train: str, selection: str = "model"):
-        self.train, self.selection = train, selection
+    def __init__(self, train: str, selection: str = "model", score: str = "update", lr_b_ratio: float | None = None):
+        self.train, self.selection, self.score, self.ratio = train, selection, score, lr_b_ratio
         self.index = 0 if train == "A" else 1
         self.start_values: dict[str, torch.Tensor] = {}
         self.budget: dict[str, int] = {}
@@ -159,18 +169,26 @@ class ComponentSelection(ClientHook):
 
     @classmethod
     def parse(cls, value) -> ComponentSelection:
-        option_keys(value, "lora_a2", ("train", "selection"))
-        train, selection = value.get("train"), value.get("selection", "model")
+        option_keys(value, "lora_a2", ("train", "selection", "score", "lr_b_ratio"))
+        train, selection, score = value.get("train"), value.get("selection", "model"), value.get("score", "update")
         if train not in ("A", "B"):
             raise ValueError(f"client option lora_a2.train must be A or B, got {train!r}")
         if selection not in SELECTIONS:
             raise ValueError(f"client option lora_a2.selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
-        return cls(train, selection)
+        if score not in SCORES:
+            raise ValueError(f"client option lora_a2.score must be one of {', '.join(SCORES)}, got {score!r}")
+        ratio = value.get("lr_b_ratio")
+        if ratio is not None:
+            ratio = option_number(ratio, "lora_a2.lr_b_ratio", 0, math.inf, open_low=True)
+        return cls(train, selection, score, ratio)
 
     def adapter_ranks(self, task: ClientTask) -> dict[str, int] | None:
         if not task.factors:
             return None
         return {module: A.shape[0] for module, (A, _) in task.factors.items()}
+
+    def lr_b_ratio(self) -> float | None:
+        return self.ratio
 
     def start(self, view: TrainingView) -> None:
         self.budget = dict(view.module_ranks)
@@ -180,18 +198,37 @@ class ComponentSelection(ClientHook):
             self.start_values[module] = (A if self.train == "A" else B).detach().clone()
             self.shapes[module] = (B.shape[0], A.shape[1])
 
+    def trial_steps(self, local_steps: int, epoch_steps: int | None) -> int:
+        """The paper's trial pass: the local budget, or one epoch of it when counted in epochs."""
+        if self.score != "update":
+            return 0
+        return local_steps if epoch_steps is None else min(local_steps, epoch_steps)
+
+    def select(self, view: TrainingView, changes: dict[str, torch.Tensor | None]) -> None:
+        """Score every component from `changes` (module -> the trained factor's update or
+        gradient), select within the budget and build the masks."""
+        scores = {module: component_scores(A, B, changes[module], self.train) for module, (A, B) in view.weights.items()}
+        self.selected = select_components(scores, self.budget, self.selection)
+        for module, (A, B) in view.weights.items():
+            keep = torch.zeros(A.shape[0], dtype=torch.bool, device=A.device)
+            keep[self.selected[module]] = True
+            self.masks[module] = keep[:, None] if self.train == "A" else keep[None, :]
+
+    @torch.no_grad()
+    def after_trial(self, view: TrainingView) -> None:
+        # Algorithm 2: score what the trial changed, then train from the round's global factor.
+        changes = {}
+        for module, pair in view.weights.items():
+            X = pair[self.index]
+            changes[module] = X - self.start_values[module].to(X)
+            X.copy_(self.start_values[module])
+        self.select(view, changes)
+
     def mask_gradients(self, view: TrainingView) -> None:
-        if self.selected is None:  # the first step: score on this batch's gradients, then select
-            scores = {}
-            for module, (A, B) in view.weights.items():
-                trained = A if self.train == "A" else B
-                scores[module] = component_scores(A, B, trained.grad, self.train)
-            self.selected = select_components(scores, self.budget, self.selection)
-            for module, (A, B) in view.weights.items():
-                trained = A if self.train == "A" else B
-                keep = torch.zeros(A.shape[0], dtype=torch.bool, device=trained.device)
-                keep[self.selected[module]] = True
-                self.masks[module] = keep[:, None] if self.train == "A" else keep[None, :]
+        if self.selected is None:
+            if self.score == "update":
+                return  # the trial pass: every component of the trained factor trains
+            self.select(view, {module: pair[self.index].grad for module, pair in view.weights.items()})
         for module, pair in view.weights.items():
             grad = pair[self.index].grad
             if grad is not None:
@@ -199,17 +236,21 @@ class ComponentSelection(ClientHook):
 
     @torch.no_grad()
     def after_step(self, view: TrainingView) -> None:
+        if self.selected is None:  # the trial pass
+            return
         # AdamW's decoupled weight decay moves every entry; unselected components must not train.
         for module, pair in view.weights.items():
             X = pair[self.index]
             X.copy_(torch.where(self.masks[module], X, self.start_values[module].to(X)))
 
     def send(self, factors: dict[str, Factors], deltas: dict, metrics: dict) -> tuple[dict, dict]:
+        if self.selected is None:
+            raise RuntimeError("lora_a2: no components were selected (score 'update' needs the client loop's trial pass)")
         out = {}
         for module, pair in factors.items():
             change = pair[self.index] - self.start_values[module].to(pair[self.index])
-            out[module] = component_delta(change, (self.selected or {}).get(module, []), self.train, self.shapes[module])
-        metrics["lora_a2_components"] = sum(len(js) for js in (self.selected or {}).values())
+            out[module] = component_delta(change, self.selected.get(module, []), self.train, self.shapes[module])
+        metrics["lora_a2_components"] = sum(len(js) for js in self.selected.values())
         metrics["lora_a2_budget"] = sum(self.budget.values())
         return {}, out
 
@@ -309,24 +350,34 @@ class ComponentSum(Accumulator):
 
 
 class LoRAA2(Method):
-    """Alternating freeze (B first) of one global adapter at rank r_G; each client trains and
-    uploads the components its first batch scores highest within its budget; the server adds
-    the data-weighted average of the changes (an unsent component counts as unchanged)."""
+    """Alternating freeze (B first) of one global adapter at rank r_G, B at 5× A's learning rate;
+    each client trains and uploads the components its trial pass's update scores highest within
+    its budget; the server adds the data-weighted average of the changes (an unsent component
+    counts as unchanged)."""
 
     name = "lora_a2"
     client_hooks = (ComponentSelection,)
 
-    def __init__(self, selection: str = "model", rank: int | None = None, seed: int = 0):
+    def __init__(self, selection: str = "model", rank: int | None = None, seed: int = 0,
+                 score: str = "update", lr_b_ratio: float | None = 5.0):
         """selection: "model" (the paper: a client's Σ_m r(m) components anywhere in the model) or
         "module" (r(m) per module). rank: the global rank r_G of every module (None: the largest
-        client rank of the federation, per module). seed: of the shared initial A."""
+        client rank of the federation, per module). seed: of the shared initial A. score:
+        "update" (the paper's Eq. 4 on a trial pass's update) or "gradient" (the first batch's
+        gradient, no trial pass). lr_b_ratio: B's learning rate over A's (the paper's 5; None:
+        train.lr_b_ratio)."""
         if selection not in SELECTIONS:
             raise ValueError(f"lora_a2: selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
             raise ValueError(f"lora_a2: rank must be an integer >= 1 or null, got {rank!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"lora_a2: seed must be an integer, got {seed!r}")
-        self.selection, self.rank, self.seed = selection, rank, seed
+        if score not in SCORES:
+            raise ValueError(f"lora_a2: score must be one of {', '.join(SCORES)}, got {score!r}")
+        if lr_b_ratio is not None and not (isinstance(lr_b_ratio, (int, float)) and not isinstance(lr_b_ratio, bool)
+                                           and math.isfinite(lr_b_ratio) and lr_b_ratio > 0):
+            raise ValueError(f"lora_a2: lr_b_ratio must be a number > 0 or null, got {lr_b_ratio!r}")
+        self.selection, self.rank, self.seed, self.score, self.lr_b_ratio = selection, rank, seed, score, lr_b_ratio
         self.bounds: dict[str, int] = {}
 
     def bound_ranks(self, ranks: dict[str, int]) -> None:
@@ -346,7 +397,8 @@ class LoRAA2(Method):
         return state
 
     def client_options(self, state: GlobalState | None, round_: int, rank_type: str) -> dict:
-        return {ComponentSelection.option: {"train": "B" if round_ % 2 == 1 else "A", "selection": self.selection}}
+        return {ComponentSelection.option: {"train": "B" if round_ % 2 == 1 else "A", "selection": self.selection,
+                                            "score": self.score, "lr_b_ratio": self.lr_b_ratio}}
 
     def accumulator(self, state: GlobalState | None) -> ComponentSum:
         return ComponentSum(self, state)

@@ -10,11 +10,11 @@ mismatch between rank-agnostic aggregation weights and rank-dependent client con
 into rank partitions and then aggregates each partition weighted by its effective client
 contributions."
 
-The per-partition rule (the paper's Algorithm 1 / Eq. (8)) could not be read here from the
-paper itself (only its abstract was reachable); this is our reading of the sentence above, which
-a third-party summary of the full paper supports ("re-weights each partition by the actual
-number of clients that provide it", pith.science/p/2602.13486): partitions [l, h) between the
-sorted distinct client ranks; C_h = {k | r_k >= h}
+The per-partition rule (the paper's Algorithm 1 / Eq. (8)) is unreadable in every stored copy of
+the paper. The rule below rests on the sentence above and on a third-party reimplementation
+whose own header calls it "paper-oriented", not strictly faithful (a machine-generated summary,
+pith.science/p/2602.13486, reads it the same way; neither is the paper's text):
+partitions [l, h) between the sorted distinct client ranks; C_h = {k | r_k >= h}
 (the clients that cover the partition); N_h = Σ_{k∈C_h} n_k;
 ΔW_h = Σ_{k∈C_h} (n_k / N_h) · s_k B_k[:, l:h] A_k[l:h, :]; ΔW = Σ_h ΔW_h; its truncated SVD
 is the global model and a client of rank r gets the best rank-r approximation (FlexLoRA's
