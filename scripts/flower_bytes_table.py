@@ -35,8 +35,14 @@ def rows(run_dir: Path):
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     for (rank_type, max_rank), s in sorted(stats.items(), key=lambda kv: kv[0][1]):
         yield (
-            cfg["method"], cfg.get("flower", {}).get("transport_dtype", "float32"), rank_type, max_rank,
-            mean(s["down"]) / 2**20, mean(s["up"]) / 2**20, mean(s["payload_down"]) / 2**20, mean(s["payload_up"]) / 2**20,
+            cfg["method"],
+            cfg.get("flower", {}).get("transport_dtype", "float32"),
+            rank_type,
+            max_rank,
+            mean(s["down"]) / 2**20,
+            mean(s["up"]) / 2**20,
+            mean(s["payload_down"]) / 2**20,
+            mean(s["payload_up"]) / 2**20,
         )
 
 

@@ -38,7 +38,9 @@ def tiny_overrides(tmp_path):
 
 
 def requires_shared_data():
-    return pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data not present at {SHARED_DATA} (a fresh clone has no ../shared)")
+    return pytest.mark.skipif(
+        not SHARED_DATA.is_dir(), reason=f"real data not present at {SHARED_DATA} (a fresh clone has no ../shared)"
+    )
 
 
 @pytest.fixture(scope="module")

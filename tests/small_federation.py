@@ -27,8 +27,13 @@ def make_server(method: str, profile: str = "uniform", **method_args) -> Federat
 
 def trained(task: ClientTask) -> ClientUpdate:
     g = torch.Generator().manual_seed(task.seed)
-    factors = {module: (A + 0.02 * torch.randn(A.shape, generator=g, dtype=A.dtype), B + 0.05 * torch.randn(B.shape, generator=g, dtype=B.dtype))
-               for module, (A, B) in task.factors.items()}
+    factors = {
+        module: (
+            A + 0.02 * torch.randn(A.shape, generator=g, dtype=A.dtype),
+            B + 0.05 * torch.randn(B.shape, generator=g, dtype=B.dtype),
+        )
+        for module, (A, B) in task.factors.items()
+    }
     return ClientUpdate(task.client_id, 3 + task.seed % 40, ALPHA, factors)
 
 
@@ -36,7 +41,6 @@ class SyntheticClients:
     def train(self, tasks):
         for task in tasks:
             yield trained(task)
-
 
 
 class RecordingClients(SyntheticClients):
@@ -86,19 +90,28 @@ def assert_round_one_clients_share_one_start(overrides: list[str]) -> FederatedS
             assert torch.equal(A, A_max[:r]) and not B.any()
     return server
 
+
 # Heterogeneous updates for the aggregation checks: random float64 factors at each client's own
 # ranks per module (no training), the first `clients` of these.
 UPDATE_SHAPES = {"attn": (24, 16), "mlp": (10, 18)}
-UPDATE_CLIENTS = [("c0", 10, {"attn": 2, "mlp": 3}), ("c1", 50, {"attn": 5, "mlp": 5}),
-                  ("c2", 7, {"attn": 8, "mlp": 2}), ("c3", 21, {"attn": 5, "mlp": 3})]
+UPDATE_CLIENTS = [
+    ("c0", 10, {"attn": 2, "mlp": 3}),
+    ("c1", 50, {"attn": 5, "mlp": 5}),
+    ("c2", 7, {"attn": 8, "mlp": 2}),
+    ("c3", 21, {"attn": 5, "mlp": 3}),
+]
 
 
 def random_updates(seed: int = 0, ranks: dict[str, int] | None = None, clients: int = 4) -> list[ClientUpdate]:
     gen = torch.Generator().manual_seed(seed)
     out = []
     for cid, n_ex, own in UPDATE_CLIENTS[:clients]:
-        factors = {module: (torch.randn((ranks or own)[module], n, generator=gen, dtype=torch.float64),
-                            torch.randn(m, (ranks or own)[module], generator=gen, dtype=torch.float64))
-                   for module, (m, n) in UPDATE_SHAPES.items()}
+        factors = {
+            module: (
+                torch.randn((ranks or own)[module], n, generator=gen, dtype=torch.float64),
+                torch.randn(m, (ranks or own)[module], generator=gen, dtype=torch.float64),
+            )
+            for module, (m, n) in UPDATE_SHAPES.items()
+        }
         out.append(ClientUpdate(cid, n_ex, ALPHA, factors))
     return out

@@ -73,7 +73,7 @@ def test_rounds_alternate_and_a_changed_frozen_factor_is_rejected():
     module, p = "l0.q_proj", [1 / 3] * 3
     scale = 16.0 / tasks[0].module_ranks[module]
     expected = sum(w * scale * u.factors[module][1] @ u.factors[module][0] for w, u in zip(p, outcome.updates))
-    (A, B), = [srv.global_adapter()[0][module]]
+    ((A, B),) = [srv.global_adapter()[0][module]]
     torch.testing.assert_close(scale * B @ A, expected, rtol=1e-5, atol=1e-6)
     assert {t.options["freeze_factor"] for t in srv.configure(2, CLIENTS)} == {"B"}
 

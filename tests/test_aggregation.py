@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import flexlora.methods as agg
-from flexlora.methods import METHODS, ClientUpdate, FedIT, FlexLoRA, make_method
-from flexlora.methods import helpers
+from flexlora.methods import METHODS, ClientUpdate, FedIT, FlexLoRA, helpers, make_method
 
 F64 = torch.float64
 
@@ -231,8 +230,6 @@ def test_dense_delta_is_built_group_by_group():
         assert rel(got, delta_formula(ups, "attn")) < 1e-12
 
 
-
-
 # ---------------------------------------------------------------- FedIT
 
 
@@ -330,6 +327,7 @@ def test_fresh_rows_answers_from_its_cache_exactly_and_within_its_bound(monkeypa
     """fresh_rows's cache gives what a new draw gives (fewer rows of a seed are a prefix of
     more), in any order of requests; every result is a copy; the cache stays under its byte
     bound; clear_fresh_rows empties it."""
+
     def drawn(count, n, seed, dtype):  # the rows without any cache
         gen = torch.Generator().manual_seed(seed)
         return ((torch.rand(count, n, generator=gen, dtype=F64) * 2 - 1) / n**0.5).to(dtype)

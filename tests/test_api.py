@@ -11,8 +11,8 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from flexlora import Aggregator
-from flexlora.methods import make_method
 from flexlora.api import ranks_of
+from flexlora.methods import make_method
 from flexlora.protocol import ClientUpdate
 
 ALPHA = 16

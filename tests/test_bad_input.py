@@ -69,8 +69,18 @@ BAD_DATA = [
     # (file name, content, extra overrides, expected message; {path} is the file)
     ("bad.jsonl", jsonl(GOOD, '{"instruction": "x", "output": '), ["data.bad_records=error"], "{path}:2: invalid JSON"),
     ("list.jsonl", jsonl(GOOD, [1, 2]), ["data.bad_records=error"], "{path}:2: record is a list, not a JSON object"),
-    ("noout.jsonl", jsonl(GOOD, {"instruction": "x", "input": ""}), ["data.bad_records=error"], "{path}:2: missing field 'output/response'"),
-    ("type.jsonl", jsonl(GOOD, {**GOOD, "instruction": 7}), ["data.bad_records=error"], "{path}:2: field 'instruction' is a int, expected a string"),
+    (
+        "noout.jsonl",
+        jsonl(GOOD, {"instruction": "x", "input": ""}),
+        ["data.bad_records=error"],
+        "{path}:2: missing field 'output/response'",
+    ),
+    (
+        "type.jsonl",
+        jsonl(GOOD, {**GOOD, "instruction": 7}),
+        ["data.bad_records=error"],
+        "{path}:2: field 'instruction' is a int, expected a string",
+    ),
     ("empty-out.jsonl", jsonl(GOOD, {**GOOD, "output": "  "}), ["data.bad_records=error"], "{path}:2: empty field 'output'"),
     ("cut.json", json.dumps([GOOD, GOOD], indent=1)[:-30], ["data.bad_records=error"], "invalid JSON"),
     ("object.json", json.dumps({"records": [GOOD]}), ["data.bad_records=error"], "{path}:1: missing field 'instruction'"),
@@ -90,4 +100,6 @@ def test_missing_data_path_and_empty_folder(tmp_path, capsys):
     fails_fast(["data.source=json", f"data.path={tmp_path / 'nope.jsonl'}"], "data.path: not found", tmp_path, capsys)
     fails_fast(["data.source=json"], "data.path: data.source=json needs data.path", tmp_path, capsys)
     (tmp_path / "folder").mkdir()
-    fails_fast(["data.source=json", f"data.path={tmp_path / 'folder'}"], "no .json or .jsonl files in the folder", tmp_path, capsys)
+    fails_fast(
+        ["data.source=json", f"data.path={tmp_path / 'folder'}"], "no .json or .jsonl files in the folder", tmp_path, capsys
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flexlora.config import ConfigError, load_config
 from flexlora.methods import (
     METHODS,
     FedIT,
@@ -19,10 +20,9 @@ from flexlora.methods import (
     compose_method,
     make_method,
 )
-from flexlora.methods.server_opt import ServerStep, starting_point
 from flexlora.methods.base import ClientUpdate
 from flexlora.methods.ffa import shared_A
-from flexlora.config import ConfigError, load_config
+from flexlora.methods.server_opt import ServerStep, starting_point
 
 F64 = torch.float64
 
@@ -53,7 +53,9 @@ def updates(seed=0, n_examples=None, ranks_override=None) -> list[ClientUpdate]:
 
 
 def weighted_delta(ups, module, weights) -> torch.Tensor:
-    return sum(w * (ALPHA / u.factors[module][0].shape[0]) * u.factors[module][1] @ u.factors[module][0] for w, u in zip(weights, ups))
+    return sum(
+        w * (ALPHA / u.factors[module][0].shape[0]) * u.factors[module][1] @ u.factors[module][0] for w, u in zip(weights, ups)
+    )
 
 
 def data_p(ups):
@@ -86,7 +88,10 @@ def test_hetlora_is_padded_weighted_average(weighting):
         if weighting == "data":
             w = data_p(ups)
         else:  # HetLoRA's sparsity weights: ∝ ‖s_k B_k A_k‖_F, with the dense product
-            norms = [torch.linalg.norm((ALPHA / u.factors[module][0].shape[0]) * u.factors[module][1] @ u.factors[module][0]).item() for u in ups]
+            norms = [
+                torch.linalg.norm((ALPHA / u.factors[module][0].shape[0]) * u.factors[module][1] @ u.factors[module][0]).item()
+                for u in ups
+            ]
             w = [v / sum(norms) for v in norms]
         A_ref = sum(wk * pad(u.factors[module][0], R, 0) for wk, u in zip(w, ups))
         B_ref = sum(wk * (ALPHA / u.factors[module][0].shape[0]) * pad(u.factors[module][1], R, 1) for wk, u in zip(w, ups))
@@ -142,7 +147,10 @@ def test_flora_merges_exact_sum_into_the_base():
         assert rel(method.base_offset(s1)[module], first) < 1e-12
         assert rel(method.base_offset(s2)[module], first + second) < 1e-12  # base + Σ rounds
     # A fresh LoRA each round, the same for every client: shared A rows (nested), B = 0.
-    small, large = method.client_factors(s2, {"attn": 4, "mlp": 4}, ALPHA), method.client_factors(s2, {"attn": 6, "mlp": 6}, ALPHA)
+    small, large = (
+        method.client_factors(s2, {"attn": 4, "mlp": 4}, ALPHA),
+        method.client_factors(s2, {"attn": 6, "mlp": 6}, ALPHA),
+    )
     for module in SHAPES:
         assert torch.equal(small[module][0], large[module][0][:4]) and not small[module][1].any()
     assert method.global_factors(s2, ALPHA) == ({}, {})
@@ -172,11 +180,14 @@ def test_ffa_averages_B_and_is_exact():
     gen = torch.Generator().manual_seed(0)
     ups = []
     for cid, n_ex, ranks in CLIENTS:
-        f = {m: (shared_A(5, m, ranks[m], n, F64), torch.randn(SHAPES[m][0], ranks[m], generator=gen, dtype=F64)) for m, (_, n) in SHAPES.items()}
+        f = {
+            m: (shared_A(5, m, ranks[m], n, F64), torch.randn(SHAPES[m][0], ranks[m], generator=gen, dtype=F64))
+            for m, (_, n) in SHAPES.items()
+        }
         ups.append(ClientUpdate(cid, n_ex, ALPHA, f))
     state = method.aggregate(ups, state0)
     p = data_p(ups)
-    for module, (m, n) in SHAPES.items():
+    for module, (_m, n) in SHAPES.items():
         R = max(u.rank(module) for u in ups)
         B_ref = sum(pk * (ALPHA / u.rank(module)) * pad(u.factors[module][1], R, 1) for pk, u in zip(p, ups))
         assert rel(state[f"{module}.B"], B_ref) < 1e-12
@@ -221,7 +232,7 @@ def test_slora_sparse_stage_then_svd_start():
     s2 = method.aggregate(round2, s1)  # the second sparse round ends stage 1
     assert not method.in_sparse_stage(s2) and method.base_offset(s2) is None
     assert method.client_options(s2, 3, "T1") == {}
-    for module, (m, n) in SHAPES.items():
+    for module in SHAPES:
         offset = expected[module] + (3 / 9) * round2[0].deltas[module].to_dense() + (6 / 9) * round2[1].deltas[module].to_dense()
         U, S, Vh = torch.linalg.svd(offset)
         for r in (1, 3, 7):
@@ -308,7 +319,7 @@ def test_fedadam_on_flexlora_steps_the_dense_delta():
         x1 = weighted_delta(ups1, module, data_p(ups1))
         # The step starts from what the clients started from: each its best rank-r_k slice of x1.
         U1, S1, Vh1 = torch.linalg.svd(x1)
-        start = sum(p * (U1[:, :r[module]] * S1[: r[module]]) @ Vh1[: r[module]] for p, (*_, r) in zip(data_p(ups2), CLIENTS))
+        start = sum(p * (U1[:, : r[module]] * S1[: r[module]]) @ Vh1[: r[module]] for p, (*_, r) in zip(data_p(ups2), CLIENTS))
         delta = weighted_delta(ups2, module, data_p(ups2)) - start
         mom, sec = 0.1 * delta, 0.01 * delta**2
         x2 = start + 0.01 * mom / (sec.sqrt() + 1e-3)

@@ -17,7 +17,12 @@ CASES = {
     "flora": (["method=flora"], "merged"),
     "ffa": (["method=ffa"], "adapter"),
     "flexlora+fedadam+fedprox": (
-        ["method=flexlora", "method_args={server_opt: {name: fedadam, lr: 0.001}, fedprox_mu: 0.01}", "train.optimizer=sgd", "train.lr=0.01"],
+        [
+            "method=flexlora",
+            "method_args={server_opt: {name: fedadam, lr: 0.001}, fedprox_mu: 0.01}",
+            "train.optimizer=sgd",
+            "train.lr=0.01",
+        ],
         "adapter",
     ),
 }

@@ -27,9 +27,9 @@ def test_bench_aggregate_bad_flag_is_one_line(capsys):
 
 
 def test_bench_goals_use_medians_and_say_pass_or_fail():
-    from flexlora.bench.aggregate import Row, goals, interleaved, median
-
     import torch
+
+    from flexlora.bench.aggregate import Row, goals, interleaved, median
 
     calls = []
     results = interleaved(3, torch.device("cpu"), {"x": lambda: calls.append("x") or 1, "y": lambda: calls.append("y") or 2})
@@ -40,7 +40,16 @@ def test_bench_goals_use_medians_and_say_pass_or_fail():
     common = dict(size="1.3b", module="q_proj", shape=(2048, 2048), clients=10, total_rank=272, max_rank=200)
     rows = [
         Row(**common, case="a", mode="reference", time_s=3.0, peak_mb=1, times=[3.0, 2.0, 9.0], speedup=1.0),
-        Row(**common, case="a", mode="auto->factored", time_s=0.05, peak_mb=1, times=[0.05, 0.04, 0.9], quality={8: 1.0, 200: 1.0000001}, speedup=60.0),
+        Row(
+            **common,
+            case="a",
+            mode="auto->factored",
+            time_s=0.05,
+            peak_mb=1,
+            times=[0.05, 0.04, 0.9],
+            quality={8: 1.0, 200: 1.0000001},
+            speedup=60.0,
+        ),
         Row(**common, case="b", mode="auto->dense", time_s=2.0, peak_mb=1, times=[2.0] * 3, quality={200: 1.00002}, speedup=2.4),
     ]
     lines = goals(rows)
@@ -67,8 +76,21 @@ SCALE_TINY = [
 
 def test_bench_scale_tiny(tmp_path, capsys):
     out_json = tmp_path / "scale.json"
-    argv = ["bench", "scale", "--model", "tiny-llama", "--clients", "2,4", "--rounds", "2",
-            "--runs-dir", str(tmp_path / "runs"), "--out", str(out_json), *SCALE_TINY]
+    argv = [
+        "bench",
+        "scale",
+        "--model",
+        "tiny-llama",
+        "--clients",
+        "2,4",
+        "--rounds",
+        "2",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--out",
+        str(out_json),
+        *SCALE_TINY,
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| K=")]
@@ -83,7 +105,9 @@ def test_bench_scale_tiny(tmp_path, capsys):
     assert (tmp_path / "runs" / "k4" / "metrics.jsonl").is_file()
 
     result = json.loads(out_json.read_text())
-    assert result["goals"] and result["goals"][0].startswith(("PASS peak memory at 4 clients/round", "FAIL peak memory at 4 clients/round"))
+    assert result["goals"] and result["goals"][0].startswith(
+        ("PASS peak memory at 4 clients/round", "FAIL peak memory at 4 clients/round")
+    )
     by_k = {r["clients_per_round"]: r for r in result["rows"]}
     assert set(by_k) == {2, 4}
     for k, row in by_k.items():
@@ -98,13 +122,22 @@ def test_bench_scale_goal_lines():
     from flexlora.bench.scale import goals
 
     def row(k, peak, kind="synthetic", error=None):
-        r = {"label": f"K={k}", "kind": kind, "clients_per_round": k, "peak_rss_mb": peak, "rounds": [{"round": 1}, {"round": 2}],
-             "overrides": ["federation.rounds=2"]}
+        r = {
+            "label": f"K={k}",
+            "kind": kind,
+            "clients_per_round": k,
+            "peak_rss_mb": peak,
+            "rounds": [{"round": 1}, {"round": 2}],
+            "overrides": ["federation.rounds=2"],
+        }
         return {**r, "error": error} if error else r
 
     lines = goals([row(10, 1000), row(80, 1200)], total_memory_mb=24 * 1024)
     assert lines == ["PASS peak memory at 80 clients/round <= 1.25x that at 10 (1200 MB / 1000 MB = 1.20x)", "goals: 1 of 1 met"]
-    assert goals([row(10, 1000), row(80, 1300)])[0] == "FAIL peak memory at 80 clients/round <= 1.25x that at 10 (1300 MB / 1000 MB = 1.30x)"
+    assert (
+        goals([row(10, 1000), row(80, 1300)])[0]
+        == "FAIL peak memory at 80 clients/round <= 1.25x that at 10 (1300 MB / 1000 MB = 1.30x)"
+    )
     assert goals([row(10, 1000), row(80, 9000, error="killed")])[0].endswith("that at 10 (K=80 did not complete)")
     both = goals([row(10, 1000), row(80, 1100), row(81, 4096, kind="ni")], total_memory_mb=24 * 1024)
     assert both[1].startswith("PASS the 1,613-client NI sample") and both[1].endswith(" (2 done, peak RSS 4.00 GiB of 24.0 GiB)")
@@ -139,8 +172,14 @@ def test_bench_scale_ni_setting():
         pytest.skip(f"{NI_PATH} is absent (shared data, not part of the repository)")
     [ni] = settings([], 2, "tiny-llama", ni=True, extra=["device=cpu"])
     assert ni["kind"] == "ni" and ni["clients_per_round"] is None
-    for key in ("data.source=natural-instructions", "federation.fraction=0.05", "data.heldout_fraction=0.02",
-                "federation.rounds=2", "resources.profile=heavy-tail-strong", "output.checkpoint=false"):
+    for key in (
+        "data.source=natural-instructions",
+        "federation.fraction=0.05",
+        "data.heldout_fraction=0.02",
+        "federation.rounds=2",
+        "resources.profile=heavy-tail-strong",
+        "output.checkpoint=false",
+    ):
         assert key in ni["overrides"]
     assert ni["overrides"][-1] == "device=cpu"  # extra overrides come last, so they win
     validate(ni)
@@ -160,8 +199,14 @@ def test_the_shared_pieces_are_one_copy_and_count_goals():
     src = Path(__file__).resolve().parents[1] / "src"
     env = common.child_env()
     assert env["PYTHONPATH"].split(":")[0] == str(src)
-    out = subprocess.run([sys.executable, "-c", "import flexlora; print(flexlora.__file__)"], env=env, cwd="/",
-                         capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", "import flexlora; print(flexlora.__file__)"],
+        env=env,
+        cwd="/",
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert out == str(src / "flexlora" / "__init__.py")
 
     lines = [common.goal(True, "a", "1"), common.not_checked("b", "no data"), common.goal(False, "c", "3")]
@@ -174,6 +219,7 @@ def test_python_dash_m_runs_the_same_command_line():
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "flexlora.bench", "aggregate", "--sizes", "70b"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flexlora.bench", "aggregate", "--sizes", "70b"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "unknown size '70b'" in proc.stderr and proc.stderr.count("\n") == 1

@@ -54,15 +54,26 @@ def test_every_benchmark_has_the_flags_and_help_it_had(columns):
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["bench", "aggregate", "--quick", "--sizes", "8b", "--repeat", "2", "--device", "cpu"],
-         {"quick": True, "sizes": "8b", "repeat": 2, "device": "cpu", "oversample": 64}),
-        (["bench", "client", "--models", "tiny-llama", "--steps", "5", "--timeout", "12.5"],
-         {"models": "tiny-llama", "steps": 5, "timeout": 12.5, "reference": "all"}),
-        (["bench", "scale", "--clients", "2,4", "--ni", "train.steps=2", "--rounds", "3", "device=cpu"],
-         {"clients": "2,4", "ni": True, "rounds": 3, "overrides": ["train.steps=2", "device=cpu"]}),
-        (["bench", "eval", "--clients", "3", "eval.kv_cache=true"], {"clients": 3, "repeat": 1, "overrides": ["eval.kv_cache=true"]}),
-        (["bench", "deployment", "--precision", "bfloat16", "--startup-repeat", "0", "train.steps=6"],
-         {"precision": "bfloat16", "startup_repeat": 0, "nodes": 2, "overrides": ["train.steps=6"]}),
+        (
+            ["bench", "aggregate", "--quick", "--sizes", "8b", "--repeat", "2", "--device", "cpu"],
+            {"quick": True, "sizes": "8b", "repeat": 2, "device": "cpu", "oversample": 64},
+        ),
+        (
+            ["bench", "client", "--models", "tiny-llama", "--steps", "5", "--timeout", "12.5"],
+            {"models": "tiny-llama", "steps": 5, "timeout": 12.5, "reference": "all"},
+        ),
+        (
+            ["bench", "scale", "--clients", "2,4", "--ni", "train.steps=2", "--rounds", "3", "device=cpu"],
+            {"clients": "2,4", "ni": True, "rounds": 3, "overrides": ["train.steps=2", "device=cpu"]},
+        ),
+        (
+            ["bench", "eval", "--clients", "3", "eval.kv_cache=true"],
+            {"clients": 3, "repeat": 1, "overrides": ["eval.kv_cache=true"]},
+        ),
+        (
+            ["bench", "deployment", "--precision", "bfloat16", "--startup-repeat", "0", "train.steps=6"],
+            {"precision": "bfloat16", "startup_repeat": 0, "nodes": 2, "overrides": ["train.steps=6"]},
+        ),
     ],
 )
 def test_a_benchmark_command_line_parses_to_its_values(argv, expected):

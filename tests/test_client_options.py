@@ -6,14 +6,13 @@ import pytest
 import torch
 
 from flexlora import lora
-from flexlora.methods import ClientUpdate, HetLoRA
 from flexlora.client import ClientTask, train_client
-from flexlora.methods import parse_client_options
+from flexlora.config import load_config
+from flexlora.data.synthetic import make_federation
+from flexlora.methods import ClientUpdate, HetLoRA, parse_client_options
 from flexlora.methods.fedprox import proximal_loss
 from flexlora.methods.hetlora import RankRegularizer, prune_factors, rank_regularizer_loss, tail_start
 from flexlora.methods.slora import lora_budget_density, sparse_mask
-from flexlora.config import load_config
-from flexlora.data.synthetic import make_federation
 from flexlora.models import TINY, default_target_modules, load_model
 from flexlora.server import FederatedServer
 
@@ -36,13 +35,17 @@ def snapshot(model):
 def run(setup, options=None, factors=None, ranks=4, base_offset=None, cfg_overrides=()):
     model, tokenizer, targets, shapes, data = setup
     cfg = load_config(overrides=[*OVERRIDES, *cfg_overrides])
-    task = ClientTask(data.client_id, 1, "T1", {m: ranks for m in shapes}, factors, seed=7, options=options or {}, base_offset=base_offset)
+    task = ClientTask(
+        data.client_id, 1, "T1", {m: ranks for m in shapes}, factors, seed=7, options=options or {}, base_offset=base_offset
+    )
     return train_client(model, tokenizer, data, task, cfg, targets)
 
 
 def random_factors(shapes, r, seed=0, scale=0.05):
     gen = torch.Generator().manual_seed(seed)
-    return {m: (torch.randn(r, n, generator=gen) * scale, torch.randn(mm, r, generator=gen) * scale) for m, (mm, n) in shapes.items()}
+    return {
+        m: (torch.randn(r, n, generator=gen) * scale, torch.randn(mm, r, generator=gen) * scale) for m, (mm, n) in shapes.items()
+    }
 
 
 # ---------------------------------------------------------------- parsing
@@ -68,7 +71,12 @@ def test_bad_options_are_one_line_errors(options, message):
 
 
 def test_options_parse():
-    opts = {h.option: h for h in parse_client_options({"rank_regularizer": {"lambda": 0.1, "gamma": 0.5, "prune_threshold": None}, "fedprox_mu": 0.2, "timeout_s": 3})}
+    opts = {
+        h.option: h
+        for h in parse_client_options(
+            {"rank_regularizer": {"lambda": 0.1, "gamma": 0.5, "prune_threshold": None}, "fedprox_mu": 0.2, "timeout_s": 3}
+        )
+    }
     assert opts["rank_regularizer"] == RankRegularizer(0.1, 0.5, None) and opts["fedprox_mu"].mu == 0.2 and "freeze_A" not in opts
     assert parse_client_options({"sparse": {"seed": 3}})[0].density == "lora_budget"
 
@@ -174,6 +182,7 @@ def test_base_offset_is_used_and_restored_exactly(setup):
     seen = {}
     module = sorted(shapes)[0]
     layer = lora.target_layers(model, [module])[module]
+
     def spy(mod, args):
         seen.setdefault("w", mod.weight.detach().clone())
 

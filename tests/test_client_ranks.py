@@ -12,8 +12,14 @@ from flexlora.server import FederatedServer
 
 def test_t4_client_trains_rank_200_and_t1_rank_8(monkeypatch):
     cfg = load_config(
-        overrides=["model=tiny-llama", "resources.profile=[T4, T1]", "federation.clients_per_round=2",
-                   "train.steps=2", "train.batch_size=2", "data.cutoff_len=512"]
+        overrides=[
+            "model=tiny-llama",
+            "resources.profile=[T4, T1]",
+            "federation.clients_per_round=2",
+            "train.steps=2",
+            "train.batch_size=2",
+            "data.cutoff_len=512",
+        ]
     )
     model, tokenizer = load_model(TINY, "cpu")
     targets = default_target_modules(model)

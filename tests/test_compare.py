@@ -23,7 +23,10 @@ def write_ni_fixture(folder):
     meta = {}
     for k, cid in enumerate([1, 2, 4, 5, 9, 11, 20, 21]):
         category = "Mathematics 8.json" if cid in (20, 21) else f"Word Analogy {cid}.json"
-        train = [{"instruction": "Answer with one word.", "input": f"x{cid}{i}", "output": f"y{cid}", "category": category} for i in range(4)]
+        train = [
+            {"instruction": "Answer with one word.", "input": f"x{cid}{i}", "output": f"y{cid}", "category": category}
+            for i in range(4)
+        ]
         test = [{"instruction": "Answer with one word.", "input": f"t{cid}", "output": f"y{cid}", "category": category}]
         (folder / f"local_training_{cid}.json").write_text(json.dumps(train))
         (folder / f"local_test_{cid}.json").write_text(json.dumps(test))
@@ -35,20 +38,35 @@ def write_ni_fixture(folder):
 def tiny_grid_overrides(tmp_path):
     data = write_ni_fixture(tmp_path / "ni")
     return [
-        "model=tiny-llama", "device=cpu",
-        "data.source=natural-instructions", f"data.path={data}", "data.heldout_categories=[Mathematics]",
-        "data.cutoff_len=256", "federation.rounds=2", "federation.clients_per_round=3",
-        "train.steps=1", "train.batch_size=2", "eval.max_new_tokens=3",
+        "model=tiny-llama",
+        "device=cpu",
+        "data.source=natural-instructions",
+        f"data.path={data}",
+        "data.heldout_categories=[Mathematics]",
+        "data.cutoff_len=256",
+        "federation.rounds=2",
+        "federation.clients_per_round=3",
+        "train.steps=1",
+        "train.batch_size=2",
+        "eval.max_new_tokens=3",
         "eval.export_rank=1000",  # export the whole global ΔW, so `flexlora eval` reproduces the run's score
-        "resources.t1=2", "resources.t2=4", "resources.t3_attention=4", "resources.t3_mlp=8", "resources.t4=8",
+        "resources.t1=2",
+        "resources.t2=4",
+        "resources.t3_attention=4",
+        "resources.t3_mlp=8",
+        "resources.t4=8",
     ]
 
 
 def test_grid_cells_run_fedit_once_per_seed():
     cells = grid_cells(["fedit", "flexlora"], ["uniform", "heavy-tail-strong"], [0, 1])
     assert [c.name for c in cells] == [
-        "fedit-homo-seed0", "flexlora-uniform-seed0", "flexlora-heavy-tail-strong-seed0",
-        "fedit-homo-seed1", "flexlora-uniform-seed1", "flexlora-heavy-tail-strong-seed1",
+        "fedit-homo-seed0",
+        "flexlora-uniform-seed0",
+        "flexlora-heavy-tail-strong-seed0",
+        "fedit-homo-seed1",
+        "flexlora-uniform-seed1",
+        "flexlora-heavy-tail-strong-seed1",
     ]
 
 
@@ -69,7 +87,9 @@ def test_two_cell_grid_end_to_end_resumes_and_never_trains_heldout_clients(tmp_p
         assert trained and not trained & heldout  # held-out clients never train
         assert records[-1]["eval"]["per_category"].keys() == {"Mathematics"}
     # Both cells sampled the same clients each round (same seed).
-    rounds = [[sorted(json.loads(l)["clients"]) for l in (c / "metrics.jsonl").read_text().splitlines()[1:]] for c in cells.iterdir()]
+    rounds = [
+        [sorted(json.loads(l)["clients"]) for l in (c / "metrics.jsonl").read_text().splitlines()[1:]] for c in cells.iterdir()
+    ]
     assert rounds[0] == rounds[1]
     flex = [json.loads(l) for l in (cells / "flexlora-uniform-seed0" / "metrics.jsonl").read_text().splitlines()]
     trunc = flex[1]["truncation"]
@@ -92,10 +112,15 @@ def test_two_cell_grid_end_to_end_resumes_and_never_trains_heldout_clients(tmp_p
     assert "Difference against fedit (homo), with 95% intervals" in md
     diffs = {r["metric"]: r for r in csv.DictReader((out / "differences.csv").open())}
     assert set(diffs) == {"rougeL_generated", "rougeL_teacher_forced", "eval_loss"}
-    last = {name: [json.loads(l) for l in (cells / name / "metrics.jsonl").read_text().splitlines()][-1]["eval"]
-            for name in ("fedit-homo-seed0", "flexlora-uniform-seed0")}
+    last = {
+        name: [json.loads(l) for l in (cells / name / "metrics.jsonl").read_text().splitlines()][-1]["eval"]
+        for name in ("fedit-homo-seed0", "flexlora-uniform-seed0")
+    }
     per = {name: {(e["client"], e["index"]): e for e in ev["per_example"]} for name, ev in last.items()}
-    gain = [per["flexlora-uniform-seed0"][k]["rougeL_generated"] - per["fedit-homo-seed0"][k]["rougeL_generated"] for k in per["fedit-homo-seed0"]]
+    gain = [
+        per["flexlora-uniform-seed0"][k]["rougeL_generated"] - per["fedit-homo-seed0"][k]["rougeL_generated"]
+        for k in per["fedit-homo-seed0"]
+    ]
     d = diffs["rougeL_generated"]
     assert abs(float(d["mean_minus_fedit"]) - sum(gain) / len(gain)) < 1e-6 and int(d["examples"]) == len(gain) == 2
     assert float(d["ci95_low"]) <= float(d["mean_minus_fedit"]) <= float(d["ci95_high"])
@@ -157,13 +182,21 @@ def _compare_ni_script(tmp_path, finals, **env):
     recorder = tmp_path / "flexlora"
     recorder.write_text('#!/usr/bin/env bash\necho "flexlora $*"\n')
     recorder.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k not in ("DISTRIBUTION_RIVAL", "STAGE3_METHODS")} | {"STAGES": "3", "FLEXLORA": str(recorder)} | env
+    env = (
+        {k: v for k, v in os.environ.items() if k not in ("DISTRIBUTION_RIVAL", "STAGE3_METHODS")}
+        | {"STAGES": "3", "FLEXLORA": str(recorder)}
+        | env
+    )
     return subprocess.run(["bash", str(tmp_path / "scripts" / "compare_ni.sh")], env=env, capture_output=True, text=True)
 
 
 def _every_stage_two_cell(final):
-    return {(m, p, s): final for m in ["fedex", "florist", "raflora", "lora_a2"]
-            for p in ["heavy-tail-light", "heavy-tail-strong"] for s in range(3)}
+    return {
+        (m, p, s): final
+        for m in ["fedex", "florist", "raflora", "lora_a2"]
+        for p in ["heavy-tail-light", "heavy-tail-strong"]
+        for s in range(3)
+    }
 
 
 def test_stage_three_runs_flexlora_against_the_new_method_with_the_best_mean_score(tmp_path):
@@ -205,8 +238,20 @@ def test_stage_three_splits_into_flexlora_and_the_rival(tmp_path):
 def test_a_method_variant_runs_in_cells_of_its_own_with_its_method_args(tmp_path, capsys):
     overrides = [*tiny_grid_overrides(tmp_path), "federation.rounds=1"]
     out = tmp_path / "grid"
-    args = ["compare", "--out", str(out), "--methods", "hetlora,hetlora:padding=replication", "--profiles", "uniform",
-            "--seeds", "0", "--baseline", "hetlora", *overrides]
+    args = [
+        "compare",
+        "--out",
+        str(out),
+        "--methods",
+        "hetlora,hetlora:padding=replication",
+        "--profiles",
+        "uniform",
+        "--seeds",
+        "0",
+        "--baseline",
+        "hetlora",
+        *overrides,
+    ]
     assert main(args) == 0
     cells = out / "cells"
     assert sorted(p.name for p in cells.iterdir()) == ["hetlora-padding-replication-uniform-seed0", "hetlora-uniform-seed0"]
@@ -219,8 +264,10 @@ def test_a_method_variant_runs_in_cells_of_its_own_with_its_method_args(tmp_path
     capsys.readouterr()
 
     # A variant that is not NAME:KEY=VALUE, or whose value the method refuses, stops before any cell runs.
-    for spec, message in [("hetlora:padding", "'hetlora:padding' is not NAME or NAME:KEY=VALUE"),
-                          ("hetlora:padding=mirror", "method_args: ")]:
+    for spec, message in [
+        ("hetlora:padding", "'hetlora:padding' is not NAME or NAME:KEY=VALUE"),
+        ("hetlora:padding=mirror", "method_args: "),
+    ]:
         assert main(["compare", "--out", str(tmp_path / "other"), "--methods", spec, "--profiles", "uniform", *overrides]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
@@ -231,7 +278,9 @@ def test_stage_four_runs_hetlora_with_replication_padding_seed_zero_first(tmp_pa
     run = _compare_ni_script(tmp_path, {}, STAGES="4")
     assert run.returncode == 0, run.stderr
     calls = [line for line in run.stdout.splitlines() if line.startswith("flexlora compare")]
-    assert [c.split(" --profiles")[0] for c in calls] == ["flexlora compare --out docs/compare_ni --methods hetlora:padding=replication"] * 2
+    assert [c.split(" --profiles")[0] for c in calls] == [
+        "flexlora compare --out docs/compare_ni --methods hetlora:padding=replication"
+    ] * 2
     assert ["--seeds 0 " in calls[0], "--seeds 1,2 " in calls[1]] == [True, True]
 
 
@@ -252,7 +301,9 @@ def test_two_processes_adding_cells_to_one_grid_at_once_keep_both(tmp_path, monk
 
     def add(method):
         try:
-            compare.register_cells(tmp_path, {"model": "tiny-llama"}, [compare.Cell(method, "uniform", 0)], "fedit", f"add {method}")
+            compare.register_cells(
+                tmp_path, {"model": "tiny-llama"}, [compare.Cell(method, "uniform", 0)], "fedit", f"add {method}"
+            )
         except Exception as e:  # noqa: BLE001 - reported by the assertion below
             errors.append(e)
 
@@ -274,7 +325,12 @@ def test_a_cell_running_in_another_process_is_skipped_not_restarted(tmp_path, ca
     out = tmp_path / "grid"
     busy = RunLock(out / "cells" / "fedit-homo-seed0").acquire()  # as a second process running that cell holds it
     try:
-        assert main(["compare", "--out", str(out), "--methods", "fedit,flexlora", "--profiles", "uniform", "--seeds", "0", *overrides]) == 0
+        assert (
+            main(
+                ["compare", "--out", str(out), "--methods", "fedit,flexlora", "--profiles", "uniform", "--seeds", "0", *overrides]
+            )
+            == 0
+        )
     finally:
         busy.release()
     printed = capsys.readouterr().out
@@ -300,6 +356,9 @@ def test_a_cell_another_process_finished_meanwhile_is_not_run_again(tmp_path, mo
         return run_dir
 
     monkeypatch.setattr(flexlora.engines, "run_experiment", run_then_the_other_process_finishes_the_next_cell)
-    assert main(["compare", "--out", str(out), "--methods", "fedit,flexlora", "--profiles", "uniform", "--seeds", "0", *overrides]) == 0
+    assert (
+        main(["compare", "--out", str(out), "--methods", "fedit,flexlora", "--profiles", "uniform", "--seeds", "0", *overrides])
+        == 0
+    )
     assert ran == ["fedit-homo-seed0"]
     assert "cell flexlora-uniform-seed0 was finished elsewhere" in capsys.readouterr().out

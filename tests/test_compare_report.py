@@ -25,15 +25,21 @@ def write_finished_grid(out, scores, categories=None):
     `categories`: example i -> its client's NI category label (client "k<i//2>", two examples
     each), recorded as evaluation records it (per_client)."""
     cells = [{"method": m, "profile": "homo" if m == "fedit" else "uniform", "seed": s} for m, s in scores]
-    settings = {"model": "tiny-llama", "data": {"source": "natural-instructions", "path": "ni"},
-                "federation": {"rounds": 1, "clients_per_round": 2}, "train": {"steps": 1, "batch_size": 1},
-                "eval": {"max_new_tokens": 2}}
+    settings = {
+        "model": "tiny-llama",
+        "data": {"source": "natural-instructions", "path": "ni"},
+        "federation": {"rounds": 1, "clients_per_round": 2},
+        "train": {"steps": 1, "batch_size": 1},
+        "eval": {"max_new_tokens": 2},
+    }
     (out / "cells").mkdir(parents=True)
     (out / "grid.json").write_text(json.dumps({"settings": settings, "cells": cells, "baseline": "fedit"}))
     for cell in cells:
         values = scores[(cell["method"], cell["seed"])]
-        per_example = [{"client": f"c{i % 3}", "index": i, "rougeL_generated": v, "rougeL_teacher_forced": v,
-                        "loss": 2.0 - v, "tokens": 1} for i, v in enumerate(values)]
+        per_example = [
+            {"client": f"c{i % 3}", "index": i, "rougeL_generated": v, "rougeL_teacher_forced": v, "loss": 2.0 - v, "tokens": 1}
+            for i, v in enumerate(values)
+        ]
         mean = sum(values) / len(values)
         ev = {"rougeL_generated": mean, "rougeL_teacher_forced": mean, "eval_loss": 2.0 - mean, "per_example": per_example}
         if categories:
@@ -43,9 +49,21 @@ def write_finished_grid(out, scores, categories=None):
         folder = out / "cells" / Cell(**cell).name
         folder.mkdir()
         (folder / "metrics.jsonl").write_text(json.dumps({"round": 1, "eval": ev}) + "\n")
-        (folder / "summary.json").write_text(json.dumps({
-            "final": mean, "best": mean, "zero_shot": 0.0, "zero_shot_teacher_forced": 0.0, "zero_shot_eval_loss": 2.0,
-            "final_teacher_forced": mean, "final_eval_loss": 2.0 - mean, "wall_time_s": 1.0, "per_round": {"1": mean}}))
+        (folder / "summary.json").write_text(
+            json.dumps(
+                {
+                    "final": mean,
+                    "best": mean,
+                    "zero_shot": 0.0,
+                    "zero_shot_teacher_forced": 0.0,
+                    "zero_shot_eval_loss": 2.0,
+                    "final_teacher_forced": mean,
+                    "final_eval_loss": 2.0 - mean,
+                    "wall_time_s": 1.0,
+                    "per_round": {"1": mean},
+                }
+            )
+        )
 
 
 def test_the_report_sets_flexlora_against_each_other_heterogeneous_method(tmp_path):
@@ -63,7 +81,10 @@ def test_the_report_sets_flexlora_against_each_other_heterogeneous_method(tmp_pa
     assert "| flexlora − hetlora | +0.1000 [+0.1000, +0.1000] sd 0.0000 (examples only [+0.1000, +0.1000]) |" in md
     rows = list(csv.DictReader((tmp_path / "differences_flexlora.csv").open()))
     assert [(r["against"], r["metric"]) for r in rows] == [
-        ("hetlora", "rougeL_generated"), ("hetlora", "rougeL_teacher_forced"), ("hetlora", "eval_loss")]
+        ("hetlora", "rougeL_generated"),
+        ("hetlora", "rougeL_teacher_forced"),
+        ("hetlora", "eval_loss"),
+    ]
     assert abs(float(rows[0]["mean_difference"]) - 0.1) < 1e-9 and rows[0]["significant"] == "True"
     assert abs(float(rows[2]["mean_difference"]) + 0.1) < 1e-9  # loss is 2 - score: 0.1 lower
     # Against the homogeneous baseline, as before.
@@ -85,7 +106,8 @@ def test_the_report_sets_a_method_variant_against_the_plain_method(tmp_path):
     assert "| hetlora:padding=replication − hetlora | -0.0300 [-0.0300, -0.0300] sd 0.0000" in md
     rows = list(csv.DictReader((tmp_path / "differences_variants.csv").open()))
     assert [(r["method"], r["against"], r["metric"]) for r in rows] == [
-        ("hetlora:padding=replication", "hetlora", m) for m in ("rougeL_generated", "rougeL_teacher_forced", "eval_loss")]
+        ("hetlora:padding=replication", "hetlora", m) for m in ("rougeL_generated", "rougeL_teacher_forced", "eval_loss")
+    ]
     assert abs(float(rows[0]["mean_difference"]) + 0.03) < 1e-9 and rows[0]["significant"] == "True"
 
 
@@ -122,8 +144,10 @@ def test_a_gain_that_lives_in_one_held_out_category_is_not_significant_over_task
     assert "(seeds and categories [-0.0" in row and row.endswith("**n.s.** |")
     assert "resamples the seeds and then the 9 held-out task categories" in md and "significance follows it" in md
     assert "(180 paired test examples from 9 held-out categories, 3 seed(s)" in md
-    assert "Significant with seeds and examples resampled, not once the held-out categories are resampled: " \
-           "flexlora uniform rougeL_generated" in md
+    assert (
+        "Significant with seeds and examples resampled, not once the held-out categories are resampled: "
+        "flexlora uniform rougeL_generated" in md
+    )
     d = {r["metric"]: r for r in csv.DictReader((tmp_path / "differences.csv").open())}["rougeL_generated"]
     assert d["significant_by"] == "seeds and categories" and d["categories"] == "9"
     assert d["significant"] == "False" and d["significant_seeds_examples"] == "True"
@@ -157,8 +181,10 @@ def test_a_difference_over_fewer_seeds_than_the_grid_says_so(tmp_path):
     assert "| flexlora | +0.0200 [+0.0200, +0.0200] sd 0.0000 (examples only [+0.0200, +0.0200]) |" in md
     assert "| flexlora − hetlora | +0.0100 [+0.0100, +0.0100] (1 of 3 seeds) |" in md
     # One seed has no spread over seeds: the report says so instead of a number of seeds.
-    assert "| hetlora − fedit (homo) | uniform | +0.0100 | 0.0000 | 1 | yes (seeds and examples) | " \
-           "– (1 seed: no spread) | – (1 seed: no spread) |" in md
+    assert (
+        "| hetlora − fedit (homo) | uniform | +0.0100 | 0.0000 | 1 | yes (seeds and examples) | "
+        "– (1 seed: no spread) | – (1 seed: no spread) |" in md
+    )
 
 
 def test_a_report_interrupted_while_writing_leaves_each_previous_file_whole(tmp_path, monkeypatch):

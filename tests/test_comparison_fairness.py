@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flexlora.config import load_config
 from flexlora.methods import METHODS, FlexLoRA, SLoRA, SparseDelta, compose_method, make_method
 from flexlora.methods.base import ClientUpdate
-from flexlora.config import load_config
 from flexlora.methods.server_opt import starting_point
 from flexlora.server import FederatedServer
 
@@ -36,7 +36,9 @@ def test_round_one_clients_share_one_starting_adapter(name):
     for module in SHAPES:
         starts = sorted(((t.factors[module], t.module_ranks[module]) for t in tasks), key=lambda x: -x[1])
         (A_max, _), r_max = starts[0]
-        assert len({r for _, r in starts}) > 1 or server.method.homogeneous  # heterogeneous ranks, except FedIT (and any homogeneous method)
+        assert (
+            len({r for _, r in starts}) > 1 or server.method.homogeneous
+        )  # heterogeneous ranks, except FedIT (and any homogeneous method)
         for (A, B), r in starts:
             assert A.shape[0] == r and B.shape[1] == r
             assert torch.equal(A, A_max[:r]), f"{name}: {module} rank {r} is not a prefix of the shared A"
@@ -57,7 +59,10 @@ def trained_state(inner_name, ranks_by_client, sizes, seed=0):
     gen = torch.Generator().manual_seed(seed)
     ups = []
     for (cid, ranks), n in zip(ranks_by_client.items(), sizes):
-        factors = {m: (torch.randn(r, SHAPES[m][1], generator=gen), torch.randn(SHAPES[m][0], r, generator=gen)) for m, r in ranks.items()}
+        factors = {
+            m: (torch.randn(r, SHAPES[m][1], generator=gen), torch.randn(SHAPES[m][0], r, generator=gen))
+            for m, r in ranks.items()
+        }
         ups.append(ClientUpdate(cid, n, ALPHA, factors))
     return make_method(inner_name).aggregate(ups, None)
 
@@ -75,7 +80,11 @@ def test_server_optimizer_adds_nothing_when_clients_do_not_train(inner, opt):
     optimizer must leave the global model exactly where the method alone puts it (FedIT:
     unchanged; FlexLoRA: the weighted sum of the clients' truncations, its own behaviour)."""
     if inner == "flexlora":  # heterogeneous ranks: each client starts from a truncation of ΔW
-        ranks = {"a": {"l0.q_proj": 2, "l0.up_proj": 3}, "b": {"l0.q_proj": 5, "l0.up_proj": 9}, "c": {"l0.q_proj": 8, "l0.up_proj": 4}}
+        ranks = {
+            "a": {"l0.q_proj": 2, "l0.up_proj": 3},
+            "b": {"l0.q_proj": 5, "l0.up_proj": 9},
+            "c": {"l0.q_proj": 8, "l0.up_proj": 4},
+        }
     else:
         ranks = {cid: {"l0.q_proj": 4, "l0.up_proj": 4} for cid in "abc"}
     sizes = [10, 50, 7]
@@ -99,9 +108,20 @@ def test_server_optimizer_adds_nothing_when_clients_do_not_train(inner, opt):
 def test_flexlora_puts_all_of_S_into_B():
     """split all_in_B (the paper): A = Vh_r has orthonormal rows, B = U_r S_r / s_r."""
     gen = torch.Generator().manual_seed(1)
-    ups = [ClientUpdate(c, n, ALPHA, {"l0.q_proj": (torch.randn(r, 48, generator=gen, dtype=torch.float64),
-                                                    torch.randn(64, r, generator=gen, dtype=torch.float64))})
-           for c, n, r in (("a", 3, 4), ("b", 5, 6))]
+    ups = [
+        ClientUpdate(
+            c,
+            n,
+            ALPHA,
+            {
+                "l0.q_proj": (
+                    torch.randn(r, 48, generator=gen, dtype=torch.float64),
+                    torch.randn(64, r, generator=gen, dtype=torch.float64),
+                )
+            },
+        )
+        for c, n, r in (("a", 3, 4), ("b", 5, 6))
+    ]
     method = FlexLoRA()
     state = method.aggregate(ups, None)
     S = state["l0.q_proj.S"]

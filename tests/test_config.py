@@ -71,7 +71,9 @@ def test_the_reference_lists_every_key_and_is_what_the_generator_writes():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
     missing = [key for key in reference_keys() if f"| `{key}` |" not in doc]
     assert not missing, f"keys missing from docs/configuration.md (regenerate it): {missing}"
-    assert doc == reference_markdown(), "docs/configuration.md is out of date: flexlora config --reference > docs/configuration.md"
+    assert doc == reference_markdown(), (
+        "docs/configuration.md is out of date: flexlora config --reference > docs/configuration.md"
+    )
     # The keys the generator walks are every key of the JSON schema (found here independently).
     schema = ExperimentConfig.model_json_schema()
     keys = []
@@ -138,7 +140,10 @@ def test_the_console_script_takes_overrides_after_a_flag(tmp_path):
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "flexlora.cli"]
     proc = subprocess.run(
         [*command, "run", "method=fedit", "--overwrite", "seed=0", "federation.rounds=0"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == "flexlora: error: federation.rounds: must be >= 1, got 0\n"

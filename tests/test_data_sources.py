@@ -13,7 +13,12 @@ from flexlora.data.types import DataError
 
 
 def rec(i, category="Word Analogy 266.json", output=None):
-    return {"instruction": f"Task {i}: answer.", "input": f"question {i}", "output": output or f"answer {i}", "category": category}
+    return {
+        "instruction": f"Task {i}: answer.",
+        "input": f"question {i}",
+        "output": output or f"answer {i}",
+        "category": category,
+    }
 
 
 def write_ni(folder, clients: dict, meta: dict | None = None, indent=None):
@@ -54,8 +59,10 @@ def ni_folder(tmp_path):
             40: {"training": [rec(i, "Mathematics 85.json") for i in range(3)], "test": [rec(14, "Mathematics 85.json")]},
             41: {"training": "", "test": "[]"},
         },
-        meta={"3": {"category": "Word Analogy 266.json", "train_examples_in_source": 320, "holdout": False},
-              "7": {"category": cat, "train_examples_in_source": 100}},
+        meta={
+            "3": {"category": "Word Analogy 266.json", "train_examples_in_source": 320, "holdout": False},
+            "7": {"category": cat, "train_examples_in_source": 100},
+        },
         indent=1,
     )
 
@@ -73,8 +80,12 @@ def test_ni_folder_ids_weights_bad_records_and_empty_clients(ni_folder):
     train7 = str(ni_folder / "local_training_7.json")
     # file, line (the file is indented: one record per few lines) and record number
     assert f"{train7}:" in issues
-    for reason in ("record 2: missing field 'output/response'", "record 3: empty field 'output'",
-                   "record 4: field 'output' is a int", "record 5: record is a str, not a JSON object"):
+    for reason in (
+        "record 2: missing field 'output/response'",
+        "record 3: empty field 'output'",
+        "record 4: field 'output' is a int",
+        "record 5: record is a str, not a JSON object",
+    ):
         assert reason in issues, reason
     lines = {int(line.split(":")[1]) for line in data.issues if line.startswith(train7)}
     assert len(lines) == 4 and min(lines) > 1  # real line numbers, not all 1
@@ -104,8 +115,11 @@ def test_truncated_json_keeps_earlier_records_and_reports_the_rest(tmp_path):
     issues = Issues()
     records = read_records(path, issues)
     assert len(records) == 1 and records[0].line == 2
-    assert issues.lines == [f"{path}:3: record 2: invalid JSON (Unterminated string starting at); the rest of the file is skipped"] or \
-        (len(issues.lines) == 1 and issues.lines[0].startswith(f"{path}:3: ") and "rest of the file is skipped" in issues.lines[0])
+    assert issues.lines == [
+        f"{path}:3: record 2: invalid JSON (Unterminated string starting at); the rest of the file is skipped"
+    ] or (
+        len(issues.lines) == 1 and issues.lines[0].startswith(f"{path}:3: ") and "rest of the file is skipped" in issues.lines[0]
+    )
 
 
 def test_heldout_by_category_and_fraction_never_train(ni_folder):
@@ -190,7 +204,9 @@ def dolly_lines(n_per_cat=12, cats=("open_qa", "summarization", "brainstorming")
     out = []
     for c in cats:
         for i in range(n_per_cat):
-            out.append({"instruction": f"{c} q{i}", "context": "" if i % 2 else f"ctx {i}", "response": f"{c} a{i}", "category": c})
+            out.append(
+                {"instruction": f"{c} q{i}", "context": "" if i % 2 else f"ctx {i}", "response": f"{c} a{i}", "category": c}
+            )
     return out
 
 
@@ -200,12 +216,23 @@ def test_dolly_split_test_records_never_train_and_bad_lines_are_reported(tmp_pat
     lines.insert(9, json.dumps({"instruction": "no response", "context": "", "category": "open_qa"}))
     path = tmp_path / "dolly.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    cfg = load_config(overrides=["data.source=dolly", f"data.path={path}", "data.num_clients=4",
-                                 "data.test_per_category=3", "data.dirichlet_alpha=1.0"]).data
+    cfg = load_config(
+        overrides=[
+            "data.source=dolly",
+            f"data.path={path}",
+            "data.num_clients=4",
+            "data.test_per_category=3",
+            "data.dirichlet_alpha=1.0",
+        ]
+    ).data
     data = load_federated_dataset(cfg, seed=0)
     assert any(line.startswith(f"{path}:6: invalid JSON") for line in data.issues)
     assert any(line.startswith(f"{path}:10: missing field 'output/response'") for line in data.issues)
-    assert len(data.clients) == 4 and {c.client_id for c in data.heldout} == {"test:open_qa", "test:summarization", "test:brainstorming"}
+    assert len(data.clients) == 4 and {c.client_id for c in data.heldout} == {
+        "test:open_qa",
+        "test:summarization",
+        "test:brainstorming",
+    }
     train = [ex for c in data.clients for ex in c.train]
     test = [ex for c in data.heldout for ex in c.test]
     assert len(test) == 9 and len(train) == 36 - 9
@@ -218,7 +245,9 @@ def test_dolly_split_test_records_never_train_and_bad_lines_are_reported(tmp_pat
     # An explicit test file: its records leave the training pool.
     test_file = tmp_path / "test.json"
     test_file.write_text(json.dumps(dolly_lines(2)))
-    cfg2 = load_config(overrides=["data.source=dolly", f"data.path={path}", "data.num_clients=3", f"data.test_path={test_file}"]).data
+    cfg2 = load_config(
+        overrides=["data.source=dolly", f"data.path={path}", "data.num_clients=3", f"data.test_path={test_file}"]
+    ).data
     data2 = load_federated_dataset(cfg2, seed=0)
     assert sum(len(c.test) for c in data2.heldout) == 6
     assert sum(len(c.train) for c in data2.clients) == 36 - 6
@@ -229,7 +258,9 @@ def test_generic_json_groups_by_client_field(tmp_path):
     records[4].pop("client")
     path = tmp_path / "data.json"
     path.write_text(json.dumps(records, indent=2))
-    cfg = load_config(overrides=["data.source=json", f"data.path={path}", "data.heldout_ids=[c2]", "data.test_per_category=0"]).data
+    cfg = load_config(
+        overrides=["data.source=json", f"data.path={path}", "data.heldout_ids=[c2]", "data.test_per_category=0"]
+    ).data
     data = load_federated_dataset(cfg, seed=0)
     assert [c.client_id for c in data.clients] == ["c0", "c1"]
     assert [len(c.train) for c in data.clients] == [4, 3]  # record 5 (c1) had no client field
@@ -280,8 +311,15 @@ def test_real_ni_mini_split_loads_with_source_weights_and_unseen_categories():
 
 @requires_shared_data()
 def test_real_dolly_split_with_its_published_test_set():
-    cfg = load_config(overrides=["data.source=dolly", f"data.path={DOLLY}", "data.num_clients=10",
-                                 "data.dirichlet_alpha=0.5", f"data.test_path={DOLLY / 'test-10-per-category.json'}"]).data
+    cfg = load_config(
+        overrides=[
+            "data.source=dolly",
+            f"data.path={DOLLY}",
+            "data.num_clients=10",
+            "data.dirichlet_alpha=0.5",
+            f"data.test_path={DOLLY / 'test-10-per-category.json'}",
+        ]
+    ).data
     data = load_federated_dataset(cfg, seed=0)
     assert len(data.clients) == 10 and len(data.heldout) == 8
     assert sum(len(c.test) for c in data.heldout) == 80

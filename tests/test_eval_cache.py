@@ -16,11 +16,20 @@ INSTR = "Answer the question about the animal in one word. Think about where it 
 
 def _clients():
     return [
-        ClientData("a", "Animals 1.json", [], test=[Example(INSTR, f"Where does a {x} live?", y) for x, y in
-                                                     [("fish", "water"), ("bird", "nest"), ("cow", "farm"), ("ant", "hill"), ("bee", "hive")]]),
+        ClientData(
+            "a",
+            "Animals 1.json",
+            [],
+            test=[
+                Example(INSTR, f"Where does a {x} live?", y)
+                for x, y in [("fish", "water"), ("bird", "nest"), ("cow", "farm"), ("ant", "hill"), ("bee", "hive")]
+            ],
+        ),
         ClientData("b", "Words 2.json", [], test=[Example("Reverse the word.", "abc", "cba")]),  # a single example
         # The second prompt is too long for the cutoff: generation and teacher forcing shorten it differently.
-        ClientData("c", "Count 3.json", [], test=[Example("Count to five.", "", "1 2 3 4 5"), Example("Spell it", "dog " * 80, "d o g")]),
+        ClientData(
+            "c", "Count 3.json", [], test=[Example("Count to five.", "", "1 2 3 4 5"), Example("Spell it", "dog " * 80, "d o g")]
+        ),
     ]
 
 
@@ -29,8 +38,17 @@ def _model(init: float, stop_scale: float):
     tokenizer decodes every id to visible text, so generations are real strings; EOS and
     newline logits scaled so that rows stop at different steps."""
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, vocab_size=384, initializer_range=init, eos_token_id=1, pad_token_id=0)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=384,
+        initializer_range=init,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
     model = LlamaForCausalLM(cfg).eval()
     tok = ByT5Tokenizer(extra_ids=0)
     tok.add_tokens([f"<x{i}>" for i in range(125)])  # ids 259..383, not special: decoded, not skipped
@@ -75,8 +93,10 @@ def test_prompts_sharing_no_prefix():
     work = _work(clients)
     (rows,) = _rows(_items([ex for _, ex in work], tok, "chat", 128, 8))
     assert common_prefix_len(rows) == 0
-    _assert_same(score_examples(model, tok, work, "chat", 128, 8, 4, kv_cache=False),
-                 score_examples(model, tok, work, "chat", 128, 8, 4, kv_cache=True))
+    _assert_same(
+        score_examples(model, tok, work, "chat", 128, 8, 4, kv_cache=False),
+        score_examples(model, tok, work, "chat", 128, 8, 4, kv_cache=True),
+    )
 
 
 def test_shared_prefix_covers_the_instruction():
@@ -117,8 +137,9 @@ def test_cached_path_runs_each_shared_prompt_token_once():
 def test_evaluate_returns_per_example_scores_and_same_metrics_both_ways():
     model, tok = load_model(TINY, "cpu")
     clients = _clients()
-    kwargs = dict(factors=None, ranks=None, alpha=16.0, target_modules=[], template="alpaca", cutoff_len=512,
-                  max_new_tokens=4, batch_size=3)
+    kwargs = dict(
+        factors=None, ranks=None, alpha=16.0, target_modules=[], template="alpaca", cutoff_len=512, max_new_tokens=4, batch_size=3
+    )
     old = evaluate(model, tok, clients, kv_cache=False, **kwargs)
     new = evaluate(model, tok, clients, **kwargs)
     rows = new["per_example"]
@@ -141,8 +162,17 @@ def test_bench_eval_reports_both_paths_and_their_agreement():
     from flexlora.bench.eval import run_eval_benchmark
     from flexlora.config import load_config
 
-    cfg = load_config(None, ["model=tiny-llama", "device=cpu", "data.num_clients=6", "data.test_per_client=2",
-                             "data.cutoff_len=512", "eval.max_new_tokens=3"])
+    cfg = load_config(
+        None,
+        [
+            "model=tiny-llama",
+            "device=cpu",
+            "data.num_clients=6",
+            "data.test_per_client=2",
+            "data.cutoff_len=512",
+            "eval.max_new_tokens=3",
+        ],
+    )
     lines = []
     result = run_eval_benchmark(cfg, num_clients=2, echo=lines.append)
     n = result["examples"]
@@ -165,11 +195,15 @@ def test_reference_draft_tokens_are_accepted_and_change_nothing(monkeypatch, bat
     work = _work(_clients())
     greedy = score_examples(model, tok, work, "alpaca", 512, 12, batch_size, kv_cache=False)
     # References = the model's own greedy outputs (half of them cut short: a partial draft).
-    work = [(c, dataclasses.replace(ex, output=g if k % 2 else g[: len(g) // 2] or "z"))
-            for k, ((c, ex), (*_, g)) in enumerate(zip(work, greedy))]
+    work = [
+        (c, dataclasses.replace(ex, output=g if k % 2 else g[: len(g) // 2] or "z"))
+        for k, ((c, ex), (*_, g)) in enumerate(zip(work, greedy))
+    ]
     accepted = []
     real_decode = ev._decode
-    monkeypatch.setattr(ev, "_decode", lambda m, t, p, n: (accepted.extend(len(a) for a in p.accepted), real_decode(m, t, p, n))[1])
+    monkeypatch.setattr(
+        ev, "_decode", lambda m, t, p, n: (accepted.extend(len(a) for a in p.accepted), real_decode(m, t, p, n))[1]
+    )
     old = score_examples(model, tok, work, "alpaca", 512, 12, batch_size, kv_cache=False)
     new = score_examples(model, tok, work, "alpaca", 512, 12, batch_size, kv_cache=True)
     _assert_same(old, new)

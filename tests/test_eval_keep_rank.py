@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from test_compare import tiny_grid_overrides
 
 from flexlora.cli import main
@@ -56,8 +55,10 @@ def test_eval_keep_rank_cuts_a_copy_and_changes_the_score(tmp_path, capsys):
     targets = default_target_modules(model)
     shapes = lora.module_shapes(model, targets)
     generator = torch.Generator().manual_seed(0)
-    factors = {name: (0.3 * torch.randn(8, d_in, generator=generator), 0.3 * torch.randn(d_out, 8, generator=generator))
-               for name, (d_out, d_in) in shapes.items()}
+    factors = {
+        name: (0.3 * torch.randn(8, d_in, generator=generator), 0.3 * torch.randn(d_out, 8, generator=generator))
+        for name, (d_out, d_in) in shapes.items()
+    }
     saved = lora.save_adapter(model, factors, {name: 8 for name in shapes}, 16.0, targets, tmp_path / "adapter")
     before = _digest(saved)
 

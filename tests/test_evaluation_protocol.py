@@ -14,7 +14,9 @@ def test_merged_eval_restores_base_weights_and_matches_unmerged_scores():
     targets = default_target_modules(model)
     shapes = lora.module_shapes(model, targets)
     gen = torch.Generator().manual_seed(0)
-    factors = {n: (torch.randn(4, k, generator=gen) * 0.05, torch.randn(m, 4, generator=gen) * 0.05) for n, (m, k) in shapes.items()}
+    factors = {
+        n: (torch.randn(4, k, generator=gen) * 0.05, torch.randn(m, 4, generator=gen) * 0.05) for n, (m, k) in shapes.items()
+    }
     ranks = {n: 4 for n in shapes}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     examples = [Example("Say hi.", "", "hi there"), Example("Count.", "1 2", "3 4 5")]
@@ -58,12 +60,28 @@ def test_per_category_breakdown_weights_by_examples():
         ClientData("2", "Word Analogy 267.json", [], test=[Example("b", "", "y")]),
         ClientData("3", "Mathematics 84.json", [], test=[Example("c", "", "z")]),
     ]
-    m = evaluate(model, tok, clients, factors=None, ranks=None, alpha=16.0, target_modules=[], template="alpaca",
-                 cutoff_len=256, max_new_tokens=2, batch_size=8)
+    m = evaluate(
+        model,
+        tok,
+        clients,
+        factors=None,
+        ranks=None,
+        alpha=16.0,
+        target_modules=[],
+        template="alpaca",
+        cutoff_len=256,
+        max_new_tokens=2,
+        batch_size=8,
+    )
     assert m["per_category"].keys() == {"Word Analogy", "Mathematics"}
     assert m["per_category"]["Word Analogy"]["n"] == 3 and m["num_examples"] == 4
     pc = m["per_client"]
-    assert abs(m["per_category"]["Word Analogy"]["rougeL_generated"]
-               - (2 * pc["1"]["rougeL_generated"] + pc["2"]["rougeL_generated"]) / 3) < 1e-9
+    assert (
+        abs(
+            m["per_category"]["Word Analogy"]["rougeL_generated"]
+            - (2 * pc["1"]["rougeL_generated"] + pc["2"]["rougeL_generated"]) / 3
+        )
+        < 1e-9
+    )
     cat_loss = m["per_category"]["Mathematics"]["eval_loss"]
     assert abs(cat_loss - pc["3"]["eval_loss"]) < 1e-9

@@ -15,8 +15,8 @@ from flexlora.cli import main
 from flexlora.client import ClientTask
 from flexlora.config import load_config
 from flexlora.data.types import ClientData, Example
-from flexlora.models import TINY, load_model
 from flexlora.engines.local import LocalRuntime
+from flexlora.models import TINY, load_model
 from flexlora.server import FederatedServer
 
 
@@ -30,11 +30,27 @@ def dropout_run(tmp_path_factory):
     (seed 2 draws 7 failures in 20 client-rounds, at least one in every round)."""
     out = tmp_path_factory.mktemp("dropout")
     overrides = [
-        "seed=2", "model=tiny-llama", "device=cpu", "data.num_clients=6", "data.train_per_client=4", "data.test_per_client=1",
-        "data.cutoff_len=512", "federation.rounds=5", "federation.clients_per_round=4", "federation.dropout_rate=0.3",
-        "train.steps=1", "train.batch_size=2", "eval.max_new_tokens=2", "eval.max_examples_per_client=1",
-        "resources.t1=2", "resources.t2=4", "resources.t3_attention=4", "resources.t3_mlp=8", "resources.t4=8",
-        f"output.dir={out}", "output.name=run",
+        "seed=2",
+        "model=tiny-llama",
+        "device=cpu",
+        "data.num_clients=6",
+        "data.train_per_client=4",
+        "data.test_per_client=1",
+        "data.cutoff_len=512",
+        "federation.rounds=5",
+        "federation.clients_per_round=4",
+        "federation.dropout_rate=0.3",
+        "train.steps=1",
+        "train.batch_size=2",
+        "eval.max_new_tokens=2",
+        "eval.max_examples_per_client=1",
+        "resources.t1=2",
+        "resources.t2=4",
+        "resources.t3_attention=4",
+        "resources.t3_mlp=8",
+        "resources.t4=8",
+        f"output.dir={out}",
+        "output.name=run",
     ]
     assert main(["run", *overrides]) == 0
     return out / "run", overrides
@@ -47,8 +63,11 @@ def test_30_percent_dropout_over_several_rounds_completes(dropout_run):
     assert [r["round"] for r in rec] == [0, 1, 2, 3, 4, 5]
     # Which clients fail is a seeded draw per (seed, round, client): recompute it independently.
     expected = {
-        r: {c for c in FederatedServer(cfg, [f"syn-{i:03d}" for i in range(6)], {"m": (4, 4)}).sample(r)
-            if random.Random(f"dropout-{cfg.seed}-{r}-{c}").random() < 0.3}
+        r: {
+            c
+            for c in FederatedServer(cfg, [f"syn-{i:03d}" for i in range(6)], {"m": (4, 4)}).sample(r)
+            if random.Random(f"dropout-{cfg.seed}-{r}-{c}").random() < 0.3
+        }
         for r in range(1, 6)
     }
     assert sum(map(len, expected.values())) == 7 and all(expected.values())
@@ -112,10 +131,17 @@ def test_timeout_and_crash_become_dropouts(tmp_path):
         return ClientTask(cid, 1, "T1", ranks, None, seed=1, options=options)
 
     wrong = {m: (torch.zeros(3, 256), torch.zeros(256, 3)) for m in ranks}  # rank 3, adapter has 2
-    results = list(runtime.train([
-        task("ok", timeout_s=600.0), task("slow", timeout_s=1e-9), task("empty"), task("ok", inject_failure=True),
-        dataclasses.replace(task("ok"), factors=wrong),
-    ]))
+    results = list(
+        runtime.train(
+            [
+                task("ok", timeout_s=600.0),
+                task("slow", timeout_s=1e-9),
+                task("empty"),
+                task("ok", inject_failure=True),
+                dataclasses.replace(task("ok"), factors=wrong),
+            ]
+        )
+    )
     assert [type(r).__name__ for r in results] == ["ClientUpdate"] + ["ClientFailure"] * 4
     assert "ClientTimeout" in results[1].reason and "timed out after 1e-09 s at step 0/3" in results[1].reason
     assert "no training examples" in results[2].reason

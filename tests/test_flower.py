@@ -12,16 +12,15 @@ import torch
 from flwr.app import ArrayRecord, Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from flexlora import lora
-from flexlora import protocol
-from flexlora.methods import METHODS
+from flexlora import lora, protocol
 from flexlora.client import ClientTask
 from flexlora.config import ConfigError, load_config
 from flexlora.data.sources import load_federated_dataset
-from flexlora.models import TINY, default_target_modules, load_model
-from flexlora.resources import adapter_training_bytes, declared_rank_type, module_ranks, paper_rank_types, rank_type_for_memory
 from flexlora.engines import flower
 from flexlora.engines.local import LocalRuntime
+from flexlora.methods import METHODS
+from flexlora.models import TINY, default_target_modules, load_model
+from flexlora.resources import adapter_training_bytes, declared_rank_type, module_ranks, paper_rank_types, rank_type_for_memory
 from flexlora.server import FederatedServer
 
 
@@ -113,14 +112,23 @@ def test_task_and_update_codecs_round_trip(tiny_overrides):
     decoded, cfg2 = flower.decode_task(flower.encode_task(task, cfg))
     assert cfg2 == cfg
     assert (decoded.client_id, decoded.round, decoded.rank_type, decoded.module_ranks, decoded.seed, decoded.options) == (
-        "c-1", 3, "T2", task.module_ranks, 1234, {"lambda": 0.1})
+        "c-1",
+        3,
+        "T2",
+        task.module_ranks,
+        1234,
+        {"lambda": 0.1},
+    )
     assert all(torch.equal(decoded.factors[m][1], task.factors[m][1]) for m in task.factors)
     fresh, _ = flower.decode_task(flower.encode_task(ClientTask("c-2", 1, "T1", {"m": 2}, None, 1), cfg))
     assert fresh.factors is None  # first round: the client starts from PEFT's init
 
 
 def test_node_data_from_json_jsonl_and_folder(tmp_path):
-    rows = [{"instruction": "Reverse", "input": "a b", "output": "b a", "category": "reverse"}, {"instruction": "Up", "output": "X"}]
+    rows = [
+        {"instruction": "Reverse", "input": "a b", "output": "b a", "category": "reverse"},
+        {"instruction": "Up", "output": "X"},
+    ]
     (tmp_path / "c.json").write_text(json.dumps(rows))
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     folder = tmp_path / "site-a"
@@ -279,9 +287,16 @@ def test_every_method_gives_the_same_global_state_through_flower(method, tiny_ov
     """The Flower path (messages pushed and pulled, ClientApp, codecs) changes nothing: two
     streamed rounds give the in-process runtime's global state exactly, for every registered
     aggregation method."""
-    cfg = load_config(overrides=tiny_overrides + [
-        f"method={method}", "data.num_clients=2", "federation.clients_per_round=2", "train.steps=1", "resources.profile=[T1, T4]",
-    ])
+    cfg = load_config(
+        overrides=tiny_overrides
+        + [
+            f"method={method}",
+            "data.num_clients=2",
+            "federation.clients_per_round=2",
+            "train.steps=1",
+            "resources.profile=[T1, T4]",
+        ]
+    )
     data = load_federated_dataset(cfg.data, cfg.seed)
     model, tokenizer = load_model(TINY, "cpu", seed=cfg.seed)
     targets = default_target_modules(model)

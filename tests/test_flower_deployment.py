@@ -14,12 +14,13 @@ import torch
 from peft import PeftModel
 
 from flexlora import lora
-from flexlora.data.synthetic import make_federation
-from flexlora.models import TINY, default_target_modules, load_model
-from flexlora.resources import adapter_training_bytes, module_ranks, paper_rank_types, rank_type_for_memory
-from flexlora.engines.flower.certs import make_node_keys, make_tls_certificates
+
 # The loopback pieces the deployment bench uses too: one copy of process handling and health checks.
 from flexlora.bench.loopback import APP, BIN, Processes, flower_env, free_port, superlink_healthy, wait_for
+from flexlora.data.synthetic import make_federation
+from flexlora.engines.flower.certs import make_node_keys, make_tls_certificates
+from flexlora.models import TINY, default_target_modules, load_model
+from flexlora.resources import adapter_training_bytes, module_ranks, paper_rank_types, rank_type_for_memory
 
 pytestmark = pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason=f"flower-superlink not found in {BIN}")
 
@@ -50,7 +51,11 @@ def test_two_rounds_of_flexlora_on_a_tls_authenticated_loopback_deployment(tmp_p
     assert rank_type_for_memory(budget_mb, shapes, types).name == "T3"
     # Node 1's operator also declares a size of 10⁹ examples (it trains on 6): with
     # federation.max_weight_share=0.5 it must get half of the weight, not all of it.
-    declared = [("lora-rank=8 num-examples=1000000000", "r8"), ('rank-type="T1"', "T1"), (f"memory-budget-mb={budget_mb:.6f}", "T3")]
+    declared = [
+        ("lora-rank=8 num-examples=1000000000", "r8"),
+        ('rank-type="T1"', "T1"),
+        (f"memory-budget-mb={budget_mb:.6f}", "T3"),
+    ]
 
     port = free_port()
     env = flower_env()
@@ -67,57 +72,115 @@ def test_two_rounds_of_flexlora_on_a_tls_authenticated_loopback_deployment(tmp_p
     (tmp_path / "logs").mkdir()
     procs = Processes(tmp_path / "logs")
     try:
-        superlink = procs.start("superlink", [
-            str(BIN / "flower-superlink"),
-            "--ssl-ca-certfile", str(creds["ca_cert"]),
-            "--ssl-certfile", str(creds["server_cert"]),
-            "--ssl-keyfile", str(creds["server_key"]),
-            "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1", "--port", str(port),
-        ], home("superlink"))
+        superlink = procs.start(
+            "superlink",
+            [
+                str(BIN / "flower-superlink"),
+                "--ssl-ca-certfile",
+                str(creds["ca_cert"]),
+                "--ssl-certfile",
+                str(creds["server_cert"]),
+                "--ssl-keyfile",
+                str(creds["server_key"]),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            home("superlink"),
+        )
         wait_for(lambda: superlink_healthy(port, creds["ca_cert"]), 90, "the SuperLink (TLS)", procs, "superlink", superlink)
 
         for i in (1, 2, 3):
             reg = subprocess.run(
                 [str(BIN / "flwr"), "supernode", "register", str(keys[f"node-{i}"][1]), "loopback"],
-                env=cli_env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=90,
+                env=cli_env,
+                capture_output=True,
+                text=True,
+                stdin=subprocess.DEVNULL,
+                timeout=90,
             )
             assert reg.returncode == 0 and "registered successfully" in reg.stdout, reg.stdout + reg.stderr
 
         for i, (path, (resource, _)) in enumerate(zip(paths, declared), 1):
-            procs.start(f"supernode-{i}", [
-                str(BIN / "flower-supernode"),
-                "--root-certificates", str(creds["ca_cert"]),
-                "--superlink", f"127.0.0.1:{port}",
-                "--auth-supernode-private-key", str(keys[f"node-{i}"][0]),
-                "--host", "127.0.0.1", "--port", str(free_port()),
-                "--node-config", f'data-path="{path}" {resource}',
-            ], home(f"supernode-{i}"))
+            procs.start(
+                f"supernode-{i}",
+                [
+                    str(BIN / "flower-supernode"),
+                    "--root-certificates",
+                    str(creds["ca_cert"]),
+                    "--superlink",
+                    f"127.0.0.1:{port}",
+                    "--auth-supernode-private-key",
+                    str(keys[f"node-{i}"][0]),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(free_port()),
+                    "--node-config",
+                    f'data-path="{path}" {resource}',
+                ],
+                home(f"supernode-{i}"),
+            )
         # A node whose key was never registered is refused.
-        rogue = procs.start("rogue", [
-            str(BIN / "flower-supernode"),
-            "--root-certificates", str(creds["ca_cert"]),
-            "--superlink", f"127.0.0.1:{port}",
-            "--auth-supernode-private-key", str(keys["rogue"][0]),
-            "--host", "127.0.0.1", "--port", str(free_port()),
-            "--max-retries", "1",
-            "--node-config", f'data-path="{paths[0]}" client-id="intruder"',
-        ], home("rogue"))
+        rogue = procs.start(
+            "rogue",
+            [
+                str(BIN / "flower-supernode"),
+                "--root-certificates",
+                str(creds["ca_cert"]),
+                "--superlink",
+                f"127.0.0.1:{port}",
+                "--auth-supernode-private-key",
+                str(keys["rogue"][0]),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(free_port()),
+                "--max-retries",
+                "1",
+                "--node-config",
+                f'data-path="{paths[0]}" client-id="intruder"',
+            ],
+            home("rogue"),
+        )
 
         run_dir = tmp_path / "runs" / "deployed"
         overrides = [
-            "model=tiny-llama", "device=cpu", "method=flexlora", "seed=0",
-            "data.num_clients=3", "data.train_per_client=6", "data.test_per_client=2", "data.cutoff_len=512",
-            "federation.rounds=2", "federation.clients_per_round=3", "federation.max_weight_share=0.5", "flower.min_nodes=3", "flower.node_wait_s=120",
-            "flower.round_timeout_s=300", "train.steps=2", "train.batch_size=2", "train.micro_batch_size=1",
-            "eval.max_new_tokens=4", "eval.max_examples_per_client=1", "eval.export_rank=64", *RANKS,
-            f"output.dir={run_dir.parent}", f"output.name={run_dir.name}",
+            "model=tiny-llama",
+            "device=cpu",
+            "method=flexlora",
+            "seed=0",
+            "data.num_clients=3",
+            "data.train_per_client=6",
+            "data.test_per_client=2",
+            "data.cutoff_len=512",
+            "federation.rounds=2",
+            "federation.clients_per_round=3",
+            "federation.max_weight_share=0.5",
+            "flower.min_nodes=3",
+            "flower.node_wait_s=120",
+            "flower.round_timeout_s=300",
+            "train.steps=2",
+            "train.batch_size=2",
+            "train.micro_batch_size=1",
+            "eval.max_new_tokens=4",
+            "eval.max_examples_per_client=1",
+            "eval.export_rank=64",
+            *RANKS,
+            f"output.dir={run_dir.parent}",
+            f"output.name={run_dir.name}",
         ]
         (tmp_path / "run.toml").write_text(f'overrides = "{" ".join(overrides)}"\n')
         run = subprocess.run(
             [str(BIN / "flwr"), "run", str(APP), "loopback", "--run-config", str(tmp_path / "run.toml"), "--stream"],
-            env=cli_env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=420,
+            env=cli_env,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=420,
         )
         output = run.stdout + run.stderr
         assert run.returncode == 0, output[-4000:]
@@ -134,7 +197,9 @@ def test_two_rounds_of_flexlora_on_a_tls_authenticated_loopback_deployment(tmp_p
         for r in records[1:]:
             assert sorted(r["clients"]) == ["site-1", "site-2", "site-3"] and not r["failures"] and not r["rejected"]
             # The node claiming 10⁹ examples gets the cap; the two others share the rest by size.
-            assert r["weights"] == pytest.approx({"site-1": 0.5, "site-2": 0.5 * n2 / (n2 + n3), "site-3": 0.5 * n3 / (n2 + n3)}, abs=1e-12)
+            assert r["weights"] == pytest.approx(
+                {"site-1": 0.5, "site-2": 0.5 * n2 / (n2 + n3), "site-3": 0.5 * n3 / (n2 + n3)}, abs=1e-12
+            )
             for m in r["clients"].values():
                 assert m["bytes_up"] >= m["payload_bytes_up"] > 0
             # Bytes up follow the ranks: T1 (2) < r8 (8) < T3 (4 attention, 16 MLP).

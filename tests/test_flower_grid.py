@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_flower import InProcessGrid, _factors, run_identity  # noqa: F401  (a fixture)
 
 from flexlora import protocol
 from flexlora.client import ClientTask
 from flexlora.config import load_config
 from flexlora.engines import flower
-from test_flower import InProcessGrid, _factors, run_identity  # noqa: F401  (a fixture)
 
 
 class CountingTasks:

@@ -10,13 +10,13 @@ import dataclasses
 import random
 
 import pytest
+import small_federation as fed
 import torch
 
 from flexlora.config import ConfigError, load_config
 from flexlora.engines import flower
 from flexlora.methods import FedIT, HetLoRA
 from flexlora.methods.base import ClientUpdate
-import small_federation as fed
 
 F64 = torch.float64
 ALPHA = 16.0
@@ -28,8 +28,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftes
 def two_clients() -> list[ClientUpdate]:
     """Client a: rank 1, 30 examples; client b: rank 2, 10 examples (α = r: s = 1)."""
     a = ClientUpdate("a", 30, 1.0, {"m": (torch.tensor([[1.0, 0, 0]], dtype=F64), torch.tensor([[2.0], [0], [0]], dtype=F64))})
-    b = ClientUpdate("b", 10, 2.0, {"m": (torch.tensor([[1.0, 0, 0], [0, 1, 0]], dtype=F64),
-                                           torch.tensor([[4.0, 0], [0, 8], [0, 0]], dtype=F64))})
+    b = ClientUpdate(
+        "b",
+        10,
+        2.0,
+        {"m": (torch.tensor([[1.0, 0, 0], [0, 1, 0]], dtype=F64), torch.tensor([[4.0, 0], [0, 8], [0, 0]], dtype=F64))},
+    )
     return [a, b]
 
 
@@ -85,7 +89,9 @@ def test_equals_the_padding_written_out_and_differs_from_zero_padding(weighting)
         torch.testing.assert_close(state[f"{module}.B"], B_ref, rtol=1e-12, atol=1e-12)
         shared = min(u.rank(module) for u in ups)  # components every client has: as zero padding
         torch.testing.assert_close(state[f"{module}.A"][:shared], zero[f"{module}.A"][:shared], rtol=1e-12, atol=1e-12)
-        assert torch.linalg.norm(state[f"{module}.A"][shared:] - zero[f"{module}.A"][shared:]) > 0.1 * torch.linalg.norm(A_ref[shared:])
+        assert torch.linalg.norm(state[f"{module}.A"][shared:] - zero[f"{module}.A"][shared:]) > 0.1 * torch.linalg.norm(
+            A_ref[shared:]
+        )
 
 
 def test_zero_padding_stays_the_default_and_one_rank_is_fedit_either_way():
@@ -125,6 +131,7 @@ def test_streamed_accumulator_equals_one_aggregate():
 
 
 # ---------------------------------------------------------------- in a federation
+
 
 def test_round_one_clients_share_one_starting_adapter():
     server = fed.assert_round_one_clients_share_one_start(["method=hetlora", "method_args={padding: replication}"])

@@ -91,7 +91,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state:
                 cycle = dfs(nxt)
                 if cycle:
@@ -114,7 +114,9 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
     (pkg / "__init__.py").write_text("")
     (pkg / "sub" / "__init__.py").write_text("from .b import x\n")
     (pkg / "sub" / "b.py").write_text("def f():\n    from flexlora.a import y\n")
-    (pkg / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from flexlora.c import z\nfrom flexlora.sub import b\n")
+    (pkg / "a.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from flexlora.c import z\nfrom flexlora.sub import b\n"
+    )
     (pkg / "c.py").write_text("")
     global SRC
     saved, SRC = SRC, tmp_path
@@ -132,6 +134,8 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
 def test_no_import_cycle_in_src():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
 def test_the_server_side_imports_no_peft():
     code = (
         "import sys, flexlora.server, flexlora.checkpoint, flexlora.protocol, flexlora.methods;"

@@ -53,7 +53,7 @@ def update(cid, n_ex, changes: dict, train: str) -> ClientUpdate:
 def test_aggregate_by_hand_exact_and_not_the_wrong_rules():
     meth = method()
     state = meth.init_state(SHAPES)
-    module, (m, n) = "l0.q_proj", SHAPES["l0.q_proj"]
+    module, (m, _n) = "l0.q_proj", SHAPES["l0.q_proj"]
     s = ALPHA / 4
     # Round 1 trains B. Client a (n=1) changes component 0 by 1s; client b (n=3) components 0, 2.
     ua = update("a", 1, {module: {0: torch.ones(m)}}, "B")
@@ -91,16 +91,18 @@ def test_aggregate_by_hand_exact_and_not_the_wrong_rules():
     assert not torch.allclose(new_b[f"{module}.B"], zeros + 0.0)
     # Wrong rule 3: both factors trained and averaged separately is not exact (discordance):
     A1, A2 = A0 + 0.3, A0 - 0.5
-    assert not torch.allclose((0.25 * Bk["a"] + 0.75 * Bk["b"]) @ (0.25 * A1 + 0.75 * A2),
-                              0.25 * Bk["a"] @ A1 + 0.75 * Bk["b"] @ A2)
+    assert not torch.allclose(
+        (0.25 * Bk["a"] + 0.75 * Bk["b"]) @ (0.25 * A1 + 0.75 * A2), 0.25 * Bk["a"] @ A1 + 0.75 * Bk["b"] @ A2
+    )
 
 
 def test_a_round_updates_rows_of_A():
     meth = method()
     state = meth.init_state(SHAPES)
-    module, (m, n) = "l0.up_proj", SHAPES["l0.up_proj"]
-    new = meth.aggregate([update("a", 2, {module: {3: torch.arange(n, dtype=torch.float32)}}, "A"),
-                          update("b", 2, {}, "A")], state)
+    module, (_m, n) = "l0.up_proj", SHAPES["l0.up_proj"]
+    new = meth.aggregate(
+        [update("a", 2, {module: {3: torch.arange(n, dtype=torch.float32)}}, "A"), update("b", 2, {}, "A")], state
+    )
     expected = state[f"{module}.A"].clone()
     expected[3] += 0.5 * torch.arange(n, dtype=torch.float32)
     torch.testing.assert_close(new[f"{module}.A"], expected)
@@ -141,8 +143,10 @@ def test_streaming_equals_all_at_once():
     meth = method()
     state = meth.init_state(SHAPES)
     gen = torch.Generator().manual_seed(1)
-    ups = [update(c, n, {mod: {j: torch.randn(m, generator=gen) for j in js} for mod, (m, _) in SHAPES.items()}, "B")
-           for c, n, js in (("a", 3, [0, 1]), ("b", 5, [2]), ("c", 1, [1, 3]))]
+    ups = [
+        update(c, n, {mod: {j: torch.randn(m, generator=gen) for j in js} for mod, (m, _) in SHAPES.items()}, "B")
+        for c, n, js in (("a", 3, [0, 1]), ("b", 5, [2]), ("c", 1, [1, 3]))
+    ]
     acc = meth.accumulator(state)
     for u in ups:
         acc.add(u, u.num_examples)
@@ -158,8 +162,12 @@ def test_checkpoint_and_resume(tmp_path):
     server = FederatedServer(cfg, ["a", "b"], SHAPES)
     gen = torch.Generator().manual_seed(2)
     server.round = 1
-    server.aggregate([update("a", 2, {"l0.q_proj": {1: torch.randn(6, generator=gen)}}, "B"),
-                      update("b", 1, {"l0.up_proj": {0: torch.randn(7, generator=gen)}}, "B")])
+    server.aggregate(
+        [
+            update("a", 2, {"l0.q_proj": {1: torch.randn(6, generator=gen)}}, "B"),
+            update("b", 1, {"l0.up_proj": {0: torch.randn(7, generator=gen)}}, "B"),
+        ]
+    )
     save_checkpoint(tmp_path, server, [], cfg.to_dict())
     resumed = FederatedServer(cfg, ["a", "b"], SHAPES)
     load_checkpoint(tmp_path).restore(resumed)
@@ -189,8 +197,15 @@ def test_codec_round_trip():
 def task_for(train: str, budget: dict[str, int], selection: str = "model") -> ClientTask:
     meth = method(selection=selection)
     state = meth.init_state(SHAPES)
-    return ClientTask("a", 1, "T1", budget, meth.client_factors(state, budget, ALPHA), 0,
-                      options={"lora_a2": {"train": train, "selection": selection}})
+    return ClientTask(
+        "a",
+        1,
+        "T1",
+        budget,
+        meth.client_factors(state, budget, ALPHA),
+        0,
+        options={"lora_a2": {"train": train, "selection": selection}},
+    )
 
 
 def test_validation_rejects_over_budget_and_frozen_factor_changes():
@@ -242,9 +257,20 @@ def test_inside_training_only_selected_components_of_the_unfrozen_factor_move(mo
     from flexlora.data.synthetic import make_federation
     from flexlora.models import TINY, default_target_modules, load_model
 
-    cfg = load_config(overrides=["model=tiny-llama", "method=lora_a2", "resources.profile=[T4, T1]", "resources.t1=2",
-                                 "resources.t4=6", "federation.clients_per_round=2", "train.steps=2",
-                                 "train.batch_size=2", "data.cutoff_len=256", "train.weight_decay=0.1"])
+    cfg = load_config(
+        overrides=[
+            "model=tiny-llama",
+            "method=lora_a2",
+            "resources.profile=[T4, T1]",
+            "resources.t1=2",
+            "resources.t4=6",
+            "federation.clients_per_round=2",
+            "train.steps=2",
+            "train.batch_size=2",
+            "data.cutoff_len=256",
+            "train.weight_decay=0.1",
+        ]
+    )
     model, tokenizer = load_model(TINY, "cpu")
     targets = default_target_modules(model)
     shapes = lora.module_shapes(model, targets)
@@ -255,10 +281,16 @@ def test_inside_training_only_selected_components_of_the_unfrozen_factor_move(mo
     real_get_factors = lora.get_factors
 
     def spy(peft_model):  # inside training, just before the result is read
-        seen[current] = {name: (layer.r["default"], layer.lora_A["default"].weight.requires_grad,
-                                layer.lora_B["default"].weight.requires_grad,
-                                layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone())
-                         for name, layer in lora._lora_layers(peft_model)}
+        seen[current] = {
+            name: (
+                layer.r["default"],
+                layer.lora_A["default"].weight.requires_grad,
+                layer.lora_B["default"].weight.requires_grad,
+                layer.lora_A["default"].weight.detach().clone(),
+                layer.lora_B["default"].weight.detach().clone(),
+            )
+            for name, layer in lora._lora_layers(peft_model)
+        }
         return real_get_factors(peft_model)
 
     monkeypatch.setattr(lora, "get_factors", spy)

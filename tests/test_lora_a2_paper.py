@@ -22,9 +22,21 @@ from flexlora.server import FederatedServer
 from flexlora.validation import check_update
 
 LR = 0.05
-BASE = ["model=tiny-llama", "method=lora_a2", "resources.profile=[T4, T1]", "resources.t1=2", "resources.t4=6",
-        "federation.clients_per_round=2", "train.optimizer=sgd", f"train.lr={LR}", "train.max_grad_norm=1e9",
-        "train.weight_decay=0", "lora.dropout=0", "data.cutoff_len=256", "train.batch_size=2"]
+BASE = [
+    "model=tiny-llama",
+    "method=lora_a2",
+    "resources.profile=[T4, T1]",
+    "resources.t1=2",
+    "resources.t4=6",
+    "federation.clients_per_round=2",
+    "train.optimizer=sgd",
+    f"train.lr={LR}",
+    "train.max_grad_norm=1e9",
+    "train.weight_decay=0",
+    "lora.dropout=0",
+    "data.cutoff_len=256",
+    "train.batch_size=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +67,13 @@ def sgd_by_hand(tiny, cfg, task, start: dict, train: str, steps: int, lr: float,
     times `masks` if given)."""
     model, tokenizer, targets, _, data = tiny
     client = next(c for c in data.clients if c.client_id == task.client_id)
-    features = [tokenize_for_training(ex, tokenizer, cfg.data.template, cfg.data.cutoff_len, cfg.data.train_on_inputs)
-                for ex in client.train]
+    features = [
+        tokenize_for_training(ex, tokenizer, cfg.data.template, cfg.data.cutoff_len, cfg.data.train_on_inputs)
+        for ex in client.train
+    ]
     size = min(cfg.train.batch_size, len(features))
     index = 0 if train == "A" else 1
-    net = lora.attach(model, {m: A.shape[0] for m, (A, _) in start.items()}, cfg.lora.alpha, 0.0, targets, start,
-                      seed=task.seed)
+    net = lora.attach(model, {m: A.shape[0] for m, (A, _) in start.items()}, cfg.lora.alpha, 0.0, targets, start, seed=task.seed)
     try:
         weights = lora.lora_weights(net)
         for pair in weights.values():
@@ -119,8 +132,9 @@ def test_b_trains_at_five_times_a_learning_rate_inside_a_client_step(tiny):
     cfg, server, ids = setup(tiny, ["train.steps=1"])
     for round_, train, lr in ((1, "B", 5 * LR), (2, "A", LR)):
         tasks = server.configure(round_, ids)
-        updates = [train_client(model, tokenizer, c, t, cfg, targets) for t in tasks for c in data.clients
-                   if c.client_id == t.client_id]
+        updates = [
+            train_client(model, tokenizer, c, t, cfg, targets) for t in tasks for c in data.clients if c.client_id == t.client_id
+        ]
         task, u = min(zip(tasks, updates), key=lambda tu: sum(tu[0].module_ranks.values()))  # the T1 client
         assert check_update(u, task, shapes, cfg.lora.alpha) is None
         components, change = sent(u, shapes, train)
@@ -152,11 +166,15 @@ def two_steps(tiny):
     trial_end = sgd_by_hand(tiny, cfg, task, task.factors, "B", 2, 5 * LR)
     delta = {m: trial_end[m] - task.factors[m][1] for m in shapes}
     # Eq. 4 literally: the Frobenius norm of the rank-1 matrix ΔB[:, i] A[i, :].
-    eq4 = {m: torch.tensor([torch.linalg.matrix_norm(torch.outer(delta[m][:, i], A[i]).double()).item()
-                            for i in range(A.shape[0])]) for m, (A, _) in task.factors.items()}
+    eq4 = {
+        m: torch.tensor([torch.linalg.matrix_norm(torch.outer(delta[m][:, i], A[i]).double()).item() for i in range(A.shape[0])])
+        for m, (A, _) in task.factors.items()
+    }
     first = sgd_by_hand(tiny, cfg, task, task.factors, "B", 1, 1.0)  # B0 − ∂L/∂B on the first batch
-    gradient = {m: torch.linalg.vector_norm((first[m] - task.factors[m][1]).double(), dim=0)
-                * torch.linalg.vector_norm(A.double(), dim=1) for m, (A, _) in task.factors.items()}
+    gradient = {
+        m: torch.linalg.vector_norm((first[m] - task.factors[m][1]).double(), dim=0) * torch.linalg.vector_norm(A.double(), dim=1)
+        for m, (A, _) in task.factors.items()
+    }
     return cfg, task, u, top_components(eq4, budget), top_components(gradient, budget)
 
 
@@ -179,12 +197,14 @@ def test_training_after_the_trial_starts_from_the_global_factors(tiny, two_steps
     _, change = sent(u, shapes, "B")
     from_global = sgd_by_hand(tiny, cfg, task, task.factors, "B", 2, 5 * LR, masks)
     trial_end = sgd_by_hand(tiny, cfg, task, task.factors, "B", 2, 5 * LR)
-    continued = sgd_by_hand(tiny, cfg, task, {m: (A, trial_end[m]) for m, (A, _) in task.factors.items()},
-                            "B", 2, 5 * LR, masks)
+    continued = sgd_by_hand(tiny, cfg, task, {m: (A, trial_end[m]) for m, (A, _) in task.factors.items()}, "B", 2, 5 * LR, masks)
     for module, (_, B0) in task.factors.items():
         torch.testing.assert_close(change[module], from_global[module] - B0, rtol=1e-5, atol=1e-8)
-    assert not torch.allclose(torch.cat([change[m].flatten() for m in shapes]),
-                              torch.cat([(continued[m] - task.factors[m][1]).flatten() for m in shapes]), atol=1e-6)
+    assert not torch.allclose(
+        torch.cat([change[m].flatten() for m in shapes]),
+        torch.cat([(continued[m] - task.factors[m][1]).flatten() for m in shapes]),
+        atol=1e-6,
+    )
 
 
 def test_score_gradient_is_the_earlier_rule_without_a_trial_pass(tiny, two_steps):

@@ -266,8 +266,15 @@ def test_nf4_client_trains_float32_lora_and_training_after_evaluation_is_unchang
 def test_nf4_bfloat16_checkpointed_run_end_to_end(tiny_overrides, tmp_path):
     from flexlora.engines import run_experiment
 
-    cfg = load_config(overrides=[*tiny_overrides, "model_dtype=bfloat16", "quantization=nf4", "train.gradient_checkpointing=true",
-                                 "federation.rounds=1"])
+    cfg = load_config(
+        overrides=[
+            *tiny_overrides,
+            "model_dtype=bfloat16",
+            "quantization=nf4",
+            "train.gradient_checkpointing=true",
+            "federation.rounds=1",
+        ]
+    )
     summary = run_experiment(cfg, echo=lambda *a, **k: None)
     run_dir = tmp_path / "runs" / "test"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -323,9 +330,34 @@ def test_cuda_nf4_client_and_unmerged_evaluation():
 def test_bench_client_prints_the_table(tmp_path):
     out = tmp_path / "rows.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "flexlora.cli", "bench", "client", "--models", "tiny-llama", "--options", "float32,bfloat16+ckpt",
-         "--reference", "float32", "--steps", "1", "--warmup", "0", "--batch", "1", "--seq", "32", "--device", "cpu", "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "flexlora.cli",
+            "bench",
+            "client",
+            "--models",
+            "tiny-llama",
+            "--options",
+            "float32,bfloat16+ckpt",
+            "--reference",
+            "float32",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--batch",
+            "1",
+            "--seq",
+            "32",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| model | option | client | tokens/s | peak RSS (MB) |" in proc.stdout
@@ -342,6 +374,8 @@ def test_bench_client_prints_the_table(tmp_path):
 def test_bench_client_bad_option_is_one_line():
     proc = subprocess.run(
         [sys.executable, "-m", "flexlora.cli", "bench", "client", "--models", "tiny-llama", "--options", "int3"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2 and "unknown option 'int3'" in proc.stderr and proc.stderr.count("\n") == 1

@@ -2,13 +2,12 @@
 (overall, per client, per category, per example), of the paired intervals and of the report."""
 
 import pytest
-
 from test_eval_cache import _clients, _model
 
 from flexlora import metrics
+from flexlora.analysis.stats import paired_difference
 from flexlora.evaluation import evaluate
 from flexlora.metrics import METRICS, Metric, register_metric
-from flexlora.analysis.stats import paired_difference
 
 
 @pytest.fixture
@@ -16,22 +15,41 @@ def answer_length(monkeypatch):
     """A metric registered for the test only: characters per generated answer, a ratio over
     the examples (Σ characters / Σ examples counted by a second field)."""
     monkeypatch.setattr(metrics, "METRICS", dict(METRICS))  # registrations end with the test
-    import flexlora.evaluation
     import flexlora.analysis.stats
+    import flexlora.evaluation
 
     monkeypatch.setattr(flexlora.evaluation, "METRICS", metrics.METRICS)
     monkeypatch.setattr(flexlora.analysis.stats, "METRICS", metrics.METRICS)
-    return register_metric(Metric(
-        "answer_chars", "answer characters", "answer characters", "_answer_chars", 1,
-        (("chars", lambda s: len(s.generated)), ("answers", lambda s: 1)), ratio=True,
-    ))
+    return register_metric(
+        Metric(
+            "answer_chars",
+            "answer characters",
+            "answer characters",
+            "_answer_chars",
+            1,
+            (("chars", lambda s: len(s.generated)), ("answers", lambda s: 1)),
+            ratio=True,
+        )
+    )
 
 
 def test_a_registered_metric_is_evaluated_everywhere_and_resampled(answer_length):
     model, tok = _model(0.3, 1.0)
     clients = _clients()
-    result = evaluate(model, tok, clients, factors=None, ranks=None, alpha=16, target_modules=["q_proj"],
-                      template="alpaca", cutoff_len=512, max_new_tokens=6, batch_size=4, max_examples_per_client=2)
+    result = evaluate(
+        model,
+        tok,
+        clients,
+        factors=None,
+        ranks=None,
+        alpha=16,
+        target_modules=["q_proj"],
+        template="alpaca",
+        cutoff_len=512,
+        max_new_tokens=6,
+        batch_size=4,
+        max_examples_per_client=2,
+    )
     assert len(result["per_example"]) <= len(result["samples"])  # every example's text is in the samples
     lengths = [len(s["generated"]) for s in result["samples"]]
     assert [e["chars"] for e in result["per_example"]] == lengths and all(e["answers"] == 1 for e in result["per_example"])

@@ -13,15 +13,15 @@ import json
 from pathlib import Path
 
 import pytest
+import small_federation as fed
 import torch
 
 from flexlora.config import ConfigError, load_config
 from flexlora.methods import FLoRA, make_method
 from flexlora.methods.base import ClientUpdate
-from flexlora.methods.helpers import zero_rank_state
 from flexlora.methods.fedex import FedEx
 from flexlora.methods.florist import FLoRIST, threshold_rank
-import small_federation as fed
+from flexlora.methods.helpers import zero_rank_state
 
 F64 = torch.float64
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -148,9 +148,13 @@ def test_fedex_validation_is_one_line():
         make_method("fedex", seed="x")
     with pytest.raises(ConfigError) as err:
         load_config(overrides=["method=fedex", "method_args={energy_threshold: 0.9}"])
-    assert str(err.value).startswith("method_args: method 'fedex' has no argument 'energy_threshold'") and "\n" not in str(err.value)
+    assert str(err.value).startswith("method_args: method 'fedex' has no argument 'energy_threshold'") and "\n" not in str(
+        err.value
+    )
     ups = updates()
-    bad = dataclasses.replace(ups[1], factors={**ups[1].factors, "attn": (torch.randn(5, 15, dtype=F64), torch.randn(24, 5, dtype=F64))})
+    bad = dataclasses.replace(
+        ups[1], factors={**ups[1].factors, "attn": (torch.randn(5, 15, dtype=F64), torch.randn(24, 5, dtype=F64))}
+    )
     with pytest.raises(ValueError, match=r"client c1, module attn: weight shape \(24, 15\), others have \(24, 16\)"):
         FedEx().aggregate([ups[0], bad, ups[2]], None)
 
@@ -280,7 +284,11 @@ def test_florist_validation_is_one_line(kwargs, message):
     with pytest.raises(ValueError) as err:
         make_method("florist", **kwargs)
     assert str(err.value) == message
-    if "energy_threshold" in kwargs and isinstance(kwargs["energy_threshold"], (int, float)) and kwargs["energy_threshold"] == kwargs["energy_threshold"]:
+    if (
+        "energy_threshold" in kwargs
+        and isinstance(kwargs["energy_threshold"], (int, float))
+        and kwargs["energy_threshold"] == kwargs["energy_threshold"]
+    ):
         with pytest.raises(ConfigError) as err:
             load_config(overrides=["method=florist", f"method_args={{energy_threshold: {kwargs['energy_threshold']}}}"])
         assert str(err.value) == f"method_args: {message}"

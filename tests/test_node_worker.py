@@ -41,10 +41,23 @@ from flexlora.protocol import ClientTask
 
 SRC = str(Path(flexlora.__file__).resolve().parents[1])
 OVERRIDES = [
-    "model=tiny-llama", "device=cpu", "seed=0", "data.num_clients=4", "data.train_per_client=6", "data.test_per_client=2",
-    "data.cutoff_len=512", "train.steps=2", "train.batch_size=2", "train.micro_batch_size=1",
-    "eval.max_new_tokens=4", "eval.max_examples_per_client=1",
-    "resources.t1=2", "resources.t2=4", "resources.t3_attention=4", "resources.t3_mlp=16", "resources.t4=16",
+    "model=tiny-llama",
+    "device=cpu",
+    "seed=0",
+    "data.num_clients=4",
+    "data.train_per_client=6",
+    "data.test_per_client=2",
+    "data.cutoff_len=512",
+    "train.steps=2",
+    "train.batch_size=2",
+    "train.micro_batch_size=1",
+    "eval.max_new_tokens=4",
+    "eval.max_examples_per_client=1",
+    "resources.t1=2",
+    "resources.t2=4",
+    "resources.t3_attention=4",
+    "resources.t3_mlp=16",
+    "resources.t4=16",
 ]
 
 
@@ -107,7 +120,11 @@ def _start_process_worker(path: Path, log: Path, env_extra: dict | None = None) 
     with open(log, "w") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "flexlora.cli", "node", "serve", "--socket", str(path), "--model", TINY, "--device", "cpu"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
 
@@ -152,7 +169,10 @@ def test_a_task_through_the_worker_gives_the_in_process_update_bit_for_bit(worke
         assert a.metrics["train_loss_last"] == b.metrics["train_loss_last"]
     assert not torch.equal(via_worker2.factors[m][1], via_worker.factors[m][1])  # it did train again
     served = channel.worker_status(worker.path)["served"]
-    assert [(s["client"], s["round"], s["ok"]) for s in served[-2:]] == [(node["client-id"], 1, True), (node["client-id"], 2, True)]
+    assert [(s["client"], s["round"], s["ok"]) for s in served[-2:]] == [
+        (node["client-id"], 1, True),
+        (node["client-id"], 2, True),
+    ]
 
 
 CLIENTAPP_SIDE = r"""
@@ -190,9 +210,20 @@ def test_the_clientapp_on_the_worker_path_imports_neither_torch_nor_transformers
     (tmp_path / "task.bin").write_bytes(body)
     node_config = {**node, "worker-socket": str(worker.path)}
     out = subprocess.run(
-        [sys.executable, "-c", CLIENTAPP_SIDE, str(tmp_path / "task.json"), str(tmp_path / "task.bin"), json.dumps(node_config),
-         str(tmp_path / "reply.json"), str(tmp_path / "reply.bin")],
-        env={**os.environ, "PYTHONPATH": SRC}, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            CLIENTAPP_SIDE,
+            str(tmp_path / "task.json"),
+            str(tmp_path / "task.bin"),
+            json.dumps(node_config),
+            str(tmp_path / "reply.json"),
+            str(tmp_path / "reply.bin"),
+        ],
+        env={**os.environ, "PYTHONPATH": SRC},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -208,11 +239,15 @@ def test_records_cross_the_channel_exactly_and_a_malformed_frame_is_one_line(wor
     import numpy as np
     from flwr.app import Array, ArrayRecord, ConfigRecord
 
-    content = RecordDict({
-        "task": ConfigRecord({"task": "{}", "config": "{\"a\": 1}"}),
-        "factors": ArrayRecord({"b.lora_A": Array(np.arange(6, dtype=np.float16).reshape(2, 3)), "a.lora_A": Array(np.ones((1, 2), np.float32))}),
-        "deltas": ArrayRecord({"m.indices": Array(np.array([3, 1], np.int64))}),
-    })
+    content = RecordDict(
+        {
+            "task": ConfigRecord({"task": "{}", "config": '{"a": 1}'}),
+            "factors": ArrayRecord(
+                {"b.lora_A": Array(np.arange(6, dtype=np.float16).reshape(2, 3)), "a.lora_A": Array(np.ones((1, 2), np.float32))}
+            ),
+            "deltas": ArrayRecord({"m.indices": Array(np.array([3, 1], np.int64))}),
+        }
+    )
     back = channel.frame_to_records(*channel.records_to_frame(content))
     assert list(back.array_records["factors"].keys()) == ["b.lora_A", "a.lora_A"]  # order kept
     for name, record in content.array_records.items():
@@ -237,10 +272,15 @@ def test_no_worker_listening_is_a_one_line_error_reply(run_identity, nodes, tmp_
     cfg = load_config(overrides=OVERRIDES)
     content = encode_task(_task(cfg, nodes[0]), cfg)
     missing = short_dir() / "nobody.sock"
-    ctx = Context(run_id=42, node_id=1, node_config={**nodes[0], "worker-socket": str(missing)}, state=RecordDict(), run_config={})
+    ctx = Context(
+        run_id=42, node_id=1, node_config={**nodes[0], "worker-socket": str(missing)}, state=RecordDict(), run_config={}
+    )
     reply = client_app(Message(content, dst_node_id=1, message_type="train"), ctx)
     assert reply.has_error()
-    assert reply.error.reason == f"WorkerUnavailable: no node worker listening at {missing} (start one: flexlora node serve --socket {missing})"
+    assert (
+        reply.error.reason
+        == f"WorkerUnavailable: no node worker listening at {missing} (start one: flexlora node serve --socket {missing})"
+    )
     missing.parent.rmdir()
 
 
@@ -254,7 +294,9 @@ def test_a_task_for_another_base_model_is_refused_with_one_line(worker, nodes):
     # A node config naming another local copy of the model is another model too.
     cfg = load_config(overrides=OVERRIDES)
     with pytest.raises(WorkerRefused, match=r"the task is for /\S+/elsewhere \(float32\)"):
-        channel.train_on_worker(worker.path, encode_task(_task(cfg, node), cfg), {**node, "model": str(Path(node["data-path"]).parent / "elsewhere")})
+        channel.train_on_worker(
+            worker.path, encode_task(_task(cfg, node), cfg), {**node, "model": str(Path(node["data-path"]).parent / "elsewhere")}
+        )
     assert channel.worker_status(worker.path)["served"][-1]["ok"] is False  # refused, and it serves on
 
 
@@ -264,7 +306,9 @@ def test_two_tasks_at_once_are_queued_never_interleaved_or_refused_when_the_queu
 
     def train(i):
         try:
-            results[i] = decode_update(channel.train_on_worker(worker.path, encode_task(_task(cfg, nodes[i], seed=i), cfg), nodes[i]))
+            results[i] = decode_update(
+                channel.train_on_worker(worker.path, encode_task(_task(cfg, nodes[i], seed=i), cfg), nodes[i])
+            )
         except Exception as e:  # noqa: BLE001  (the test inspects it)
             results[i] = e
 
@@ -316,10 +360,18 @@ def test_a_federation_with_workers_drops_a_dead_node_and_takes_back_a_restarted_
     from flexlora.engines.flower import serve
     from flexlora.experiment import Experiment
 
-    cfg = load_config(overrides=OVERRIDES + [
-        "federation.rounds=3", "federation.clients_per_round=4", "flower.min_nodes=4", "resources.profile=[T1, T2, T3, T4]",
-        f"output.dir={tmp_path / 'runs'}", "output.name=workers", "output.keep_checkpoints=3",
-    ])
+    cfg = load_config(
+        overrides=OVERRIDES
+        + [
+            "federation.rounds=3",
+            "federation.clients_per_round=4",
+            "flower.min_nodes=4",
+            "resources.profile=[T1, T2, T3, T4]",
+            f"output.dir={tmp_path / 'runs'}",
+            "output.name=workers",
+            "output.keep_checkpoints=3",
+        ]
+    )
     folder = short_dir()
     path_a, marker = folder / "a.sock", tmp_path / "paused"
     b = ThreadWorker()

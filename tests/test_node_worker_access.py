@@ -12,11 +12,11 @@ import stat
 from pathlib import Path
 
 import pytest
+from test_node_worker import ThreadWorker, short_dir, worker  # noqa: F401  (a fixture)
 
 from flexlora.engines.node import channel
 from flexlora.engines.node.channel import ChannelError, WorkerRefused
 from flexlora.engines.node.worker import bind_private_socket
-from test_node_worker import ThreadWorker, short_dir, worker  # noqa: F401  (a fixture)
 
 
 def test_the_socket_is_0600_in_a_private_folder_and_an_open_folder_or_live_socket_is_refused(worker):
@@ -49,7 +49,9 @@ def test_the_peer_uid_check_refuses_another_user():
     # connection, before anything is read).
     other = ThreadWorker(load=False, allowed_uid=os.geteuid() + 1)
     try:
-        with pytest.raises(WorkerRefused, match=rf"^refused: peer uid {os.geteuid()} is not the node worker's user \(uid {os.geteuid() + 1}\)$"):
+        with pytest.raises(
+            WorkerRefused, match=rf"^refused: peer uid {os.geteuid()} is not the node worker's user \(uid {os.geteuid() + 1}\)$"
+        ):
             channel.worker_status(other.path)
     finally:
         other.close()
@@ -99,7 +101,7 @@ def test_a_process_of_another_user_cannot_attach(worker):
     worker.path.chmod(0o666)
     try:
         assert _attach_as(nobody, worker.path, raw=True) == (
-            'reply: {"ok": false, "error": "refused: peer uid %d is not the node worker\'s user (uid 0)"}' % nobody
+            f'reply: {{"ok": false, "error": "refused: peer uid {nobody} is not the node worker\'s user (uid 0)"}}'
         )
         # and the ClientApp side, for its part, hands nothing to a worker of another user
         assert _attach_as(nobody, worker.path) == (

@@ -87,10 +87,19 @@ def test_the_forest_plot_shows_each_method_against_fedit_and_against_flexlora(tm
     assert "seeds and categories" in forest._suptitle.get_text()
     [ax] = forest.axes
     assert [t.get_text() for t in ax.get_yticklabels()] == [
-        "hetlora − fedit (homo)", "flexlora − fedit (homo)", "fedit (homo) − flexlora", "hetlora − flexlora"]
-    against_fedit = {r["method"]: r for r in csv.DictReader((tmp_path / "differences.csv").open()) if r["metric"] == "rougeL_generated"}
-    flexlora_minus = {r["against"]: r for r in csv.DictReader((tmp_path / "differences_flexlora.csv").open())
-                      if r["metric"] == "rougeL_generated"}
+        "hetlora − fedit (homo)",
+        "flexlora − fedit (homo)",
+        "fedit (homo) − flexlora",
+        "hetlora − flexlora",
+    ]
+    against_fedit = {
+        r["method"]: r for r in csv.DictReader((tmp_path / "differences.csv").open()) if r["metric"] == "rougeL_generated"
+    }
+    flexlora_minus = {
+        r["against"]: r
+        for r in csv.DictReader((tmp_path / "differences_flexlora.csv").open())
+        if r["metric"] == "rougeL_generated"
+    }
     expected = {  # (interval the report's significance follows, per-seed differences), sign as drawn
         "uniform|fedit (homo)|hetlora": (against_fedit["hetlora"], 1),
         "uniform|fedit (homo)|flexlora": (against_fedit["flexlora"], 1),
@@ -105,11 +114,15 @@ def test_the_forest_plot_shows_each_method_against_fedit_and_against_flexlora(tm
         assert segment[:, 0] == pytest.approx([low, high], abs=1e-6)  # the CSV has 6 decimals
         per_seed = sorted(sign * float(x) for x in row["per_seed"].split())
         assert sorted(seeds[key].get_offsets()[:, 0]) == pytest.approx(per_seed, abs=1e-6)
-        assert means[key].get_xdata()[0] == pytest.approx(sign * float(row[next(c for c in row if c.startswith("mean"))]), abs=1e-6)
+        assert means[key].get_xdata()[0] == pytest.approx(
+            sign * float(row[next(c for c in row if c.startswith("mean"))]), abs=1e-6
+        )
         # filled when significant (the task-level interval excludes 0), hollow otherwise
         assert (means[key].get_markerfacecolor() != "white") == (row["significant"] == "True")
     # by hand: each seed's gain, plus 0.02 on the 20 of 180 examples of category A
-    assert sorted(seeds["uniform|fedit (homo)|flexlora"].get_offsets()[:, 0]) == pytest.approx([g + 0.02 / 9 for g in (0.03, 0.04, 0.05)])
+    assert sorted(seeds["uniform|fedit (homo)|flexlora"].get_offsets()[:, 0]) == pytest.approx(
+        [g + 0.02 / 9 for g in (0.03, 0.04, 0.05)]
+    )
     assert all(inside(forest, a) for a in (forest._suptitle, ax.xaxis.label, *ax.get_yticklabels()))
 
 

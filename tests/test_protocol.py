@@ -19,7 +19,14 @@ def test_task_with_factors_and_offset_round_trips():
     factors = {"q": (torch.randn(2, 5), torch.randn(4, 2))}
     task = ClientTask("c1", 3, "T2", {"q": 2}, factors, 7, {"freeze_A": True}, base_offset={"q": torch.randn(4, 5)})
     back = roundtrip(task)
-    assert (back.client_id, back.round, back.rank_type, back.module_ranks, back.seed, back.options) == ("c1", 3, "T2", {"q": 2}, 7, {"freeze_A": True})
+    assert (back.client_id, back.round, back.rank_type, back.module_ranks, back.seed, back.options) == (
+        "c1",
+        3,
+        "T2",
+        {"q": 2},
+        7,
+        {"freeze_A": True},
+    )
     assert torch.equal(back.factors["q"][0], factors["q"][0]) and torch.equal(back.factors["q"][1], factors["q"][1])
     assert torch.equal(back.base_offset["q"], task.base_offset["q"])
     fresh = roundtrip(ClientTask("c2", 1, "T1", {"q": 2}, None, 1))

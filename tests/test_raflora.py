@@ -9,6 +9,7 @@ import dataclasses
 import random
 
 import pytest
+import small_federation as fed
 import torch
 
 from flexlora.checkpoint import load_checkpoint
@@ -19,7 +20,6 @@ from flexlora.methods.base import Accumulator, ClientUpdate
 from flexlora.methods.flexlora import dense_delta
 from flexlora.methods.raflora import RaFLoRA, coverage, partition_bands
 from flexlora.server import FederatedServer
-import small_federation as fed
 
 F64 = torch.float64
 ALPHA = 16.0
@@ -39,8 +39,12 @@ def two_clients() -> list[ClientUpdate]:
     """Client a: rank 1, 30 examples, ΔW_a = 2·e1e1ᵀ. Client b: rank 2, 10 examples,
     ΔW_b = 4·e1e1ᵀ + 8·e2e2ᵀ (α = r, so s = 1 for both)."""
     a = ClientUpdate("a", 30, 1.0, {"m": (torch.tensor([[1.0, 0, 0]], dtype=F64), torch.tensor([[2.0], [0], [0]], dtype=F64))})
-    b = ClientUpdate("b", 10, 2.0, {"m": (torch.tensor([[1.0, 0, 0], [0, 1, 0]], dtype=F64),
-                                           torch.tensor([[4.0, 0], [0, 8], [0, 0]], dtype=F64))})
+    b = ClientUpdate(
+        "b",
+        10,
+        2.0,
+        {"m": (torch.tensor([[1.0, 0, 0], [0, 1, 0]], dtype=F64), torch.tensor([[4.0, 0], [0, 8], [0, 0]], dtype=F64))},
+    )
     return [a, b]
 
 
@@ -84,13 +88,17 @@ def test_matches_the_partition_rule_per_module_with_data_or_server_weights():
     ups = fed.random_updates()
     state = raflora().aggregate(ups, None)
     for module in fed.UPDATE_SHAPES:
-        torch.testing.assert_close(dense_delta(state, module), partition_rule(ups, module, [u.num_examples for u in ups]), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(
+            dense_delta(state, module), partition_rule(ups, module, [u.num_examples for u in ups]), rtol=1e-10, atol=1e-10
+        )
     # Weights the server assigned (e.g. a cap) replace n_k and are renormalised the same way.
     capped = [0.4, 0.3, 0.2, 0.1]
     state = raflora().aggregate([dataclasses.replace(u, weight=w) for u, w in zip(ups, capped)], None)
     for module in fed.UPDATE_SHAPES:
         torch.testing.assert_close(dense_delta(state, module), partition_rule(ups, module, capped), rtol=1e-10, atol=1e-10)
-        flex = dense_delta(FlexLoRA(device=None).aggregate([dataclasses.replace(u, weight=w) for u, w in zip(ups, capped)], None), module)
+        flex = dense_delta(
+            FlexLoRA(device=None).aggregate([dataclasses.replace(u, weight=w) for u, w in zip(ups, capped)], None), module
+        )
         assert torch.linalg.norm(dense_delta(state, module) - flex) > 0.1 * torch.linalg.norm(flex)  # not the rank-agnostic rule
 
 
@@ -154,6 +162,7 @@ def test_streamed_accumulator_equals_one_aggregate():
 
 # ---------------------------------------------------------------- in a federation
 
+
 def test_round_one_clients_share_one_starting_adapter():
     fed.assert_round_one_clients_share_one_start(["method=raflora"])
 
@@ -167,7 +176,9 @@ def test_a_streamed_server_round_equals_the_partition_rule():
     for round_ in (1, 2):
         outcome = server.run_round(round_, clients)
         assert outcome.valid_updates == 5 and not outcome.rejected
-        ups = [dataclasses.replace(u, factors={m: (A.double(), B.double()) for m, (A, B) in u.factors.items()}) for u in clients.seen]
+        ups = [
+            dataclasses.replace(u, factors={m: (A.double(), B.double()) for m, (A, B) in u.factors.items()}) for u in clients.seen
+        ]
         for module in fed.SHAPES:
             assert len({u.rank(module) for u in ups}) > 1  # heterogeneous ranks in the round
             expected = partition_rule(ups, module, [u.num_examples for u in ups])

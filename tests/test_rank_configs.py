@@ -20,7 +20,12 @@ from flexlora.resources import (
 )
 
 IDS = [f"c{i:04d}" for i in range(2000)]
-SHAPES = {"l.0.self_attn.q_proj": (64, 64), "l.0.self_attn.k_proj": (32, 64), "l.0.mlp.up_proj": (256, 64), "l.0.mlp.down_proj": (64, 256)}
+SHAPES = {
+    "l.0.self_attn.q_proj": (64, 64),
+    "l.0.self_attn.k_proj": (32, 64),
+    "l.0.mlp.up_proj": (256, 64),
+    "l.0.mlp.down_proj": (64, 256),
+}
 
 
 def drawn(profile, seed=0, ids=IDS):
@@ -63,7 +68,9 @@ def test_a_distribution_short_name_is_the_mapping_and_its_own_label():
     mapping = {"distribution": "log-uniform", "min": 4, "max": 64}
     assert attention_ranks(drawn("log-uniform-4-64", ids=IDS[:300])) == attention_ranks(drawn(mapping, ids=IDS[:300]))
     assert profile_label(mapping) == profile_label("log-uniform-4-64") == "log-uniform-4-64"
-    assert attention_ranks(drawn("uniform-8-30", ids=IDS[:300])) == attention_ranks(drawn({"distribution": "uniform", "min": 8, "max": 30}, ids=IDS[:300]))
+    assert attention_ranks(drawn("uniform-8-30", ids=IDS[:300])) == attention_ranks(
+        drawn({"distribution": "uniform", "min": 8, "max": 30}, ids=IDS[:300])
+    )
     with pytest.raises(ValueError, match="min 64 is above max 4"):
         parse_profile("log-uniform-64-4", paper_rank_types())
     with pytest.raises(ValueError, match="unknown profile 'log-normal-4-64'"):
@@ -115,7 +122,10 @@ def test_explicit_lists_take_type_names_ranks_and_per_kind_ranks():
     names, types_ = client_rank_types(["a", "b", "c"], ["T3", 64, {"attention": 16, "mlp": 48}], 0, paper_rank_types())
     assert names == {"a": "T3", "b": "r64", "c": "a16-m48"}
     assert module_ranks(types_["a16-m48"], SHAPES) == {
-        "l.0.self_attn.q_proj": 16, "l.0.self_attn.k_proj": 16, "l.0.mlp.up_proj": 48, "l.0.mlp.down_proj": 48,
+        "l.0.self_attn.q_proj": 16,
+        "l.0.self_attn.k_proj": 16,
+        "l.0.mlp.up_proj": 48,
+        "l.0.mlp.down_proj": 48,
     }
     assert module_ranks(types_["r64"], SHAPES)["l.0.self_attn.k_proj"] == 32
     with pytest.raises(ValueError, match=r"^clients has 3 entries for 2 clients$"):
@@ -198,7 +208,12 @@ def test_a_clients_file_that_does_not_fit_the_clients_fails_when_the_server_know
 def test_clients_json_records_what_each_client_drew_and_trains_at():
     types_ = paper_rank_types()
     t3 = client_record(types_["T3"], "T3", module_ranks(types_["T3"], SHAPES))
-    assert t3 == {"rank_type": "T3", "max_rank": 64, "drawn": {"attention": 30, "mlp": 200}, "ranks": {"attention": 30, "mlp": 64}}
+    assert t3 == {
+        "rank_type": "T3",
+        "max_rank": 64,
+        "drawn": {"attention": 30, "mlp": 200},
+        "ranks": {"attention": 30, "mlp": 64},
+    }
     t4 = client_record(types_["T4"], "T4", module_ranks(types_["T4"], SHAPES))
     assert t4["ranks"] == {"attention": [32, 64], "mlp": 64}  # k_proj is capped at 32
     assert profile_label({"distribution": "log-uniform", "min": 4, "max": 64}) == "log-uniform-4-64"
@@ -215,8 +230,17 @@ def test_every_client_trains_at_exactly_its_drawn_ranks(monkeypatch):
     from flexlora.server import FederatedServer
 
     profile = "{distribution: log-uniform, attention: {min: 2, max: 12}, mlp: {min: 12, max: 300}}"
-    cfg = load_config(overrides=["model=tiny-llama", f"resources.profile={profile}", "federation.clients_per_round=3",
-                                 "train.steps=1", "train.batch_size=1", "data.cutoff_len=512", "seed=3"])
+    cfg = load_config(
+        overrides=[
+            "model=tiny-llama",
+            f"resources.profile={profile}",
+            "federation.clients_per_round=3",
+            "train.steps=1",
+            "train.batch_size=1",
+            "data.cutoff_len=512",
+            "seed=3",
+        ]
+    )
     model, tokenizer = load_model(TINY, "cpu")
     targets = default_target_modules(model)
     shapes = lora.module_shapes(model, targets)
@@ -226,7 +250,9 @@ def test_every_client_trains_at_exactly_its_drawn_ranks(monkeypatch):
     types_ = {cid: server.rank_types[server.client_types[cid]] for cid in ids}
     assert types_ == dict(zip(ids, drawn(cfg.resources.profile, seed=3, ids=ids)))
     # The seed's draws differ between clients on both kinds (else this test shows little).
-    assert len({t.rank_for("q_proj") for t in types_.values()}) == 3 and len({t.rank_for("up_proj") for t in types_.values()}) == 3
+    assert (
+        len({t.rank_for("q_proj") for t in types_.values()}) == 3 and len({t.rank_for("up_proj") for t in types_.values()}) == 3
+    )
 
     seen = {}
     real_get_factors = lora.get_factors

@@ -87,7 +87,9 @@ def test_a_registered_source_is_loadable_through_the_config(sources, tmp_path):
     _shards_source(sources, seen)
     path = tmp_path / "shards.txt"
     path.write_text("alpha\nbeta\ngamma\n")
-    cfg = load_config(overrides=[*BASE, "data.source=shards", f"data.path={path}", "data.heldout_ids=[gamma]", "data.num_clients=3"])
+    cfg = load_config(
+        overrides=[*BASE, "data.source=shards", f"data.path={path}", "data.heldout_ids=[gamma]", "data.num_clients=3"]
+    )
     dataset = sources.load_federated_dataset(cfg.data, seed=5)
     assert seen == {"seed": 5, "for_training": True}
     assert dataset.name == "shards"

@@ -42,9 +42,17 @@ ARGS = [
 
 
 def flexlora_run(args: list[str], log: Path, env_extra: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(SRC),
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "TOKENIZERS_PARALLELISM": "false",
+        **(env_extra or {}),
+    }
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "flexlora.cli", "run", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(
+            [sys.executable, "-m", "flexlora.cli", "run", *args], stdout=out, stderr=subprocess.STDOUT, env=env
+        )
 
 
 def run_to_end(args: list[str], log: Path) -> None:

@@ -118,8 +118,19 @@ def noisy_round(server: FederatedServer, round_: int, seed: int) -> None:
     """One round of clients that change their starting factors a little."""
     g = torch.Generator().manual_seed(seed)
     tasks = server.configure(round_, server.sample(round_))
-    results = [ClientUpdate(t.client_id, 4 + i, ALPHA, {m: (A + 0.01 * torch.randn(A.shape, generator=g), B + 0.01 * torch.randn(B.shape, generator=g))
-                                                        for m, (A, B) in t.factors.items()}, {}) for i, t in enumerate(tasks)]
+    results = [
+        ClientUpdate(
+            t.client_id,
+            4 + i,
+            ALPHA,
+            {
+                m: (A + 0.01 * torch.randn(A.shape, generator=g), B + 0.01 * torch.randn(B.shape, generator=g))
+                for m, (A, B) in t.factors.items()
+            },
+            {},
+        )
+        for i, t in enumerate(tasks)
+    ]
     assert not server.complete_round(round_, tasks, results).rejected
 
 
@@ -149,8 +160,14 @@ def test_a_checkpoint_of_format_1_is_still_read():
     noisy_round(server, 2, seed=2)
     old_tensors = {f"state/{k}": v for k, v in server.state.items()}
     old_tensors.update({f"state/server_opt.{k}": v for k, v in server.server_step.moments.items()})
-    old_meta = {"round": 2, "method": "flexlora", "has_state": True, "client_types": server.client_types,
-                "client_ranks": server.client_ranks, "declared_sizes": {}}
+    old_meta = {
+        "round": 2,
+        "method": "flexlora",
+        "has_state": True,
+        "client_types": server.client_types,
+        "client_ranks": server.client_ranks,
+        "declared_sizes": {},
+    }
     fresh = make_server(method_args=args)
     fresh.load_state_dict(*_snapshot_of_format_1(old_tensors, old_meta))
     assert fresh.round == 2 and fresh.state.keys() == server.state.keys()

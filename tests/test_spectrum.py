@@ -101,7 +101,10 @@ def test_record_scales_the_adapter_adds_an_offset_and_pools_kinds():
     A, B = known_factors(m=12, n=9)  # q_proj: σ = SIGMA · α/R
     g = torch.Generator().manual_seed(2)
     offset = torch.randn(6, 9, generator=g, dtype=torch.float64)  # k_proj: a dense base offset ...
-    Ak, Bk = torch.randn(2, 9, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)  # ... plus an adapter
+    Ak, Bk = (
+        torch.randn(2, 9, generator=g, dtype=torch.float64),
+        torch.randn(6, 2, generator=g, dtype=torch.float64),
+    )  # ... plus an adapter
     factors = {"layers.0.attn.q_proj": (A, B), "layers.0.attn.k_proj": (Ak, Bk)}
     ranks = {"layers.0.attn.q_proj": 6, "layers.0.attn.k_proj": 2}
     edges = {"q_proj": [2, 4], "k_proj": [2, 3], "gate_proj": [2]}
@@ -181,7 +184,7 @@ def test_tiny_run_logs_the_spectrum_every_round_and_plots_it(tiny_overrides, tmp
         layers = s["kinds"]["q_proj"]["modules"]
         assert s["seconds"] >= 0 and layers >= 2 and s["routes"] == {"factored": 7 * layers}  # rank 16 < min(m, n)
         assert set(s["kinds"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-        for kind, k in s["kinds"].items():
+        for k in s["kinds"].values():
             assert k["edges"] == [2, 4, 16] and k["bands"] == ["[0,2)", "[2,4)", "[4,16)", "[16,∞)"]
             assert sum(k["share"]) == pytest.approx(1.0) and k["share"][-1] == 0.0  # global rank 16
             assert 1.0 <= k["effective_rank_min"] <= k["effective_rank_median"] <= k["effective_rank_max"] <= 16
@@ -202,7 +205,10 @@ def test_tiny_run_logs_the_spectrum_every_round_and_plots_it(tiny_overrides, tmp
 def test_spectrum_can_be_turned_off_and_a_dense_method_is_measured(tiny_overrides):
     out = Path(next(a for a in tiny_overrides if a.startswith("output.dir=")).split("=", 1)[1])
     args = [a for a in tiny_overrides if not a.startswith(("output.name=", "federation.rounds="))]
-    assert main(["run", *args, "federation.rounds=1", "output.name=no-spectrum", "eval.spectrum=false", "resources.profile=uniform"]) == 0
+    assert (
+        main(["run", *args, "federation.rounds=1", "output.name=no-spectrum", "eval.spectrum=false", "resources.profile=uniform"])
+        == 0
+    )
     assert all(r.get("spectrum") is None for r in _records(out / "no-spectrum"))
     assert not (out / "no-spectrum" / "rank_energy.png").exists()
     # FLoRA: the global model is a dense base offset (every round's exact ΔW merged)

@@ -9,8 +9,14 @@ from flexlora.analysis.stats import paired_difference
 
 def records(scores, losses=None, tokens=None):
     return [
-        {"client": f"c{i % 5}", "index": i, "rougeL_generated": s, "rougeL_teacher_forced": s / 2,
-         "loss": (losses[i] if losses else 1.0), "tokens": (tokens[i] if tokens else 1)}
+        {
+            "client": f"c{i % 5}",
+            "index": i,
+            "rougeL_generated": s,
+            "rougeL_teacher_forced": s / 2,
+            "loss": (losses[i] if losses else 1.0),
+            "tokens": (tokens[i] if tokens else 1),
+        }
         for i, s in enumerate(scores)
     ]
 
@@ -37,7 +43,9 @@ def test_eval_loss_is_a_per_token_ratio_and_only_shared_examples_count():
     base = records([0.5] * 4, losses=[2.0, 2.0, 2.0, 2.0], tokens=[1, 1, 1, 1])  # 8 / 4 = 2.0 per token
     better = records([0.5] * 4, losses=[1.0, 1.0, 1.0, 9.0], tokens=[1, 1, 1, 3])  # 12 / 6 = 2.0 per token
     assert paired_difference([better], [base], "eval_loss").mean == pytest.approx(0.0)
-    extra = better + [{"client": "x", "index": 99, "rougeL_generated": 1.0, "rougeL_teacher_forced": 1.0, "loss": 0.0, "tokens": 5}]
+    extra = better + [
+        {"client": "x", "index": 99, "rougeL_generated": 1.0, "rougeL_teacher_forced": 1.0, "loss": 0.0, "tokens": 5}
+    ]
     d = paired_difference([extra], [base], "rougeL_generated")
     assert d.examples == 4 and d.mean == pytest.approx(0.0)
     with pytest.raises(ValueError, match="paired by seed"):
@@ -99,8 +107,17 @@ def one_category_carries_the_gain(seeds=3, categories=9, per_category=20, gain=0
     method = [b + (gain if i < per_category else elsewhere) for i, b in enumerate(base)]
 
     def recs(values):
-        return [{"client": f"k{i // 2}", "index": i % 2, "rougeL_generated": v, "rougeL_teacher_forced": v,
-                 "loss": 1.0 - v, "tokens": 1} for i, v in enumerate(values)]
+        return [
+            {
+                "client": f"k{i // 2}",
+                "index": i % 2,
+                "rougeL_generated": v,
+                "rougeL_teacher_forced": v,
+                "loss": 1.0 - v,
+                "tokens": 1,
+            }
+            for i, v in enumerate(values)
+        ]
 
     of = {f"k{c}": f"category {(2 * c) // per_category}" for c in range(n // 2)}
     return [recs(method)] * seeds, [recs(base)] * seeds, of
@@ -139,13 +156,26 @@ def test_with_one_example_per_category_the_task_level_interval_is_the_example_le
     keyed = [[{**e, "client": f"e{e['index']}"} for e in run] for run in (*method, *base)]
     d = paired_difference(keyed[:1], keyed[1:], "rougeL_generated", categories={f"e{i}": f"e{i}" for i in range(400)})
     assert d.categories == 400
-    assert d.category_low == pytest.approx(d.example_low, abs=0.003) and d.category_high == pytest.approx(d.example_high, abs=0.003)
+    assert d.category_low == pytest.approx(d.example_low, abs=0.003) and d.category_high == pytest.approx(
+        d.example_high, abs=0.003
+    )
 
 
-@pytest.mark.parametrize("p, df, expected", [
-    (0.975, 1, 12.7062), (0.975, 2, 4.3027), (0.975, 3, 3.1824), (0.975, 10, 2.2281), (0.975, 60, 2.0003),
-    (0.975, 61, 1.9996), (0.975, 1000, 1.9623), (0.8, 2, 1.0607), (0.8, 10, 0.8791), (0.8, 120, 0.8446),
-])
+@pytest.mark.parametrize(
+    "p, df, expected",
+    [
+        (0.975, 1, 12.7062),
+        (0.975, 2, 4.3027),
+        (0.975, 3, 3.1824),
+        (0.975, 10, 2.2281),
+        (0.975, 60, 2.0003),
+        (0.975, 61, 1.9996),
+        (0.975, 1000, 1.9623),
+        (0.8, 2, 1.0607),
+        (0.8, 10, 0.8791),
+        (0.8, 120, 0.8446),
+    ],
+)
 def test_t_quantiles_match_the_tables(p, df, expected):
     from flexlora.analysis.stats import t_quantile
 

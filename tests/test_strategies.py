@@ -80,8 +80,11 @@ class FakeGrid:
         return Message(RecordDict({"arrays": ArrayRecord(trained), "metrics": MetricRecord(metrics)}), reply_to=m)
 
     def train_messages(self, server_round: int) -> dict[int, Message]:
-        return {m.metadata.dst_node_id: m for m in self.sent
-                if m.metadata.message_type == "train" and m.content["config"]["server-round"] == server_round}
+        return {
+            m.metadata.dst_node_id: m
+            for m in self.sent
+            if m.metadata.message_type == "train" and m.content["config"]["server-round"] == server_round
+        }
 
 
 def run(method: str, grid: FakeGrid, rounds: int = 2, **kwargs) -> tuple[HeteroRankStrategy, object]:
@@ -95,7 +98,7 @@ def replayed(method: str, grid: FakeGrid, rounds: int = 2) -> Aggregator:
     agg = Aggregator(method, lora_alpha=ALPHA)
     per_round = len(grid.replies) // rounds
     for r in range(rounds):
-        for node, state_dict, metrics in grid.replies[r * per_round:(r + 1) * per_round]:
+        for node, state_dict, metrics in grid.replies[r * per_round : (r + 1) * per_round]:
             agg.add(state_dict, num_examples=metrics["num-examples"], client_id=f"node {node}")
         agg.aggregate()
     return agg
@@ -159,7 +162,7 @@ def delta(state_dict, module):
 def test_flexlora_global_update_is_the_formula_of_the_last_rounds_replies():
     grid = FakeGrid(dict(NODES))
     strategy, _ = run("flexlora", grid)
-    last = grid.replies[len(NODES):]
+    last = grid.replies[len(NODES) :]
     total = sum(metrics["num-examples"] for _, _, metrics in last)
     global_adapter, ranks = strategy.aggregator.global_adapter()
     for module in SHAPES:
@@ -173,7 +176,9 @@ def test_flexlora_global_update_is_the_formula_of_the_last_rounds_replies():
 def test_a_broken_reply_is_dropped_with_one_line_and_the_round_goes_on(caplog):
     def break_reply(node, server_round, trained, metrics):
         if node == 22 and server_round == 2:
-            trained = {k: (torch.full_like(v, float("nan")) if k.endswith("q_proj.lora_B.weight") else v) for k, v in trained.items()}
+            trained = {
+                k: (torch.full_like(v, float("nan")) if k.endswith("q_proj.lora_B.weight") else v) for k, v in trained.items()
+            }
         if node == 33 and server_round == 2:
             metrics = {**metrics, "num-examples": 0}
         return trained, metrics
@@ -186,7 +191,7 @@ def test_a_broken_reply_is_dropped_with_one_line_and_the_round_goes_on(caplog):
     assert any("node 22" in line and "q_proj.lora_B.weight' contains NaN" in line for line in dropped)
     assert any("node 33" in line and "'num-examples' must be a positive whole number" in line for line in dropped)
     # round 2 holds only node 11: ΔW is its own update
-    sd = next(sd for node, sd, _ in grid.replies[len(NODES):] if node == 11)
+    sd = next(sd for node, sd, _ in grid.replies[len(NODES) :] if node == 11)
     global_adapter, _ = strategy.aggregator.global_adapter()
     for module in SHAPES:
         torch.testing.assert_close(delta(global_adapter, module), delta(sd, module), rtol=1e-5, atol=1e-6)
@@ -196,7 +201,9 @@ def test_where_a_nodes_rank_comes_from_before_its_first_reply():
     # ranks= answers for node 11; node 22 is asked; node 33 has no query handler: initial_arrays' rank (6)
     grid = FakeGrid(dict(NODES), answers_query={22})
     strategy, _ = run("hetlora", grid, rounds=1, ranks={11: 4})
-    first = {node: set(ranks_of(m.content["arrays"].to_torch_state_dict()).values()) for node, m in grid.train_messages(1).items()}
+    first = {
+        node: set(ranks_of(m.content["arrays"].to_torch_state_dict()).values()) for node, m in grid.train_messages(1).items()
+    }
     assert first == {11: {4}, 22: {8}, 33: {6}}
     asked = [m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == RANK_QUERY]
     assert sorted(asked) == [22, 33]  # node 11's rank was given
@@ -211,7 +218,9 @@ def test_where_a_nodes_rank_comes_from_before_its_first_reply():
 
     grid = FakeGrid(dict(NODES), break_reply=prune_or_declare)
     strategy, result = run("hetlora", grid, rounds=2)
-    second = {node: set(ranks_of(m.content["arrays"].to_torch_state_dict()).values()) for node, m in grid.train_messages(2).items()}
+    second = {
+        node: set(ranks_of(m.content["arrays"].to_torch_state_dict()).values()) for node, m in grid.train_messages(2).items()
+    }
     assert second == {11: {2}, 22: {6}, 33: {2}}
     assert "lora-rank" not in result.train_metrics_clientapp[2]  # a declaration, not a metric to average
     assert sum(m.metadata.message_type == RANK_QUERY for m in grid.sent) == 3  # asked once, in round 1
@@ -281,8 +290,13 @@ def test_the_example_app_on_flowers_simulation_engine(tmp_path, monkeypatch):
     from flwr.simulation import run_simulation
     from safetensors.torch import load_file
 
-    for key, value in {"FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1"}.items():
+    for key, value in {
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "OMP_NUM_THREADS": "1",
+    }.items():
         monkeypatch.setenv(key, value)
     # The example's package, for this process and for Ray's workers (they start from this environment).
     monkeypatch.syspath_prepend(str(EXAMPLE))
@@ -299,8 +313,11 @@ def test_the_example_app_on_flowers_simulation_engine(tmp_path, monkeypatch):
 
     def aggregate_train(self, server_round, got):
         got = list(got)
-        replies[server_round] = [(r.metadata.src_node_id, r.content["arrays"].to_torch_state_dict(), dict(r.content["metrics"]))
-                                 for r in got if not r.has_error()]
+        replies[server_round] = [
+            (r.metadata.src_node_id, r.content["arrays"].to_torch_state_dict(), dict(r.content["metrics"]))
+            for r in got
+            if not r.has_error()
+        ]
         return aggregate(self, server_round, got)
 
     monkeypatch.setattr(HeteroRankStrategy, "configure_train", configure_train)
@@ -308,8 +325,10 @@ def test_the_example_app_on_flowers_simulation_engine(tmp_path, monkeypatch):
     run_config = get_fused_config_from_dir(EXAMPLE, {"save-path": str(tmp_path / "global")})
     assert (run_config["method"], run_config["lora-ranks"], run_config["num-server-rounds"]) == ("flexlora", "4,16", 2)
     server, client = with_run_config(server_app.app, client_app.app, run_config)
-    resources = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                 "init_args": {"num_cpus": 1, "num_gpus": 0, "include_dashboard": False, "object_store_memory": 256 * 2**20}}
+    resources = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": 1, "num_gpus": 0, "include_dashboard": False, "object_store_memory": 256 * 2**20},
+    }
     try:
         run_simulation(server_app=server, client_app=client, num_supernodes=2, backend_config=resources)
     finally:
@@ -321,8 +340,12 @@ def test_the_example_app_on_flowers_simulation_engine(tmp_path, monkeypatch):
     declared = {node: metrics["lora-rank"] for node, _, metrics in replies[1]}
     assert sorted(declared.values()) == [4, 16]
     for server_round in (1, 2):
-        assert {node: set(ranks_of(sd).values()) for node, sd in sent[server_round].items()} == {n: {r} for n, r in declared.items()}
-        assert {node: set(ranks_of(sd).values()) for node, sd, _ in replies[server_round]} == {n: {r} for n, r in declared.items()}
+        assert {node: set(ranks_of(sd).values()) for node, sd in sent[server_round].items()} == {
+            n: {r} for n, r in declared.items()
+        }
+        assert {node: set(ranks_of(sd).values()) for node, sd, _ in replies[server_round]} == {
+            n: {r} for n, r in declared.items()
+        }
 
     def global_update(round_replies, module):  # Σ p_k (α/r_k) B_k A_k, p_k = n_k / Σ n
         total = sum(metrics["num-examples"] for _, _, metrics in round_replies)

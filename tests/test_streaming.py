@@ -113,7 +113,7 @@ def assert_same_model(a: FederatedServer, b: FederatedServer, tol: float = 1e-6)
     for module in oa:
         assert torch.linalg.norm(oa[module] - ob[module]) <= tol * max(1.0, float(torch.linalg.norm(oa[module])))
     # The next round's clients start from the same factors.
-    for (ta, tb) in zip(a.configure(a.round + 1, CLIENTS[:3]), b.configure(b.round + 1, CLIENTS[:3])):
+    for ta, tb in zip(a.configure(a.round + 1, CLIENTS[:3]), b.configure(b.round + 1, CLIENTS[:3])):
         for module in ta.factors or {}:
             pa, pb = ta.factors[module], tb.factors[module]
             wa, wb = pa[1].double() @ pa[0].double(), pb[1].double() @ pb[0].double()
@@ -135,11 +135,14 @@ def test_a_streamed_round_equals_aggregating_all_updates_at_once(method, profile
 
 
 @pytest.mark.parametrize("method", ["flexlora", "fedit", "hetlora"])
-@pytest.mark.parametrize("federation", [
-    {"max_weight_share": 0.15},  # the cap binds: the largest updates are held to the end
-    {"max_weight_share": 0.05},  # infeasible with 9 updates: every client gets 1/9
-    {"method_args": {"server_opt": {"name": "fedadam", "lr": 0.01}}},
-])
+@pytest.mark.parametrize(
+    "federation",
+    [
+        {"max_weight_share": 0.15},  # the cap binds: the largest updates are held to the end
+        {"max_weight_share": 0.05},  # infeasible with 9 updates: every client gets 1/9
+        {"method_args": {"server_opt": {"name": "fedadam", "lr": 0.01}}},
+    ],
+)
 def test_weight_caps_and_server_optimizers_stream_exactly(method, federation):
     if method == "hetlora" and "method_args" in federation:
         pytest.skip("server_opt is available with flexlora and fedit only")

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_aggregation import F64, optimal_error, rel
 
 import flexlora.methods as agg
-from flexlora.methods import ClientUpdate, FlexLoRA, truncated_svd
+from flexlora.methods import ClientUpdate, FlexLoRA, threads, truncated_svd
 from flexlora.methods import svd as svd_mod
-from flexlora.methods import threads
-from test_aggregation import F64, optimal_error, rel
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest.py
 
@@ -71,7 +70,9 @@ def test_float32_gram_route_is_certified_or_redone_in_float64(monkeypatch):
 
     def rr(X, Q, k, certify_against=None):
         out = real_rr(X, Q, k, certify_against)
-        routes.append("certified" if certify_against is not None and out is not None else "rejected" if out is None else "float64 RR")
+        routes.append(
+            "certified" if certify_against is not None and out is not None else "rejected" if out is None else "float64 RR"
+        )
         return out
 
     monkeypatch.setattr(svd_mod, "_rayleigh_ritz", rr)
@@ -152,8 +153,6 @@ def test_k_is_clipped_and_bad_arguments_rejected():
         truncated_svd(B, A.T, 2)
     with pytest.raises(ValueError):
         FlexLoRA(split="cube_root")
-
-
 
 
 def _factored_route(monkeypatch):
@@ -299,8 +298,12 @@ def test_map_modules_gives_the_loop_and_restores_the_thread_settings(monkeypatch
         gen = torch.Generator().manual_seed(5)
         shapes = {f"l{i}.{kind}": shape for i in range(4) for kind, shape in (("q", (40, 36)), ("up", (40, 20)))}
         updates = [
-            ClientUpdate(f"c{k}", 10 + k, 16.0, {m: (torch.randn(r, n, generator=gen), torch.randn(mm, r, generator=gen))
-                                                for m, (mm, n) in shapes.items()})
+            ClientUpdate(
+                f"c{k}",
+                10 + k,
+                16.0,
+                {m: (torch.randn(r, n, generator=gen), torch.randn(mm, r, generator=gen)) for m, (mm, n) in shapes.items()},
+            )
             for k, r in enumerate((3, 9, 12, 5))
         ]  # Σr = 29: the factored route for q (min(m, n) = 36), the dense one for up (20)
         parallel = FlexLoRA().aggregate(updates)

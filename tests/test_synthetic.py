@@ -156,4 +156,10 @@ def test_word_edit_answers():
 
 def test_number_to_words():
     assert [number_to_words(n) for n in (0, 7, 13, 20, 47, 99)] == [
-        "zero", "seven", "thirteen", "twenty", "forty-seven", "ninety-nine"]
+        "zero",
+        "seven",
+        "thirteen",
+        "twenty",
+        "forty-seven",
+        "ninety-nine",
+    ]

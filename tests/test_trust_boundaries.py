@@ -18,12 +18,12 @@ import pytest
 import torch
 
 import flexlora
-import flexlora.experiment as experiment_module
 import flexlora.engines.local as local_module
-from flexlora.methods.flexlora import dense_delta
+import flexlora.experiment as experiment_module
 from flexlora.cli import main
-from flexlora.runlock import LOCK_NAME
+from flexlora.methods.flexlora import dense_delta
 from flexlora.round_aggregation import RoundAggregation
+from flexlora.runlock import LOCK_NAME
 
 SRC = Path(flexlora.__file__).resolve().parents[1]
 
@@ -68,7 +68,9 @@ def test_in_process_a_billion_examples_buy_at_most_the_cap_and_an_over_claim_is_
     monkeypatch.setattr(RoundAggregation, "finish", capture_finish)
     overrides = [o for o in tiny_overrides if not o.startswith(("data.num_clients", "federation.clients_per_round"))]
     ids = [f"syn-{i:03d}" for i in range(4)]
-    assert main(["run", *overrides, "data.num_clients=4", "federation.clients_per_round=4", "federation.max_weight_share=0.5"]) == 0
+    assert (
+        main(["run", *overrides, "data.num_clients=4", "federation.clients_per_round=4", "federation.max_weight_share=0.5"]) == 0
+    )
 
     rec = records(tmp_path / "runs" / "test")
     assert [r["round"] for r in rec] == [0, 1, 2] and len(aggregated) == 2
@@ -78,7 +80,9 @@ def test_in_process_a_billion_examples_buy_at_most_the_cap_and_an_over_claim_is_
         n = {u.client_id: u.num_examples for u in updates}
         assert n[ids[0]] == 10**9 and n[ids[2]] < 10
         rest = n[ids[2]] + n[ids[3]]
-        assert r["weights"] == pytest.approx({ids[0]: 0.5, ids[2]: 0.5 * n[ids[2]] / rest, ids[3]: 0.5 * n[ids[3]] / rest}, abs=1e-12)
+        assert r["weights"] == pytest.approx(
+            {ids[0]: 0.5, ids[2]: 0.5 * n[ids[2]] / rest, ids[3]: 0.5 * n[ids[3]] / rest}, abs=1e-12
+        )
         assert {u.client_id for u in updates} == set(r["weights"])
         for module in state_modules(state):
             expected = sum(
@@ -99,17 +103,38 @@ def state_modules(state: dict) -> list[str]:
 # --- one writer per run folder ------------------------------------------------------------
 
 ARGS = [
-    "model=tiny-llama", "device=cpu", "data.num_clients=3", "data.train_per_client=4", "data.test_per_client=1",
-    "data.cutoff_len=512", "federation.rounds=1", "federation.clients_per_round=2", "train.steps=1", "train.batch_size=2",
-    "eval.max_new_tokens=2", "eval.max_examples_per_client=1",
-    "resources.t1=2", "resources.t2=4", "resources.t3_attention=4", "resources.t3_mlp=8", "resources.t4=8",
+    "model=tiny-llama",
+    "device=cpu",
+    "data.num_clients=3",
+    "data.train_per_client=4",
+    "data.test_per_client=1",
+    "data.cutoff_len=512",
+    "federation.rounds=1",
+    "federation.clients_per_round=2",
+    "train.steps=1",
+    "train.batch_size=2",
+    "eval.max_new_tokens=2",
+    "eval.max_examples_per_client=1",
+    "resources.t1=2",
+    "resources.t2=4",
+    "resources.t3_attention=4",
+    "resources.t3_mlp=8",
+    "resources.t4=8",
 ]
 
 
 def flexlora(args: list[str], log: Path, env_extra: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(SRC),
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "TOKENIZERS_PARALLELISM": "false",
+        **(env_extra or {}),
+    }
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "flexlora.cli", "run", *args], stdout=out, stderr=subprocess.PIPE, env=env, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "flexlora.cli", "run", *args], stdout=out, stderr=subprocess.PIPE, env=env, text=True
+        )
 
 
 def snapshot(folder: Path) -> dict:
@@ -120,7 +145,8 @@ def test_a_second_process_is_refused_while_a_run_holds_its_folder_and_a_kill_lea
     run_dir = tmp_path / "run"
     marker = tmp_path / "paused"
     holder = flexlora(
-        [*ARGS, f"output.dir={tmp_path}", "output.name=run"], tmp_path / "holder.txt",
+        [*ARGS, f"output.dir={tmp_path}", "output.name=run"],
+        tmp_path / "holder.txt",
         {"FLEXLORA_FAULT_PAUSE": "train_step:1", "FLEXLORA_FAULT_MARKER": str(marker)},
     )
     try:
@@ -234,7 +260,11 @@ def test_a_corrupted_checkpoint_is_a_clear_error_or_falls_back_to_a_kept_one(tmp
 
     folder = uninterrupted / "checkpoint"
     assert {p.name for p in folder.iterdir()} == {
-        "checkpoint.json", "checkpoint-000001.json", "checkpoint-000002.json", "state-000001.safetensors", "state-000002.safetensors",
+        "checkpoint.json",
+        "checkpoint-000001.json",
+        "checkpoint-000002.json",
+        "state-000001.safetensors",
+        "state-000002.safetensors",
     }
     index = json.loads((folder / "checkpoint.json").read_text())
     assert len(index["tensors_sha256"]) == 64
@@ -255,7 +285,11 @@ def test_a_corrupted_checkpoint_is_a_clear_error_or_falls_back_to_a_kept_one(tmp
     flip_a_byte(kept / "checkpoint" / "state-000002.safetensors")
     assert main(["run", "--resume", str(kept)]) == 0
     out = capsys.readouterr().out
-    assert "are corrupted" in out and "falling back to the checkpoint of round 1" in out and f"resuming {kept} after round 1 of 2" in out
+    assert (
+        "are corrupted" in out
+        and "falling back to the checkpoint of round 1" in out
+        and f"resuming {kept} after round 1 of 2" in out
+    )
     assert [r["round"] for r in records(kept)] == [0, 1, 2]
     expected, got = adapter(uninterrupted), adapter(kept)
     assert all((got[k] - expected[k]).abs().max().item() <= 1e-6 for k in expected)

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import flexlora.checkpoint as checkpoint_module
-from flexlora.methods import FlexLoRA, make_method
-from flexlora.methods.base import ClientUpdate
 from flexlora.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from flexlora.config import ExperimentConfig, ResourcesConfig, validate
+from flexlora.methods import FlexLoRA, make_method
+from flexlora.methods.base import ClientUpdate
 from flexlora.server import ClientFailure, FederatedServer, run_rounds
 from flexlora.validation import norm_outliers, update_norm, validate_round
 
@@ -112,19 +112,45 @@ MALFORMED = [
     ("extra module", extra_module, BAD, "unexpected module(s), e.g. l9.v_proj", 3),
     ("empty update", lambda u, t: dataclasses.replace(u, factors={}), BAD, "empty update", 3),
     ("zero-rank factors", lambda u, t: with_factors(u, lambda m, A, B: (A[:0], B[:, :0])), BAD, "empty factors", 3),
-    ("wrong input dim", lambda u, t: with_factors(u, first_module_only(lambda A, B: (torch.zeros(A.shape[0], 7), B))), BAD, "do not fit weight", 3),
-    ("wrong output dim", lambda u, t: with_factors(u, first_module_only(lambda A, B: (A, torch.zeros(3, B.shape[1])))), BAD, "do not fit weight", 3),
-    ("A/B rank mismatch", lambda u, t: with_factors(u, first_module_only(lambda A, B: (A, B[:, :-1]))), BAD, "do not fit weight", 3),
+    (
+        "wrong input dim",
+        lambda u, t: with_factors(u, first_module_only(lambda A, B: (torch.zeros(A.shape[0], 7), B))),
+        BAD,
+        "do not fit weight",
+        3,
+    ),
+    (
+        "wrong output dim",
+        lambda u, t: with_factors(u, first_module_only(lambda A, B: (A, torch.zeros(3, B.shape[1])))),
+        BAD,
+        "do not fit weight",
+        3,
+    ),
+    (
+        "A/B rank mismatch",
+        lambda u, t: with_factors(u, first_module_only(lambda A, B: (A, B[:, :-1]))),
+        BAD,
+        "do not fit weight",
+        3,
+    ),
     (
         "rank above assigned",
         lambda u, t: with_factors(u, lambda m, A, B: (torch.cat([A, A[:1]]), torch.cat([B, B[:, :1]], dim=1))),
-        BAD, "above the assigned rank", 3,
+        BAD,
+        "above the assigned rank",
+        3,
     ),
     ("not 2-D", lambda u, t: with_factors(u, first_module_only(lambda A, B: (A[None], B))), BAD, "must be 2-D", 3),
     ("NaN", lambda u, t: with_factors(u, first_module_only(set_value("A", math.nan))), BAD, "A contains NaN", 3),
     ("Inf", lambda u, t: with_factors(u, first_module_only(set_value("B", math.inf))), BAD, "B contains Inf", 3),
     ("integer dtype", lambda u, t: with_factors(u, first_module_only(lambda A, B: (A.long(), B))), BAD, "dtype torch.int64", 3),
-    ("complex dtype", lambda u, t: with_factors(u, first_module_only(lambda A, B: (A, B.to(torch.complex64)))), BAD, "dtype torch.complex64", 3),
+    (
+        "complex dtype",
+        lambda u, t: with_factors(u, first_module_only(lambda A, B: (A, B.to(torch.complex64)))),
+        BAD,
+        "dtype torch.complex64",
+        3,
+    ),
     ("not a tensor", lambda u, t: with_factors(u, first_module_only(lambda A, B: (A.tolist(), B))), BAD, "A is a list", 3),
     ("norm 1000x", lambda u, t: with_factors(u, lambda m, A, B: (A, B * 1000)), BAD, "above the bound 10x", 3),
     ("negative weight", lambda u, t: dataclasses.replace(u, num_examples=-50), BAD, "num_examples must be a positive integer", 3),
@@ -199,7 +225,9 @@ def test_too_few_valid_updates_keep_the_previous_state():
             return results
 
     records, states = [], []
-    run_rounds(server, Runtime(), lambda s, r: {"state_id": id(s)}, lambda rec: (records.append(rec), states.append(server.state)))
+    run_rounds(
+        server, Runtime(), lambda s, r: {"state_id": id(s)}, lambda rec: (records.append(rec), states.append(server.state))
+    )
     assert [r["kept_previous_state"] for r in records[1:]] == [False, True, False]
     assert records[2]["valid_updates"] == 3 and "A contains NaN" in records[2]["rejected"]["c1"]
     assert states[2] is states[1]  # round 2 kept round 1's global state, untouched
@@ -231,7 +259,9 @@ def test_update_norm_matches_the_dense_product():
     server = make_server()
     u = honest_update(server.configure(1, CLIENTS)[3])
     u = with_factors(u, lambda m, A, B: (A, B + 0.1))
-    dense = math.sqrt(sum(float(torch.linalg.matrix_norm(u.scale(m) * B.double() @ A.double())) ** 2 for m, (A, B) in u.factors.items()))
+    dense = math.sqrt(
+        sum(float(torch.linalg.matrix_norm(u.scale(m) * B.double() @ A.double())) ** 2 for m, (A, B) in u.factors.items())
+    )
     assert update_norm(u) == pytest.approx(dense, rel=1e-6)
 
 
@@ -345,11 +375,19 @@ else:  # before SLoRA's ClientUpdate.deltas is on this branch
 
 def sparse_round(tamper):
     """validate_round on 3 clients in a sparse round; `tamper(update)` rewrites c1's."""
-    tasks = [types.SimpleNamespace(client_id=c, module_ranks={m: 2 for m in SHAPES}, factors=None, options={"sparse": {"density": 0.1}}) for c in CLIENTS[:3]]
+    tasks = [
+        types.SimpleNamespace(
+            client_id=c, module_ranks={m: 2 for m in SHAPES}, factors=None, options={"sparse": {"density": 0.1}}
+        )
+        for c in CLIENTS[:3]
+    ]
     updates = []
     for i, task in enumerate(tasks):
         g = torch.Generator().manual_seed(i)
-        deltas = {m: Delta(torch.arange(0, m_ * n, 3), 0.01 * torch.randn(len(range(0, m_ * n, 3)), generator=g), (m_, n)) for m, (m_, n) in SHAPES.items()}
+        deltas = {
+            m: Delta(torch.arange(0, m_ * n, 3), 0.01 * torch.randn(len(range(0, m_ * n, 3)), generator=g), (m_, n))
+            for m, (m_, n) in SHAPES.items()
+        }
         u = DeltaUpdate(task.client_id, 10, 16.0, {}, {}, deltas=deltas)
         updates.append(tamper(u) if task.client_id == BAD else u)
     return validate_round(updates, tasks, SHAPES, 16.0, max_norm_ratio=10.0)
@@ -361,7 +399,11 @@ def with_delta(fn):
 
 
 SPARSE_MALFORMED = [
-    ("factors instead of deltas", lambda u: dataclasses.replace(u, factors={m: (torch.zeros(2, n), torch.zeros(m_, 2)) for m, (m_, n) in SHAPES.items()}), "sent factors where the task asked for deltas"),
+    (
+        "factors instead of deltas",
+        lambda u: dataclasses.replace(u, factors={m: (torch.zeros(2, n), torch.zeros(m_, 2)) for m, (m_, n) in SHAPES.items()}),
+        "sent factors where the task asked for deltas",
+    ),
     ("no deltas", lambda u: dataclasses.replace(u, deltas={}), "empty update (no deltas)"),
     ("delta shape", with_delta(lambda d: d._replace(shape=(3, 3))), "delta shape (3, 3) differs"),
     ("int32 indices", with_delta(lambda d: d._replace(indices=d.indices.int())), "delta indices must be 1-D int64"),
@@ -369,7 +411,11 @@ SPARSE_MALFORMED = [
     ("negative index", with_delta(lambda d: d._replace(indices=d.indices - 1)), "delta indices out of range"),
     ("values/indices length", with_delta(lambda d: d._replace(values=d.values[:-1])), "match the indices"),
     ("NaN values", with_delta(lambda d: d._replace(values=d.values * math.nan)), "delta values contain NaN"),
-    ("delta norm 1000x", lambda u: dataclasses.replace(u, deltas={m: d._replace(values=d.values * 1000) for m, d in u.deltas.items()}), "above the bound"),
+    (
+        "delta norm 1000x",
+        lambda u: dataclasses.replace(u, deltas={m: d._replace(values=d.values * 1000) for m, d in u.deltas.items()}),
+        "above the bound",
+    ),
 ]
 
 
@@ -391,7 +437,7 @@ def test_frozen_A_must_come_back_unchanged():
     tasks = server.configure(3, CLIENTS)
     for t in tasks:
         t.options["freeze_A"] = True
-    updates = [with_factors(honest_update(t), lambda m, A, B: (t.factors[m][0].clone(), B)) for t in tasks]
+    updates = [with_factors(honest_update(t), lambda m, A, B, t=t: (t.factors[m][0].clone(), B)) for t in tasks]
     updates[1] = with_factors(updates[1], first_module_only(lambda A, B: (A + 0.5, B)))
     valid, rejected = server.validate(updates, tasks)
     assert list(rejected) == [BAD] and "A changed although the task froze it" in rejected[BAD]

@@ -9,11 +9,11 @@ import dataclasses
 
 import pytest
 import torch
+from test_validation import BAD, CLIENTS, SHAPES, FakeRuntime, make_server
 
 from flexlora.methods import capped_weights, make_method
 from flexlora.methods.flexlora import dense_delta
 from flexlora.server import run_rounds
-from test_validation import BAD, CLIENTS, SHAPES, FakeRuntime, make_server
 
 
 def test_capped_weights_water_fill_to_the_cap_and_sum_to_one():

@@ -10,7 +10,12 @@ import importlib
 
 __version__ = "0.1.0"
 __all__ = ["METHODS", "Aggregator", "ranks_of", "register_method"]
-_HOMES = {"Aggregator": "flexlora.api", "ranks_of": "flexlora.api", "METHODS": "flexlora.methods", "register_method": "flexlora.methods"}
+_HOMES = {
+    "Aggregator": "flexlora.api",
+    "ranks_of": "flexlora.api",
+    "METHODS": "flexlora.methods",
+    "register_method": "flexlora.methods",
+}
 
 
 def __getattr__(name: str):

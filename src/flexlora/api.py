@@ -57,7 +57,11 @@ def split_adapter(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, Fac
                 "as get_peft_model_state_dict writes them)"
             )
         if not isinstance(tensor, torch.Tensor) or tensor.dtype not in FLOAT_DTYPES or tensor.ndim != 2:
-            what = f"a {type(tensor).__name__}" if not isinstance(tensor, torch.Tensor) else f"{tensor.dtype}, shape {tuple(tensor.shape)}"
+            what = (
+                f"a {type(tensor).__name__}"
+                if not isinstance(tensor, torch.Tensor)
+                else f"{tensor.dtype}, shape {tuple(tensor.shape)}"
+            )
             raise ValueError(f"key {key!r} is not a 2-D floating-point LoRA factor ({what})")
         problem = nonfinite(tensor)
         if problem:
@@ -67,10 +71,14 @@ def split_adapter(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, Fac
     for module, pair in sorted(halves.items()):
         for factor in "AB":
             if factor not in pair:
-                raise ValueError(f"key {f'{module}.lora_{factor}.weight'!r} is missing (its lora_{'B' if factor == 'A' else 'A'} is there)")
+                raise ValueError(
+                    f"key {f'{module}.lora_{factor}.weight'!r} is missing (its lora_{'B' if factor == 'A' else 'A'} is there)"
+                )
         (a_key, A), (b_key, B) = pair["A"], pair["B"]
         if A.shape[0] != B.shape[1] or A.shape[0] == 0:
-            raise ValueError(f"keys {a_key!r} {tuple(A.shape)} and {b_key!r} {tuple(B.shape)} are not a LoRA pair A (r, n), B (m, r)")
+            raise ValueError(
+                f"keys {a_key!r} {tuple(A.shape)} and {b_key!r} {tuple(B.shape)} are not a LoRA pair A (r, n), B (m, r)"
+            )
         factors[module], keys[module] = (A, B), (a_key, b_key)
     return factors, keys
 
@@ -240,8 +248,14 @@ class Aggregator:
         extra = self.method.extra_state()
         if extra is not None:
             tensors.update({f"extra/{k}": v for k, v in extra[0].items()})
-        meta = {"method": self.method.name, "round": self.round, "lora_alpha": self.lora_alpha,
-                "keys": self.keys, "shapes": self.shapes, "extra": extra[1] if extra is not None else None}
+        meta = {
+            "method": self.method.name,
+            "round": self.round,
+            "lora_alpha": self.lora_alpha,
+            "keys": self.keys,
+            "shapes": self.shapes,
+            "extra": extra[1] if extra is not None else None,
+        }
         with atomic_path(path, suffix=".tmp") as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"flexlora": json.dumps(meta)})
 
@@ -257,7 +271,7 @@ class Aggregator:
             raise ValueError(f"{path}: saved by method {meta['method']!r}, this Aggregator runs {self.method.name!r}")
 
         def part(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
         self._declare({m: tuple(k) for m, k in meta["keys"].items()}, {m: tuple(s) for m, s in meta["shapes"].items()})
         self.state = part("state/") or None
@@ -287,7 +301,9 @@ class Aggregator:
         for module, (A, B) in factors.items():
             a_key, b_key = keys[module]
             if (B.shape[0], A.shape[1]) != shapes[module]:
-                raise ValueError(f"keys {a_key!r}, {b_key!r}: weight shape {(B.shape[0], A.shape[1])}, the federation's is {shapes[module]}")
+                raise ValueError(
+                    f"keys {a_key!r}, {b_key!r}: weight shape {(B.shape[0], A.shape[1])}, the federation's is {shapes[module]}"
+                )
             self._check_rank(module, A.shape[0], a_key, shapes[module], in_round=True)
         if not self.shapes:
             self._declare(keys, shapes)

@@ -35,8 +35,8 @@ from safetensors.torch import load_file, save_file
 
 from flexlora.config import ConfigError, ExperimentConfig
 from flexlora.faults import fault_point, fault_write
-from flexlora.server import add_checkpoint_time
 from flexlora.reporting import WriteError, atomic_path, sha256_file
+from flexlora.server import add_checkpoint_time
 
 FORMAT = 2  # 2: the server's part is protocol.flatten of a ServerSnapshot; 1 is still read
 INDEX = "checkpoint.json"
@@ -115,9 +115,7 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_checkpoint(
-    folder: str | Path, server, history: list[dict], config: dict, keep: int = 1, before_index=None
-) -> Path:
+def save_checkpoint(folder: str | Path, server, history: list[dict], config: dict, keep: int = 1, before_index=None) -> Path:
     """Write the server's state after `server.round`, keeping the `keep` newest checkpoints;
     returns the index file. A failed write raises WriteError (one line) and leaves the
     previous checkpoint as it was. `before_index(seconds)`: called with the time the tensors
@@ -224,7 +222,9 @@ def _read_checkpoint(folder: Path, index_path: Path) -> Checkpoint:
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint index {index_path} is unreadable: {e}") from None
     if not isinstance(index, dict) or index.get("format") not in (1, FORMAT):
-        raise CheckpointError(f"checkpoint index {index_path}: unknown format {index.get('format') if isinstance(index, dict) else index!r}")
+        raise CheckpointError(
+            f"checkpoint index {index_path}: unknown format {index.get('format') if isinstance(index, dict) else index!r}"
+        )
     tensor_path = folder / index["tensors"]
     if not tensor_path.is_file() or tensor_path.stat().st_size != index["tensors_bytes"]:
         raise CheckpointError(f"checkpoint tensors {tensor_path} are missing or truncated")
@@ -261,16 +261,28 @@ def _snapshot_of_format_1(tensors: dict[str, torch.Tensor], meta: dict) -> tuple
     renamed = {}
     for key, t in tensors.items():
         if key.startswith("state/server_opt."):
-            key = "server_opt/" + key[len("state/server_opt."):]
+            key = "server_opt/" + key[len("state/server_opt.") :]
         elif key.startswith("method/"):
-            key = "method_tensors/" + key[len("method/"):]
+            key = "method_tensors/" + key[len("method/") :]
         renamed[key] = t
-    fields = [f for f, present in (("state", meta.get("has_state")), ("method_tensors", "method_extra" in meta),
-                                   ("server_opt", any(k.startswith("server_opt/") for k in renamed))) if present]
+    fields = [
+        f
+        for f, present in (
+            ("state", meta.get("has_state")),
+            ("method_tensors", "method_extra" in meta),
+            ("server_opt", any(k.startswith("server_opt/") for k in renamed)),
+        )
+        if present
+    ]
     snapshot_meta = {
-        "type": "ServerSnapshot", "tensor_fields": fields, "round": meta["round"], "method": meta["method"],
-        "client_types": meta["client_types"], "client_ranks": meta["client_ranks"],
-        "declared_sizes": meta.get("declared_sizes") or {}, "method_meta": meta.get("method_extra"),
+        "type": "ServerSnapshot",
+        "tensor_fields": fields,
+        "round": meta["round"],
+        "method": meta["method"],
+        "client_types": meta["client_types"],
+        "client_ranks": meta["client_ranks"],
+        "declared_sizes": meta.get("declared_sizes") or {},
+        "method_meta": meta.get("method_extra"),
     }
     return renamed, snapshot_meta
 
@@ -298,7 +310,11 @@ class Checkpointer:
             timing = (lambda s: add_checkpoint_time(history[-1], s)) if history else None
             save_checkpoint(self.folder, server, history, self.config, self.keep, before_index=timing)
         except WriteError as e:
-            before = f"the checkpoint of round {history[-2]['round']}" if len(history) > 1 else "no checkpoint yet (a resume starts over)"
+            before = (
+                f"the checkpoint of round {history[-2]['round']}"
+                if len(history) > 1
+                else "no checkpoint yet (a resume starts over)"
+            )
             raise WriteError(
                 f"round {server.round}: {e}; the run stopped with {before} and metrics.jsonl intact; "
                 f"free space or fix the folder, then continue with: flexlora run --resume {self.run_dir}"

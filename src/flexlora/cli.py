@@ -127,8 +127,14 @@ def _compare(args) -> None:
     except ValueError:
         raise ConfigError(f"--seeds: expected comma-separated integers, got '{args.seeds}'") from None
     run_grid(
-        args.out, _list(args.methods), _list(args.profiles), seeds, args.config, args.overrides,
-        baseline=args.baseline, command=command_line(args.argv),
+        args.out,
+        _list(args.methods),
+        _list(args.profiles),
+        seeds,
+        args.config,
+        args.overrides,
+        baseline=args.baseline,
+        command=command_line(args.argv),
     )
 
 
@@ -147,7 +153,9 @@ def _rank_report(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flexlora", description="Federated LoRA fine-tuning under heterogeneous tasks and resources")
+    parser = argparse.ArgumentParser(
+        prog="flexlora", description="Federated LoRA fine-tuning under heterogeneous tasks and resources"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a federated experiment (default: FlexLoRA on SmolLM2-135M, built-in tasks)")
     run.add_argument("--config", "-c", help="YAML config file")
@@ -155,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace an existing run folder (output.overwrite=true)")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federation.rounds=5 method=fedit")
     run.add_argument(
-        "--engine", choices=["local", "flower"],
+        "--engine",
+        choices=["local", "flower"],
         help="local: in-process (default); flower: Flower's simulation engine (same as engine=flower)",
     )
     run.set_defaults(func=_run)
@@ -167,9 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--clients", default="heldout", help="heldout (default) | training | all: whose test sets")
     ev.add_argument("--out", help="write the metrics (overall, per client, per category) to this JSON file")
     ev.add_argument(
-        "--keep-rank", type=int, metavar="R",
+        "--keep-rank",
+        type=int,
+        metavar="R",
         help="evaluate the adapter with every component beyond rank R cut (A's rows, B's columns; the saved "
-             "adapter is untouched): for FlexLoRA's SVD-ordered export its best rank-R approximation",
+        "adapter is untouched): for FlexLoRA's SVD-ordered export its best rank-R approximation",
     )
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.source=dolly data.path=...")
     ev.set_defaults(func=_eval)
@@ -181,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     what = conf.add_mutually_exclusive_group()
     what.add_argument("--schema", action="store_true", help="print the configuration's JSON schema instead")
     what.add_argument(
-        "--reference", action="store_true",
+        "--reference",
+        action="store_true",
         help="print the Markdown reference of every key instead (flexlora config --reference > docs/configuration.md)",
     )
     conf.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method=fedit train.lr=1e-4")
@@ -193,9 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--config", "-c", help="YAML config file shared by every cell")
     cmp.add_argument("--out", required=True, help="grid folder (cells/, compare.md/.csv/.png); rerun to resume")
     cmp.add_argument(
-        "--methods", default="fedit,flexlora",
+        "--methods",
+        default="fedit,flexlora",
         help="comma-separated, e.g. fedit,hetlora,flexlora; NAME:KEY=VALUE is a variant with method_args "
-             "of its own, in cells of its own (hetlora:padding=replication)",
+        "of its own, in cells of its own (hetlora:padding=replication)",
     )
     cmp.add_argument("--profiles", default="uniform,heavy-tail-light,heavy-tail-strong", help="comma-separated resource profiles")
     cmp.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
@@ -216,25 +229,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a test CA, a SuperLink TLS certificate and SuperNode auth keys (trials/CI only)",
     )
     certs.add_argument("--out", required=True, help="folder to write into")
-    certs.add_argument("--host", action="append", help="SuperLink host name or IP for the certificate (repeatable; default 127.0.0.1 and localhost)")
+    certs.add_argument(
+        "--host",
+        action="append",
+        help="SuperLink host name or IP for the certificate (repeatable; default 127.0.0.1 and localhost)",
+    )
     certs.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs to make (default 2)")
     certs.add_argument("--days", type=int, default=30, help="certificate validity in days (default 30)")
     certs.set_defaults(func=_flower_certs)
-    app = sub.add_parser("flower-app", help="print the folder of the Flower app, for `flwr run \"$(flexlora flower-app)\" ...`")
+    app = sub.add_parser("flower-app", help='print the folder of the Flower app, for `flwr run "$(flexlora flower-app)" ...`')
     app.set_defaults(func=_flower_app)
 
     node = sub.add_parser(
-        "node", help="a long-lived node worker for a Flower deployment: loads the base model once, trains its SuperNode's tasks",
+        "node",
+        help="a long-lived node worker for a Flower deployment: loads the base model once, trains its SuperNode's tasks",
     ).add_subparsers(dest="node", required=True)
-    ns = node.add_parser("serve", help="load the base model and serve tasks on a private Unix socket (node config worker-socket=PATH)")
-    ns.add_argument("--socket", help="socket path, in a folder only this user can enter (default $XDG_RUNTIME_DIR/flexlora/node.sock or ~/.flexlora/node.sock)")
-    ns.add_argument("--model", default="smollm2-135m-instruct", help="base model: the runs' `model` (or the node config's local `model` path)")
-    ns.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "nf4"], help="base weights; must match the runs' model_dtype/quantization")
+    ns = node.add_parser(
+        "serve", help="load the base model and serve tasks on a private Unix socket (node config worker-socket=PATH)"
+    )
+    ns.add_argument(
+        "--socket",
+        help="socket path, in a folder only this user can enter (default $XDG_RUNTIME_DIR/flexlora/node.sock or ~/.flexlora/node.sock)",
+    )
+    ns.add_argument(
+        "--model", default="smollm2-135m-instruct", help="base model: the runs' `model` (or the node config's local `model` path)"
+    )
+    ns.add_argument(
+        "--precision",
+        default="float32",
+        choices=["float32", "bfloat16", "nf4"],
+        help="base weights; must match the runs' model_dtype/quantization",
+    )
     ns.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda[:N]")
     ns.add_argument("--seed", type=int, default=0, help="the runs' seed (draws the weights of tiny-llama / random-llama-1b)")
     ns.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory, same result)")
     ns.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ns.add_argument("--max-queued", type=int, default=4, help="tasks that may wait while one trains; more are refused (default 4)")
+    ns.add_argument(
+        "--max-queued", type=int, default=4, help="tasks that may wait while one trains; more are refused (default 4)"
+    )
     ns.set_defaults(func=_node)
     nst = node.add_parser("status", help="ask a running worker what it serves and what it did")
     nst.add_argument("--socket", help="socket path (default as for serve)")

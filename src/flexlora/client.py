@@ -76,8 +76,14 @@ def autocast_dtype(cfg: ExperimentConfig, device: torch.device) -> torch.dtype |
 
 
 def backward_batch(
-    net, features: list[dict], batch: list[int], micro: int, device, pad_id: int,
-    autocast: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
+    net,
+    features: list[dict],
+    batch: list[int],
+    micro: int,
+    device,
+    pad_id: int,
+    autocast: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> float:
     """Forward and backward one optimizer step's batch in micro-batches; returns its loss.
     The loss is normalised by the batch's answer tokens, so micro-batching doesn't change it.

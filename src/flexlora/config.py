@@ -20,24 +20,31 @@ from pydantic import BaseModel, ValidationError
 from flexlora.errors import ConfigError  # noqa: F401  (re-exported)
 from flexlora.schema import (  # noqa: F401  (re-exported)
     DataConfig,
-    ResourcesConfig,
-    LoraSettings,
-    FederationConfig,
-    TrainConfig,
     EvalConfig,
-    OutputConfig,
-    FlowerConfig,
     ExperimentConfig,
     Explain,
+    FederationConfig,
+    FlowerConfig,
+    LoraSettings,
+    OutputConfig,
+    ResourcesConfig,
+    TrainConfig,
 )
 
 # pydantic's error types in our words: "train.lr: expected a number, got 'fast'".
 _EXPECTED = {
-    "float_parsing": "a number", "float_type": "a number",
-    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
-    "bool_parsing": "true or false", "bool_type": "true or false",
-    "string_type": "a string", "list_type": "a list",
-    "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
 }
 _BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
@@ -206,10 +213,10 @@ def _require(ok: bool, message: str) -> None:
 def validate(c: ExperimentConfig) -> None:
     """The checks a key's type, range or choices cannot express: registries, several keys
     together, paths on this machine."""
-    from flexlora.methods import METHODS, compose_method
-    from flexlora.extras import require
-    from flexlora.models import bundled_model_missing
     from flexlora.data.prompts import TEMPLATES
+    from flexlora.extras import require
+    from flexlora.methods import METHODS, compose_method
+    from flexlora.models import bundled_model_missing
     from flexlora.resources import paper_rank_types, parse_profile
 
     _require(c.method in METHODS, f"method: unknown aggregation method '{c.method}'; choose from: {', '.join(METHODS)}")
@@ -233,7 +240,9 @@ def validate(c: ExperimentConfig) -> None:
             1 <= c.train.micro_batch_size <= c.train.batch_size and c.train.batch_size % c.train.micro_batch_size == 0,
             f"train.micro_batch_size: must divide train.batch_size ({c.train.batch_size}), got {c.train.micro_batch_size}",
         )
-    _require(c.data.template in TEMPLATES, f"data.template: unknown template '{c.data.template}'; choose from: {', '.join(TEMPLATES)}")
+    _require(
+        c.data.template in TEMPLATES, f"data.template: unknown template '{c.data.template}'; choose from: {', '.join(TEMPLATES)}"
+    )
     validate_data(c.data)
     looks_like_path = c.model.startswith((".", "/", "~"))
     _require(
@@ -279,8 +288,16 @@ def _type_name(annotation) -> str:
     if origin in (list, dict):
         inner = ", ".join(_type_name(a) for a in args)
         return f"{'list' if origin is list else 'mapping'}" + (f"[{inner}]" if inner and inner != "str, any" else "")
-    names = {int: "integer", float: "number", bool: "boolean", str: "string", list: "list", dict: "mapping",
-             type(None): "null", typing.Any: "any"}
+    names = {
+        int: "integer",
+        float: "number",
+        bool: "boolean",
+        str: "string",
+        list: "list",
+        dict: "mapping",
+        type(None): "null",
+        typing.Any: "any",
+    }
     return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 

@@ -21,8 +21,9 @@ from flexlora.evaluation import evaluate, keep_rank
 from flexlora.extras import quiet_peft
 from flexlora.metrics import EVAL_LOSS, METRIC, METRICS, TEACHER_FORCED
 from flexlora.models import default_device, default_target_modules, load_model
-from flexlora.resources import client_record, profile_label as resource_profile_label
 from flexlora.reporting import WriteError, append_line, plot_metric, plot_spectrum, write_json, write_jsonl
+from flexlora.resources import client_record
+from flexlora.resources import profile_label as resource_profile_label
 from flexlora.runlock import LOCK_NAME, RunLock
 from flexlora.server import FederatedServer, run_rounds
 from flexlora.spectrum import spectrum_line
@@ -32,7 +33,11 @@ def load_base(cfg: ExperimentConfig, device: torch.device, source: str | None = 
     """(model, tokenizer) of the run's base model with its memory options (model_dtype,
     quantization, train.gradient_checkpointing); `source` overrides cfg.model."""
     return load_model(
-        source or cfg.model, device, seed=cfg.seed, dtype=cfg.model_dtype, quantization=cfg.quantization,
+        source or cfg.model,
+        device,
+        seed=cfg.seed,
+        dtype=cfg.model_dtype,
+        quantization=cfg.quantization,
         gradient_checkpointing=cfg.train.gradient_checkpointing,
     )
 
@@ -58,7 +63,9 @@ def prepare_run_dir(cfg: ExperimentConfig) -> tuple[Path, RunLock]:
     refused whatever the options, before anything in it is written or removed."""
     name = cfg.output.name or f"{cfg.method}-{profile_label(cfg)}-seed{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(cfg.output.dir) / name
-    exists = ConfigError(f"run folder {run_dir} already exists; pass --overwrite to replace it or --resume {run_dir} to continue it")
+    exists = ConfigError(
+        f"run folder {run_dir} already exists; pass --overwrite to replace it or --resume {run_dir} to continue it"
+    )
     if _has_content(run_dir) and not cfg.output.overwrite:
         RunLock(run_dir).check_free()  # in use: say by whom; either way nothing is written
         raise exists
@@ -103,7 +110,11 @@ class Experiment:
     of clients, which are the connected nodes)."""
 
     def __init__(
-        self, cfg: ExperimentConfig, echo=print, engine: str = "local", resume: str | Path | None = None,
+        self,
+        cfg: ExperimentConfig,
+        echo=print,
+        engine: str = "local",
+        resume: str | Path | None = None,
         zero_shot: dict | None = None,
     ):
         """`resume`: continue the run in that folder from its last checkpoint. `zero_shot`: the
@@ -188,7 +199,9 @@ class Experiment:
         write_json(
             self.run_dir / "clients.json",
             {
-                cid: client_record(server.rank_types.get(server.client_types[cid]), server.client_types[cid], server.client_ranks[cid])
+                cid: client_record(
+                    server.rank_types.get(server.client_types[cid]), server.client_types[cid], server.client_ranks[cid]
+                )
                 for cid in server.client_ids
             },
         )
@@ -210,12 +223,21 @@ class Experiment:
         offset = None if state is None else self.server.base_offset()
         with lora.base_weights(self.model, offset):  # FLoRA, SLoRA's sparse stage: base + offset
             return evaluate(
-                self.model, self.tokenizer, self.dataset.heldout,
-                factors=factors, ranks=ranks, alpha=cfg.lora.alpha, target_modules=self.target_modules,
-                template=cfg.data.template, cutoff_len=cfg.data.cutoff_len,
-                max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                max_examples_per_client=cfg.eval.max_examples_per_client, desc=f"eval round {round_}",
-                kv_cache=cfg.eval.kv_cache, decode_batch_size=cfg.eval.decode_batch_size,
+                self.model,
+                self.tokenizer,
+                self.dataset.heldout,
+                factors=factors,
+                ranks=ranks,
+                alpha=cfg.lora.alpha,
+                target_modules=self.target_modules,
+                template=cfg.data.template,
+                cutoff_len=cfg.data.cutoff_len,
+                max_new_tokens=cfg.eval.max_new_tokens,
+                batch_size=cfg.eval.batch_size,
+                max_examples_per_client=cfg.eval.max_examples_per_client,
+                desc=f"eval round {round_}",
+                kv_cache=cfg.eval.kv_cache,
+                decode_batch_size=cfg.eval.decode_batch_size,
             )
 
     def log(self, record: dict) -> None:
@@ -225,7 +247,8 @@ class Experiment:
             append_line(path, json.dumps(record), record["round"])
         except OSError as e:
             committed = (
-                f"the checkpoint of round {record['round']} committed" if cfg.output.checkpoint
+                f"the checkpoint of round {record['round']} committed"
+                if cfg.output.checkpoint
                 else "no checkpoint (output.checkpoint is off, so a resume starts over)"
             )
             raise WriteError(
@@ -283,7 +306,9 @@ class Experiment:
                     self.model, self.tokenizer, run_dir / "merged", offset, factors, ranks, cfg.lora.alpha
                 )
             elif factors:
-                adapter_dir = lora.save_adapter(self.model, factors, ranks, cfg.lora.alpha, self.target_modules, run_dir / "adapter")
+                adapter_dir = lora.save_adapter(
+                    self.model, factors, ranks, cfg.lora.alpha, self.target_modules, run_dir / "adapter"
+                )
         evaluated = [r for r in self.history if r["eval"] is not None]
         summary = {
             "metric": METRIC,
@@ -297,9 +322,15 @@ class Experiment:
             "zero_shot": evaluated[0]["eval"][METRIC],
             "final": evaluated[-1]["eval"][METRIC],
             "best": max(r["eval"][METRIC] for r in evaluated),
-            **{key: value for m in METRICS.values() if m.name != METRIC for key, value in (
-                (f"zero_shot{m.summary_suffix}", evaluated[0]["eval"][m.name]),
-                (f"final{m.summary_suffix}", evaluated[-1]["eval"][m.name]))},
+            **{
+                key: value
+                for m in METRICS.values()
+                if m.name != METRIC
+                for key, value in (
+                    (f"zero_shot{m.summary_suffix}", evaluated[0]["eval"][m.name]),
+                    (f"final{m.summary_suffix}", evaluated[-1]["eval"][m.name]),
+                )
+            },
             "per_round": {r["round"]: r["eval"][METRIC] for r in evaluated},
             "final_per_category": evaluated[-1]["eval"].get("per_category"),
             "truncation": {r["round"]: r["truncation"] for r in self.history if r.get("truncation")},
@@ -314,7 +345,11 @@ class Experiment:
             title=f"{cfg.method}, {profile_label(cfg)} ranks: held-out clients",
         )
         # The global ΔW's energy per rank band and effective rank over rounds (eval.spectrum).
-        plot_spectrum(self.history, run_dir / "rank_energy.png", title=f"{cfg.method}, {profile_label(cfg)} ranks: spectrum of the global ΔW")
+        plot_spectrum(
+            self.history,
+            run_dir / "rank_energy.png",
+            title=f"{cfg.method}, {profile_label(cfg)} ranks: spectrum of the global ΔW",
+        )
         self.echo(
             f"held-out {METRIC}: zero-shot {summary['zero_shot']:.4f} -> final {summary['final']:.4f} "
             f"({summary['wall_time_s']:.0f} s)"
@@ -327,7 +362,11 @@ EVAL_CLIENTS = ("heldout", "training", "all")
 
 
 def run_evaluation(
-    cfg: ExperimentConfig, adapter: str | Path | None, clients: str = "heldout", echo=print, keep: int | None = None,
+    cfg: ExperimentConfig,
+    adapter: str | Path | None,
+    clients: str = "heldout",
+    echo=print,
+    keep: int | None = None,
 ) -> dict:
     """Evaluate a saved PEFT adapter (or, with adapter=None, the base model) on the test sets
     of a data source's held-out clients, training clients, or all of them. `keep`: evaluate the
@@ -336,8 +375,9 @@ def run_evaluation(
     from peft import PeftModel
 
     if keep is not None and (adapter is None or keep < 1):
-        raise ConfigError("--keep-rank: cuts a saved adapter; --base has none" if adapter is None
-                          else f"--keep-rank: must be >= 1, got {keep}")
+        raise ConfigError(
+            "--keep-rank: cuts a saved adapter; --base has none" if adapter is None else f"--keep-rank: must be >= 1, got {keep}"
+        )
     if clients not in EVAL_CLIENTS:
         raise ConfigError(f"--clients: must be one of {', '.join(EVAL_CLIENTS)}, got '{clients}'")
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
@@ -365,14 +405,25 @@ def run_evaluation(
         if keep is not None:
             saved_ranks = sorted(set(ranks.values()))
             factors, ranks = keep_rank(factors, ranks, keep)
-            echo(f"adapter {adapter}: components beyond rank {keep} cut (saved ranks {saved_ranks}, "
-                 f"evaluated ranks {sorted(set(ranks.values()))})")
+            echo(
+                f"adapter {adapter}: components beyond rank {keep} cut (saved ranks {saved_ranks}, "
+                f"evaluated ranks {sorted(set(ranks.values()))})"
+            )
     metrics = evaluate(
-        model, tokenizer, chosen,
-        factors=factors, ranks=ranks, alpha=alpha, target_modules=target_modules,
-        template=cfg.data.template, cutoff_len=cfg.data.cutoff_len,
-        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-        max_examples_per_client=cfg.eval.max_examples_per_client, desc="eval", kv_cache=cfg.eval.kv_cache,
+        model,
+        tokenizer,
+        chosen,
+        factors=factors,
+        ranks=ranks,
+        alpha=alpha,
+        target_modules=target_modules,
+        template=cfg.data.template,
+        cutoff_len=cfg.data.cutoff_len,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        batch_size=cfg.eval.batch_size,
+        max_examples_per_client=cfg.eval.max_examples_per_client,
+        desc="eval",
+        kv_cache=cfg.eval.kv_cache,
         decode_batch_size=cfg.eval.decode_batch_size,
     )
     metrics["adapter"] = str(adapter) if adapter is not None else None
@@ -387,6 +438,8 @@ def run_evaluation(
         f"{TEACHER_FORCED.name} {metrics[TEACHER_FORCED.name]:.4f}, {EVAL_LOSS.label} {metrics[EVAL_LOSS.name]:.3f}"
     )
     for category, m in metrics["per_category"].items():
-        echo(f"  {category or '(none)'}: n={m['n']} {METRIC} {m[METRIC]:.4f}, {TEACHER_FORCED.label} {m[TEACHER_FORCED.name]:.4f}, "
-             f"loss {m[EVAL_LOSS.name]:.3f}")
+        echo(
+            f"  {category or '(none)'}: n={m['n']} {METRIC} {m[METRIC]:.4f}, {TEACHER_FORCED.label} {m[TEACHER_FORCED.name]:.4f}, "
+            f"loss {m[EVAL_LOSS.name]:.3f}"
+        )
     return metrics

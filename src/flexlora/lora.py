@@ -40,9 +40,7 @@ def module_shapes(model, target_modules: list[str]) -> dict[str, tuple[int, int]
     return shapes
 
 
-def lora_config(
-    module_ranks: dict[str, int], alpha: float, dropout: float, target_modules: list[str]
-) -> LoraConfig:
+def lora_config(module_ranks: dict[str, int], alpha: float, dropout: float, target_modules: list[str]) -> LoraConfig:
     """A LoraConfig whose rank_pattern pins every module's rank (PEFT scales each by alpha/r)."""
     default_rank = Counter(module_ranks.values()).most_common(1)[0][0]
     pattern = {re.escape(name): r for name, r in module_ranks.items() if r != default_rank}
@@ -90,7 +88,7 @@ def _lora_layers(peft_model: PeftModel):
     prefix = "base_model.model."
     for name, module in peft_model.named_modules():
         if hasattr(module, "lora_A") and ADAPTER in getattr(module, "lora_A", {}):
-            yield name[len(prefix):] if name.startswith(prefix) else name, module
+            yield name[len(prefix) :] if name.startswith(prefix) else name, module
 
 
 def get_factors(peft_model: PeftModel) -> dict[str, Factors]:

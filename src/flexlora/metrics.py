@@ -16,8 +16,9 @@ fields appear in `per_example`, summary.json gains zero_shot<suffix> and final<s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 
 class Scored(NamedTuple):
@@ -61,7 +62,9 @@ def register_metric(metric: Metric) -> Metric:
     taken = {field: m.name for m in METRICS.values() if m.name != metric.name for field, _ in m.fields}
     for field, _ in metric.fields:
         if field in taken or field in ("client", "index"):
-            raise ValueError(f"metric {metric.name!r}: per-example field {field!r} is already {taken.get(field, 'a record key')}'s")
+            raise ValueError(
+                f"metric {metric.name!r}: per-example field {field!r} is already {taken.get(field, 'a record key')}'s"
+            )
     METRICS[metric.name] = metric
     return metric
 
@@ -75,20 +78,39 @@ def _rouge_l(text_of: Callable[[Scored], str]) -> Callable[[Scored], float]:
     return score
 
 
-GENERATED = register_metric(Metric(
-    "rougeL_generated", "rougeL_generated", "rougeL_generated (held-out clients)", "", 4,
-    (("rougeL_generated", _rouge_l(lambda s: s.generated)),),
-    description="Rouge-L F1 of greedy generations on held-out (unseen-task) clients, weighted by test-set size",
-))
-TEACHER_FORCED = register_metric(Metric(
-    "rougeL_teacher_forced", "teacher-forced", "rougeL_teacher_forced (released code's metric)", "_teacher_forced", 4,
-    (("rougeL_teacher_forced", _rouge_l(lambda s: s.teacher_forced)),),
-    description="Rouge-L F1 of the teacher-forced argmax tokens (the FlexLoRA paper's released code)",
-))
-EVAL_LOSS = register_metric(Metric(
-    "eval_loss", "eval loss", "eval loss (per answer token; lower is better)", "_eval_loss", 3,
-    (("loss", lambda s: s.loss), ("tokens", lambda s: s.tokens)), ratio=True,
-    description="teacher-forced cross-entropy per answer token",
-))
+GENERATED = register_metric(
+    Metric(
+        "rougeL_generated",
+        "rougeL_generated",
+        "rougeL_generated (held-out clients)",
+        "",
+        4,
+        (("rougeL_generated", _rouge_l(lambda s: s.generated)),),
+        description="Rouge-L F1 of greedy generations on held-out (unseen-task) clients, weighted by test-set size",
+    )
+)
+TEACHER_FORCED = register_metric(
+    Metric(
+        "rougeL_teacher_forced",
+        "teacher-forced",
+        "rougeL_teacher_forced (released code's metric)",
+        "_teacher_forced",
+        4,
+        (("rougeL_teacher_forced", _rouge_l(lambda s: s.teacher_forced)),),
+        description="Rouge-L F1 of the teacher-forced argmax tokens (the FlexLoRA paper's released code)",
+    )
+)
+EVAL_LOSS = register_metric(
+    Metric(
+        "eval_loss",
+        "eval loss",
+        "eval loss (per answer token; lower is better)",
+        "_eval_loss",
+        3,
+        (("loss", lambda s: s.loss), ("tokens", lambda s: s.tokens)),
+        ratio=True,
+        description="teacher-forced cross-entropy per answer token",
+    )
+)
 
 METRIC = GENERATED.name  # the headline metric: summaries' zero_shot/final/best, the report's first tables

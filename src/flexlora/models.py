@@ -58,9 +58,7 @@ def cache_dir() -> Path:
 def default_target_modules(model) -> list[str]:
     model_type = getattr(model.config, "model_type", "")
     if model_type not in TARGET_MODULES:
-        raise ValueError(
-            f"no default LoRA target modules for model type '{model_type}'; set lora.target_modules"
-        )
+        raise ValueError(f"no default LoRA target modules for model type '{model_type}'; set lora.target_modules")
     return TARGET_MODULES[model_type]
 
 
@@ -189,7 +187,9 @@ def _from_pretrained(folder, torch_dtype, quant, device):
 
     if quant is None:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, quantization_config=quant, device_map=_device_map(device))
+    return AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch_dtype, quantization_config=quant, device_map=_device_map(device)
+    )
 
 
 def _load_hf(path_or_id: str, torch_dtype=torch.float32, quant=None, device=torch.device("cpu")):
@@ -282,8 +282,13 @@ def _byte_llama(**shape):
 def _tiny_llama(seed: int, torch_dtype=torch.float32, quant=None, device=torch.device("cpu")):
     """A 3.4M-parameter random LLaMA with a byte-level tokenizer: no files, fast tests."""
     config, tokenizer = _byte_llama(
-        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=688, vocab_size=384, max_position_embeddings=1024,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=688,
+        vocab_size=384,
+        max_position_embeddings=1024,
     )
     # Built in float32 and cast, so that every dtype starts from the same weights.
     model = _random_llama(config, seed, torch.float32)
@@ -295,8 +300,13 @@ def _tiny_llama(seed: int, torch_dtype=torch.float32, quant=None, device=torch.d
 def _random_llama_1b(seed: int, torch_dtype=torch.float32, quant=None, device=torch.device("cpu")):
     """TinyLlama-1.1B's shapes, random weights, a byte tokenizer (ids < 384 of the 32000)."""
     config, tokenizer = _byte_llama(
-        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-        num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=2048,
     )
     if quant is None:
         return _random_llama(config, seed, torch_dtype), tokenizer

@@ -57,7 +57,7 @@ def append_line(path: str | Path, line: str, round_: int | None = None) -> None:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 @contextmanager

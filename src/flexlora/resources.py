@@ -102,7 +102,9 @@ def _kind_ranks(value, where: str) -> tuple[int, int]:
     """(attention rank, MLP rank) of an entry that is a rank or {attention: r, mlp: r}."""
     if isinstance(value, dict):
         if set(value) != set(KINDS):
-            raise ValueError(f"{where}: ranks by module kind need exactly the keys attention and mlp, got {sorted(map(str, value))}")
+            raise ValueError(
+                f"{where}: ranks by module kind need exactly the keys attention and mlp, got {sorted(map(str, value))}"
+            )
         return _rank(value["attention"], f"{where}.attention"), _rank(value["mlp"], f"{where}.mlp")
     rank = _rank(value, where)
     return rank, rank
@@ -154,7 +156,9 @@ def _read_clients_file(path: str):
         text = file.read_text()
         content = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
     except (OSError, ValueError, yaml.YAMLError) as e:
-        raise ValueError(f"clients file {path} cannot be read: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ValueError(
+            f"clients file {path} cannot be read: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     if not isinstance(content, (list, dict)) or not content:
         raise ValueError(f"clients file {path}: expected a list (one entry per client) or a mapping client id -> entry")
     return content
@@ -230,7 +234,9 @@ def _distribution(spec: dict) -> RankDistribution:
         return RankDistribution(kind, choices=choices, probs=tuple(float(p) for p in probs))
     extra = sorted(set(spec) - {"distribution", "min", "max", *KINDS})
     if extra:
-        raise ValueError(f"distribution {kind} takes min and max (or attention: {{min, max}} and mlp: {{min, max}}), not {extra[0]}")
+        raise ValueError(
+            f"distribution {kind} takes min and max (or attention: {{min, max}} and mlp: {{min, max}}), not {extra[0]}"
+        )
     if "min" in spec or "max" in spec:
         if set(spec) & set(KINDS):
             raise ValueError(f"distribution {kind}: give min/max or attention/mlp ranges, not both")
@@ -284,7 +290,9 @@ def parse_profile(profile, base_types: dict[str, RankType]) -> Profile:
         short = _SHORT_DISTRIBUTION.fullmatch(profile)
         if short:
             kind, low, high = short.groups()
-            return Profile(dict(base_types), distribution=_distribution({"distribution": kind, "min": int(low), "max": int(high)}))
+            return Profile(
+                dict(base_types), distribution=_distribution({"distribution": kind, "min": int(low), "max": int(high)})
+            )
         raise ValueError(
             f"unknown profile '{profile}'; choose from: {', '.join(PROFILES)}, a distribution such as log-uniform-8-200, "
             "or a .json/.yaml clients file"
@@ -296,11 +304,15 @@ def parse_profile(profile, base_types: dict[str, RankType]) -> Profile:
         raise ValueError(f"expected a preset name, a list, a file or a mapping, got {profile!r}")
     if "distribution" in profile:  # its own keys (a discrete one has probs over ranks)
         if "types" in profile or "clients" in profile:
-            raise ValueError(f"{'types' if 'types' in profile else 'clients'}: not with a distribution, which draws ranks per client")
+            raise ValueError(
+                f"{'types' if 'types' in profile else 'clients'}: not with a distribution, which draws ranks per client"
+            )
         return Profile(dict(base_types), distribution=_distribution(profile))
     given = [k for k in _PROFILE_KEYS if k in profile]
     if len(given) != 1:
-        raise ValueError(f"a profile mapping needs exactly one of {', '.join(_PROFILE_KEYS)}, got {', '.join(map(str, profile)) or 'none'}")
+        raise ValueError(
+            f"a profile mapping needs exactly one of {', '.join(_PROFILE_KEYS)}, got {', '.join(map(str, profile)) or 'none'}"
+        )
     extra = sorted(set(map(str, profile)) - {given[0], "types"})
     if extra:
         raise ValueError(f"unknown profile key '{extra[0]}' beside {given[0]}; allowed: types")
@@ -399,8 +411,7 @@ def rank_type_for_memory(
     if not fitting:
         cheapest = min(cost, key=cost.get)
         raise ValueError(
-            f"memory budget {budget_mb} MiB is below the smallest rank type's need "
-            f"({cheapest}: {cost[cheapest] / 2**20:.1f} MiB)"
+            f"memory budget {budget_mb} MiB is below the smallest rank type's need ({cheapest}: {cost[cheapest] / 2**20:.1f} MiB)"
         )
     return rank_types[max(fitting, key=lambda name: (cost[name], name))]
 

@@ -11,8 +11,9 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from flexlora.methods.server_opt import starting_point
 from flexlora.methods.threads import one_cpu_thread
@@ -44,7 +45,6 @@ class RoundOutcome:
     @property
     def valid_updates(self) -> int:
         return len(self.metrics)
-
 
 
 class RoundAggregation:
@@ -99,8 +99,15 @@ class RoundAggregation:
         started = time.perf_counter()
         server, fed = self.server, self.server.cfg.federation
         with one_cpu_thread():  # many small checks and reductions: no thread barriers
-            problem = check_result(result, self.tasks, self.seen, server.shapes, server.cfg.lora.alpha,
-                                   exact_rank=server.method.homogeneous, declared_sizes=server.declared_sizes)
+            problem = check_result(
+                result,
+                self.tasks,
+                self.seen,
+                server.shapes,
+                server.cfg.lora.alpha,
+                exact_rank=server.method.homogeneous,
+                declared_sizes=server.declared_sizes,
+            )
         if isinstance(result, ClientUpdate) and result.client_id in self.seen:
             self.tasks.pop(result.client_id, None)  # answered: its factors can go
         if problem is not None:
@@ -159,7 +166,9 @@ class RoundAggregation:
         if kept_previous:
             logger.warning(
                 "round %d: %d valid update(s), fewer than federation.min_updates=%d; keeping the previous global state",
-                self.round, len(self.sizes), fed.min_updates,
+                self.round,
+                len(self.sizes),
+                fed.min_updates,
             )
             server.last_truncation = None
         else:
@@ -178,6 +187,13 @@ class RoundAggregation:
             self.aggregation_s += time.perf_counter() - started
             server.after_aggregation(self.module_ranks)
         return RoundOutcome(
-            self.metrics, self.failures, self.rejected, kept_previous, self.aggregation_s, self.validation_s,
-            weights, self.kept or [], configure_s=self.configure_s,
+            self.metrics,
+            self.failures,
+            self.rejected,
+            kept_previous,
+            self.aggregation_s,
+            self.validation_s,
+            weights,
+            self.kept or [],
+            configure_s=self.configure_s,
         )

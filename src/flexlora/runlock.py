@@ -30,7 +30,7 @@ class RunLock:
         self.path = self.run_dir / LOCK_NAME
         self._file = None
 
-    def acquire(self, create: bool = True) -> "RunLock":
+    def acquire(self, create: bool = True) -> RunLock:
         """Take the lock (creating the folder unless create=False: then a missing folder is a
         ConfigError); ConfigError naming the holder if another process has it."""
         if create:
@@ -85,7 +85,7 @@ class RunLock:
     def held(self) -> bool:
         return self._file is not None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -30,9 +30,7 @@ class Section(BaseModel):
     """A configuration section: unknown keys are errors, assignments are checked too, and a
     boolean is never taken for a number (nor a number for a boolean)."""
 
-    model_config = ConfigDict(
-        extra="forbid", validate_assignment=True, use_attribute_docstrings=True, protected_namespaces=()
-    )
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True, protected_namespaces=())
 
     @field_validator("*", mode="before")
     @classmethod

@@ -13,7 +13,8 @@ import logging
 import math
 import random
 import time
-from typing import Callable, Iterable, Iterator, Protocol
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 import torch
 
@@ -24,9 +25,9 @@ from flexlora.methods import METHODS, FedProx, compose_method
 from flexlora.methods.base import GlobalState
 from flexlora.methods.helpers import capped_weights, clear_fresh_rows
 from flexlora.protocol import ClientFailure, ClientTask, ClientUpdate, ServerSnapshot, flatten, unflatten
-from flexlora.spectrum import rank_edges, spectrum_record
 from flexlora.resources import RankType, client_rank_types, module_ranks, paper_rank_types
 from flexlora.round_aggregation import RoundAggregation, RoundOutcome
+from flexlora.spectrum import rank_edges, spectrum_record
 from flexlora.validation import validate_round
 
 logger = logging.getLogger(__name__)
@@ -164,7 +165,12 @@ class FederatedServer:
         if not feasible:
             logger.warning(
                 "round %d: federation.max_weight_share=%g cannot hold with %d update(s) (it needs at least %d); "
-                "every client gets the same weight 1/%d", round_, cap, len(sizes), math.ceil(1 / cap), len(sizes),
+                "every client gets the same weight 1/%d",
+                round_,
+                cap,
+                len(sizes),
+                math.ceil(1 / cap),
+                len(sizes),
             )
         return weights
 
@@ -220,7 +226,7 @@ class FederatedServer:
         """run_round for results already in hand (e.g. a Flower Strategy's replies): the same
         checks and aggregate; the outcome also lists the valid updates."""
         aggregation = RoundAggregation(self, round_, keep_updates=True)
-        for task in aggregation.issue(iter(tasks)):
+        for _task in aggregation.issue(iter(tasks)):
             pass
         for result in results:
             aggregation.receive(result)

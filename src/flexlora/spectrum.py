@@ -168,7 +168,11 @@ def rank_edges(client_ranks: Mapping[str, Mapping[str, int]]) -> dict[str, list[
     for ranks in client_ranks.values():
         for module, r in ranks.items():
             kinds.setdefault(module_kind(module), set()).add(int(r))
-    return {kind: coarse_edges(sorted(r for r in ranks if r > 0)) for kind, ranks in sorted(kinds.items()) if any(r > 0 for r in ranks)}
+    return {
+        kind: coarse_edges(sorted(r for r in ranks if r > 0))
+        for kind, ranks in sorted(kinds.items())
+        if any(r > 0 for r in ranks)
+    }
 
 
 def summarize_modules(per_module: Sequence[tuple[list[float], float]], edges: Sequence[int]) -> dict:

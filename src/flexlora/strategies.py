@@ -114,7 +114,9 @@ class HeteroRankStrategy(FedAvg):
         self.initial_ranks: Rank | None = None  # of initial_arrays: for nodes that declare none
 
     def _new_aggregator(self, template: Mapping[str, torch.Tensor] | None) -> Aggregator:
-        return Aggregator(self.method_name, lora_alpha=self.lora_alpha, max_rank=self.max_rank, template=template, **self.method_args)
+        return Aggregator(
+            self.method_name, lora_alpha=self.lora_alpha, max_rank=self.max_rank, template=template, **self.method_args
+        )
 
     def summary(self) -> None:
         log(INFO, "\t├──> flexlora method: %s %s (lora_alpha %g)", self.method_name, self.method_args or "", self.lora_alpha)
@@ -139,8 +141,12 @@ class HeteroRankStrategy(FedAvg):
             try:
                 state_dict, metrics = self._read_reply(reply)
                 alpha = metrics.get("lora-alpha")
-                self.aggregator.add(state_dict, num_examples=_count(metrics.get(self.weighted_by_key), self.weighted_by_key),
-                                    lora_alpha=float(alpha) if alpha is not None else None, client_id=f"node {node}")
+                self.aggregator.add(
+                    state_dict,
+                    num_examples=_count(metrics.get(self.weighted_by_key), self.weighted_by_key),
+                    lora_alpha=float(alpha) if alpha is not None else None,
+                    client_id=f"node {node}",
+                )
                 declared = _rank(metrics.get(self.rank_key), self.rank_key)
             except ValueError as e:
                 log(WARNING, "aggregate_train: reply from node %d dropped: %s", node, e)
@@ -152,7 +158,13 @@ class HeteroRankStrategy(FedAvg):
             return None, None
         self.aggregator.aggregate()
         adapter, ranks = self.aggregator.global_adapter()
-        log(INFO, "aggregate_train: %s over %d node(s); global ranks %s", self.method_name, len(taken), sorted(set(ranks.values())))
+        log(
+            INFO,
+            "aggregate_train: %s over %d node(s); global ranks %s",
+            self.method_name,
+            len(taken),
+            sorted(set(ranks.values())),
+        )
         metrics = self.train_metrics_aggr_fn(taken, self.weighted_by_key)
         for declaration in (self.rank_key, "lora-alpha"):  # not metrics: their average means nothing
             if declaration in metrics:
@@ -179,7 +191,9 @@ class HeteroRankStrategy(FedAvg):
         if not self.aggregator.shapes:
             template = arrays.to_torch_state_dict()
             if not template:
-                raise ValueError("initial_arrays must hold the clients' LoRA factors: ArrayRecord(get_peft_model_state_dict(model))")
+                raise ValueError(
+                    "initial_arrays must hold the clients' LoRA factors: ArrayRecord(get_peft_model_state_dict(model))"
+                )
             self.aggregator = self._new_aggregator(template)
             self.initial_ranks = _compact(ranks_of(template))
         ranks = self._ranks_for(nodes, grid)
@@ -203,8 +217,7 @@ class HeteroRankStrategy(FedAvg):
                 node_config[self.rank_key] = rank
             if options:
                 node_config["method-options"] = json.dumps(options)
-            content = RecordDict({self.arrayrecord_key: ArrayRecord(self._wire(adapter)),
-                                  self.configrecord_key: node_config})
+            content = RecordDict({self.arrayrecord_key: ArrayRecord(self._wire(adapter)), self.configrecord_key: node_config})
             if offset_record is not None:
                 content[self.offset_key] = offset_record  # one record, shared by every node's Message
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
@@ -239,15 +252,25 @@ class HeteroRankStrategy(FedAvg):
         out = {}
         for node, rank in wanted.items():
             if any(rank[m] < fixed[m] for m in fixed):
-                log(WARNING, "configure: node %d declares ranks below %s's federation rank %s: not sent", node, self.method_name, fixed)
+                log(
+                    WARNING,
+                    "configure: node %d declares ranks below %s's federation rank %s: not sent",
+                    node,
+                    self.method_name,
+                    fixed,
+                )
                 continue
             out[node] = _compact(fixed)
         return out
 
     def _query(self, nodes: list[int], grid: Grid) -> dict[int, Rank]:
         """Ask these nodes their rank (one ``query.lora_rank`` Message each)."""
-        asked = [Message(RecordDict({self.configrecord_key: ConfigRecord({"key": self.rank_key})}), message_type=RANK_QUERY, dst_node_id=n)
-                 for n in nodes]
+        asked = [
+            Message(
+                RecordDict({self.configrecord_key: ConfigRecord({"key": self.rank_key})}), message_type=RANK_QUERY, dst_node_id=n
+            )
+            for n in nodes
+        ]
         found = {}
         for reply in grid.send_and_receive(asked, timeout=self.rank_query_timeout):
             node = reply.metadata.src_node_id

@@ -151,7 +151,9 @@ def norm_outliers(norms: dict[str, float], max_ratio: float | None) -> dict[str,
     for cid, norm in norms.items():
         ref = median(v for c, v in norms.items() if c != cid)
         if ref > 0 and norm > max_ratio * ref:
-            out[cid] = f"update norm {norm:.3g} is {norm / ref:.1f}x the median of the others ({ref:.3g}), above the bound {max_ratio:g}x"
+            out[cid] = (
+                f"update norm {norm:.3g} is {norm / ref:.1f}x the median of the others ({ref:.3g}), above the bound {max_ratio:g}x"
+            )
     return out
 
 

@@ -14,8 +14,13 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 TINY_LLAMA = LlamaConfig(
-    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-    intermediate_size=96, vocab_size=256, max_position_embeddings=256,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    intermediate_size=96,
+    vocab_size=256,
+    max_position_embeddings=256,
 )
 
 
@@ -27,8 +32,13 @@ def get_model(cfg: dict, rank: int):
         with torch.random.fork_rng():  # the same random base on every node and on the server
             torch.manual_seed(0)
             base = LlamaForCausalLM(TINY_LLAMA)
-    lora = LoraConfig(r=rank, lora_alpha=cfg["lora-alpha"], lora_dropout=0.0,
-                      target_modules=cfg["target-modules"].split(","), task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=cfg["lora-alpha"],
+        lora_dropout=0.0,
+        target_modules=cfg["target-modules"].split(","),
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(base, lora)
 
 

@@ -40,8 +40,12 @@ class Cell:
     def overrides(self) -> list[str]:
         """The settings this cell sets: its method (and a variant's method_args), profile and seed."""
         name, *arguments = self.method.split(":")
-        return [f"method={name}", *(f"method_args.{argument}" for argument in arguments),
-                f"resources.profile={self.profile}", f"seed={self.seed}"]
+        return [
+            f"method={name}",
+            *(f"method_args.{argument}" for argument in arguments),
+            f"resources.profile={self.profile}",
+            f"seed={self.seed}",
+        ]
 
 
 def check_method_spec(spec: str) -> None:
@@ -121,7 +125,10 @@ def register_cells(out: Path, settings: dict, cells: list[Cell], baseline: str |
             cells_all, commands = cells, []
         if command and command not in commands:
             commands.append(command)
-        write_json(grid_path, {"settings": settings, "cells": [c.__dict__ for c in cells_all], "baseline": baseline, "commands": commands})
+        write_json(
+            grid_path,
+            {"settings": settings, "cells": [c.__dict__ for c in cells_all], "baseline": baseline, "commands": commands},
+        )
 
 
 def load_cells(out: Path) -> tuple[dict, list[dict]]:

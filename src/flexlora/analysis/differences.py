@@ -40,8 +40,11 @@ def comparisons(methods, profiles, seeds, cell_for, baseline) -> Comparisons:
     # A variant asks whether its arguments beat the method without them (HetLoRA's replication
     # padding against its zero padding): the same paired intervals, variant minus plain method.
     variants = [(m, plain_method(m)) for m in methods if plain_method(m) != m and plain_method(m) in methods]
-    against_plain = [(variant, plain, p, diffs) for variant, plain in variants
-                     for (_, p), diffs in differences_against([variant], profiles, seeds, cell_for, plain)]
+    against_plain = [
+        (variant, plain, p, diffs)
+        for variant, plain in variants
+        for (_, p), diffs in differences_against([variant], profiles, seeds, cell_for, plain)
+    ]
     return Comparisons(differences, pairwise, against_plain)
 
 
@@ -49,15 +52,27 @@ def difference_sections(c: Comparisons, profiles, label, baseline, of: int) -> l
     """compare.md's difference tables (against the baseline, FlexLoRA against each rival, each
     variant against its plain method) and the seeds-needed table; `of`: the grid's seeds."""
     lines = _difference_tables(c.differences, profiles, label, baseline, of=of)
-    lines += _difference_tables([((f"{OURS} − {rival}", p), diffs) for rival, p, diffs in c.pairwise], profiles,
-                                lambda name: name, "the other heterogeneous methods", what="the difference each row names",
-                                of=of)
-    lines += _difference_tables([((f"{variant} − {plain}", p), diffs) for variant, plain, p, diffs in c.against_plain],
-                                profiles, lambda name: name, "the method without the variant's arguments",
-                                what="the difference each row names", of=of)
-    lines += _power_table([(f"{label(m)} − {label(baseline)}", p, diffs) for (m, p), diffs in c.differences]
-                          + [(f"{OURS} − {rival}", p, diffs) for rival, p, diffs in c.pairwise]
-                          + [(f"{variant} − {plain}", p, diffs) for variant, plain, p, diffs in c.against_plain])
+    lines += _difference_tables(
+        [((f"{OURS} − {rival}", p), diffs) for rival, p, diffs in c.pairwise],
+        profiles,
+        lambda name: name,
+        "the other heterogeneous methods",
+        what="the difference each row names",
+        of=of,
+    )
+    lines += _difference_tables(
+        [((f"{variant} − {plain}", p), diffs) for variant, plain, p, diffs in c.against_plain],
+        profiles,
+        lambda name: name,
+        "the method without the variant's arguments",
+        what="the difference each row names",
+        of=of,
+    )
+    lines += _power_table(
+        [(f"{label(m)} − {label(baseline)}", p, diffs) for (m, p), diffs in c.differences]
+        + [(f"{OURS} − {rival}", p, diffs) for rival, p, diffs in c.pairwise]
+        + [(f"{variant} − {plain}", p, diffs) for variant, plain, p, diffs in c.against_plain]
+    )
     return lines
 
 
@@ -105,7 +120,7 @@ def differences_against(methods, profiles, seeds, cell_for, baseline):
     for m in methods:
         if m == baseline:
             continue
-        for p in (["homo"] if is_homogeneous(m) else profiles):
+        for p in ["homo"] if is_homogeneous(m) else profiles:
             cells = [(r, b) for s in seeds if (r := cell_for(m, p, s)) and (b := cell_for(baseline, p, s))]
             pairs = [(x, y, r, b) for r, b in cells if (x := _final_examples(r)) and (y := _final_examples(b))]
             if pairs:
@@ -120,10 +135,25 @@ def differences_against(methods, profiles, seeds, cell_for, baseline):
 # examples resampled only; ci95_categories_*: seeds, then held-out categories resampled (empty
 # where the examples come from fewer than 2 categories); `significant` follows the interval
 # `significant_by` names; per_seed: the difference in each seed.
-DIFFERENCE_COLUMNS = ("ci95_low", "ci95_high", "ci95_examples_low", "ci95_examples_high", "seed_sd", "seeds", "examples",
-                      "significant", "significant_examples_only", "per_seed", "ci95_categories_low", "ci95_categories_high",
-                      "categories", "significant_by", "significant_seeds_examples", "seeds_to_exclude_0",
-                      "seeds_for_80pct_power")
+DIFFERENCE_COLUMNS = (
+    "ci95_low",
+    "ci95_high",
+    "ci95_examples_low",
+    "ci95_examples_high",
+    "seed_sd",
+    "seeds",
+    "examples",
+    "significant",
+    "significant_examples_only",
+    "per_seed",
+    "ci95_categories_low",
+    "ci95_categories_high",
+    "categories",
+    "significant_by",
+    "significant_seeds_examples",
+    "seeds_to_exclude_0",
+    "seeds_for_80pct_power",
+)
 
 
 @contextmanager
@@ -147,10 +177,23 @@ def _write_pairs(path: Path, pairs) -> None:
 
 def _difference_cells(d) -> list:
     categories = [f"{d.category_low:.6f}", f"{d.category_high:.6f}"] if d.has_categories else ["", ""]
-    return [f"{d.low:.6f}", f"{d.high:.6f}", f"{d.example_low:.6f}", f"{d.example_high:.6f}", f"{d.seed_sd:.6f}",
-            d.seeds, d.examples, d.significant, d.significant_examples_only, " ".join(f"{x:+.6f}" for x in d.per_seed),
-            *categories, d.categories, d.decided_by, d.significant_seeds_examples,
-            *("" if n is None else n for n in (d.seeds_to_exclude_zero, d.seeds_for_power))]
+    return [
+        f"{d.low:.6f}",
+        f"{d.high:.6f}",
+        f"{d.example_low:.6f}",
+        f"{d.example_high:.6f}",
+        f"{d.seed_sd:.6f}",
+        d.seeds,
+        d.examples,
+        d.significant,
+        d.significant_examples_only,
+        " ".join(f"{x:+.6f}" for x in d.per_seed),
+        *categories,
+        d.categories,
+        d.decided_by,
+        d.significant_seeds_examples,
+        *("" if n is None else n for n in (d.seeds_to_exclude_zero, d.seeds_for_power)),
+    ]
 
 
 def _seeds(n: int | None, d) -> str:
@@ -181,8 +224,10 @@ def _power_table(named) -> list[str]:
     ]
     for name, p, d in rows:
         verdict = ("yes" if d.significant else "no") + f" ({d.decided_by})"
-        lines.append(f"| {name} | {p} | {d.mean:+.4f} | {d.seed_sd:.4f} | {d.seeds} | {verdict} | "
-                     f"{_seeds(d.seeds_to_exclude_zero, d)} | {_seeds(d.seeds_for_power, d)} |")
+        lines.append(
+            f"| {name} | {p} | {d.mean:+.4f} | {d.seed_sd:.4f} | {d.seeds} | {verdict} | "
+            f"{_seeds(d.seeds_to_exclude_zero, d)} | {_seeds(d.seeds_for_power, d)} |"
+        )
     return lines + [""]
 
 
@@ -234,18 +279,30 @@ def _difference_tables(differences, profiles, label, baseline, what=None, of: in
     one_seed = " (one seed: the two-level interval is the examples-only one)" if n.seeds == 1 else ""
     from_categories = f" from {n.categories} held-out categories" if n.has_categories else ""
     lines += [f"({n.examples} paired test examples{from_categories}, {n.seeds} seed(s) in the first row's cells{one_seed}.)", ""]
-    flips = [f"{label(m)} {p} {metric}" for (m, p), ds in by_key.items() for metric, d in ds.items()
-             if d.significant_examples_only and not d.significant_seeds_examples]
+    flips = [
+        f"{label(m)} {p} {metric}"
+        for (m, p), ds in by_key.items()
+        for metric, d in ds.items()
+        if d.significant_examples_only and not d.significant_seeds_examples
+    ]
     if flips:
         lines += [f"Significant over the test examples only, not once seeds are resampled: {', '.join(flips)}.", ""]
     for text, test in (
-        ("Significant with seeds and examples resampled, not once the held-out categories are resampled",
-         lambda d: d.significant_seeds_examples and not d.significant),
-        ("Significant once the held-out categories are resampled, not with seeds and examples resampled",
-         lambda d: d.significant and not d.significant_seeds_examples),
+        (
+            "Significant with seeds and examples resampled, not once the held-out categories are resampled",
+            lambda d: d.significant_seeds_examples and not d.significant,
+        ),
+        (
+            "Significant once the held-out categories are resampled, not with seeds and examples resampled",
+            lambda d: d.significant and not d.significant_seeds_examples,
+        ),
     ):
-        found = [f"{label(m)} {p} {metric}" for (m, p), ds in by_key.items() for metric, d in ds.items()
-                 if d.has_categories and test(d)]
+        found = [
+            f"{label(m)} {p} {metric}"
+            for (m, p), ds in by_key.items()
+            for metric, d in ds.items()
+            if d.has_categories and test(d)
+        ]
         if found:
             lines += [f"{text}: {', '.join(found)}.", ""]
     return lines

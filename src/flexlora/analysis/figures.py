@@ -45,8 +45,9 @@ def _row(profile: str, reference: str, method: str, d, negate: bool = False) -> 
     sign = -1.0 if negate else 1.0
     if negate:
         low, high = -high, -low
-    return ForestRow(profile, reference, method, sign * d.mean, low, high, d.decided_by,
-                     tuple(sign * x for x in d.per_seed), d.significant)
+    return ForestRow(
+        profile, reference, method, sign * d.mean, low, high, d.decided_by, tuple(sign * x for x in d.per_seed), d.significant
+    )
 
 
 def forest_rows(differences, pairwise, baseline: str, ours: str, profiles: list[str], label, metric: str) -> list[ForestRow]:
@@ -56,7 +57,7 @@ def forest_rows(differences, pairwise, baseline: str, ours: str, profiles: list[
     against_baseline = {}
     for (method, profile), diffs in differences:
         d = next(x for x in diffs if x.metric == metric)
-        for p in (profiles if profile == "homo" else [profile]):  # a homogeneous method is every profile's
+        for p in profiles if profile == "homo" else [profile]:  # a homogeneous method is every profile's
             against_baseline[(method, p)] = d
     against_ours = {(rival, p): next(x for x in diffs if x.metric == metric) for rival, p, diffs in pairwise}
     rows = []
@@ -112,8 +113,9 @@ def plot_forest(path: Path, rows: list[ForestRow], profiles: list[str], metric: 
     by_key = {(r.profile, r.reference, r.method): r for r in rows}
     intervals = sorted({r.interval for r in rows})
     colors = {ref: f"C{k}" for k, ref in enumerate(references)}
-    fig, axes = plt.subplots(1, len(profiles), figsize=(3.6 * len(profiles) + 2.6, 0.3 * len(positions) + 2.2),
-                             sharey=True, sharex=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(profiles), figsize=(3.6 * len(profiles) + 2.6, 0.3 * len(positions) + 2.2), sharey=True, sharex=True, squeeze=False
+    )
     for ax, profile in zip(axes[0], profiles):
         ax.axvline(0.0, color="0.3", lw=0.8)
         for (ref, method), y in positions.items():
@@ -124,17 +126,32 @@ def plot_forest(path: Path, rows: list[ForestRow], profiles: list[str], metric: 
             color = colors[ref]
             ax.hlines(y, r.low, r.high, color=color, lw=2.4, alpha=0.55, gid=f"interval|{gid}")
             if r.per_seed:
-                offsets = [y + 0.18 * (k - (len(r.per_seed) - 1) / 2) / max(len(r.per_seed) - 1, 1) for k in range(len(r.per_seed))]
+                offsets = [
+                    y + 0.18 * (k - (len(r.per_seed) - 1) / 2) / max(len(r.per_seed) - 1, 1) for k in range(len(r.per_seed))
+                ]
                 ax.scatter(r.per_seed, offsets, s=11, color="0.15", zorder=3, gid=f"seeds|{gid}")
-            ax.plot([r.mean], [y], marker="D", ms=6, color=color, markerfacecolor=color if r.significant else "white",
-                    markeredgewidth=1.4, zorder=4, linestyle="none", gid=f"mean|{gid}")
+            ax.plot(
+                [r.mean],
+                [y],
+                marker="D",
+                ms=6,
+                color=color,
+                markerfacecolor=color if r.significant else "white",
+                markeredgewidth=1.4,
+                zorder=4,
+                linestyle="none",
+                gid=f"mean|{gid}",
+            )
         ax.set_title(f"resource profile: {profile}", fontsize=10)
         ax.grid(axis="x", alpha=0.3)
         ax.set_xlabel(f"difference in {metric}")
     axes[0][0].set_yticks(list(positions.values()), [f"{method} − {ref}" for ref, method in positions])
     axes[0][0].set_ylim(min(positions.values()) - 0.8, max(positions.values()) + 0.8)
-    _suptitle(fig, f"Paired differences on the held-out clients: mean (◆, filled: significant), 95% interval over "
-                   f"{' / '.join(intervals)} (bar), one dot per seed")
+    _suptitle(
+        fig,
+        f"Paired differences on the held-out clients: mean (◆, filled: significant), 95% interval over "
+        f"{' / '.join(intervals)} (bar), one dot per seed",
+    )
     fig.tight_layout()
     _save(fig, path)
 
@@ -164,8 +181,9 @@ def score_panels(methods, profiles, seeds, cell_for, label, is_homogeneous) -> d
     for profile in profiles:
         series = []
         for method in methods:
-            per_seed = {s: {int(k): v for k, v in r["summary"]["per_round"].items()}
-                        for s in seeds if (r := cell_for(method, profile, s))}
+            per_seed = {
+                s: {int(k): v for k, v in r["summary"]["per_round"].items()} for s in seeds if (r := cell_for(method, profile, s))
+            }
             if per_seed:
                 series.append(ScoreSeries(label(method), is_homogeneous(method), per_seed))
         panels[profile] = series
@@ -200,8 +218,15 @@ def _plot_curves(path: Path, panels: dict[str, list[ScoreSeries]], zero_shot: fl
             mean = [statistics.fmean(scores[t] for scores in s.per_seed.values()) for t in rounds]
             style = ("--" if s.homogeneous else "-") if len(rounds) > 2 else "none"
             same_rank = " (every client at the same rank)" if s.homogeneous else ""
-            line, = ax.plot(rounds, mean, linestyle=style, marker="o", color=f"C{methods.index(s.method) % 10}",
-                            gid=f"curve|{profile}|{s.method}", label=f"{s.method}{same_rank}, {len(s.per_seed)} seeds")
+            (line,) = ax.plot(
+                rounds,
+                mean,
+                linestyle=style,
+                marker="o",
+                color=f"C{methods.index(s.method) % 10}",
+                gid=f"curve|{profile}|{s.method}",
+                label=f"{s.method}{same_rank}, {len(s.per_seed)} seeds",
+            )
             handles.setdefault(line.get_label(), line)
         if zero_shot is not None:
             zero = ax.axhline(zero_shot, color="0.5", linestyle=":", lw=1.2, gid="zero-shot", label="zero-shot (base model)")
@@ -225,8 +250,9 @@ def _plot_finals(path: Path, panels: dict[str, list[ScoreSeries]], zero_shot: fl
     plt = _pyplot()
     methods = list(dict.fromkeys(s.method for series in panels.values() for s in series))
     position = {m: -k for k, m in enumerate(methods)}
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels) + 2.4, 0.32 * len(methods) + 1.9),
-                             sharey=True, sharex=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(3.4 * len(panels) + 2.4, 0.32 * len(methods) + 1.9), sharey=True, sharex=True, squeeze=False
+    )
     for ax, (profile, series) in zip(axes[0], panels.items()):
         for s in series:
             y, finals, color = position[s.method], list(s.finals.values()), f"C{methods.index(s.method) % 10}"
@@ -241,7 +267,10 @@ def _plot_finals(path: Path, panels: dict[str, list[ScoreSeries]], zero_shot: fl
         ax.set_xlabel(SCORE_LABEL)
     axes[0][0].set_yticks(list(position.values()), methods)
     axes[0][0].set_ylim(-len(methods) + 0.4, 0.6)
-    _suptitle(fig, "Held-out clients' final Rouge-L (only the first and the last round were evaluated, so no curve): "
-                   "a dot per seed, a bar at the mean, dotted: zero-shot")
+    _suptitle(
+        fig,
+        "Held-out clients' final Rouge-L (only the first and the last round were evaluated, so no curve): "
+        "a dot per seed, a bar at the mean, dotted: zero-shot",
+    )
     fig.tight_layout()
     _save(fig, path)

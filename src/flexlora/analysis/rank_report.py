@@ -66,7 +66,7 @@ def names(runs: list[dict], level: str) -> list[str]:
     found: dict[str, None] = {}
     for run in runs:
         for r in run["history"]:
-            for name in ((r.get("spectrum") or {}).get(level) or {}):
+            for name in (r.get("spectrum") or {}).get(level) or {}:
                 found[name] = None
     order = ["attention", "mlp", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     return sorted(found, key=lambda n: (order.index(n) if n in order else len(order), n))
@@ -90,14 +90,23 @@ def row(points: list[tuple[int, dict]], rounds: tuple[int, ...]) -> dict:
 def _num(value, digits: int = 3) -> str:
     if value is None:
         return "–"
-    if 0 < abs(value) < 10 ** -digits:
+    if 0 < abs(value) < 10**-digits:
         return f"{value:.1e}"
     return f"{value:.{digits}f}"
 
 
 def table(runs: list[dict], level: str, rounds: tuple[int, ...]) -> list[str]:
-    head = ["method", "profile", "seed", level[:-1], "client ranks",
-            *[f"beyond r_min, round {r}" for r in rounds], "ratio per round (fit)", "eff. rank, first", "eff. rank, last"]
+    head = [
+        "method",
+        "profile",
+        "seed",
+        level[:-1],
+        "client ranks",
+        *[f"beyond r_min, round {r}" for r in rounds],
+        "ratio per round (fit)",
+        "eff. rank, first",
+        "eff. rank, last",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
         for name in names([run], level):
@@ -105,11 +114,23 @@ def table(runs: list[dict], level: str, rounds: tuple[int, ...]) -> list[str]:
             if not points:
                 continue
             r = row(points, rounds)
-            lines.append("| " + " | ".join([
-                run["method"], run["profile"], str(run["seed"]), name, "/".join(map(str, r["edges"])),
-                *[_num(r["at"][x]) for x in rounds], _num(r["rate"]),
-                f"{r['eff_first']:.1f} (round {r['first_round']})", f"{r['eff_last']:.1f} (round {r['last_round']})",
-            ]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        run["method"],
+                        run["profile"],
+                        str(run["seed"]),
+                        name,
+                        "/".join(map(str, r["edges"])),
+                        *[_num(r["at"][x]) for x in rounds],
+                        _num(r["rate"]),
+                        f"{r['eff_first']:.1f} (round {r['first_round']})",
+                        f"{r['eff_last']:.1f} (round {r['last_round']})",
+                    ]
+                )
+                + " |"
+            )
     return lines
 
 
@@ -121,7 +142,9 @@ def write_rank_report(paths: list[str | Path], out: str | Path, rounds: tuple[in
     runs = [load_run(p) for p in find_runs(paths)]
     runs = [r for r in runs if any(h.get("spectrum") for h in r["history"])]
     if not runs:
-        raise ValueError("no run with spectrum records (metrics.jsonl 'spectrum', eval.spectrum=true) under " + ", ".join(map(str, paths)))
+        raise ValueError(
+            "no run with spectrum records (metrics.jsonl 'spectrum', eval.spectrum=true) under " + ", ".join(map(str, paths))
+        )
     runs.sort(key=lambda r: (r["profile"], r["method"], str(r["seed"])))
     lines = [
         "# Rank collapse: the global ΔW's energy beyond the smallest client rank",
@@ -147,7 +170,9 @@ def write_rank_report(paths: list[str | Path], out: str | Path, rounds: tuple[in
         "|---|---|---|---|---|---|",
     ]
     for run in runs:
-        lines.append(f"| {run['method']} | {run['profile']} | {run['seed']} | {run['name']} | {_num(run['zero_shot'], 4)} | {_num(run['rouge'], 4)} |")
+        lines.append(
+            f"| {run['method']} | {run['profile']} | {run['seed']} | {run['name']} | {_num(run['zero_shot'], 4)} | {_num(run['rouge'], 4)} |"
+        )
     metric = next((r["metric"] for r in runs if r["metric"]), None)
     if metric:
         lines += ["", f"Score: {metric} of the exported global model on the held-out clients."]
@@ -184,13 +209,19 @@ def plot_rank_report(runs: list[dict], path: Path) -> None:
                 continue
             colour = colours[methods.index(run["method"]) % len(colours)]
             style = styles[profiles.index(run["profile"]) % len(styles)]
-            label = f"{run['method']}, {run['profile']}" + (f", seed {run['seed']}" if len({r['seed'] for r in runs}) > 1 else "")
+            label = f"{run['method']}, {run['profile']}" + (f", seed {run['seed']}" if len({r["seed"] for r in runs}) > 1 else "")
             shares = [(rnd, beyond_shared(rec)) for rnd, rec in points]
             positive = [(rnd, s) for rnd, s in shares if s > 0]
             if positive:
                 top.plot(*zip(*positive), marker="o", color=colour, linestyle=style, label=label)
-            bottom.plot([rnd for rnd, _ in points], [rec["effective_rank_mean"] for _, rec in points],
-                        marker="o", color=colour, linestyle=style, label=label)
+            bottom.plot(
+                [rnd for rnd, _ in points],
+                [rec["effective_rank_mean"] for _, rec in points],
+                marker="o",
+                color=colour,
+                linestyle=style,
+                label=label,
+            )
         top.set_yscale("log")
         top.set_title(f"{name}: energy beyond the smallest client rank", fontsize=10)
         top.set_xlabel("round")
@@ -205,8 +236,15 @@ def plot_rank_report(runs: list[dict], path: Path) -> None:
                 ax.legend(fontsize=8)
         if not top.get_lines():  # a log axis cannot show zeros: say so instead of an empty panel
             top.set_yscale("linear")
-            top.text(0.5, 0.5, "no energy beyond the smallest rank\n(every client has the same rank)",
-                     ha="center", va="center", transform=top.transAxes, fontsize=9)
+            top.text(
+                0.5,
+                0.5,
+                "no energy beyond the smallest rank\n(every client has the same rank)",
+                ha="center",
+                va="center",
+                transform=top.transAxes,
+                fontsize=9,
+            )
     fig.suptitle("Rank collapse: spectrum of the global ΔW over rounds", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

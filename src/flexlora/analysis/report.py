@@ -61,8 +61,9 @@ class GridView:
         self.by_cell = {r["cell"]: r for r in self.rows}
         # Every registered metric but the headline one that every finished cell's summary holds
         # (a metric registered after the grid ran is left out, not an error).
-        self.others = [m for m in METRICS.values()
-                       if m.name != METRIC and all(f"final{m.summary_suffix}" in r["summary"] for r in self.rows)]
+        self.others = [
+            m for m in METRICS.values() if m.name != METRIC and all(f"final{m.summary_suffix}" in r["summary"] for r in self.rows)
+        ]
 
     def cell_for(self, method: str, profile: str, seed: int):
         return self.by_cell.get(Cell(method, "homo" if is_homogeneous(method) else profile, seed))
@@ -95,8 +96,14 @@ class GridView:
             else:
                 cols = [_fmt(self.values(m, p, key), digits, of=len(self.seeds)) for p in self.profiles]
             body.append([self.label(m), *cols])
-        return [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-                *("| " + " | ".join(row) + " |" for row in body), ""]
+        return [
+            f"### {title}",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+            *("| " + " | ".join(row) + " |" for row in body),
+            "",
+        ]
 
 
 def write_report(out: str | Path, echo=print) -> Path:
@@ -139,8 +146,10 @@ def _markdown(view: GridView, c: Comparisons, forest) -> list[str]:
     ]
     if rows:
         zero = [r["summary"]["zero_shot"] for r in rows]
-        means = [f"{m.label} {statistics.fmean(r['summary'][f'zero_shot{m.summary_suffix}'] for r in rows):.{m.digits}f}"
-                 for m in others]
+        means = [
+            f"{m.label} {statistics.fmean(r['summary'][f'zero_shot{m.summary_suffix}'] for r in rows):.{m.digits}f}"
+            for m in others
+        ]
         lines += [f"Zero-shot (base model, no adapter): {', '.join([f'{METRIC} {statistics.fmean(zero):.4f}', *means])}.", ""]
     lines += view.table(f"Final {METRIC} (held-out clients)", "final")
     if forest:
@@ -148,15 +157,23 @@ def _markdown(view: GridView, c: Comparisons, forest) -> list[str]:
     lines += difference_sections(c, view.profiles, label, baseline, of=len(view.seeds))
     if baseline in view.methods:
         lines += view.table(f"Improvement over {label(baseline)} in {METRIC} (paired by seed)", "final", delta=True)
-        lines += view.table(f"Change in {EVAL_LOSS.label} against {label(baseline)} (paired by seed; negative is better)",
-                            f"final{EVAL_LOSS.summary_suffix}", digits=EVAL_LOSS.digits, delta=True)
+        lines += view.table(
+            f"Change in {EVAL_LOSS.label} against {label(baseline)} (paired by seed; negative is better)",
+            f"final{EVAL_LOSS.summary_suffix}",
+            digits=EVAL_LOSS.digits,
+            delta=True,
+        )
     for m in others:
         lines += view.table(f"Final {m.title}", f"final{m.summary_suffix}", digits=m.digits)
     lines += view.table(f"Best {METRIC} over rounds", "best")
     lines += _truncation_table(rows, view.profiles)
     lines += _category_table(rows, view.methods, view.profiles, label)
-    lines += ["### Cells", "", "| cell | zero-shot | final | " + "".join(f"{m.label} | " for m in others) + "wall time (s) |",
-              "|---|---|---|" + "---|" * len(others) + "---|"]
+    lines += [
+        "### Cells",
+        "",
+        "| cell | zero-shot | final | " + "".join(f"{m.label} | " for m in others) + "wall time (s) |",
+        "|---|---|---|" + "---|" * len(others) + "---|",
+    ]
     for r in rows:
         s = r["summary"]
         finals = "".join(f"{s[f'final{m.summary_suffix}']:.{m.digits}f} | " for m in others)
@@ -176,8 +193,9 @@ def _write_tables(view: GridView) -> None:
         head = ["method", "profile", "seeds", "final_mean", "final_sd", f"delta_vs_{baseline}_mean", f"delta_vs_{baseline}_sd"]
         for metric in others:  # mean and sd of each other metric; the eval loss's paired change too
             key = metric.summary_suffix.lstrip("_")
-            head += [f"{key}_mean", f"{key}_sd"] + ([f"{key}_delta_vs_{baseline}_mean", f"{key}_delta_vs_{baseline}_sd"]
-                                                   if metric is EVAL_LOSS else [])
+            head += [f"{key}_mean", f"{key}_sd"] + (
+                [f"{key}_delta_vs_{baseline}_mean", f"{key}_delta_vs_{baseline}_sd"] if metric is EVAL_LOSS else []
+            )
         w.writerow([*head, "best_mean", "zero_shot"])
         for m in view.methods:
             for p in view.profiles:
@@ -199,8 +217,16 @@ def _write_tables(view: GridView) -> None:
             for rec in r["history"]:
                 if rec.get("eval"):
                     e = rec["eval"]
-                    w.writerow([r["cell"].method, r["cell"].profile, r["cell"].seed, rec["round"],
-                                f"{e[METRIC]:.6f}", *(f"{e[m.name]:.6f}" for m in others)])
+                    w.writerow(
+                        [
+                            r["cell"].method,
+                            r["cell"].profile,
+                            r["cell"].seed,
+                            rec["round"],
+                            f"{e[METRIC]:.6f}",
+                            *(f"{e[m.name]:.6f}" for m in others),
+                        ]
+                    )
 
 
 def _forest(c: Comparisons, baseline, profiles, label):
@@ -214,12 +240,15 @@ def _forest(c: Comparisons, baseline, profiles, label):
 def _forest_lines(forest, baseline_label: str) -> list[str]:
     intervals = " / ".join(sorted({r.interval for r in forest}))
     return [
-        "### The differences at a glance", "",
-        f"![Paired differences: each method − {baseline_label} and each method − {OURS}, per profile]({FOREST_PNG})", "",
+        "### The differences at a glance",
+        "",
+        f"![Paired differences: each method − {baseline_label} and each method − {OURS}, per profile]({FOREST_PNG})",
+        "",
         f"Per resource profile, each method − {baseline_label}, then each method − {OURS}, in {METRIC}: the mean (◆, "
-        f"filled when significant), the 95% interval over {intervals} (the one \"significant\" follows), one dot per "
+        f'filled when significant), the 95% interval over {intervals} (the one "significant" follows), one dot per '
         f"seed. [{SCORES_PNG}]({SCORES_PNG}): the scores themselves (round curves where intermediate rounds were "
-        "evaluated, otherwise each seed's final score).", "",
+        "evaluated, otherwise each seed's final score).",
+        "",
     ]
 
 
@@ -259,7 +288,7 @@ def _truncation_table(rows, profiles) -> list[str]:
         "|---|---|---|" + "---|" * len(ranks),
     ]
     order = {p: i for i, p in enumerate(profiles)}
-    for (method, profile, kind) in sorted(acc, key=lambda k: (k[0], order.get(k[1], 99), k[2])):
+    for method, profile, kind in sorted(acc, key=lambda k: (k[0], order.get(k[1], 99), k[2])):
         slot = acc[(method, profile, kind)]
         cols = [f"{statistics.fmean(slot[r]):.3f}" if r in slot else "–" for r in ranks]
         lines.append(f"| {method} | {profile} | {kind} | " + " | ".join(cols) + " |")
@@ -270,20 +299,35 @@ def _category_table(rows, methods, profiles, label) -> list[str]:
     cats = sorted({c for r in rows for c in (r["summary"].get("final_per_category") or {})})
     if len(cats) < 2:
         return []
-    lines = [f"### Final {METRIC} per held-out category (mean over seeds)", "",
-             "| method | profile | " + " | ".join(cats) + " |", "|---|---|" + "---|" * len(cats)]
+    lines = [
+        f"### Final {METRIC} per held-out category (mean over seeds)",
+        "",
+        "| method | profile | " + " | ".join(cats) + " |",
+        "|---|---|" + "---|" * len(cats),
+    ]
     zero = {}
     for r in rows:
         for rec in r["history"][:1]:
             for c, v in (rec["eval"] or {}).get("per_category", {}).items():
                 zero.setdefault(c, []).append(v[METRIC])
     if zero:
-        lines.append("| zero-shot | – | " + " | ".join(f"{statistics.fmean(zero[c]):.3f}" if c in zero else "–" for c in cats) + " |")
+        lines.append(
+            "| zero-shot | – | " + " | ".join(f"{statistics.fmean(zero[c]):.3f}" if c in zero else "–" for c in cats) + " |"
+        )
     for m in methods:
-        for p in (["homo"] if is_homogeneous(m) else profiles):
-            vals = {c: [r["summary"]["final_per_category"][c][METRIC] for r in rows
-                        if r["cell"].method == m and r["cell"].profile == p and c in (r["summary"].get("final_per_category") or {})]
-                    for c in cats}
+        for p in ["homo"] if is_homogeneous(m) else profiles:
+            vals = {
+                c: [
+                    r["summary"]["final_per_category"][c][METRIC]
+                    for r in rows
+                    if r["cell"].method == m and r["cell"].profile == p and c in (r["summary"].get("final_per_category") or {})
+                ]
+                for c in cats
+            }
             if any(vals.values()):
-                lines.append(f"| {label(m)} | {p} | " + " | ".join(f"{statistics.fmean(v):.3f}" if v else "–" for v in vals.values()) + " |")
+                lines.append(
+                    f"| {label(m)} | {p} | "
+                    + " | ".join(f"{statistics.fmean(v):.3f}" if v else "–" for v in vals.values())
+                    + " |"
+                )
     return lines + [""]

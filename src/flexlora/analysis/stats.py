@@ -231,8 +231,9 @@ def paired_difference(
         lb, tb = _arrays(baseline_runs, keys, numerator), _arrays(baseline_runs, keys, denominator)
         per_seed = lm.sum(1) / np.maximum(tm.sum(1), 1) - lb.sum(1) / np.maximum(tb.sum(1), 1)
         # (seeds, resamples): each seed's difference on each example resample
-        boot_by_seed = (lm[:, picks].sum(-1) / np.maximum(tm[:, picks].sum(-1), 1)
-                        - lb[:, picks].sum(-1) / np.maximum(tb[:, picks].sum(-1), 1))
+        boot_by_seed = lm[:, picks].sum(-1) / np.maximum(tm[:, picks].sum(-1), 1) - lb[:, picks].sum(-1) / np.maximum(
+            tb[:, picks].sum(-1), 1
+        )
     else:
         field = spec.fields[0][0]
         diff = _arrays(method_runs, keys, field) - _arrays(baseline_runs, keys, field)
@@ -262,15 +263,24 @@ def paired_difference(
         # Drawn after the other picks, so those intervals are what they were before.
         category_picks = rng.integers(0, n_categories, size=(resamples, n_categories))
         if spec.ratio:
-            category_by_seed = (by_category(lm) / np.maximum(by_category(tm), 1)
-                                - by_category(lb) / np.maximum(by_category(tb), 1))
+            category_by_seed = by_category(lm) / np.maximum(by_category(tm), 1) - by_category(lb) / np.maximum(by_category(tb), 1)
         else:  # a resample's mean over its examples, each drawn category's examples all counted
             category_by_seed = by_category(diff) / by_category(np.ones_like(diff))
         task_level = np.take_along_axis(category_by_seed, seed_picks.T, axis=0).mean(0)
         category_low, category_high = (float(x) for x in np.percentile(task_level, [2.5, 97.5]))
     spread = statistics.stdev(per_seed.tolist()) if len(per_seed) > 1 else 0.0
     return PairedDifference(
-        metric, float(per_seed.mean()), float(low), float(high), float(example_low), float(example_high),
-        spread, len(per_seed), len(keys), tuple(float(x) for x in per_seed),
-        category_low, category_high, n_categories,
+        metric,
+        float(per_seed.mean()),
+        float(low),
+        float(high),
+        float(example_low),
+        float(example_high),
+        spread,
+        len(per_seed),
+        len(keys),
+        tuple(float(x) for x in per_seed),
+        category_low,
+        category_high,
+        n_categories,
     )

@@ -194,7 +194,9 @@ def run_case(size: str, case: str, module: str, shape, modes, *, seed, device, r
             continue
         seen.add(resolved)
         label = f"auto->{resolved}" if mode == "auto" else mode
-        methods[label] = FlexLoRA(svd_mode=mode, max_global_rank=max_rank, oversample=oversample, niter=niter, seed=seed, device=device)
+        methods[label] = FlexLoRA(
+            svd_mode=mode, max_global_rank=max_rank, oversample=oversample, niter=niter, seed=seed, device=device
+        )
     needs_floor = any(label.split("->")[-1] in ("dense", "randomized") for label in methods)
 
     procedures = {"reference": lambda: reference_aggregate(updates, module)}
@@ -214,7 +216,7 @@ def run_case(size: str, case: str, module: str, shape, modes, *, seed, device, r
     (dense, U, S, Vh), ref_times, peak_ref = results.pop("reference")
     t_ref = median(ref_times)
     ref_row = Row(**common, mode="reference", time_s=t_ref, peak_mb=peak_ref, times=ref_times, speedup=1.0)
-    ref_row.quality = slice_quality(dense, S, lambda r: (Vh[:r], U[:, :r] * S[:r] / (ALPHA / r)), ranks)
+    ref_row.quality = slice_quality(dense, S, lambda r, U=U, S=S, Vh=Vh: (Vh[:r], U[:, :r] * S[:r] / (ALPHA / r)), ranks)
     del U, Vh
     echo(f"    reference: {t_ref:.3f} s (median of {repeat}: {_spread(ref_times)}), peak {peak_ref:.0f} MB")
     rows = [ref_row]
@@ -222,7 +224,9 @@ def run_case(size: str, case: str, module: str, shape, modes, *, seed, device, r
         state, times, peak = results[label]
         t = median(times)
         row = Row(**common, mode=label, time_s=t, peak_mb=peak, times=times, speedup=t_ref / t)
-        row.quality = slice_quality(dense, S, lambda r: method.client_factors(state, {module: r}, ALPHA)[module], ranks)
+        row.quality = slice_quality(
+            dense, S, lambda r, method=method, state=state: method.client_factors(state, {module: r}, ALPHA)[module], ranks
+        )
         if label.split("->")[-1] in ("dense", "randomized"):
             row.floor_s = floor
         if label == "randomized":
@@ -232,7 +236,9 @@ def run_case(size: str, case: str, module: str, shape, modes, *, seed, device, r
         rows.append(row)
         del state
         worst = max(abs(q - 1) for q in row.quality.values())
-        echo(f"    {row.mode}: {t:.3f} s (median of {repeat}: {_spread(times)}; {t_ref / t:.1f}x faster), peak {peak:.0f} MB, worst slice {1 + worst:.7f} of optimal")
+        echo(
+            f"    {row.mode}: {t:.3f} s (median of {repeat}: {_spread(times)}; {t_ref / t:.1f}x faster), peak {peak:.0f} MB, worst slice {1 + worst:.7f} of optimal"
+        )
     return rows
 
 
@@ -271,12 +277,27 @@ def run_benchmark(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda requested but no CUDA GPU is available")
     limit_malloc_caching()
-    echo(f"device {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f", {torch.get_num_threads()} threads"))
+    echo(
+        f"device {dev}"
+        + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f", {torch.get_num_threads()} threads")
+    )
     rows = []
     for size in sizes:
         for case in cases:
             for module, shape in SIZES[size].items():
-                rows += run_case(size, case, module, shape, modes, seed=seed, device=dev, repeat=repeat, oversample=oversample, niter=niter, echo=echo)
+                rows += run_case(
+                    size,
+                    case,
+                    module,
+                    shape,
+                    modes,
+                    seed=seed,
+                    device=dev,
+                    repeat=repeat,
+                    oversample=oversample,
+                    niter=niter,
+                    echo=echo,
+                )
     return rows
 
 
@@ -318,10 +339,13 @@ def goals(rows: list[Row]) -> list[str]:
         out.append(goal(worst <= EXACT_GOAL, f"{label}: within {EXACT_GOAL:g} of optimal", f"{worst:.1e}"))
         if r.mode.startswith("auto"):
             target = SPEED_GOALS[r.case]
-            out.append(goal(
-                r.speedup >= target, f"{label}: >= {target:g}x faster than the reference",
-                f"{r.speedup:.1f}x, medians of {len(r.times)}: {r.time_s * r.speedup:.3f} s / {r.time_s:.3f} s",
-            ))
+            out.append(
+                goal(
+                    r.speedup >= target,
+                    f"{label}: >= {target:g}x faster than the reference",
+                    f"{r.speedup:.1f}x, medians of {len(r.times)}: {r.time_s * r.speedup:.3f} s / {r.time_s:.3f} s",
+                )
+            )
     return with_count(out)
 
 
@@ -337,11 +361,22 @@ HELP = "FlexLoRA's server step vs the reference procedure (per-client products +
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--sizes", default="1.3b,8b", help="comma-separated: quick (512x512, 512x1376), 1.3b (2048x2048, 2048x5504), 8b (4096x4096, 4096x14336)")
-    parser.add_argument("--cases", default="a,b", help="a: 10 clients from heavy-tail-light; b: 80 clients from heavy-tail-strong")
+    parser.add_argument(
+        "--sizes",
+        default="1.3b,8b",
+        help="comma-separated: quick (512x512, 512x1376), 1.3b (2048x2048, 2048x5504), 8b (4096x4096, 4096x14336)",
+    )
+    parser.add_argument(
+        "--cases", default="a,b", help="a: 10 clients from heavy-tail-light; b: 80 clients from heavy-tail-strong"
+    )
     parser.add_argument("--modes", default="auto,dense,randomized", help="FlexLoRA svd modes: auto, factored, dense, randomized")
     parser.add_argument("--quick", action="store_true", help="small shapes only, one repeat unless --repeat (seconds)")
-    parser.add_argument("--repeat", type=int, default=None, help="time every procedure N times, interleaved; report medians (default 3; --quick: 1)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="time every procedure N times, interleaved; report medians (default 3; --quick: 1)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--oversample", type=int, default=64, help="randomized mode: extra subspace columns")
@@ -354,8 +389,14 @@ def run_command(args) -> None:
     repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
     try:
         rows = run_benchmark(
-            sizes, args.cases.split(","), args.modes.split(","),
-            seed=args.seed, device=args.device, repeat=repeat, oversample=args.oversample, niter=args.niter,
+            sizes,
+            args.cases.split(","),
+            args.modes.split(","),
+            seed=args.seed,
+            device=args.device,
+            repeat=repeat,
+            oversample=args.oversample,
+            niter=args.niter,
         )
     except ValueError as e:
         raise ConfigError(f"bench aggregate: {e}") from None

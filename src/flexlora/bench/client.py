@@ -87,15 +87,19 @@ def _peft_loop(model, features, cfg, target_modules, rank, steps, seed, device, 
     from flexlora.data.prompts import collate
 
     torch.manual_seed(seed)
-    net = get_peft_model(model, LoraConfig(r=rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=target_modules, task_type="CAUSAL_LM"))
+    net = get_peft_model(
+        model,
+        LoraConfig(
+            r=rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=target_modules, task_type="CAUSAL_LM"
+        ),
+    )
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr)
     amp = autocast_dtype(cfg, device)
     net.train()
     batch = cfg.train.batch_size
     inputs = [
-        {k: v.to(device) for k, v in collate(features[i : i + batch], pad_id).items()}
-        for i in range(0, len(features), batch)
+        {k: v.to(device) for k, v in collate(features[i : i + batch], pad_id).items()} for i in range(0, len(features), batch)
     ]
     losses = []
     for step in range(steps):
@@ -163,7 +167,9 @@ def worker(spec: dict) -> dict:
                 stats["gradient_checkpointing"] = update.metrics["gradient_checkpointing"]
                 stats["factor_dtypes"] = sorted({str(a.dtype) for a, _ in update.factors.values()})
         else:
-            net = _peft_loop(model, features, cfg, targets, spec["rank"], steps, spec["seed"], device, tokenizer.pad_token_id, stats)
+            net = _peft_loop(
+                model, features, cfg, targets, spec["rank"], steps, spec["seed"], device, tokenizer.pad_token_id, stats
+            )
             net.unload()
 
     if spec["warmup"]:
@@ -185,7 +191,8 @@ def worker(spec: dict) -> dict:
     tokens = spec["steps"] * spec["batch"] * max(lengths)
     out = {
         **{k: spec[k] for k in ("model", "option", "impl", "batch", "seq", "steps", "rank")},
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"),
+        "device": str(device)
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"),
         "seq_tokens": sorted(lengths),
         "load_s": load_s,
         "step_s": elapsed / spec["steps"],
@@ -216,7 +223,10 @@ def run_child(spec: dict, timeout_s: float) -> dict:
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "flexlora.bench.client", json.dumps(spec)],
-            capture_output=True, text=True, timeout=timeout_s, env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
         )
     except subprocess.TimeoutExpired:
         return {**spec, "error": f"timed out after {timeout_s:g} s"}
@@ -255,8 +265,19 @@ def run_benchmark(
             for impl in IMPLS:
                 if impl == "peft" and option not in ref:
                     continue
-                spec = {"model": model, "option": option, "impl": impl, "steps": steps, "warmup": warmup, "batch": batch,
-                        "seq": seq, "rank": rank, "device": device, "seed": seed, **parse_option(option)}
+                spec = {
+                    "model": model,
+                    "option": option,
+                    "impl": impl,
+                    "steps": steps,
+                    "warmup": warmup,
+                    "batch": batch,
+                    "seq": seq,
+                    "rank": rank,
+                    "device": device,
+                    "seed": seed,
+                    **parse_option(option),
+                }
                 t0 = time.perf_counter()
                 row = run_child(spec, timeout_s)
                 rows.append(row)
@@ -272,7 +293,9 @@ def run_benchmark(
 
 
 def _find(rows, model, option, impl):
-    return next((r for r in rows if r["model"] == model and r["option"] == option and r["impl"] == impl and "error" not in r), None)
+    return next(
+        (r for r in rows if r["model"] == model and r["option"] == option and r["impl"] == impl and "error" not in r), None
+    )
 
 
 def _peak(row) -> float:
@@ -335,14 +358,24 @@ HELP = (
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--models", default="smollm2-135m-instruct,random-llama-1b", help="comma-separated model sources (random-llama-1b: TinyLlama-1.1B shapes, random weights)")
-    parser.add_argument("--options", default="float32,bfloat16,bfloat16+ckpt,nf4,nf4+ckpt", help="comma-separated <float32|bfloat16|float16|nf4>[+ckpt]")
+    parser.add_argument(
+        "--models",
+        default="smollm2-135m-instruct,random-llama-1b",
+        help="comma-separated model sources (random-llama-1b: TinyLlama-1.1B shapes, random weights)",
+    )
+    parser.add_argument(
+        "--options",
+        default="float32,bfloat16,bfloat16+ckpt,nf4,nf4+ckpt",
+        help="comma-separated <float32|bfloat16|float16|nf4>[+ckpt]",
+    )
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     parser.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank on every default target module (default 8)")
-    parser.add_argument("--reference", default="all", help="options that also get a bare PEFT row: all (default), none, or a comma-separated list")
+    parser.add_argument(
+        "--reference", default="all", help="options that also get a bare PEFT row: all (default), none, or a comma-separated list"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per child process (default 1800)")
@@ -352,8 +385,16 @@ def add_arguments(parser) -> None:
 def run_command(args) -> None:
     try:
         rows = run_benchmark(
-            comma_list(args.models), comma_list(args.options), steps=args.steps, warmup=args.warmup, batch=args.batch,
-            seq=args.seq, rank=args.rank, device=args.device, reference=args.reference, seed=args.seed,
+            comma_list(args.models),
+            comma_list(args.options),
+            steps=args.steps,
+            warmup=args.warmup,
+            batch=args.batch,
+            seq=args.seq,
+            rank=args.rank,
+            device=args.device,
+            reference=args.reference,
+            seed=args.seed,
             timeout_s=args.timeout,
         )
     except ValueError as e:

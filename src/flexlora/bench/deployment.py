@@ -51,10 +51,19 @@ def bench_overrides(nodes: int, rounds: int, model: str, precision: str, device:
     default training budget; a token evaluation (it is not part of the measured round)."""
     dtype, quant = ("bfloat16", "nf4") if precision == "nf4" else (precision, None)
     return [
-        f"model={model}", f"model_dtype={dtype}", f"quantization={quant or 'null'}", f"device={device}", "seed=0",
-        f"data.num_clients={nodes}", f"federation.clients_per_round={nodes}", f"federation.rounds={rounds}",
-        f"flower.min_nodes={nodes}", "flower.node_wait_s=600", f"flower.max_in_flight={max(8, nodes)}",
-        "eval.max_examples_per_client=1", "eval.max_new_tokens=4",
+        f"model={model}",
+        f"model_dtype={dtype}",
+        f"quantization={quant or 'null'}",
+        f"device={device}",
+        "seed=0",
+        f"data.num_clients={nodes}",
+        f"federation.clients_per_round={nodes}",
+        f"federation.rounds={rounds}",
+        f"flower.min_nodes={nodes}",
+        "flower.node_wait_s=600",
+        f"flower.max_in_flight={max(8, nodes)}",
+        "eval.max_examples_per_client=1",
+        "eval.max_new_tokens=4",
         *extra,
     ]
 
@@ -70,10 +79,17 @@ def read_rounds(run_dir: Path) -> list[dict]:
         trains = [c["train_time_s"] for c in r["clients"].values() if "train_time_s" in c]
         slowest = max(trains) if trains else float("nan")
         wall = t["total_s"] - t["evaluation_s"]
-        rows.append({
-            "round": r["round"], "wall_s": wall, "slowest_train_s": slowest, "overhead_s": wall - slowest,
-            "clients": len(r["clients"]), "failures": len(r.get("failures") or {}), "evaluation_s": t["evaluation_s"],
-        })
+        rows.append(
+            {
+                "round": r["round"],
+                "wall_s": wall,
+                "slowest_train_s": slowest,
+                "overhead_s": wall - slowest,
+                "clients": len(r["clients"]),
+                "failures": len(r.get("failures") or {}),
+                "evaluation_s": t["evaluation_s"],
+            }
+        )
     return rows
 
 
@@ -98,9 +114,17 @@ def clientapp_startup(model: str, precision: str, device: str, repeat: int = 3) 
 
 
 def run_benchmark(
-    nodes: int = 2, rounds: int = 2, model: str = "smollm2-135m-instruct", precision: str = "float32", device: str = "cpu",
-    engines: tuple[str, ...] = ENGINES, extra: list[str] = (), workdir: str | Path | None = None, threads: int | None = None,
-    startup_repeat: int = 3, echo=print,
+    nodes: int = 2,
+    rounds: int = 2,
+    model: str = "smollm2-135m-instruct",
+    precision: str = "float32",
+    device: str = "cpu",
+    engines: tuple[str, ...] = ENGINES,
+    extra: list[str] = (),
+    workdir: str | Path | None = None,
+    threads: int | None = None,
+    startup_repeat: int = 3,
+    echo=print,
 ) -> dict:
     """Every engine's rounds on the same config; {"rows": [...], "startup": {...}, "config": {...}}."""
     if nodes < 1 or rounds < 1:
@@ -118,7 +142,18 @@ def run_benchmark(
     work = Path(workdir) if keep else Path(tempfile.mkdtemp(prefix="flexlora-bench-deployment-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []
-    worker_argv = ["--model", model, "--precision", precision, "--device", "auto" if device == "auto" else device, "--seed", "0", "--threads", str(threads)]
+    worker_argv = [
+        "--model",
+        model,
+        "--precision",
+        precision,
+        "--device",
+        "auto" if device == "auto" else device,
+        "--seed",
+        "0",
+        "--threads",
+        str(threads),
+    ]
     node_configs = [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)]
     try:
         for engine in engines:
@@ -127,14 +162,28 @@ def run_benchmark(
             started = time.perf_counter()
             try:
                 if engine.startswith("deployment"):
-                    with Loopback(work / engine.replace("+", "-"), node_configs, worker_argv if engine.endswith("workers") else None,
-                                  node_env={"OMP_NUM_THREADS": str(threads)}) as fed:
+                    with Loopback(
+                        work / engine.replace("+", "-"),
+                        node_configs,
+                        worker_argv if engine.endswith("workers") else None,
+                        node_env={"OMP_NUM_THREADS": str(threads)},
+                    ) as fed:
                         fed.run(overrides, run_dir)
                 else:
-                    cmd = [sys.executable, "-m", "flexlora.cli", "run", *overrides, f"output.dir={run_dir.parent}", f"output.name={run_dir.name}"]
+                    cmd = [
+                        sys.executable,
+                        "-m",
+                        "flexlora.cli",
+                        "run",
+                        *overrides,
+                        f"output.dir={run_dir.parent}",
+                        f"output.name={run_dir.name}",
+                    ]
                     if engine == "simulation":
                         cmd += ["--engine", "flower", f"flower.workers={nodes}"]
-                    done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=7200)
+                    done = subprocess.run(
+                        cmd, env=child_env(), capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=7200
+                    )
                     (work / f"{run_dir.name}.log").write_text(done.stdout + done.stderr)
                     if done.returncode != 0:
                         raise RuntimeError(f"{engine} run failed: {(done.stdout + done.stderr)[-3000:]}")
@@ -149,8 +198,19 @@ def run_benchmark(
             import shutil
 
             shutil.rmtree(work, ignore_errors=True)
-    return {"rows": rows, "startup": startup, "config": {"nodes": nodes, "rounds": rounds, "model": model, "precision": precision,
-                                                          "device": device, "threads_per_node": threads, "overrides": overrides}}
+    return {
+        "rows": rows,
+        "startup": startup,
+        "config": {
+            "nodes": nodes,
+            "rounds": rounds,
+            "model": model,
+            "precision": precision,
+            "device": device,
+            "threads_per_node": threads,
+            "overrides": overrides,
+        },
+    }
 
 
 def steady(rows: list[dict], engine: str) -> list[dict]:
@@ -184,20 +244,26 @@ def goals(result: dict) -> list[str]:
     if workers:
         worst = max(workers, key=lambda r: r["overhead_s"] / r["slowest_train_s"])
         share = worst["overhead_s"] / worst["slowest_train_s"]
-        lines.append(goal(
-            share <= OVERHEAD_GOAL, f"with workers, a round's overhead <= {OVERHEAD_GOAL:.0%} of the slowest client's training",
-            f"worst steady round {worst['round']}: {worst['overhead_s']:.1f} s over {worst['slowest_train_s']:.1f} s = {share:.0%}",
-        ))
+        lines.append(
+            goal(
+                share <= OVERHEAD_GOAL,
+                f"with workers, a round's overhead <= {OVERHEAD_GOAL:.0%} of the slowest client's training",
+                f"worst steady round {worst['round']}: {worst['overhead_s']:.1f} s over {worst['slowest_train_s']:.1f} s = {share:.0%}",
+            )
+        )
     else:
         lines.append(not_checked(f"with workers, overhead <= {OVERHEAD_GOAL:.0%}", "deployment+workers not run"))
     simulation = steady(rows, "simulation")
     if workers and simulation:
         dep = statistics.mean(r["wall_s"] for r in workers)
         sim = statistics.mean(r["wall_s"] for r in simulation)
-        lines.append(goal(
-            dep <= SIMULATION_GOAL * sim, f"a deployment round (workers) <= {SIMULATION_GOAL}x a simulation-engine round",
-            f"steady rounds: {dep:.1f} s against {sim:.1f} s = {dep / sim:.2f}x",
-        ))
+        lines.append(
+            goal(
+                dep <= SIMULATION_GOAL * sim,
+                f"a deployment round (workers) <= {SIMULATION_GOAL}x a simulation-engine round",
+                f"steady rounds: {dep:.1f} s against {sim:.1f} s = {dep / sim:.2f}x",
+            )
+        )
     else:
         lines.append(not_checked(f"deployment round <= {SIMULATION_GOAL}x simulation", "needs deployment+workers and simulation"))
     return with_count(lines)
@@ -221,12 +287,20 @@ HELP = (
 def add_arguments(parser) -> None:
     parser.add_argument("--nodes", type=int, default=2, help="SuperNodes, each holding one training client (default 2)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per run (default 2)")
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="base model (default smollm2-135m-instruct; random-llama-1b on a GPU)")
-    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "nf4"], help="base weights (default float32)")
+    parser.add_argument(
+        "--model", default="smollm2-135m-instruct", help="base model (default smollm2-135m-instruct; random-llama-1b on a GPU)"
+    )
+    parser.add_argument(
+        "--precision", default="float32", choices=["float32", "bfloat16", "nf4"], help="base weights (default float32)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default), auto or cuda")
-    parser.add_argument("--engines", default="deployment+workers,deployment,simulation,in-process", help="which runs, comma-separated")
+    parser.add_argument(
+        "--engines", default="deployment+workers,deployment,simulation,in-process", help="which runs, comma-separated"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads per node (default: cores / nodes)")
-    parser.add_argument("--startup-repeat", type=int, default=3, help="fresh-process ClientApp start-ups to time per path (0: skip)")
+    parser.add_argument(
+        "--startup-repeat", type=int, default=3, help="fresh-process ClientApp start-ups to time per path (0: skip)"
+    )
     parser.add_argument("--workdir", help="keep run folders and every process's log here (default: a temporary folder, removed)")
     parser.add_argument("--json", help="also write the rows and goals to this JSON file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run, e.g. train.steps=6")
@@ -235,8 +309,16 @@ def add_arguments(parser) -> None:
 def run_command(args) -> None:
     try:
         result = run_benchmark(
-            args.nodes, args.rounds, args.model, args.precision, args.device, tuple(comma_list(args.engines)), args.overrides,
-            workdir=args.workdir, threads=args.threads, startup_repeat=args.startup_repeat,
+            args.nodes,
+            args.rounds,
+            args.model,
+            args.precision,
+            args.device,
+            tuple(comma_list(args.engines)),
+            args.overrides,
+            workdir=args.workdir,
+            threads=args.threads,
+            startup_repeat=args.startup_repeat,
         )
     except ValueError as e:
         raise ConfigError(f"bench deployment: {e}") from None

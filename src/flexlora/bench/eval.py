@@ -20,8 +20,16 @@ def _timed(model, tokenizer, work, cfg: ExperimentConfig, kv_cache: bool):
     sync(device)
     started = time.perf_counter()
     scored = score_examples(
-        model, tokenizer, work, cfg.data.template, cfg.data.cutoff_len, cfg.eval.max_new_tokens,
-        cfg.eval.batch_size, kv_cache=kv_cache, desc=f"kv_cache={kv_cache}", decode_batch_size=cfg.eval.decode_batch_size,
+        model,
+        tokenizer,
+        work,
+        cfg.data.template,
+        cfg.data.cutoff_len,
+        cfg.eval.max_new_tokens,
+        cfg.eval.batch_size,
+        kv_cache=kv_cache,
+        desc=f"kv_cache={kv_cache}",
+        decode_batch_size=cfg.eval.decode_batch_size,
     )
     sync(device)
     return scored, time.perf_counter() - started
@@ -111,7 +119,9 @@ HELP = "evaluation examples/s: the two-prefill path (eval.kv_cache=false) vs the
 def add_arguments(parser) -> None:
     parser.add_argument("--config", help="YAML config (model, data.*, eval.*)")
     parser.add_argument("--clients", type=int, default=8, help="clients to evaluate: held-out ones first (default 8)")
-    parser.add_argument("--repeat", type=int, default=1, help="time each path N times, alternating; report the fastest (default 1)")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="time each path N times, alternating; report the fastest (default 1)"
+    )
     parser.add_argument("--adapter", help="a PEFT adapter folder to merge first (e.g. runs/.../adapter): a trained model")
     parser.add_argument("--json", help="also write the result to this JSON file")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.max_examples_per_client=4")

@@ -58,7 +58,9 @@ class Processes:
 
     def start(self, name: str, argv: list[str], env: dict) -> subprocess.Popen:
         with open(self.logs / f"{name}.log", "w") as log:
-            proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         self.started.append((name, proc))
         return proc
 
@@ -136,7 +138,9 @@ class Loopback:
     `node_env`: extra environment of the node-side processes (e.g. OMP_NUM_THREADS).
     Use as a context manager: every process is stopped by PID on exit."""
 
-    def __init__(self, workdir: str | Path, node_configs: list[dict], worker: list[str] | None = None, node_env: dict | None = None):
+    def __init__(
+        self, workdir: str | Path, node_configs: list[dict], worker: list[str] | None = None, node_env: dict | None = None
+    ):
         self.work = Path(workdir)
         self.node_configs = node_configs
         self.worker = worker
@@ -187,30 +191,61 @@ class Loopback:
             f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\n'
             f'root-certificates = "{creds["ca_cert"]}"\n'
         )
-        superlink = self.procs.start("superlink", [
-            str(BIN / "flower-superlink"),
-            "--ssl-ca-certfile", str(creds["ca_cert"]), "--ssl-certfile", str(creds["server_cert"]), "--ssl-keyfile", str(creds["server_key"]),
-            "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1", "--port", str(self.port),
-        ], self.home("superlink"))
-        wait_for(lambda: superlink_healthy(self.port, creds["ca_cert"]), 180, "the SuperLink (TLS)", self.procs, "superlink", superlink)
+        superlink = self.procs.start(
+            "superlink",
+            [
+                str(BIN / "flower-superlink"),
+                "--ssl-ca-certfile",
+                str(creds["ca_cert"]),
+                "--ssl-certfile",
+                str(creds["server_cert"]),
+                "--ssl-keyfile",
+                str(creds["server_key"]),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            self.home("superlink"),
+        )
+        wait_for(
+            lambda: superlink_healthy(self.port, creds["ca_cert"]), 180, "the SuperLink (TLS)", self.procs, "superlink", superlink
+        )
         for i in range(1, n + 1):
             reg = subprocess.run(
                 [str(BIN / "flwr"), "supernode", "register", str(keys[f"node-{i}"][1]), "loopback"],
-                env=self.cli_env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=180,
+                env=self.cli_env,
+                capture_output=True,
+                text=True,
+                stdin=subprocess.DEVNULL,
+                timeout=180,
             )
             if reg.returncode != 0 or "registered successfully" not in reg.stdout:
                 raise RuntimeError(f"registering node-{i} failed: {(reg.stdout + reg.stderr)[-2000:]}")
         for i, config in enumerate(self.node_configs, 1):
             if self.worker is not None:
                 config = {**config, "worker-socket": str(self.socket_path(i))}
-            self.procs.start(f"supernode-{i}", [
-                str(BIN / "flower-supernode"),
-                "--root-certificates", str(creds["ca_cert"]), "--superlink", f"127.0.0.1:{self.port}",
-                "--auth-supernode-private-key", str(keys[f"node-{i}"][0]),
-                "--host", "127.0.0.1", "--port", str(free_port()),
-                "--node-config", node_config_text(config),
-            ], {**self.home(f"supernode-{i}"), **self.node_env})
+            self.procs.start(
+                f"supernode-{i}",
+                [
+                    str(BIN / "flower-supernode"),
+                    "--root-certificates",
+                    str(creds["ca_cert"]),
+                    "--superlink",
+                    f"127.0.0.1:{self.port}",
+                    "--auth-supernode-private-key",
+                    str(keys[f"node-{i}"][0]),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(free_port()),
+                    "--node-config",
+                    node_config_text(config),
+                ],
+                {**self.home(f"supernode-{i}"), **self.node_env},
+            )
 
         for i, (name, proc) in enumerate(workers, 1):
             socket_path = self.socket_path(i)
@@ -227,16 +262,24 @@ class Loopback:
     def run(self, overrides: list[str], run_dir: Path, timeout_s: float = 3600) -> float:
         """`flwr run` of the packaged Flower app with these config overrides, writing to run_dir; returns its
         wall time. A failed run raises with the tail of its output."""
-        (self.work / "run.toml").write_text(f"overrides = {json.dumps(' '.join([*overrides, f'output.dir={run_dir.parent}', f'output.name={run_dir.name}']))}\n")
+        (self.work / "run.toml").write_text(
+            f"overrides = {json.dumps(' '.join([*overrides, f'output.dir={run_dir.parent}', f'output.name={run_dir.name}']))}\n"
+        )
         started = time.perf_counter()
         run = subprocess.run(
             [str(BIN / "flwr"), "run", str(APP), "loopback", "--run-config", str(self.work / "run.toml"), "--stream"],
-            env=self.cli_env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout_s,
+            env=self.cli_env,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout_s,
         )
         wall = time.perf_counter() - started
         (self.work / "logs" / f"flwr-run-{run_dir.name}.log").write_text(run.stdout + run.stderr)
         if run.returncode != 0 or not (run_dir / "summary.json").is_file():
-            raise RuntimeError(f"flwr run failed ({run.returncode}): {(run.stdout + run.stderr)[-3000:]}\n{self.procs.log('superlink')[-2000:]}")
+            raise RuntimeError(
+                f"flwr run failed ({run.returncode}): {(run.stdout + run.stderr)[-3000:]}\n{self.procs.log('superlink')[-2000:]}"
+            )
         return wall
 
     def stop(self) -> None:

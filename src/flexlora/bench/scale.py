@@ -82,8 +82,12 @@ def settings(
         raise ValueError(f"--rounds: must be >= 1, got {rounds}")
     common = [f"model={model}", f"federation.rounds={rounds}", *SHORT]
     out = [
-        {"label": f"K={k}", "kind": "synthetic", "clients_per_round": k,
-         "overrides": [*common, f"data.num_clients={max(100, k)}", f"federation.clients_per_round={k}", *extra]}
+        {
+            "label": f"K={k}",
+            "kind": "synthetic",
+            "clients_per_round": k,
+            "overrides": [*common, f"data.num_clients={max(100, k)}", f"federation.clients_per_round={k}", *extra],
+        }
         for k in clients
     ]
     if ni:
@@ -91,10 +95,19 @@ def settings(
         if not path.is_dir():
             raise ValueError(f"--ni-path: {ni_path} is not a folder (the 1613-client Natural Instructions sample)")
         out.append(
-            {"label": "NI 1613, fraction 0.05", "kind": "ni", "clients_per_round": None,
-             "overrides": [*common, "data.source=natural-instructions", f"data.path={path.resolve()}",
-                           f"data.heldout_fraction={NI_HELDOUT_FRACTION}",
-                           f"federation.fraction={NI_FRACTION}", *extra]}
+            {
+                "label": "NI 1613, fraction 0.05",
+                "kind": "ni",
+                "clients_per_round": None,
+                "overrides": [
+                    *common,
+                    "data.source=natural-instructions",
+                    f"data.path={path.resolve()}",
+                    f"data.heldout_fraction={NI_HELDOUT_FRACTION}",
+                    f"federation.fraction={NI_FRACTION}",
+                    *extra,
+                ],
+            }
         )
     return out
 
@@ -113,8 +126,16 @@ def run_setting(setting: dict, runs_dir: Path, name: str, timeout_s: float) -> d
     """Run one setting as a child process; its peak RSS from os.wait4, its times from metrics.jsonl."""
     runs_dir.mkdir(parents=True, exist_ok=True)
     log_path = runs_dir / f"{name}.log"
-    command = [sys.executable, "-m", "flexlora.cli", "run", "--overwrite", *setting["overrides"],
-               f"output.dir={runs_dir}", f"output.name={name}"]
+    command = [
+        sys.executable,
+        "-m",
+        "flexlora.cli",
+        "run",
+        "--overwrite",
+        *setting["overrides"],
+        f"output.dir={runs_dir}",
+        f"output.name={name}",
+    ]
     started = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
@@ -132,8 +153,12 @@ def run_setting(setting: dict, runs_dir: Path, name: str, timeout_s: float) -> d
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
     wall_s = time.perf_counter() - started
     row = {
-        "label": setting["label"], "kind": setting["kind"], "overrides": setting["overrides"],
-        "returncode": proc.returncode, "wall_s": wall_s, "log": str(log_path),
+        "label": setting["label"],
+        "kind": setting["kind"],
+        "overrides": setting["overrides"],
+        "returncode": proc.returncode,
+        "wall_s": wall_s,
+        "log": str(log_path),
         # Linux: kilobytes. The child's own peak (and that of any child it waited for).
         "peak_rss_mb": usage.ru_maxrss / 1024,
     }
@@ -168,13 +193,15 @@ def read_rounds(path: Path) -> dict:
             if not record.get("round") or "server_s" not in t:
                 continue  # round 0: zero-shot evaluation only
             trained = len(record.get("clients") or {}) + len(record.get("rejected") or {})
-            rounds.append({
-                "round": record["round"],
-                "clients": trained,
-                "failures": len(record.get("failures") or {}),
-                "s_per_client": t["client_training_s"] / trained if trained else None,
-                "time": t,
-            })
+            rounds.append(
+                {
+                    "round": record["round"],
+                    "clients": trained,
+                    "failures": len(record.get("failures") or {}),
+                    "s_per_client": t["client_training_s"] / trained if trained else None,
+                    "time": t,
+                }
+            )
     out = {"rounds": rounds}
     if rounds:
         per_client = [r["s_per_client"] for r in rounds if r["s_per_client"] is not None]
@@ -281,12 +308,14 @@ def goals(rows: list[dict], total_memory_mb: float | None = None) -> list[str]:
         done = len(r.get("rounds") or [])
         wanted = next((int(o.split("=", 1)[1]) for o in reversed(r["overrides"]) if o.startswith("federation.rounds=")), None)
         memory = f" of {total_memory_mb / 1024:.1f} GiB" if total_memory_mb else ""
-        out.append(goal(
-            _ok(r) and done == wanted,
-            f"the 1,613-client NI sample (fraction {NI_FRACTION}, {r.get('clients_per_round', '?')} clients/round) "
-            f"runs {wanted} rounds to completion",
-            f"{done} done, peak RSS {r['peak_rss_mb'] / 1024:.2f} GiB{memory}" + (f"; {r['error']}" if "error" in r else ""),
-        ))
+        out.append(
+            goal(
+                _ok(r) and done == wanted,
+                f"the 1,613-client NI sample (fraction {NI_FRACTION}, {r.get('clients_per_round', '?')} clients/round) "
+                f"runs {wanted} rounds to completion",
+                f"{done} done, peak RSS {r['peak_rss_mb'] / 1024:.2f} GiB{memory}" + (f"; {r['error']}" if "error" in r else ""),
+            )
+        )
     return with_count(out)
 
 
@@ -323,11 +352,21 @@ HELP = (
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--clients", default="10,20,40,80", help="comma-separated clients per round (default 10,20,40,80; empty with --ni: NI only)")
+    parser.add_argument(
+        "--clients",
+        default="10,20,40,80",
+        help="comma-separated clients per round (default 10,20,40,80; empty with --ni: NI only)",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="rounds per run (default 2)")
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="model (default smollm2-135m-instruct; tiny-llama for tests)")
-    parser.add_argument("--ni", action="store_true", help="also run the 1,613-client Natural Instructions sample with federation.fraction=0.05")
-    parser.add_argument("--ni-path", default="../shared/data/natural-instructions-1613-mini", help="the NI per-client folder for --ni")
+    parser.add_argument(
+        "--model", default="smollm2-135m-instruct", help="model (default smollm2-135m-instruct; tiny-llama for tests)"
+    )
+    parser.add_argument(
+        "--ni", action="store_true", help="also run the 1,613-client Natural Instructions sample with federation.fraction=0.05"
+    )
+    parser.add_argument(
+        "--ni-path", default="../shared/data/natural-instructions-1613-mini", help="the NI per-client folder for --ni"
+    )
     parser.add_argument("--runs-dir", help="keep the run folders and logs here (default: a temporary folder, removed)")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per run before it is killed (default 7200)")
     parser.add_argument("--out", help="write the results (rows, per-round times, goals) to this JSON file")
@@ -342,8 +381,14 @@ def run_command(args) -> None:
         if args.timeout <= 0:
             raise ValueError(f"--timeout: must be > 0, got {args.timeout:g}")
         rows = run_benchmark(
-            clients, args.rounds, args.model, ni=args.ni, ni_path=args.ni_path, extra=args.overrides,
-            runs_dir=args.runs_dir, timeout_s=args.timeout,
+            clients,
+            args.rounds,
+            args.model,
+            ni=args.ni,
+            ni_path=args.ni_path,
+            extra=args.overrides,
+            runs_dir=args.runs_dir,
+            timeout_s=args.timeout,
         )
     except ValueError as e:
         raise ConfigError(f"bench scale: {e}") from None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from flexlora.data.records import Issues, Record, read_records, report, to_example

@@ -29,9 +29,7 @@ def render_prompt(example: Example, template: str, tokenizer=None) -> str:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("template 'chat' needs a tokenizer with a chat template")
         content = f"{example.instruction}\n\n{example.input}" if example.input else example.instruction
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
     raise ValueError(f"unknown prompt template '{template}'; choose from: {', '.join(TEMPLATES)}")
 
 
@@ -42,7 +40,9 @@ def _shorten(text: str, tokenizer, drop: int) -> str:
     return tokenizer.decode(ids[:keep], skip_special_tokens=True).rstrip() + " ..." if keep else ""
 
 
-def fit_prompt(example: Example, tokenizer, template: str, cutoff_len: int, answer_len: int | None = None) -> tuple[str, list[int]]:
+def fit_prompt(
+    example: Example, tokenizer, template: str, cutoff_len: int, answer_len: int | None = None
+) -> tuple[str, list[int]]:
     """(prompt text, prompt ids) that leave room for the answer within cutoff_len tokens.
 
     NI inputs can run to thousands of tokens; cutting prompt+answer at cutoff_len would leave

@@ -79,14 +79,14 @@ def read_json_array(path: Path, issues: Issues) -> list[Record]:
     decoder = json.JSONDecoder()
     cache = [0, 1]
     i = _skip_ws(text, 0)
-    if not text[i:i + 1] == "[":
+    if not text[i : i + 1] == "[":
         if i >= len(text):
             return []  # an empty file is an empty client, reported by the caller
         issues.bad_record("expected a JSON list of records", path, _line_of(text, i, cache))
         return []
     records = []
     i = _skip_ws(text, i + 1)
-    if text[i:i + 1] == "]":
+    if text[i : i + 1] == "]":
         return records
     while True:
         line = _line_of(text, i, cache)
@@ -97,10 +97,10 @@ def read_json_array(path: Path, issues: Issues) -> list[Record]:
             return records
         records.append(Record(str(path), line, obj, len(records) + 1))
         i = _skip_ws(text, i)
-        if text[i:i + 1] == ",":
+        if text[i : i + 1] == ",":
             i = _skip_ws(text, i + 1)
             continue
-        if text[i:i + 1] == "]":
+        if text[i : i + 1] == "]":
             return records
         issues.bad_record("invalid JSON (expected ',' or ']'); the rest of the file is skipped", path, _line_of(text, i, cache))
         return records

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
-from flexlora.errors import ConfigError
 from flexlora.data.records import Issues
 from flexlora.data.split import select_heldout
 from flexlora.data.types import ClientData, DataError, FederatedDataset
+from flexlora.errors import ConfigError
 
 if TYPE_CHECKING:  # annotations only: the data layer does not import the configuration
     from flexlora.schema import DataConfig

@@ -12,8 +12,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from flexlora.errors import ConfigError
 from flexlora.data.types import ClientData, DataError
+from flexlora.errors import ConfigError
 
 _TASK_SUFFIX = re.compile(r"\s+\d+\.json$")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 from flexlora.errors import DataError  # noqa: F401  (re-exported: data code raises it)
 
 

@@ -8,12 +8,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from flexlora.protocol import ClientUpdate
 from flexlora.client import train_client
 from flexlora.config import ExperimentConfig
 from flexlora.data.types import ClientData
 from flexlora.experiment import Experiment
-from flexlora.protocol import ClientFailure, ClientTask
+from flexlora.protocol import ClientFailure, ClientTask, ClientUpdate
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,9 @@ class LocalRuntime:
             for task in tasks:
                 progress.set_description(f"round {task.round} clients")
                 try:
-                    result = train_client(self.model, self.tokenizer, self.clients[task.client_id], task, self.cfg, self.target_modules)
+                    result = train_client(
+                        self.model, self.tokenizer, self.clients[task.client_id], task, self.cfg, self.target_modules
+                    )
                 except Exception as e:  # one client's crash is a dropout, not the end of the run
                     log.warning("client %s failed: %s: %s", task.client_id, type(e).__name__, e)
                     result = ClientFailure(task.client_id, f"{type(e).__name__}: {e}")

@@ -21,14 +21,22 @@ from flexlora.data.prompts import fit_prompt
 from flexlora.data.types import ClientData
 from flexlora.evaluation.adapters import adapter, keep_rank  # noqa: F401  (part of this package's API)
 from flexlora.evaluation.cached import _new_cache, _plain_greedy, _score_cached
-from flexlora.protocol import Factors
 from flexlora.evaluation.generation import STOPS, clean_generation, generate, teacher_forced  # noqa: F401
 from flexlora.metrics import METRIC, METRICS, Scored  # noqa: F401  (METRIC: part of this package's API)
+from flexlora.protocol import Factors
 from flexlora.rouge import rouge_l  # noqa: F401  (Unicode-aware tokenizer; part of this package's API)
 
 
 def score_examples(
-    model, tokenizer, work, template, cutoff_len, max_new_tokens, batch_size, kv_cache=True, desc="eval",
+    model,
+    tokenizer,
+    work,
+    template,
+    cutoff_len,
+    max_new_tokens,
+    batch_size,
+    kv_cache=True,
+    desc="eval",
     decode_batch_size: int | None = None,
 ):
     """Per (client, example) of `work`, in order: (summed answer loss, answer tokens,
@@ -118,11 +126,7 @@ def evaluate(
     return {
         **{name: overall[name] for name in METRICS},
         "num_examples": total["n"],
-        "per_client": {
-            cid: {"category": categories[cid], **_finish(s)}
-            for cid, s in per_client.items()
-            if s["n"]
-        },
+        "per_client": {cid: {"category": categories[cid], **_finish(s)} for cid, s in per_client.items() if s["n"]},
         "per_category": {cat: _finish(s) for cat, s in sorted(per_category.items())},
         "samples": samples,
         "per_example": per_example,

@@ -174,7 +174,11 @@ def _prefill(model, tokenizer, units: list[tuple[list[_Row], int]], device, max_
     losses = (loss * tf_mask).sum(1).tolist()
     tokens = tf_mask.sum(1).tolist()
     scored = {
-        (unit_of[r], row.item): (losses[r], tokens[r], clean_generation(tokenizer.decode(argmax[r][tf_mask[r]], skip_special_tokens=True)))
+        (unit_of[r], row.item): (
+            losses[r],
+            tokens[r],
+            clean_generation(tokenizer.decode(argmax[r][tf_mask[r]], skip_special_tokens=True)),
+        )
         for r, row in enumerate(rows)
         if row.score
     }
@@ -240,7 +244,9 @@ def _decode(model, tokenizer, pending: _Pending, max_new_tokens: int) -> list[st
     for step in range(max_new_tokens):
         if step:
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long, device=device)], 1)
-            logits = _forward(model, cache, input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None]).logits[:, -1]
+            logits = _forward(model, cache, input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None]).logits[
+                :, -1
+            ]
             token = logits.argmax(-1)
             token = torch.where(finished, torch.full_like(token, pad), token)  # as generate pads finished rows
             position = position + 1
@@ -251,8 +257,11 @@ def _decode(model, tokenizer, pending: _Pending, max_new_tokens: int) -> list[st
             generated[i].append(t)
             # A row is done at EOS, or once its text holds a stop string: clean_generation cuts
             # there, so further tokens could not change the result.
-            if (finished[j] or len(generated[i]) >= max_new_tokens
-                    or any(stop in tokenizer.decode(generated[i], skip_special_tokens=True) for stop in STOPS)):
+            if (
+                finished[j]
+                or len(generated[i]) >= max_new_tokens
+                or any(stop in tokenizer.decode(generated[i], skip_special_tokens=True) for stop in STOPS)
+            ):
                 done.add(j)
         if len(done) == len(active):
             break

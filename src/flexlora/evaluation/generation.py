@@ -62,7 +62,5 @@ def teacher_forced(model, tokenizer, examples: list[Example], template: str, cut
     argmax = logits.argmax(-1)
     losses = (loss * mask).sum(1).tolist()
     tokens = mask.sum(1).tolist()
-    answers = [
-        clean_generation(tokenizer.decode(argmax[i][mask[i]], skip_special_tokens=True)) for i in range(len(examples))
-    ]
+    answers = [clean_generation(tokenizer.decode(argmax[i][mask[i]], skip_special_tokens=True)) for i in range(len(examples))]
     return list(zip(losses, tokens, answers))

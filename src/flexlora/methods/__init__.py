@@ -18,32 +18,30 @@ import inspect
 from dataclasses import dataclass
 
 from .base import ClientHook, ClientUpdate, Factors, GlobalState, Method, SparseDelta
-from .helpers import capped_weights, compute_dtype, data_weights, module_names, module_shape
 from .fedit import FedIT
 from .fedprox import FedProx
 from .ffa import FFALoRA
 from .flexlora import FlexLoRA
 from .flora import FLoRA
+from .helpers import capped_weights, compute_dtype, data_weights, module_names, module_shape
 from .hetlora import HetLoRA
 from .server_opt import ServerOptimizer, ServerStep, check_composable
 from .slora import SLoRA
 from .svd import TruncatedSVD, truncated_svd
 
 
-
 def _method_classes(module_name: str) -> list[type]:
     """The Method subclasses a method module defines (not those it imports)."""
     module = importlib.import_module(f"{__name__}.{module_name}")
-    return [v for v in vars(module).values()
-            if isinstance(v, type) and issubclass(v, Method) and v.__module__ == module.__name__ and getattr(v, "name", None)]
+    return [
+        v
+        for v in vars(module).values()
+        if isinstance(v, type) and issubclass(v, Method) and v.__module__ == module.__name__ and getattr(v, "name", None)
+    ]
 
 
 # The registry: one line per method module (its Method subclasses are registered by name).
-METHOD_MODULES = ("flexlora", "fedit", "hetlora", "slora", "flora", "ffa",
-                  "rolora",
-                  "fedex", "florist",
-                  "lora_a2",
-                  "raflora")
+METHOD_MODULES = ("flexlora", "fedit", "hetlora", "slora", "flora", "ffa", "rolora", "fedex", "florist", "lora_a2", "raflora")
 METHODS: dict[str, type] = {cls.name: cls for module_name in METHOD_MODULES for cls in _method_classes(module_name)}
 COMPOSABLE = ("server_opt", "fedprox_mu")  # method_args that compose with a method (compose_method)
 # Client options the reliability layer adds (handled by the client loop itself), accepted as they are.

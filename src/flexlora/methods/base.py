@@ -14,11 +14,12 @@ s = lora_alpha / r.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 
-from flexlora.protocol import ClientTask, ClientUpdate, Factors, SparseDelta
+from flexlora.protocol import ClientTask, ClientUpdate, Factors
 
 GlobalState = dict[str, torch.Tensor]  # flat and safetensors-ready; keys are method-defined
 
@@ -262,4 +263,3 @@ class Method:
     def from_server_params(self, params: dict[str, torch.Tensor], like: GlobalState) -> GlobalState:
         """The state of stepped parameters (the inverse of server_params)."""
         raise NotImplementedError
-

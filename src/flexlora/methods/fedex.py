@@ -141,7 +141,9 @@ class FedEx(Method):
         for module, rank in module_ranks.items():
             if f"{module}.A" not in state:
                 raise KeyError(f"module {module!r} is not in the FedEx state")
-            out[module] = slice_factors(state[f"{module}.A"], state[f"{module}.B"], rank, lora_alpha, module_seed(self.seed, module))
+            out[module] = slice_factors(
+                state[f"{module}.A"], state[f"{module}.B"], rank, lora_alpha, module_seed(self.seed, module)
+            )
         return out
 
     def global_factors(self, state: GlobalState, lora_alpha: float) -> tuple[dict[str, Factors], dict[str, int]]:

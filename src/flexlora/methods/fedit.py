@@ -96,9 +96,7 @@ class FedIT(Method):
                 out[module] = slice_factors(A, B, rank, lora_alpha, module_seed(self.seed, module))
                 continue
             if rank != state_rank:
-                raise ValueError(
-                    f"FedIT state has rank {state_rank} on module {module}; a client asked for rank {rank}"
-                )
+                raise ValueError(f"FedIT state has rank {state_rank} on module {module}; a client asked for rank {rank}")
             out[module] = self._factors(state, module, lora_alpha)
         return out
 

@@ -38,9 +38,7 @@ ROW_BLOCK = 16
 
 def shared_A(seed: int, module: str, rank: int, n: int, dtype=torch.float32, device=None) -> torch.Tensor:
     """The first `rank` rows of module's frozen A (deterministic in seed and module name)."""
-    blocks = [
-        fresh_rows(ROW_BLOCK, n, module_seed(seed, module, j), dtype, device) for j in range(-(-rank // ROW_BLOCK))
-    ]
+    blocks = [fresh_rows(ROW_BLOCK, n, module_seed(seed, module, j), dtype, device) for j in range(-(-rank // ROW_BLOCK))]
     if not blocks:
         return torch.zeros(0, n, dtype=dtype, device=device)
     return torch.cat(blocks, dim=0)[:rank].contiguous()

@@ -107,22 +107,32 @@ class FlexLoRAAccumulator(Accumulator):
         self.total += weight
         for module, (A, B) in update.factors.items():
             if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-                raise ValueError(f"client {update.client_id}, module {module}: need A (r, n) and B (m, r), "
-                                 f"got A {tuple(A.shape)} and B {tuple(B.shape)}")
+                raise ValueError(
+                    f"client {update.client_id}, module {module}: need A (r, n) and B (m, r), "
+                    f"got A {tuple(A.shape)} and B {tuple(B.shape)}"
+                )
             m, n = B.shape[0], A.shape[1]
             if self.shape.setdefault(module, (m, n)) != (m, n):
-                raise ValueError(f"client {update.client_id}, module {module}: weight shape {(m, n)}, others have {self.shape[module]}")
+                raise ValueError(
+                    f"client {update.client_id}, module {module}: weight shape {(m, n)}, others have {self.shape[module]}"
+                )
             self.home.setdefault(module, A.device)
             device = self.method.device or self.home[module]
             dtype = compute_dtype(A, B)
             # Kept as sent, with its coefficient w_k s_k: the scaling is done where the stack is
             # used (stack_pieces: at a flush, or inside the factored kernel's thread limit).
-            self.pending.setdefault(module, []).append((B.to(dtype=dtype, device=device), A.to(dtype=dtype, device=device), weight * update.scale(module)))
+            self.pending.setdefault(module, []).append(
+                (B.to(dtype=dtype, device=device), A.to(dtype=dtype, device=device), weight * update.scale(module))
+            )
             self.rank[module] = self.rank.get(module, 0) + A.shape[0]
             mode = self.method.svd_mode
-            if module not in self.dense and (mode in ("dense", "randomized") or (mode == "auto" and self.rank[module] >= min(m, n))):
+            if module not in self.dense and (
+                mode in ("dense", "randomized") or (mode == "auto" and self.rank[module] >= min(m, n))
+            ):
                 self.dense[module] = torch.zeros(m, n, dtype=dtype, device=device)
-            if module in self.dense and sum(B.shape[1] for B, _, _ in self.pending[module]) >= min(DENSE_GROUP_RANK, max(1, m * n // (m + n))):
+            if module in self.dense and sum(B.shape[1] for B, _, _ in self.pending[module]) >= min(
+                DENSE_GROUP_RANK, max(1, m * n // (m + n))
+            ):
                 self._flush(module)
 
     def _flush(self, module: str) -> None:
@@ -173,8 +183,12 @@ class FlexLoRAAccumulator(Accumulator):
             del dense
         home = self.home[module]
         U, S, Vh = (t.to(home).contiguous() for t in (U, S, Vh))
-        return {f"{module}.U": U, f"{module}.S": S, f"{module}.Vh": Vh,
-                f"{module}.E": energy.reshape(1).to(device=home, dtype=torch.float64)}
+        return {
+            f"{module}.U": U,
+            f"{module}.S": S,
+            f"{module}.Vh": Vh,
+            f"{module}.E": energy.reshape(1).to(device=home, dtype=torch.float64),
+        }
 
 
 class FlexLoRA(Method):
@@ -225,7 +239,11 @@ class FlexLoRA(Method):
         """ΔW = 0 at rank 0, so that round 1's clients share one starting adapter (split_factors pads)."""
         state: GlobalState = {}
         for module, (m, n) in shapes.items():
-            state[f"{module}.U"], state[f"{module}.S"], state[f"{module}.Vh"] = torch.zeros(m, 0), torch.zeros(0), torch.zeros(0, n)
+            state[f"{module}.U"], state[f"{module}.S"], state[f"{module}.Vh"] = (
+                torch.zeros(m, 0),
+                torch.zeros(0),
+                torch.zeros(0, n),
+            )
             state[f"{module}.E"] = torch.zeros(1, dtype=torch.float64)
         return state
 
@@ -250,9 +268,7 @@ class FlexLoRA(Method):
         rank-min(r, K) approximation of the global ΔW (rank 0: the shared initial adapter)."""
         if state is None:
             return None
-        return {
-            module: self._split(state, module, rank, lora_alpha) for module, rank in module_ranks.items()
-        }
+        return {module: self._split(state, module, rank, lora_alpha) for module, rank in module_ranks.items()}
 
     def global_factors(self, state: GlobalState, lora_alpha: float) -> tuple[dict[str, Factors], dict[str, int]]:
         """The whole global ΔW per module as rank-K factors, and K per module."""

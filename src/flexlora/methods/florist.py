@@ -51,8 +51,8 @@ import math
 import torch
 
 from .base import ClientUpdate, GlobalState
-from .helpers import data_weights, module_names, module_shape, stack_factors, truncation_summary
 from .flora import FLoRA
+from .helpers import data_weights, module_names, module_shape, stack_factors, truncation_summary
 from .svd import truncated_svd
 
 

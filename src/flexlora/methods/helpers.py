@@ -18,7 +18,6 @@ from flexlora.protocol import ClientUpdate, Factors
 
 from .base import GlobalState
 
-
 # ---------------------------------------------------------------- weights and modules
 
 
@@ -216,9 +215,7 @@ def zero_rank_state(shapes: dict[str, tuple[int, int]], a_key: str = "A", b_key:
     return state
 
 
-def slice_factors(
-    A: torch.Tensor, B_scaled: torch.Tensor, rank: int, lora_alpha: float, pad_seed: int
-) -> Factors:
+def slice_factors(A: torch.Tensor, B_scaled: torch.Tensor, rank: int, lora_alpha: float, pad_seed: int) -> Factors:
     """A client's (A, B) of `rank` from global factors A (R, n) and B_scaled (m, R) whose
     product B_scaled @ A is the global update (the LoRA scale folded into B): the first `rank`
     rows of A, the first `rank` columns of B_scaled divided by the client's scale α/rank.
@@ -237,7 +234,9 @@ def slice_factors(
     return a.contiguous(), b.contiguous()
 
 
-def stack_pieces(pieces: list[tuple[torch.Tensor, torch.Tensor, float]], divide_by: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_pieces(
+    pieces: list[tuple[torch.Tensor, torch.Tensor, float]], divide_by: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """B̃ = [c_1 B_1 / divide_by, …] (m, R) and Ã = [A_1; …] (R, n) of pieces (B_k, A_k, c_k), in
     float32 (float64 if any piece is float64), so that B̃ Ã = Σ c_k B_k A_k / divide_by."""
     dtype = compute_dtype(*(t for B, A, _ in pieces for t in (B, A)))

@@ -97,9 +97,7 @@ def replicated_average(updates: list[ClientUpdate], module: str, weights: list[f
     return A * inverse.to(A.dtype)[:, None], B * inverse.to(B.dtype)[None, :]
 
 
-def padded_client_factors(
-    state: GlobalState, module_ranks: dict[str, int], lora_alpha: float, seed: int
-) -> dict[str, Factors]:
+def padded_client_factors(state: GlobalState, module_ranks: dict[str, int], lora_alpha: float, seed: int) -> dict[str, Factors]:
     out = {}
     for module, rank in module_ranks.items():
         if f"{module}.A" not in state:

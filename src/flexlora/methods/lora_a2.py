@@ -209,7 +209,7 @@ class ComponentSelection(ClientHook):
         gradient), select within the budget and build the masks."""
         scores = {module: component_scores(A, B, changes[module], self.train) for module, (A, B) in view.weights.items()}
         self.selected = select_components(scores, self.budget, self.selection)
-        for module, (A, B) in view.weights.items():
+        for module, (A, _B) in view.weights.items():
             keep = torch.zeros(A.shape[0], dtype=torch.bool, device=A.device)
             keep[self.selected[module]] = True
             self.masks[module] = keep[:, None] if self.train == "A" else keep[None, :]
@@ -319,15 +319,19 @@ class ComponentSum(Accumulator):
         modules = [key[: -len(".A")] for key in state if key.endswith(".A")]
         missing = sorted(set(modules) - set(update.deltas))
         if update.factors or missing:
-            raise ValueError(f"lora_a2: client {update.client_id} must send a delta for every module and no factors"
-                             + (f" (missing {missing[0]})" if missing else ""))
+            raise ValueError(
+                f"lora_a2: client {update.client_id} must send a delta for every module and no factors"
+                + (f" (missing {missing[0]})" if missing else "")
+            )
         for module in modules:
             A, B = state[f"{module}.A"], state[f"{module}.B"]
             (r, n), m = A.shape, B.shape[0]
             delta = update.deltas[module]
             if tuple(delta.shape) != (r, n + m):
-                raise ValueError(f"lora_a2: client {update.client_id}, module {module}: delta shape {tuple(delta.shape)}, "
-                                 f"expected ({r}, {n + m})")
+                raise ValueError(
+                    f"lora_a2: client {update.client_id}, module {module}: delta shape {tuple(delta.shape)}, "
+                    f"expected ({r}, {n + m})"
+                )
             total = self.sums.get(module)
             if total is None:
                 total = self.sums[module] = torch.zeros(r, n + m, dtype=torch.float64, device=A.device)
@@ -358,8 +362,14 @@ class LoRAA2(Method):
     name = "lora_a2"
     client_hooks = (ComponentSelection,)
 
-    def __init__(self, selection: str = "model", rank: int | None = None, seed: int = 0,
-                 score: str = "update", lr_b_ratio: float | None = 5.0):
+    def __init__(
+        self,
+        selection: str = "model",
+        rank: int | None = None,
+        seed: int = 0,
+        score: str = "update",
+        lr_b_ratio: float | None = 5.0,
+    ):
         """selection: "model" (the paper: a client's Σ_m r(m) components anywhere in the model) or
         "module" (r(m) per module). rank: the global rank r_G of every module (None: the largest
         client rank of the federation, per module). seed: of the shared initial A. score:
@@ -374,8 +384,12 @@ class LoRAA2(Method):
             raise ValueError(f"lora_a2: seed must be an integer, got {seed!r}")
         if score not in SCORES:
             raise ValueError(f"lora_a2: score must be one of {', '.join(SCORES)}, got {score!r}")
-        if lr_b_ratio is not None and not (isinstance(lr_b_ratio, (int, float)) and not isinstance(lr_b_ratio, bool)
-                                           and math.isfinite(lr_b_ratio) and lr_b_ratio > 0):
+        if lr_b_ratio is not None and not (
+            isinstance(lr_b_ratio, (int, float))
+            and not isinstance(lr_b_ratio, bool)
+            and math.isfinite(lr_b_ratio)
+            and lr_b_ratio > 0
+        ):
             raise ValueError(f"lora_a2: lr_b_ratio must be a number > 0 or null, got {lr_b_ratio!r}")
         self.selection, self.rank, self.seed, self.score, self.lr_b_ratio = selection, rank, seed, score, lr_b_ratio
         self.bounds: dict[str, int] = {}
@@ -397,8 +411,14 @@ class LoRAA2(Method):
         return state
 
     def client_options(self, state: GlobalState | None, round_: int, rank_type: str) -> dict:
-        return {ComponentSelection.option: {"train": "B" if round_ % 2 == 1 else "A", "selection": self.selection,
-                                            "score": self.score, "lr_b_ratio": self.lr_b_ratio}}
+        return {
+            ComponentSelection.option: {
+                "train": "B" if round_ % 2 == 1 else "A",
+                "selection": self.selection,
+                "score": self.score,
+                "lr_b_ratio": self.lr_b_ratio,
+            }
+        }
 
     def accumulator(self, state: GlobalState | None) -> ComponentSum:
         return ComponentSum(self, state)

@@ -40,8 +40,8 @@ import dataclasses
 import torch
 
 from .base import Accumulator, ClientUpdate, GlobalState, Method
-from .helpers import data_weights, module_names, module_shape
 from .flexlora import FlexLoRA
+from .helpers import data_weights, module_names, module_shape
 
 
 def coverage(ranks: list[int], weights: list[float]) -> list[float]:
@@ -71,7 +71,9 @@ def partition_bands(ranks: list[int]) -> list[tuple[int, int]]:
 def column_scales(rank: int, covered: list[float], dtype: torch.dtype, device=None) -> torch.Tensor:
     """1 / P_j for the first `rank` components (0 where nothing covers j: no weight there)."""
     P = torch.tensor(covered[:rank], dtype=torch.float64)
-    return torch.where(P > 0, 1.0 / P.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(P)).to(dtype=dtype, device=device)
+    return torch.where(P > 0, 1.0 / P.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(P)).to(
+        dtype=dtype, device=device
+    )
 
 
 def partition_weighted(updates: list[ClientUpdate], weights: list[float]) -> list[ClientUpdate]:

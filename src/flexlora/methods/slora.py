@@ -39,8 +39,8 @@ from .base import (
     SparseDelta,
     TrainingView,
 )
-from .helpers import FLOAT_DTYPES, data_weights, nonfinite, option_keys, option_number, state_modules
 from .flexlora import FlexLoRA
+from .helpers import FLOAT_DTYPES, data_weights, nonfinite, option_keys, option_number, state_modules
 from .hetlora import HetLoRA
 from .svd import dense_svd
 
@@ -143,7 +143,9 @@ class SparseWeights:
         self.view = view
         self.masks, self.start = {}, {}
         for name, W in view.matrices.items():
-            density = lora_budget_density(task.module_ranks[name], tuple(W.shape)) if spec.density == "lora_budget" else spec.density
+            density = (
+                lora_budget_density(task.module_ranks[name], tuple(W.shape)) if spec.density == "lora_budget" else spec.density
+            )
             self.masks[name] = sparse_mask(tuple(W.shape), density, spec.seed, name, W.device)
             self.start[name] = W.detach().clone()
             view.parameters[name].requires_grad_(True)

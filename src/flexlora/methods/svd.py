@@ -296,8 +296,25 @@ def top_eigh(G: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         threads = get_threads()
         set_threads(1)  # inside map_modules already 1: then this and the restore change nothing
         try:
-            info = functions[G.dtype](102, b"V", b"I", b"L", p, a.data_ptr(), p, 0.0, 0.0, p - count + 1, p, 0.0,
-                                      ctypes.byref(found), w.data_ptr(), z.data_ptr(), p, support.data_ptr())
+            info = functions[G.dtype](
+                102,
+                b"V",
+                b"I",
+                b"L",
+                p,
+                a.data_ptr(),
+                p,
+                0.0,
+                0.0,
+                p - count + 1,
+                p,
+                0.0,
+                ctypes.byref(found),
+                w.data_ptr(),
+                z.data_ptr(),
+                p,
+                support.data_ptr(),
+            )
         finally:
             set_threads(threads)
         if info == 0 and found.value == count:

@@ -14,7 +14,6 @@ from contextlib import contextmanager
 
 import torch
 
-
 # Tall-skinny QR and the small core SVD are chains of small LAPACK steps, each ending at a
 # thread barrier; on a busy machine a barrier waits for a descheduled thread. Measured here
 # (2 shared cores): QR of a 5504×272 matrix 35-50 ms on one thread, 240-700 ms on two. The
@@ -123,8 +122,25 @@ def openblas():
             ):
                 f = getattr(lib, name)
                 f.restype = i64
-                f.argtypes = [ctypes.c_int, ctypes.c_char, ctypes.c_char, ctypes.c_char, i64, ctypes.c_void_p, i64, real, real,
-                              i64, i64, real, ctypes.POINTER(i64), ctypes.c_void_p, ctypes.c_void_p, i64, ctypes.c_void_p]
+                f.argtypes = [
+                    ctypes.c_int,
+                    ctypes.c_char,
+                    ctypes.c_char,
+                    ctypes.c_char,
+                    i64,
+                    ctypes.c_void_p,
+                    i64,
+                    real,
+                    real,
+                    i64,
+                    i64,
+                    real,
+                    ctypes.POINTER(i64),
+                    ctypes.c_void_p,
+                    ctypes.c_void_p,
+                    i64,
+                    ctypes.c_void_p,
+                ]
                 functions[dtype] = f
             get_threads, set_threads = lib.scipy_openblas_get_num_threads64_, lib.scipy_openblas_set_num_threads64_
             get_threads.restype, set_threads.argtypes = ctypes.c_int, [ctypes.c_int]

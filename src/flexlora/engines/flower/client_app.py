@@ -31,7 +31,6 @@ CLIENT_ERROR = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 log = logging.getLogger(__name__)
 
 
-
 _CACHE: dict[str, tuple] = {}  # one model and one dataset per process (clients swap adapters)
 
 

@@ -29,8 +29,6 @@ OFFSET, DELTAS = "base_offset", "deltas"  # the protocol's other tensor fields (
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-
-
 def tensors_to_record(tensors: dict[str, torch.Tensor], dtype: str = "float32") -> ArrayRecord:
     """Named tensors as an ArrayRecord: floating-point ones cast to the transport dtype (and
     checked finite in it), integer ones as int64."""

@@ -58,7 +58,9 @@ def reply_result(sent: Sent, reply: Message | None, timeout_s: float) -> ClientU
     if reply.has_error():  # the node's (or Flower's, e.g. an expired message) error reply
         return ClientFailure(sent.client_id, reply.error.reason)
     if reply.metadata.src_node_id != sent.node_id:
-        return ClientFailure(sent.client_id, f"bad reply: from node {reply.metadata.src_node_id}, the task went to node {sent.node_id}")
+        return ClientFailure(
+            sent.client_id, f"bad reply: from node {reply.metadata.src_node_id}, the task went to node {sent.node_id}"
+        )
     try:
         update = decode_update(reply.content)
         if update.client_id != sent.client_id:
@@ -187,7 +189,9 @@ class FlowerRuntime:
                 message_id, sent = self.push(task)
                 del task  # its factors and Message are not needed past the push
                 if message_id is None:
-                    refused.append(ClientFailure(sent.client_id, "Flower did not take the task (push_messages returned no message id)"))
+                    refused.append(
+                        ClientFailure(sent.client_id, "Flower did not take the task (push_messages returned no message id)")
+                    )
                 else:
                     in_flight[message_id] = sent
             return refused
@@ -200,8 +204,11 @@ class FlowerRuntime:
                 reply = replies.pop(0)
                 sent = in_flight.pop(reply.metadata.reply_to_message_id, None)
                 if sent is None:
-                    log.warning("ignored a Flower reply to unknown message %r (from node %s)",
-                                reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+                    log.warning(
+                        "ignored a Flower reply to unknown message %r (from node %s)",
+                        reply.metadata.reply_to_message_id,
+                        reply.metadata.src_node_id,
+                    )
                     continue
                 got = True
                 result = reply_result(sent, reply, timeout_s)
@@ -234,7 +241,9 @@ def wait_for_nodes(grid: Grid, count: int, wait_s: float) -> list[int]:
         if len(nodes) >= count:
             return nodes
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(nodes)} of {count} Flower nodes connected within {wait_s:.0f} s (flower.min_nodes, flower.node_wait_s)")
+            raise RuntimeError(
+                f"only {len(nodes)} of {count} Flower nodes connected within {wait_s:.0f} s (flower.min_nodes, flower.node_wait_s)"
+            )
         time.sleep(0.5)
 
 
@@ -258,7 +267,9 @@ def discover(grid: Grid, cfg: ExperimentConfig, min_nodes: int, echo=print) -> d
         found[cid] = {**info, "node_id": node}
     silent = sorted(set(nodes) - {r.metadata.src_node_id for r in replies})
     if silent:
-        echo(f"flexlora: warning: {len(silent)} node(s) did not answer within {cfg.flower.round_timeout_s:.0f} s and are left out: {silent}")
+        echo(
+            f"flexlora: warning: {len(silent)} node(s) did not answer within {cfg.flower.round_timeout_s:.0f} s and are left out: {silent}"
+        )
     if not found:
         raise RuntimeError("no Flower node answered with a usable client")
     return found

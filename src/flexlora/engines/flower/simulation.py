@@ -20,8 +20,6 @@ if TYPE_CHECKING:
     import torch
 
 
-
-
 class _DropRunSimulationDeprecation(logging.Filter):
     def filter(self, record):  # the project pins flwr 1.41, where run_simulation works
         return "run_simulation" not in record.getMessage()

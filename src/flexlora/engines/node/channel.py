@@ -120,7 +120,9 @@ def records_to_frame(content: RecordDict) -> tuple[dict, bytes]:
     configs = {}
     for name, record in content.config_records.items():
         values = dict(record)
-        bad = [k for k, v in values.items() if isinstance(v, bytes) or (isinstance(v, list) and any(isinstance(x, bytes) for x in v))]
+        bad = [
+            k for k, v in values.items() if isinstance(v, bytes) or (isinstance(v, list) and any(isinstance(x, bytes) for x in v))
+        ]
         if bad:
             raise ChannelError(f"ConfigRecord {name!r}: bytes values ({bad[0]!r}) do not cross the node channel")
         configs[name] = values
@@ -196,7 +198,9 @@ def check_private_folder(folder: Path) -> None:
 
 def check_socket_path(path: Path) -> None:
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-        raise ChannelError(f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes (a Unix socket limit); choose a shorter one")
+        raise ChannelError(
+            f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes (a Unix socket limit); choose a shorter one"
+        )
 
 
 # ---------------------------------------------------------------- the ClientApp's side

@@ -65,8 +65,14 @@ def parse_precision(precision: str) -> tuple[str, str | None]:
 
 class NodeWorker:
     def __init__(
-        self, model: str, precision: str = "float32", device: str = "auto", seed: int = 0,
-        gradient_checkpointing: bool = False, max_queued: int = 4, allowed_uid: int | None = None,
+        self,
+        model: str,
+        precision: str = "float32",
+        device: str = "auto",
+        seed: int = 0,
+        gradient_checkpointing: bool = False,
+        max_queued: int = 4,
+        allowed_uid: int | None = None,
     ):
         if max_queued < 0:
             raise ValueError(f"--max-queued must be >= 0, got {max_queued}")
@@ -93,7 +99,11 @@ class NodeWorker:
         started = time.perf_counter()
         self.device = resolve_device(self.device_name)
         self.model, self.tokenizer = load_model(
-            self.source, self.device, seed=self.seed, dtype=self.dtype, quantization=self.quantization,
+            self.source,
+            self.device,
+            seed=self.seed,
+            dtype=self.dtype,
+            quantization=self.quantization,
             gradient_checkpointing=self.gradient_checkpointing,
         )
         log.info("loaded %s on %s in %.1f s", describe(self.fingerprint), self.device, time.perf_counter() - started)
@@ -111,8 +121,12 @@ class NodeWorker:
 
     def status(self) -> dict:
         return {
-            "fingerprint": self.fingerprint, "device": str(self.device), "pid": os.getpid(),
-            "pending": self._pending, "served": self.served[-20:], "up_s": time.time() - self.started,
+            "fingerprint": self.fingerprint,
+            "device": str(self.device),
+            "pid": os.getpid(),
+            "pending": self._pending,
+            "served": self.served[-20:],
+            "up_s": time.time() - self.started,
         }
 
     def handle(self, header: dict, payload: bytes) -> tuple[dict, bytes]:
@@ -124,7 +138,10 @@ class NodeWorker:
             return {"ok": False, "error": f"unknown request {op!r}"}, b""
         with self._count_lock:
             if self._pending > self.max_queued:
-                return {"ok": False, "error": f"node worker busy: a task is training and {self._pending - 1} wait (--max-queued {self.max_queued})"}, b""
+                return {
+                    "ok": False,
+                    "error": f"node worker busy: a task is training and {self._pending - 1} wait (--max-queued {self.max_queued})",
+                }, b""
             self._pending += 1
         try:
             with self._train_lock:
@@ -149,8 +166,14 @@ class NodeWorker:
             m = _update_metrics(reply)
             log.info(
                 "round %s: client %s trained in %.2f s (%s steps at max rank %s, loss %.4f -> %.4f), reply %.2f MB",
-                entry["round"], entry["client"], entry["finished"] - entry["started"], m.get("steps"), m.get("max_rank"),
-                m.get("train_loss_first", float("nan")), m.get("train_loss_last", float("nan")), len(body) / 2**20,
+                entry["round"],
+                entry["client"],
+                entry["finished"] - entry["started"],
+                m.get("steps"),
+                m.get("max_rank"),
+                m.get("train_loss_first", float("nan")),
+                m.get("train_loss_last", float("nan")),
+                len(body) / 2**20,
             )
             return {"ok": True, **head}, body
         except Exception as e:  # a failed task is this task's error reply; the worker serves on
@@ -265,7 +288,9 @@ def bind_private_socket(path: Path) -> socket.socket:
         except ConnectionRefusedError:
             os.unlink(path)  # a dead worker's socket
         except OSError as e:
-            raise ChannelError(f"{path} exists and cannot be probed ({e.strerror or e}); remove it or choose another path") from None
+            raise ChannelError(
+                f"{path} exists and cannot be probed ({e.strerror or e}); remove it or choose another path"
+            ) from None
         else:
             raise ChannelError(f"a node worker is already serving at {path}")
         finally:
@@ -283,13 +308,20 @@ def bind_private_socket(path: Path) -> socket.socket:
 
 def main(args) -> None:
     """`flexlora node serve`: load the model, serve until SIGTERM/SIGINT."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+    )
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     worker = NodeWorker(
-        args.model, args.precision, args.device, args.seed, args.gradient_checkpointing, args.max_queued,
+        args.model,
+        args.precision,
+        args.device,
+        args.seed,
+        args.gradient_checkpointing,
+        args.max_queued,
     )
     path = Path(args.socket).expanduser() if args.socket else None
     if path is None:
