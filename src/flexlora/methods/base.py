@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from flexlora.protocol import ClientTask, ClientUpdate, Factors
+from flexlora.protocol import ClientTask, ClientUpdate, Factors, SparseDelta  # noqa: F401 (re-exported: flexlora.methods)
 
 GlobalState = dict[str, torch.Tensor]  # flat and safetensors-ready; keys are method-defined
 
