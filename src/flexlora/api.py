@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 
 from flexlora.methods import METHODS, GlobalState, compose_method
 from flexlora.methods.helpers import FLOAT_DTYPES, nonfinite
+from flexlora.methods.server_opt import starting_point
 from flexlora.protocol import ClientUpdate, Factors
 from flexlora.reporting import atomic_path
 
@@ -182,8 +183,6 @@ class Aggregator:
             self._start = self.method.accumulator(state) if self._server_step is not None and state is not None else None
         self._accumulator.add(update, update.num_examples)
         if self._start is not None:
-            from flexlora.methods.server_opt import starting_point
-
             self._start.add(starting_point(self.method, update, self.state), update.num_examples)
         self._pending.append(client_id)
 
