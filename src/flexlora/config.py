@@ -251,6 +251,8 @@ def validate(c: ExperimentConfig) -> None:
     )
     missing_model = bundled_model_missing(c.model)  # the default model's package, not a dependency
     _require(missing_model is None, missing_model or "")
+    for tracker in c.output.trackers:  # an extra each (flexlora[tensorboard], ...): fail before any work
+        require(tracker, f"output.trackers={tracker}")
     changes_base = METHODS[c.method].changes_base_weights
     if c.quantization is not None:
         require("bitsandbytes", "quantization=nf4")  # an extra (flexlora[nf4]): fail before any work

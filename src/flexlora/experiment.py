@@ -27,6 +27,7 @@ from flexlora.resources import profile_label as resource_profile_label
 from flexlora.runlock import LOCK_NAME, RunLock
 from flexlora.server import FederatedServer, run_rounds
 from flexlora.spectrum import spectrum_line
+from flexlora.trackers import Trackers
 
 
 def load_base(cfg: ExperimentConfig, device: torch.device, source: str | None = None):
@@ -150,7 +151,8 @@ class Experiment:
             raise
 
     def close(self) -> None:
-        """Release the run folder (its lock); the Experiment writes nothing more."""
+        """End the trackers finish() did not; release the run folder (its lock). The Experiment writes nothing more."""
+        self.trackers.close()
         self.lock.release()
 
     def _start(self) -> None:
@@ -179,6 +181,7 @@ class Experiment:
         self.shapes = lora.module_shapes(self.model, self.target_modules)
         self.server: FederatedServer | None = None
         self.history: list[dict] = []
+        self.trackers = Trackers(cfg.output, echo).start(cfg.to_dict(), self.run_dir)  # packages checked by config.validate
 
     def make_server(self, client_ids: list[str], declared_types=None, declared_sizes=None) -> FederatedServer:
         """`declared_sizes`: client id -> the most examples its replies may claim; default: the
@@ -256,6 +259,7 @@ class Experiment:
                 f"the run stopped with {committed} and metrics.jsonl intact up to the round before; "
                 f"free space or fix the folder, then continue with: flexlora run --resume {self.run_dir}"
             ) from None
+        self.trackers.log(record)  # after metrics.jsonl has the line; a failing tracker only warns
         ev = record["eval"]
         t = record.get("time") or {}
         if "server_s" in t:
@@ -339,6 +343,7 @@ class Experiment:
             "wall_time_s": time.perf_counter() - self.started,
         }
         write_json(run_dir / "summary.json", summary)
+        self.trackers.finish(summary)
         plot_metric(
             {f"{cfg.method}, {profile_label(cfg)} ranks": [(r["round"], r["eval"][METRIC]) for r in evaluated]},
             run_dir / "metric.png",

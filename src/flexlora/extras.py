@@ -21,6 +21,9 @@ EXTRAS = {
     "ray": ("flwr[simulation]", "simulation"),
     "bitsandbytes": ("bitsandbytes", "nf4"),
     "psutil": ("psutil", "bench"),
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "mlflow": ("mlflow-skinny", "mlflow"),
+    "wandb": ("wandb", "wandb"),
 }
 
 

@@ -198,6 +198,14 @@ class OutputConfig(Section):
     """Write the server state after every round (needed by --resume)."""
     keep_checkpoints: int = Field(1, ge=1)
     """Checkpoints kept, the newest first; with more than one, a resume whose newest checkpoint is corrupted falls back to the one before."""
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
+    """Experiment trackers fed each round's record as metrics.jsonl gets it, the config at the start and the summary at the end: tensorboard (event files in <run>/tensorboard) | mlflow | wandb; [] (none): metrics.jsonl is the record. Each is an extra (pip install 'flexlora[tensorboard]'); a tracker that fails mid-run is reported once and switched off (docs/tracking.md)."""
+    experiment: str = "flexlora"
+    """mlflow: the experiment's name; wandb: the project's."""
+    mlflow_uri: str | None = None
+    """mlflow: the tracking URI (file:///..., sqlite:///..., http://host:5000); null: MLFLOW_TRACKING_URI, else a file store in <output.dir>/mlruns."""
+    wandb_mode: Literal["offline", "online", "disabled"] | None = None
+    """wandb: null: WANDB_MODE, else offline (the run's files in <run>/wandb; `wandb sync` uploads them)."""
 
 
 class FlowerConfig(Section):
