@@ -13,6 +13,11 @@ SHARED_DATA = Path(os.environ.get("FLEXLORA_SHARED_DATA", Path(__file__).resolve
 @pytest.fixture
 def tiny_overrides(tmp_path):
     """key=value overrides for a fast end-to-end run on the tiny random LLaMA."""
+    return tiny_run(tmp_path)
+
+
+def tiny_run(tmp_path):
+    """tiny_overrides' list, for fixtures of wider scope (one run shared by a module's tests)."""
     return [
         "model=tiny-llama",
         "device=cpu",

@@ -203,7 +203,7 @@ class OutputConfig(Section):
     experiment: str = "flexlora"
     """mlflow: the experiment's name; wandb: the project's."""
     mlflow_uri: str | None = None
-    """mlflow: the tracking URI (file:///..., sqlite:///..., http://host:5000); null: MLFLOW_TRACKING_URI, else a file store in <output.dir>/mlruns."""
+    """mlflow: the tracking URI (file:///..., sqlite:///..., http://host:5000); null: MLFLOW_TRACKING_URI, else SQLite in <output.dir>/mlflow.db (MLflow 3 refuses file:// stores unless MLFLOW_ALLOW_FILE_STORE=true)."""
     wandb_mode: Literal["offline", "online", "disabled"] | None = None
     """wandb: null: WANDB_MODE, else offline (the run's files in <run>/wandb; `wandb sync` uploads them)."""
 

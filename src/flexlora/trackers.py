@@ -116,8 +116,8 @@ class TensorBoardTracker:
 class MLflowTracker:
     """An MLflow run: the config as params, every scalar per round (step = round), the summary's
     numbers as summary/* metrics and summary.json as an artifact. Tracking URI: output.mlflow_uri,
-    else MLFLOW_TRACKING_URI, else a file store in <output.dir>/mlruns (one per run folder's parent,
-    so runs of one study sit in one experiment)."""
+    else MLFLOW_TRACKING_URI, else a SQLite store <output.dir>/mlflow.db with artifacts in
+    <output.dir>/mlartifacts (one store per folder of run folders: a study's runs sit together)."""
 
     extra = "mlflow"
 
@@ -125,10 +125,14 @@ class MLflowTracker:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        default = (Path(output.dir).resolve() / "mlruns").as_uri()
-        self.client = MlflowClient(output.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or default)
+        uri = output.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        artifacts = None
+        if uri is None:  # MLflow's own default store (SQLite; its file store is deprecated), beside the run folders
+            store = Path(output.dir).resolve()
+            uri, artifacts = f"sqlite:///{store / 'mlflow.db'}", (store / "mlartifacts").as_uri()
+        self.client = MlflowClient(uri)
         experiment = self.client.get_experiment_by_name(output.experiment)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(output.experiment)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(output.experiment, artifacts)
         self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
         self.run_dir = run_dir
         params = [Param(k, v[:6000]) for k, v in flat_params(config).items()]
