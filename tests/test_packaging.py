@@ -89,7 +89,19 @@ def test_the_wheel_holds_every_module_and_the_flower_app(wheel):
 
 def test_requirements_are_ranges_that_the_tested_versions_meet(wheel):
     _, by_extra, requires_python = _metadata(wheel)
-    assert set(by_extra) == {"", "flower", "simulation", "nf4", "bench", "all", "test"}
+    assert set(by_extra) == {
+        "",
+        "flower",
+        "simulation",
+        "nf4",
+        "bench",
+        "tensorboard",
+        "mlflow",
+        "wandb",
+        "trackers",
+        "all",
+        "test",
+    }
     core = {r.name: r for r in by_extra[""]}
     assert not {"flwr", "ray", "bitsandbytes", "psutil"} & set(core)  # extras, not the core
     pinned = [str(r) for rs in by_extra.values() for r in rs if r.name != "ruff" and any(s.operator == "==" for s in r.specifier)]
