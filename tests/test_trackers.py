@@ -186,7 +186,7 @@ class _Recorder:
 
     calls: list = []
     fail_at: int | None = None
-    extra = "tensorboard"
+    module = "tensorboard"
 
     def start(self, config, run_dir, output):
         self.calls.append(("start", config["method"]))

@@ -90,7 +90,7 @@ def summary_scalars(summary: dict) -> dict[str, float]:
 class TensorBoardTracker:
     """Event files in <run>/tensorboard: every scalar per round, the config and summary as text."""
 
-    extra = "tensorboard"
+    module = "tensorboard"  # its package's import name (a key of flexlora.extras.EXTRAS)
 
     def start(self, config: dict, run_dir: Path, output) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -119,7 +119,7 @@ class MLflowTracker:
     else MLFLOW_TRACKING_URI, else a SQLite store <output.dir>/mlflow.db with artifacts in
     <output.dir>/mlartifacts (one store per folder of run folders: a study's runs sit together)."""
 
-    extra = "mlflow"
+    module = "mlflow"  # its package's import name (a key of flexlora.extras.EXTRAS)
 
     def start(self, config: dict, run_dir: Path, output) -> None:
         from mlflow.entities import Param
@@ -161,7 +161,7 @@ class WandbTracker:
     """A W&B run in <run>/wandb, offline unless output.wandb_mode (or WANDB_MODE) says online:
     the config as its config, every scalar per round, the summary's numbers in its summary."""
 
-    extra = "wandb"
+    module = "wandb"  # its package's import name (a key of flexlora.extras.EXTRAS)
 
     def start(self, config: dict, run_dir: Path, output) -> None:
         import wandb
@@ -192,7 +192,7 @@ class Trackers:
 
     def __init__(self, output, echo=print):
         for name in output.trackers:
-            require(CLASSES[name].extra, f"output.trackers={name}")
+            require(CLASSES[name].module, f"output.trackers={name}")
         self.output, self.echo = output, echo
         self.active = {name: CLASSES[name]() for name in dict.fromkeys(output.trackers)}
         self.step = 0
