@@ -154,7 +154,10 @@ def test_a_gain_that_lives_in_one_held_out_category_is_not_significant_over_task
     assert float(d["ci95_categories_low"]) < 0 < float(d["ci95_low"])
     # The seeds agree (+0.0289, +0.0299, +0.0309): two seeds would do; the categories are what
     # the grid lacks, and the report says the seed count leaves them as they are.
-    assert "| flexlora − fedit (homo) | uniform | +0.0299 | 0.0010 | 3 | no (seeds and examples and seeds and categories) | 2 | 2 |" in md
+    assert (
+        "| flexlora − fedit (homo) | uniform | +0.0299 | 0.0010 | 3 | no (seeds and examples and seeds and categories) | 2 | 2 |"
+        in md
+    )
     assert "more seeds leave its category part as wide as it is" in md
     assert (d["seeds_to_exclude_0"], d["seeds_for_80pct_power"]) == ("2", "2")
 
