@@ -24,6 +24,8 @@ EXTRAS = {
     "tensorboard": ("tensorboard", "tensorboard"),
     "mlflow": ("mlflow-skinny", "mlflow"),
     "wandb": ("wandb", "wandb"),
+    "datasets": ("datasets", "hf"),
+    "flwr_datasets": ("flwr-datasets", "hf"),
 }
 
 

@@ -59,11 +59,11 @@ def _base_type(annotation):
 
 class DataConfig(Section):
     source: str = "synthetic"
-    """synthetic (built in) | natural-instructions (a per-client folder) | dolly (JSONL, Dirichlet split) | json (generic JSON/JSONL instruction records); see flexlora.data.sources."""
+    """synthetic (built in) | natural-instructions (a per-client folder) | dolly (JSONL, Dirichlet split) | json (generic JSON/JSONL instruction records) | hf (a Hugging Face dataset, split by a Flower Datasets partitioner; the extra flexlora[hf]); see flexlora.data.sources."""
     path: str | None = None
-    """The folder or file of a non-synthetic source."""
+    """The folder or file of a non-synthetic source; hf: also a Hugging Face Hub id."""
     num_clients: int = Field(24, ge=1)
-    """synthetic; dolly/json without a client field: the number of clients to split into."""
+    """synthetic; dolly/json without a client field; hf with the iid or dirichlet partitioner: the number of clients to split into."""
     train_per_client: int = Field(24, ge=1)
     """synthetic: training examples per client."""
     test_per_client: int = Field(8, ge=0)
@@ -79,15 +79,27 @@ class DataConfig(Section):
     split_seed: int = 0
     """Seed of the held-out draw and the Dirichlet split: fixed across runs and seeds."""
     dirichlet_alpha: float = Field(0.5, gt=0)
-    """dolly/json: Dirichlet(alpha) over categories; small is skewed."""
+    """dolly/json; hf's dirichlet partitioner: Dirichlet(alpha) over categories; small is skewed."""
     min_client_size: int = Field(2, ge=1)
-    """dolly/json: the Dirichlet split is redrawn until every client has this many examples."""
+    """dolly/json: the Dirichlet split is redrawn until every client has this many examples; hf (iid, dirichlet): every client must have this many."""
     client_field: str = "client"
     """json: the record field naming the client."""
     test_path: str | None = None
-    """dolly/json: records kept out of training as the test split."""
+    """dolly/json/hf: records kept out of training as the test split."""
     test_per_category: int = Field(10, ge=0)
-    """dolly/json without test_path: records per category held out for test."""
+    """dolly/json/hf without test_path: records per category held out for test."""
+    hf_preset: str | None = None
+    """hf: the column layout: alpaca (instruction, input, output, category) | dolly (instruction, context, response, category) | medical-flashcards (the question in input); FlowerTune's challenges general-nlp, finance, code (alpaca) and medical (medical-flashcards); null: a known Hub id's, else alpaca."""
+    hf_columns: dict[str, str | None] = Field(default_factory=dict)
+    """hf: columns by role (instruction, input, output, category), over the preset's, e.g. {instruction: question, output: answer}; a column named here must exist; null drops the role."""
+    hf_split: str = "train"
+    """hf: the split of a Hub id, a folder or a save_to_disk DatasetDict (a single file is one split)."""
+    hf_subset: str | None = None
+    """hf: the Hub dataset's subset (configuration) name."""
+    hf_partitioner: Literal["iid", "dirichlet", "natural-id"] = "iid"
+    """hf: Flower Datasets' partitioner: iid (num_clients equal shards) | dirichlet (Dirichlet(dirichlet_alpha) over hf_partition_by) | natural-id (one client per value of hf_partition_by)."""
+    hf_partition_by: str | None = None
+    """hf: the column that dirichlet splits over and natural-id groups by; null: the category column."""
     weight_by: Literal["auto", "local", "source"] = "auto"
     """n_k, a client's aggregation weight: local (its training-set size), source (clients.json's source size) or auto (source where given)."""
     max_train_per_client: int | None = Field(None, ge=1)
