@@ -100,6 +100,7 @@ def test_requirements_are_ranges_that_the_tested_versions_meet(wheel):
         "wandb",
         "trackers",
         "hf",
+        "lmeval",
         "all",
         "test",
     }

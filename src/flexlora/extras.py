@@ -26,6 +26,7 @@ EXTRAS = {
     "wandb": ("wandb", "wandb"),
     "datasets": ("datasets", "hf"),
     "flwr_datasets": ("flwr-datasets", "hf"),
+    "lm_eval": ("lm-eval", "lmeval"),
 }
 
 
