@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from flexlora.cli import main
+from flexlora.extras import quiet_peft
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed (pip install 'flexlora[lmeval]')"
@@ -165,33 +166,43 @@ def test_a_trained_adapter_scores_above_the_base_model_in_the_eval_json(trained,
 
 def test_the_scores_are_the_harness_own_loading_of_the_adapter(trained, tmp_path):
     """HFLM(pretrained=FOLDER, peft=ADAPTER), the harness loading the base and the adapter
-    itself, scores what `flexlora eval --lm-eval` scores (its model object, the adapter merged)."""
+    itself, scores what `flexlora eval --lm-eval` scores (its model object, the adapter merged).
+    A random adapter of rank 8 on every projection, so that the Brier score is far from its bounds (0 and 2)
+    and a different model could not match it by chance."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from flexlora.models import load_model
+    from flexlora import lora
+    from flexlora.models import default_target_modules, load_model
 
-    run, tasks = trained
-    ours = _lm_eval(["--run", str(run), "--lm-eval-include", str(tasks), "--lm-eval-only"], tmp_path / "o.json", "animal_mc")
+    _, tasks = trained
     model, tokenizer = load_model("tiny-llama", torch.device("cpu"), seed=0)
+    targets = default_target_modules(model)
+    generator = torch.Generator().manual_seed(0)
+    factors = {
+        name: (0.3 * torch.randn(8, d_in, generator=generator), 0.3 * torch.randn(d_out, 8, generator=generator))
+        for name, (d_out, d_in) in lora.module_shapes(model, targets).items()
+    }
+    adapter = lora.save_adapter(model, factors, {name: 8 for name in factors}, 16.0, targets, tmp_path / "adapter")
     model.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
+
+    args = ["model=tiny-llama", "device=cpu", "--lm-eval-include", str(tasks), "--lm-eval-only"]
+    ours = _lm_eval(["--adapter", str(adapter), *args], tmp_path / "ours.json", "animal_mc")["lm_eval"]["tasks"]["animal_mc"]
+    base = _lm_eval(["--base", *args], tmp_path / "base.json", "animal_mc")["lm_eval"]["tasks"]["animal_mc"]
     # add_bos_token=False: the byte-level tokenizer would end each context with EOS (see score())
-    lm = HFLM(
-        pretrained=str(tmp_path / "base"),
-        peft=str(run / "adapter"),
-        device="cpu",
-        dtype="float32",
-        batch_size=8,
-        add_bos_token=False,
-    )
+    with quiet_peft():
+        lm = HFLM(
+            pretrained=str(tmp_path / "base"), peft=str(adapter), device="cpu", dtype="float32", batch_size=8, add_bos_token=False
+        )
     theirs = lm_eval.simple_evaluate(
         model=lm, tasks=["animal_mc"], task_manager=TaskManager(include_path=str(tasks), include_defaults=False)
     )["results"]["animal_mc"]
-    mine = ours["lm_eval"]["tasks"]["animal_mc"]["metrics"]
-    assert mine["acc"] == theirs["acc,none"]
-    assert mine["brier_score"] == pytest.approx(theirs["brier_score,none"], abs=1e-6)
+    assert ours["metrics"]["acc"] == theirs["acc,none"]
+    assert ours["metrics"]["brier_score"] == pytest.approx(theirs["brier_score,none"], abs=1e-5)
+    assert 0.05 < ours["metrics"]["brier_score"] < 1.95  # a Brier score over three choices lies in [0, 2]
+    assert abs(ours["metrics"]["brier_score"] - base["metrics"]["brier_score"]) > 0.01  # the adapter acted
 
 
 def test_a_run_that_exports_a_merged_model_is_scored_from_merged(trained, tmp_path):
@@ -209,7 +220,8 @@ def test_a_run_that_exports_a_merged_model_is_scored_from_merged(trained, tmp_pa
     merged_run = tmp_path / "merged-run"
     merged_run.mkdir()
     shutil.copy(run / "config.yaml", merged_run / "config.yaml")
-    PeftModel.from_pretrained(model, str(run / "adapter")).merge_and_unload().save_pretrained(merged_run / "merged")
+    with quiet_peft():
+        PeftModel.from_pretrained(model, str(run / "adapter")).merge_and_unload().save_pretrained(merged_run / "merged")
     tokenizer.save_pretrained(merged_run / "merged")
     include = ["--lm-eval-include", str(tasks), "--lm-eval-only", "--lm-eval-limit", "6"]
     merged = _lm_eval(["--run", str(merged_run), *include], tmp_path / "m.json", "animal_mc")
@@ -227,6 +239,11 @@ def test_bad_input_is_one_line(trained, tmp_path, capsys, monkeypatch):
     hub_task.write_text((tasks / "animal_mc.yaml").read_text().replace("task: animal_mc", "task: hub_task").replace(
         "dataset_path: json", "dataset_path: flexlora-tests/not-on-this-machine"
     ))  # fmt: skip
+    typo = tmp_path / "typo" / "typo_task.yaml"
+    typo.parent.mkdir()
+    typo.write_text((tasks / "animal_mc.yaml").read_text().replace("task: animal_mc", "task: typo_task").replace(
+        "{{choices}}", "{{choises}}"
+    ))  # fmt: skip
     cases = {
         ("--lm-eval-limit", "3"): "--lm-eval-limit needs --lm-eval TASKS",
         ("--lm-eval", "animal_mc", "--lm-eval-include", str(tasks), "--lm-eval-limit", "0"): "--lm-eval-limit: must be >= 1, got 0",
@@ -235,6 +252,9 @@ def test_bad_input_is_one_line(trained, tmp_path, capsys, monkeypatch):
         ("--lm-eval", ",", "--lm-eval-include", str(tasks)): "--lm-eval: no task named",
         ("--lm-eval", "hub_task", "--lm-eval-include", str(hub_task.parent), "--lm-eval-only"): (
             "--lm-eval: a task's data could not be loaded: Couldn't reach 'flexlora-tests/not-on-this-machine' on the Hub"
+        ),
+        ("--lm-eval", "typo_task", "--lm-eval-include", str(typo.parent), "--lm-eval-only"): (
+            "--lm-eval: a task's prompt template failed on its data: 'choises' is undefined"
         ),
     }  # fmt: skip
     for args, message in cases.items():

@@ -72,7 +72,7 @@ def task_manager(options: LmEvalOptions):
         where = " or under " + ", ".join(options.include) if options.include else ""
         raise ConfigError(
             f"--lm-eval: unknown task {', '.join(repr(t) for t in unknown)} (not among lm-eval's tasks{where}; "
-            "`python -m lm_eval ls tasks` lists them)"
+            "`lm-eval ls tasks` lists them)"
         )
     return manager
 
@@ -108,6 +108,12 @@ def score(model, tokenizer, options: LmEvalOptions, manager) -> dict:
         )
     except (ConnectionError, FileNotFoundError) as e:  # a Hub dataset offline, a data file missing
         raise ConfigError(f"--lm-eval: a task's data could not be loaded: {_one_line(e)}") from None
+    except Exception as e:
+        # A task YAML's doc_to_text/doc_to_target naming a field its data lacks: the harness's
+        # Jinja templates raise jinja2's errors (matched by module: jinja2 is lm-eval's dependency).
+        if type(e).__module__.startswith("jinja2"):
+            raise ConfigError(f"--lm-eval: a task's prompt template failed on its data: {_one_line(e)}") from None
+        raise
     finally:
         hf_logger.removeFilter(quiet)
     return summarize(results, options)
