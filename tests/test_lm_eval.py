@@ -42,7 +42,7 @@ def write_training_data(path):
 def write_tasks(folder):
     """A folder of two lm-eval tasks over local JSONL files (never the Hub): `animal_mc` (multiple
     choice: the animal among two other words, scored by accuracy and Brier score) and
-    `animal_gen` (generate-until, exact match)."""
+    `animal_gen` (generate-until, exact match); and a group, `animals`, of the first."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(1)
     with (folder / "animals.jsonl").open("w") as f:
@@ -89,6 +89,14 @@ metric_list:
 metadata:
   version: 2.0
 """)
+    (folder / "animals.yaml").write_text("""group: animals
+task: [animal_mc]
+aggregate_metric_list:
+  - metric: acc
+    aggregation: mean
+metadata:
+  version: 4.0
+""")
     return folder
 
 
@@ -131,7 +139,7 @@ def trained(tmp_path_factory):
     return root / "runs" / "animals", write_tasks(root / "tasks")
 
 
-def _lm_eval(args, out, tasks="animal_mc,animal_gen") -> dict:
+def _lm_eval(args, out, tasks="animals,animal_gen") -> dict:
     assert main(["eval", *args, "--lm-eval", tasks, "--out", str(out)]) == 0
     return json.loads(out.read_text())
 
@@ -151,6 +159,8 @@ def test_a_trained_adapter_scores_above_the_base_model_in_the_eval_json(trained,
         assert mc["examples"] == gen["examples"] == 12 and mc["num_fewshot"] == 0
         assert set(mc["metrics"]) == {"acc", "acc_stderr", "brier_score", "brier_score_stderr"}
         assert mc["higher_is_better"] == {"acc": True, "brier_score": False}
+        group = section["groups"]["animals"]  # a group's aggregate, as for mmlu
+        assert float(group["version"]) == 4.0 and group["metrics"]["acc"] == mc["metrics"]["acc"]
     assert "rougeL_generated" in tuned and "eval_loss" in tuned  # one JSON: Rouge-L beside the harness
     assert "rougeL_generated" not in base
 
