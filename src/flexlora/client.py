@@ -7,7 +7,8 @@ restore the model.
 What differs between methods on the client arrives as plain JSON in ``ClientTask.options``; each
 key is interpreted by the method's ``ClientHook`` (flexlora.methods), which this loop calls at
 fixed points: start, penalty, mask_gradients, after_step, finish, send, handing each the same
-model-free TrainingView (tensors by module name). No method is known here by name."""
+model-free TrainingView (tensors by module name). No method is known here by name. Under
+client-side clipping (privacy.clipping=client) what is sent is clipped last (flexlora.privacy)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from flexlora.data.prompts import collate, tokenize_for_training
 from flexlora.data.types import ClientData
 from flexlora.faults import fault_point
 from flexlora.methods import parse_client_options
+from flexlora.privacy.dp import CLIP_OPTION, clip_on_client
 from flexlora.protocol import ClientTask, ClientUpdate  # noqa: F401  (ClientTask re-exported)
 
 
@@ -197,6 +199,8 @@ def train_client(
                 factors = hook.finish(factors, extra_metrics)
             for hook in hooks:
                 factors, deltas = hook.send(factors, deltas, extra_metrics)
+            if CLIP_OPTION in task.options:  # client-level DP: its own change clipped before it leaves
+                factors = clip_on_client(factors, task.factors, cfg.lora.alpha, task.options[CLIP_OPTION])
         finally:
             local.close()
             model.eval()

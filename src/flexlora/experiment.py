@@ -287,10 +287,9 @@ class Experiment:
         self.history = run_rounds(self.server, runtime, self.evaluate, self.log, checkpoint, self.history)
 
     def finish(self) -> Path:
-        """Export the global model (a PEFT adapter; merged full weights for a method whose global
-        model changes the base weights), write summary.json and the plot; returns the run folder.
-        A failed write is a one-line WriteError: every round is checkpointed, and resuming the
-        finished run exports again."""
+        """Export the global model (a PEFT adapter; merged full weights for a method whose global model changes the
+        base weights), write summary.json and the plot; returns the run folder. A failed write is a one-line
+        WriteError: every round is checkpointed, and resuming the finished run exports again."""
         try:
             return self._finish()
         except OSError as e:
@@ -338,6 +337,7 @@ class Experiment:
             "per_round": {r["round"]: r["eval"][METRIC] for r in evaluated},
             "final_per_category": evaluated[-1]["eval"].get("per_category"),
             "truncation": {r["round"]: r["truncation"] for r in self.history if r.get("truncation")},
+            "privacy": server.privacy_record(server.round),  # (ε, δ) after every round run; None: privacy off
             "adapter": str(adapter_dir) if adapter_dir else None,
             "merged_model": str(merged_dir) if merged_dir else None,
             "wall_time_s": time.perf_counter() - self.started,

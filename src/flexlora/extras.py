@@ -27,6 +27,7 @@ EXTRAS = {
     "datasets": ("datasets", "hf"),
     "flwr_datasets": ("flwr-datasets", "hf"),
     "lm_eval": ("lm-eval", "lmeval"),
+    "dp_accounting": ("dp-accounting", "privacy"),
 }
 
 

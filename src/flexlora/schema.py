@@ -243,6 +243,25 @@ class FlowerConfig(Section):
     """Tasks pushed to nodes and not answered yet, at most. Each holds its encoded message on the server (a rank-200 SmolLM2 client: ~243 MB in float32), so server memory grows with this, not with clients per round; but at most this many nodes train at once (simulation: set it >= flower.workers)."""
 
 
+class PrivacyConfig(Section):
+    """Client-level differential privacy (docs/privacy.md): each client's change over the round clipped to clipping_norm in the space its method aggregates, Gaussian noise on the round's sum before the method's post-processing, and the (ε, δ) it spends in metrics.jsonl and summary.json (needs pip install 'flexlora[privacy]')."""
+
+    enabled: bool = False
+    """Turn client-level DP on (flexlora, fedit, hetlora, ffa, rolora; other methods are refused)."""
+    clipping_norm: float | None = Field(None, gt=0)
+    """C: a client's change over the round, over all modules (ΔW = (alpha/r) B A for flexlora; A and (alpha/r) B for fedit, hetlora, ffa, rolora), is scaled to norm at most C; null: no clipping (noise_multiplier must then be 0, and ε is infinite)."""
+    noise_multiplier: float = Field(0.0, ge=0)
+    """σ: Gaussian noise of standard deviation σ·C·w_max on the round's weighted sum, so σ·C / K on the aggregate of K equally weighted clients; 0: none (ε infinite)."""
+    clipping: Literal["server", "client"] = "server"
+    """Where updates are clipped: server (as they arrive) or client (before sending, keeping the client's rank; the server clips again what still exceeds C)."""
+    weighting: Literal["equal", "capped"] = "equal"
+    """The aggregation weights under DP: equal (w_k = 1; the guarantee holds with dataset sizes private) or capped (w_k = min(n_k, max_examples); dataset sizes are treated as public)."""
+    max_examples: int | None = Field(None, ge=1)
+    """capped: the cap on n_k in w_k = min(n_k, max_examples), the largest weight a client can have."""
+    delta: float | None = Field(None, gt=0, lt=1)
+    """δ of the reported (ε, δ); null: 1 / N^1.1 with N the training clients."""
+
+
 class ExperimentConfig(Section):
     seed: int = 0
     """Seed of client sampling, rank-type assignment, initialisation and training."""
@@ -276,6 +295,8 @@ class ExperimentConfig(Section):
     """The run folder."""
     flower: FlowerConfig = Field(default_factory=FlowerConfig)
     """The Flower engine."""
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    """Client-level differential privacy."""
 
     def to_dict(self) -> dict:
         return self.model_dump()

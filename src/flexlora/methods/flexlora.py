@@ -147,6 +147,18 @@ class FlexLoRAAccumulator(Accumulator):
         dense = self.dense[module] = self.dense[module].to(dtype)
         dense.addmm_(B.to(dtype), A.to(dtype))
 
+    def add_noise(self, draw) -> None:
+        """Client-level DP (flexlora.privacy): dense noise draw(module, (m, n)) into each module's
+        Σ w_k s_k B_k A_k, before the division by Σ w_k and the truncated SVD, which then work on
+        the dense sum (noise is full-rank: the factored route no longer applies)."""
+        for module, (m, n) in self.shape.items():
+            if module not in self.dense:
+                B, A = self.pending[module][0][:2]
+                self.dense[module] = torch.zeros(m, n, dtype=compute_dtype(A, B), device=A.device)
+            self._flush(module)
+            dense = self.dense[module]
+            dense.add_(draw(module, (m, n)).to(dtype=dense.dtype, device=dense.device))
+
     def result(self) -> GlobalState:
         if self.total <= 0:
             raise ValueError("aggregation needs at least one client with num_examples > 0")
@@ -195,6 +207,7 @@ class FlexLoRA(Method):
     """FlexLoRA aggregation: exact ΔW via a truncated SVD of the stacked client factors."""
 
     name = "flexlora"
+    privacy_space = "delta"  # clipped and noised as ΔW, before the truncated SVD
 
     def __init__(
         self,
