@@ -101,6 +101,7 @@ def test_requirements_are_ranges_that_the_tested_versions_meet(wheel):
         "trackers",
         "hf",
         "lmeval",
+        "privacy",
         "all",
         "test",
     }

@@ -306,6 +306,7 @@ def test_a_private_run_writes_epsilon_and_runs_the_same_on_flower(tmp_path, tiny
     [
         (["privacy.enabled=true", "method=flora"], "privacy: method flora cannot run under client-level DP: not implemented"),
         (["privacy.enabled=true", "method=hetlora", "method_args.weighting=sparsity"], "sparsity weights depend on each update"),
+        (["privacy.enabled=true", "method=hetlora", "method_args.prune_threshold=0.1"], "prune their ranks from their own"),
         (["privacy.enabled=true", "privacy.noise_multiplier=1"], "privacy.noise_multiplier: noise needs privacy.clipping_norm"),
         (["privacy.noise_multiplier=1", "privacy.clipping_norm=1"], "but privacy.enabled is false"),
         (["privacy.enabled=true", "privacy.weighting=capped"], "privacy.max_examples: set it with privacy.weighting=capped"),

@@ -1,7 +1,9 @@
 """One round's results, taken one at a time (``RoundAggregation``): each is checked against its
 task, screened by the norm rule, folded into the method's accumulator with its weight (n_k, or
 what federation.max_weight_share makes of it) and dropped; ``finish`` makes the new global
-state, or keeps the previous one. What the round did is a ``RoundOutcome``.
+state, or keeps the previous one. What the round did is a ``RoundOutcome``. Under client-level DP
+(flexlora.privacy) each update is clipped before it is folded, with privacy.weighting's weight,
+and the round's noise joins the sum before ``finish`` makes the state.
 FederatedServer.run_round (server.py) drives it.
 """
 

@@ -225,6 +225,8 @@ class HetLoRA(Method):
         self.weighting = weighting
         if weighting == "sparsity":  # weights from each update's norm: one client moves the others' shares
             self.privacy_space, self.privacy_refusal = None, "its sparsity weights depend on each update's norm"
+        if prune_threshold is not None:  # a pruned rank is chosen from the client's data and kept in the clear
+            self.privacy_space, self.privacy_refusal = None, "its clients prune their ranks from their own updates"
         self.padding = padding
         self.reg_lambda = float(reg_lambda)
         self.reg_gamma = float(reg_gamma)

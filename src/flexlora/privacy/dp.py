@@ -23,7 +23,6 @@ import dataclasses
 import math
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from flexlora.methods.helpers import compute_dtype, module_seed, option_keys, option_number, update_norm
@@ -93,10 +92,11 @@ def _inner(X1: torch.Tensor, Y1: torch.Tensor, X2: torch.Tensor, Y2: torch.Tenso
 def path_clip(factors: dict[str, Factors], start: dict[str, Factors], lora_alpha: float, bound: float):
     """(factors, t): client-side clipping of a ΔW change that keeps the client's rank (what a
     client sends must fit its rank; scale_change's exact scaling doubles it). The factors move
-    back along the line from the start, A(t) = A₀ + t(A − A₀), B(t) = B₀ + t(B − B₀), to the
-    largest t in [0, 1] whose change s·B(t)·A(t) − s·B₀·A₀ = t·L + t²·Q (L = s(ΔB·A₀ + B₀·ΔA),
-    Q = s·ΔB·ΔA) has norm `bound`: the root of the quartic a·t² + 2b·t³ + c·t⁴ = bound², whose
-    coefficients are Gram products of rank-2r factors. t = 1: already within the bound. Needs
+    back along the line from the start, A(t) = A₀ + t(A − A₀), B(t) = B₀ + t(B − B₀), to a t in
+    [0, 1] whose change s·B(t)·A(t) − s·B₀·A₀ = t·L + t²·Q (L = s(ΔB·A₀ + B₀·ΔA), Q = s·ΔB·ΔA)
+    has norm `bound`: a root of the quartic g(t) = a·t² + 2b·t³ + c·t⁴ = bound², whose
+    coefficients are Gram products of rank-2r factors, found by bisection from g(0) = 0 and
+    g(1) > bound² (the t returned has g(t) <= bound²). t = 1: already within the bound. Needs
     the start at the ranks of `factors`."""
     a = b = c = 0.0
     for module, (A, B) in factors.items():
@@ -110,11 +110,17 @@ def path_clip(factors: dict[str, Factors], start: dict[str, Factors], lora_alpha
         b += _inner(LX, LY, QX, QY)
         c += _inner(QX, QY, QX, QY)
     target = bound * bound
-    if a + 2 * b + c <= target:
+
+    def g(t: float) -> float:
+        return t * t * (a + t * (2 * b + t * c))
+
+    if g(1.0) <= target:
         return factors, 1.0
-    roots = np.roots([c, 2 * b, a, 0.0, -target])
-    real = [float(z.real) for z in roots if abs(z.imag) <= 1e-9 * max(1.0, abs(z)) and 0 < z.real < 1]
-    t = max(real) * (1 - 1e-9)  # g(0) = 0 < bound² < g(1): a root lies in (0, 1)
+    low, high = 0.0, 1.0  # g(low) <= bound² < g(high), kept while the interval halves
+    for _ in range(80):
+        middle = (low + high) / 2
+        low, high = (middle, high) if g(middle) <= target else (low, middle)
+    t = low
     out = {}
     for module, (A, B) in factors.items():
         A0, B0 = (x.to(dtype=A.dtype, device=A.device) for x in start[module])
