@@ -223,8 +223,8 @@ class OutputConfig(Section):
 class FlowerConfig(Section):
     """Settings of the Flower engine (`engine: flower`); ignored by the in-process runtime."""
 
-    transport_dtype: Literal["float32", "float16"] = "float32"
-    """LoRA factors on the wire, both ways."""
+    transport_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """LoRA factors (and any base offset or sparse values) on the wire, both ways, packed into one array per field: float32 exact (a Flower run equals an in-process run bit for bit); float16 or bfloat16 half the bytes (float16: ~3 significant digits, an error above 65,504; bfloat16: ~2 digits, float32's range)."""
     workers: int = Field(1, ge=1)
     """Simulation: ClientApps training at once (each holds its own model copy)."""
     cpus_per_worker: int | None = Field(None, ge=1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
@@ -21,7 +22,7 @@ from flwr.clientapp import ClientApp
 from flexlora.config import ExperimentConfig, config_from_dict
 from flexlora.data.records import Issues, read_records
 from flexlora.data.types import ClientData, Example
-from flexlora.engines.flower.codec import NODE, TASK, decode_task, encode_update
+from flexlora.engines.flower.codec import NODE, TASK, decode_task, encode_update, is_packed
 from flexlora.engines.node.channel import WORKER_SOCKET_KEY, train_on_worker  # torch-free: the worker path
 
 # Node-config keys a deployment node may set (simulation sets partition-id/num-partitions).
@@ -149,7 +150,8 @@ def _client_train(message: Message, context: Context) -> Message:
     try:
         socket_path = context.node_config.get(WORKER_SOCKET_KEY)
         if socket_path:  # the node's worker trains; this process imports neither torch nor transformers
-            reply = train_on_worker(str(socket_path), message.content, context.node_config)
+            # Packed arrays go to the worker as Flower received them: no conversion either way.
+            reply = train_on_worker(str(socket_path), message.content, context.node_config, raw=is_packed(message.content, TASK))
         else:
             reply = train_reply(message.content, context.node_config, lambda cfg: node_model(context.node_config, cfg))
         return Message(reply, reply_to=message)
@@ -160,14 +162,21 @@ def _client_train(message: Message, context: Context) -> Message:
 def train_reply(content: RecordDict, node_config, model_for) -> RecordDict:
     """A train Message's content -> the reply's content: decode the task, find the node's
     client, train it with `client.train_client` on the model `model_for(cfg)` gives
-    ((model, tokenizer, target modules)), encode the update. The one training path of the
-    in-process ClientApp and of the node worker (flexlora.engines.node.worker)."""
+    ((model, tokenizer, target modules)), encode the update, in the layout the task came in
+    (packed, or the deployment bench's per-array baseline). The one training path of the
+    in-process ClientApp and of the node worker (flexlora.engines.node.worker).
+
+    The update's metrics also say when the task was received and when the reply was made
+    (time.time(), `received_at` / `replied_at`): the server turns them into each direction's
+    transport time (exact where server and node share a clock, as in the loopback bench)."""
     from flexlora.client import train_client
 
+    received_at = time.time()
     task, cfg = decode_task(content)
     data = node_client(node_config, cfg)
     if data.client_id != task.client_id:
         raise ValueError(f"a task for client {task.client_id} reached the node holding {data.client_id}")
     model, tokenizer, targets = model_for(cfg)
     update = train_client(model, tokenizer, data, task, cfg, targets)
-    return encode_update(update, cfg.flower.transport_dtype)
+    update.metrics.update(received_at=received_at, replied_at=time.time())
+    return encode_update(update, cfg.flower.transport_dtype, packed=is_packed(content, TASK))
