@@ -5,11 +5,12 @@ so that many clients cost nothing; tests/test_flower.py has the grid they build 
 
 from __future__ import annotations
 
+from importlib import import_module
+
 import pytest
 import torch
 from test_flower import InProcessGrid, _factors, run_identity  # noqa: F401  (a fixture)
 
-from importlib import import_module
 from flexlora import protocol
 from flexlora.client import ClientTask
 from flexlora.config import load_config

@@ -114,7 +114,9 @@ def check_index(index, size: int, where: str) -> list[tuple[str, str, tuple[int,
             raise ValueError(f"{where}: {name!r} has offset {offset!r}, not a byte offset")
         nbytes = math.prod(shape) * ITEMSIZE[kind]
         if offset + nbytes > size:
-            raise ValueError(f"{where}: {name!r} (bytes {offset}..{offset + nbytes}) runs past the end of the array ({size} bytes)")
+            raise ValueError(
+                f"{where}: {name!r} (bytes {offset}..{offset + nbytes}) runs past the end of the array ({size} bytes)"
+            )
         entries.append((name, kind, tuple(shape), offset, nbytes))
     entries.sort(key=lambda e: e[3])
     for before, after in zip(entries, entries[1:]):

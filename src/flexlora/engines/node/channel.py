@@ -148,7 +148,9 @@ def records_to_frame(content: RecordDict, raw: bool = False) -> tuple[dict, list
         parts = [content.array_records[name][key].data for name, key, *_ in described]
         return {"configs": configs, "raw": described}, parts
     tensors = {
-        f"{name}/{key}": np.ascontiguousarray(content.array_records[name][key].numpy()) for name, keys in order.items() for key in keys
+        f"{name}/{key}": np.ascontiguousarray(content.array_records[name][key].numpy())
+        for name, keys in order.items()
+        for key in keys
     }
     return {"configs": configs, "arrays": order}, [save_safetensors(tensors)] if tensors else []
 
@@ -191,7 +193,9 @@ def _raw_records(described, payload: bytes, content: RecordDict) -> RecordDict:
                 raise TypeError
             nbytes = int(nbytes)
         except (TypeError, ValueError):
-            raise ChannelError(f"node frame: a raw array entry is not [record, key, dtype, shape, stype, nbytes]: {str(entry)[:80]}") from None
+            raise ChannelError(
+                f"node frame: a raw array entry is not [record, key, dtype, shape, stype, nbytes]: {str(entry)[:80]}"
+            ) from None
         if nbytes < 0 or start + nbytes > len(payload):
             raise ChannelError(f"node frame: array {name}/{key} ({nbytes} bytes) runs past the payload ({len(payload)} bytes)")
         data = payload if (start == 0 and nbytes == len(payload)) else payload[start : start + nbytes]
