@@ -244,6 +244,13 @@ class Method:
         """The global model as LoRA factors (at its full rank) and the rank of each module."""
         raise NotImplementedError
 
+    def global_singular_values(self, state: GlobalState) -> dict[str, torch.Tensor] | None:
+        """The singular values of the global adapter's ΔW per module (modules of rank 0 left
+        out) where the state holds them already, from the SVD its aggregation computed, so that
+        the per-round spectrum reads them instead of computing them again; None (the default):
+        the spectrum computes them from ``global_factors``."""
+        return None
+
     def client_options(self, state: GlobalState | None, round_: int, rank_type: str) -> dict:
         """Plain-JSON settings for a client's local step, one key per client hook. Default: {}."""
         return {}

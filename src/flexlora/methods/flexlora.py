@@ -289,6 +289,10 @@ class FlexLoRA(Method):
         ranks = {module: K for module, K in ranks.items() if K > 0}  # K = 0: no update yet
         return {module: self._split(state, module, K, lora_alpha) for module, K in ranks.items()}, ranks
 
+    def global_singular_values(self, state: GlobalState) -> dict[str, torch.Tensor]:
+        """S per module: the global adapter is U diag(S) Vh (global_factors only splits it)."""
+        return {module: state[f"{module}.S"] for module in state_modules(state) if state[f"{module}.S"].shape[0] > 0}
+
     # The parameters a server optimizer steps (see server_opt.py): the dense ΔW per module.
 
     def server_params(self, state: GlobalState) -> dict[str, torch.Tensor]:
