@@ -8,7 +8,8 @@ this process (psutil), and of their children already waited for: a short-lived p
 parent's children times, and the parent's role for its children gives it its own role back (a
 node's SuperExec reaps ClientApps, the SuperLink's its ServerApp). A role's cumulative seconds are
 interpolated linearly at a window's ends; the error is at most one sampling interval's CPU at each
-end. This process itself (the bench) is not counted.
+end. A process that is gone without a parent in the tree to reap it (the bench reaps what it
+started itself) keeps what it was last seen to have used. This process itself is not counted.
 """
 
 from __future__ import annotations
@@ -63,10 +64,13 @@ class CpuSampler:
         self.times: list[float] = []
         self.samples: list[dict[str, float]] = []  # per sample: role -> cumulative CPU seconds
         self._roles: dict[int, tuple[str, str | None]] = {}  # pid -> (role, parent's role)
+        self._seen: dict[int, tuple[int | None, dict[str, float]]] = {}  # pid -> (parent pid, last CPU by role)
+        self._retired: dict[str, float] = {}  # CPU of processes gone with nobody in the tree to reap them
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="bench-cpu-sampler")
 
     def __enter__(self) -> CpuSampler:
+        self.sample()
         self._thread.start()
         return self
 
@@ -93,23 +97,34 @@ class CpuSampler:
 
     def sample(self) -> None:
         psutil = self.psutil
-        totals: dict[str, float] = {}
         now = time.time()
         try:
             procs = psutil.Process(os.getpid()).children(recursive=True)
         except psutil.NoSuchProcess:
             return
+        seen: dict[int, tuple[int | None, dict[str, float]]] = {}
         for proc in procs:
             try:
                 cpu = proc.cpu_times()
+                parent = proc.ppid()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             role, parent_role = self._role(proc)
-            totals[role] = totals.get(role, 0.0) + cpu.user + cpu.system
+            mine = {role: cpu.user + cpu.system}
             reaped = cpu.children_user + cpu.children_system
             if reaped:
                 child = children_role(role, parent_role)
-                totals[child] = totals.get(child, 0.0) + reaped
+                mine[child] = mine.get(child, 0.0) + reaped
+            seen[proc.pid] = (parent, mine)
+        for pid, (parent, last) in self._seen.items():
+            if pid not in seen and parent not in seen:  # gone, and no parent in the tree counts it
+                for role, value in last.items():
+                    self._retired[role] = self._retired.get(role, 0.0) + value
+        self._seen = seen
+        totals = dict(self._retired)
+        for _, mine in seen.values():
+            for role, value in mine.items():
+                totals[role] = totals.get(role, 0.0) + value
         self.times.append(now)
         self.samples.append(totals)
 

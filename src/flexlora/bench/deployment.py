@@ -44,6 +44,7 @@ from pathlib import Path
 from flexlora.bench.common import child_env, comma_list, report
 from flexlora.bench.deployment_report import format_table, goals, read_rounds, steady  # noqa: F401  (the command's report)
 from flexlora.bench.loopback import SUPEREXEC_POLL_S, Loopback
+from flexlora.bench.waits import read_waits
 from flexlora.errors import ConfigError
 
 ENGINES = ("deployment+workers", "previous+workers", "deployment", "simulation", "in-process")
@@ -159,6 +160,7 @@ def run_benchmark(
                             # at a time and polls every second; Flower's SuperExecs at their default.
                             env={PREVIOUS_TRANSPORT_ENV: "1"} if previous else None,
                             superexec_poll_s=None if previous else SUPEREXEC_POLL_S,
+                            waits_dir=work / engine.replace("+", "-") / "waits",
                         ) as fed,
                     ):
                         fed.run(overrides, run_dir)
@@ -185,7 +187,8 @@ def run_benchmark(
             except (RuntimeError, subprocess.TimeoutExpired) as e:  # keep the rounds it finished; the others still run
                 echo(f"  {engine} FAILED after {time.perf_counter() - started:.0f} s: {str(e).splitlines()[0]}")
             if (run_dir / "metrics.jsonl").is_file():
-                rows += [{"engine": engine, **r} for r in read_rounds(run_dir, cpu)]
+                waits = read_waits(work / engine.replace("+", "-") / "waits")
+                rows += [{"engine": engine, **r} for r in read_rounds(run_dir, cpu, waits)]
         startup = clientapp_startup(model, precision, device, startup_repeat) if startup_repeat else {}
     finally:
         if not keep:

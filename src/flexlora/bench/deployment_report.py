@@ -16,6 +16,7 @@ import statistics
 from pathlib import Path
 
 from flexlora.bench.common import goal, not_checked, with_count
+from flexlora.bench.waits import waits_in
 
 WORKERS, PREVIOUS, SIMULATION = "deployment+workers", "previous+workers", "simulation"
 OBJECTS_GOAL, SIMULATION_GOAL, CPU_GOAL = 50, 1.3, 1 / 3
@@ -24,10 +25,11 @@ OBJECTS_GOAL, SIMULATION_GOAL, CPU_GOAL = 50, 1.3, 1 / 3
 OVERHEAD_GOAL = {"gpu": 0.25, "cpu": 0.50}
 
 
-def read_rounds(run_dir: Path, cpu=None) -> list[dict]:
-    """Per round: wall time (without the evaluation), the slowest client's training, overhead,
-    and, with a CpuSampler, CPU seconds per process role over the round and the overhead's CPU
-    (all of it but the clients' training)."""
+def read_rounds(run_dir: Path, cpu=None, waits: list[dict] | None = None) -> list[dict]:
+    """Per round: wall time (without the evaluation), the slowest client's training, overhead;
+    with a CpuSampler, CPU seconds per process role over the round and the overhead's CPU (all
+    of it but the clients' training); with `waits` (bench/waits), the seconds Flower's processes
+    spent in their idle waits during the round, per kind (summed over processes)."""
     rows = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
@@ -58,6 +60,8 @@ def read_rounds(run_dir: Path, cpu=None) -> list[dict]:
             by_role = cpu.window(clock["started"], clock["round_ended"])
             training = sum(c.get("train_cpu_time_s", 0.0) for c in clients)
             row.update(cpu_s=by_role, train_cpu_s=training, overhead_cpu_s=sum(by_role.values()) - training)
+        if waits is not None and clock:
+            row["waits_s"] = waits_in(waits, clock["started"], clock["round_ended"])
         rows.append(row)
     return rows
 
@@ -74,6 +78,12 @@ def _num(value, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
 
+def _waits(waits: dict | None) -> str:
+    if waits is None:
+        return "—"
+    return f"{waits.get('supernode idle', 0.0):.1f}, {waits.get('object-pull backoff', 0.0):.1f}"
+
+
 def _mean(rounds: list[dict], value) -> float:
     return statistics.mean(value(r) for r in rounds)
 
@@ -83,8 +93,8 @@ def format_table(result: dict) -> str:
     lines = [
         "| engine | round | round wall (s) | slowest client's training (s) | overhead (s) | overhead / training "
         "| overhead CPU (s) | objects / message (down, up) | MiB / message (down, up) | transport (s, down, up) "
-        "| clients (failed) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| Flower's idle waits (s, SuperNode, object pulls) | clients (failed) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:
         lines.append(
@@ -93,7 +103,7 @@ def format_table(result: dict) -> str:
             f"{_num(r.get('objects_down'), 'd')}, {_num(r.get('objects_up'), 'd')} | "
             f"{_num(mib(r.get('bytes_down')), '.1f')}, {_num(mib(r.get('bytes_up')), '.1f')} | "
             f"{_num(r.get('transport_down_s'), '.1f')}, {_num(r.get('transport_up_s'), '.1f')} | "
-            f"{r['clients']} ({r['failures']}) |"
+            f"{_waits(r.get('waits_s'))} | {r['clients']} ({r['failures']}) |"
         )
     roles = sorted({role for r in result["rows"] for role in (r.get("cpu_s") or {})})
     if roles:

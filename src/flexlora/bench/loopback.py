@@ -141,7 +141,8 @@ class Loopback:
     127.0.0.1; with `worker` (the argv tail of `flexlora node serve`, e.g. ["--model",
     "tiny-llama"]), a node worker per SuperNode, its socket in the SuperNode's node config.
     `node_env`: extra environment of the node-side processes (e.g. OMP_NUM_THREADS); `env`: of
-    every process; `superexec_poll_s`: the SuperExecs' poll interval (None: Flower's default).
+    every process; `superexec_poll_s`: the SuperExecs' poll interval (None: Flower's default);
+    `waits_dir`: record Flower's idle waits there (bench/waits).
     Use as a context manager: every process is stopped by PID on exit."""
 
     def __init__(
@@ -152,6 +153,7 @@ class Loopback:
         node_env: dict | None = None,
         env: dict | None = None,
         superexec_poll_s: float | None = SUPEREXEC_POLL_S,
+        waits_dir: Path | None = None,
     ):
         self.work = Path(workdir)
         self.node_configs = node_configs
@@ -165,6 +167,12 @@ class Loopback:
         self.env = {**flower_env(), **(env or {})}
         if superexec_poll_s is not None:
             self.env[SUPEREXEC_POLL_ENV] = str(superexec_poll_s)
+        if waits_dir is not None:
+            from flexlora.bench import waits
+
+            Path(waits_dir).mkdir(parents=True, exist_ok=True)
+            self.env[waits.ENV] = str(waits_dir)
+            self.env["PYTHONPATH"] = os.pathsep.join([str(waits.FOLDER), self.env.get("PYTHONPATH", "")])
 
     def home(self, name: str) -> dict:
         """Every Flower process gets its own FLWR_HOME."""
