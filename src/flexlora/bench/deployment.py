@@ -95,6 +95,15 @@ def clientapp_startup(model: str, precision: str, device: str, repeat: int = 3) 
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def accelerator(device: str) -> str:
+    """'gpu' where the nodes train on one (--device cuda, or auto on a machine with CUDA), else 'cpu'."""
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    return "gpu" if device.startswith("cuda") or torch.cuda.is_available() else "cpu"
+
+
 def run_benchmark(
     nodes: int = 2,
     rounds: int = 2,
@@ -204,6 +213,7 @@ def run_benchmark(
             "model": model,
             "precision": precision,
             "device": device,
+            "accelerator": accelerator(device),  # which overhead goal applies (deployment_report.OVERHEAD_GOAL)
             "threads_per_node": threads,
             "overrides": overrides,
         },

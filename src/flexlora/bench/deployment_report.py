@@ -130,7 +130,8 @@ def format_table(result: dict) -> str:
 
 def goals(result: dict) -> list[str]:
     rows = result["rows"]
-    device = "cpu" if result.get("config", {}).get("device", "cpu") == "cpu" else "gpu"
+    config = result.get("config", {})
+    device = config.get("accelerator") or ("cpu" if config.get("device", "cpu") == "cpu" else "gpu")
     lines = []
     workers, previous, simulation = (steady(rows, e) for e in (WORKERS, PREVIOUS, SIMULATION))
     counted = [(r["round"], key, r[key]) for r in workers for key in ("objects_down", "objects_up") if r.get(key) is not None]
