@@ -202,3 +202,17 @@ def test_a_malformed_reply_drops_its_client_and_the_round_goes_on(tiny_overrides
     failure = results["c1"]
     assert isinstance(failure, protocol.ClientFailure) and "\n" not in failure.reason
     assert failure.reason.startswith("bad reply: ValueError: packed 'factors': ") and "overlaps" in failure.reason
+
+
+def test_an_empty_field_is_its_index_alone():
+    """An update without sparse deltas carries no 'deltas' arrays (three Flower objects fewer),
+    and decodes to an empty field."""
+    factors, _, _ = _tensors()
+    content = flower.encode_update(protocol.ClientUpdate("c0", 3, 16.0, factors, {}), "float32")
+    assert set(content.array_records) == {flower.FACTORS}
+    assert json.loads(content.config_records[flower.UPDATE][flower.INDEX])[flower.DELTAS] == {"nbytes": 0, "tensors": []}
+    assert flower.decode_update(content).deltas == {}
+    content, index = _packed_update()
+    index[flower.DELTAS] = {"nbytes": 4, "tensors": [["x.values", "float32", [1], 0]]}
+    with pytest.raises(ValueError, match="the message lacks its 'deltas' arrays"):
+        flower.decode_update(_with_index(content, index))

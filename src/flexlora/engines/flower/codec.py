@@ -123,7 +123,8 @@ def encode(obj, dtype: str, meta_record: str, *, packed: bool = True, **extra: s
         index = {}
         for name, group in grouped.items():
             index[name], data = pack(group, dtype)
-            records[name] = ArrayRecord({PACKED: packed_array(data)})
+            if group:  # an empty field (an update without sparse deltas) is its index alone
+                records[name] = ArrayRecord({PACKED: packed_array(data)})
         config[INDEX] = json.dumps(index, separators=(",", ":"))
     else:
         records = {name: tensors_to_record(group, dtype) for name, group in grouped.items()}
@@ -146,6 +147,8 @@ def decode(content: RecordDict, meta_record: str):
         raise ValueError(f"the index describes a field the message does not carry: {sorted(set(index) - set(fields))[0]!r}")
     tensors = {}
     for name in fields:
+        if index is not None and index.get(name) == {"nbytes": 0, "tensors": []} and name not in content.array_records:
+            continue  # an empty field
         if name not in content.array_records:
             raise ValueError(f"the message lacks its {name!r} arrays")
         record = content.array_records[name]
@@ -200,7 +203,7 @@ def message_objects(message: Message) -> tuple[int, int]:
     for record in content.array_records.values():
         objects += 1
         for array in record.values():
-            objects += 1 + max(1, math.ceil(len(array.data) / FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE))
+            objects += 1 + math.ceil(len(array.data) / FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE)
             size += len(array.data)
     for record in (*content.config_records.values(), *content.metric_records.values()):
         objects += 1
