@@ -140,7 +140,18 @@ def test_flowers_idle_waits_are_recorded_where_flower_sleeps_and_nowhere_else(tm
     assert [w["kind"] for w in recorded] == ["supernode idle", "object-pull backoff"]
     assert recorded[0]["seconds"] == pytest.approx(0.3, abs=0.1) and recorded[1]["seconds"] == pytest.approx(0.2, abs=0.1)
     total = waits.waits_in(recorded, started, time.time())
-    assert total == pytest.approx({"supernode idle": recorded[0]["seconds"], "object-pull backoff": recorded[1]["seconds"]})
+    assert total == pytest.approx({"supernode idle": recorded[0]["seconds"], "object-pull backoff": recorded[1]["seconds"]})  # fmt: skip
     assert waits.waits_in(recorded, recorded[0]["start"] + 0.1, recorded[0]["start"] + 0.2) == pytest.approx(
-        {"supernode idle": 0.1}, abs=1e-6
+        {"supernode idle": 0.1, "object-pull backoff": 0.0}, abs=1e-6
+    )
+    # A task pushed 0.1 s into a SuperNode's idle sleep waits for the rest of it; object pulls
+    # backing off side by side count once.
+    sleeping = [
+        {"kind": "supernode idle", "start": 10.0, "seconds": 3.0, "pid": 1},
+        {"kind": "supernode idle", "start": 12.5, "seconds": 3.0, "pid": 2},
+        {"kind": "object-pull backoff", "start": 20.0, "seconds": 1.0, "pid": 1},
+        {"kind": "object-pull backoff", "start": 20.5, "seconds": 1.0, "pid": 3},
+    ]
+    assert waits.waits_in(sleeping, 0.0, 30.0, pushed_at=12.6) == pytest.approx(
+        {"supernode idle": 2.9, "object-pull backoff": 1.5}
     )

@@ -28,8 +28,8 @@ OVERHEAD_GOAL = {"gpu": 0.25, "cpu": 0.50}
 def read_rounds(run_dir: Path, cpu=None, waits: list[dict] | None = None) -> list[dict]:
     """Per round: wall time (without the evaluation), the slowest client's training, overhead;
     with a CpuSampler, CPU seconds per process role over the round and the overhead's CPU (all
-    of it but the clients' training); with `waits` (bench/waits), the seconds Flower's processes
-    spent in their idle waits during the round, per kind (summed over processes)."""
+    of it but the clients' training); with `waits` (bench/waits), what Flower's idle waits cost
+    the round (waits_in: the SuperNodes' idle sleep after the tasks' push, object-pull backoff)."""
     rows = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
@@ -61,7 +61,8 @@ def read_rounds(run_dir: Path, cpu=None, waits: list[dict] | None = None) -> lis
             training = sum(c.get("train_cpu_time_s", 0.0) for c in clients)
             row.update(cpu_s=by_role, train_cpu_s=training, overhead_cpu_s=sum(by_role.values()) - training)
         if waits is not None and clock:
-            row["waits_s"] = waits_in(waits, clock["started"], clock["round_ended"])
+            pushes = [c["received_at"] - c["transport_down_s"] for c in clients if "transport_down_s" in c]
+            row["waits_s"] = waits_in(waits, clock["started"], clock["round_ended"], min(pushes, default=None))
         rows.append(row)
     return rows
 
@@ -93,7 +94,7 @@ def format_table(result: dict) -> str:
     lines = [
         "| engine | round | round wall (s) | slowest client's training (s) | overhead (s) | overhead / training "
         "| overhead CPU (s) | objects / message (down, up) | MiB / message (down, up) | transport (s, down, up) "
-        "| Flower's idle waits (s, SuperNode, object pulls) | clients (failed) |",
+        "| Flower's waits (s: SuperNode idle after the push, object-pull backoff) | clients (failed) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:

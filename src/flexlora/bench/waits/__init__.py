@@ -34,11 +34,33 @@ def read_waits(directory: Path) -> list[dict]:
     return waits
 
 
-def waits_in(waits: list[dict], start: float, end: float) -> dict[str, float]:
-    """Seconds of each kind of wait that overlap [start, end]."""
+def waits_in(waits: list[dict], start: float, end: float, pushed_at: float | None = None) -> dict[str, float]:
+    """What Flower's waits cost a round [start, end] (wall-clock seconds, time.time()):
+
+    - "supernode idle": how long the round's tasks, pushed at `pushed_at`, waited for a
+      SuperNode's idle sleep to end (the longest over SuperNodes: the sleep in progress at the
+      push; 0 where none was); without `pushed_at`, the idle sleeps' seconds in the window;
+    - "object-pull backoff": the seconds during which at least one object pull of any process
+      was backing off (their union: pulls back off side by side in threads)."""
     out: dict[str, float] = {}
-    for w in waits:
-        overlap = min(end, w["start"] + w["seconds"]) - max(start, w["start"])
-        if overlap > 0:
-            out[w["kind"]] = out.get(w["kind"], 0.0) + overlap
+    idle = [w for w in waits if w["kind"] == "supernode idle"]
+    if pushed_at is not None:
+        by_node: dict[int, float] = {}
+        for w in idle:
+            if w["start"] <= pushed_at < w["start"] + w["seconds"]:
+                by_node[w["pid"]] = w["start"] + w["seconds"] - pushed_at
+        out["supernode idle"] = max(by_node.values(), default=0.0)
+    else:
+        out["supernode idle"] = sum(max(0.0, min(end, w["start"] + w["seconds"]) - max(start, w["start"])) for w in idle)
+    spans = sorted(
+        (max(start, w["start"]), min(end, w["start"] + w["seconds"]))
+        for w in waits
+        if w["kind"] == "object-pull backoff" and min(end, w["start"] + w["seconds"]) > max(start, w["start"])
+    )
+    covered, reach = 0.0, float("-inf")
+    for a, b in spans:  # the union's length
+        if b > reach:
+            covered += b - max(a, reach)
+            reach = b
+    out["object-pull backoff"] = covered
     return out
