@@ -15,15 +15,18 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from flexlora.config import ExperimentConfig, config_from_dict
 from flexlora.data.records import Issues, read_records
 from flexlora.data.types import ClientData, Example
 from flexlora.engines.flower.codec import NODE, TASK, decode_task, encode_update, is_packed
 from flexlora.engines.node.channel import WORKER_SOCKET_KEY, train_on_worker  # torch-free: the worker path
+
+if TYPE_CHECKING:
+    from flexlora.config import ExperimentConfig
 
 # Node-config keys a deployment node may set (simulation sets partition-id/num-partitions).
 RESOURCE_KEYS = ("lora-rank", "rank-type", "memory-budget-mb")  # and num-examples, data-path, client-id
@@ -135,6 +138,8 @@ client_app = ClientApp()
 
 @client_app.query()
 def _client_query(message: Message, context: Context) -> Message:
+    from flexlora.config import config_from_dict  # only here and in training: the worker path's ClientApp skips it
+
     try:
         cfg = config_from_dict(json.loads(message.content.config_records[TASK]["config"]), check=False)
         data = node_client(context.node_config, cfg)

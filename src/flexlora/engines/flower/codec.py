@@ -28,12 +28,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE, SType
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from flexlora.config import ExperimentConfig, config_from_dict
 from flexlora.engines.flower.packed import npy_payload, pack, unpack
 
 if TYPE_CHECKING:
     import torch
 
+    from flexlora.config import ExperimentConfig
     from flexlora.protocol import ClientTask, ClientUpdate, Factors
 
 TASK, UPDATE, FACTORS, NODE = "task", "update", "factors", "node"
@@ -169,6 +169,8 @@ def encode_task(task: ClientTask, cfg: ExperimentConfig, packed: bool = True) ->
 
 
 def decode_task(content: RecordDict) -> tuple[ClientTask, ExperimentConfig]:
+    from flexlora.config import config_from_dict  # pydantic's schema: not on the worker path's ClientApp
+
     task = decode(content, TASK)
     # Checked on the server already; paths in it are the server's, not this node's.
     cfg = config_from_dict(json.loads(content.config_records[TASK]["config"]), check=False)

@@ -20,11 +20,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from flexlora.config import ConfigError, ExperimentConfig, load_config
 from flexlora.engines.flower.codec import NODE, TASK, decode_update, encode_task, message_objects, payload_bytes
-from flexlora.resources import declared_rank_type, paper_rank_types
 
 if TYPE_CHECKING:
+    from flexlora.config import ExperimentConfig
     from flexlora.protocol import ClientFailure, ClientTask, ClientUpdate
     from flexlora.server import FederatedServer
 
@@ -325,6 +324,9 @@ def discover(grid: Grid, cfg: ExperimentConfig, min_nodes: int, echo=print) -> d
 def serve(exp, grid: Grid, min_nodes: int | None = None) -> Path:
     """The ServerApp's work: discover the nodes' clients, build the server, run every round
     through Flower, write the run folder (the same files as the in-process runtime)."""
+    from flexlora.config import ConfigError
+    from flexlora.resources import declared_rank_type, paper_rank_types
+
     cfg = exp.cfg
     if min_nodes is None:
         min_nodes = cfg.flower.min_nodes or cfg.federation.clients_per_round
@@ -356,6 +358,8 @@ def config_from_run_config(run_config) -> tuple[ExperimentConfig, Path | None]:
     config: `config-file` (a YAML path on the SuperLink's machine, may be empty), `overrides`
     (key=value words, shell-quoted where needed) and `resume` (a run folder to continue from
     its last checkpoint; its config.yaml is then the config file)."""
+    from flexlora.config import ConfigError, load_config  # the schema: only where a config is read
+
     resume = str(run_config.get("resume", "") or "") or None
     path = str(run_config.get("config-file", "") or "") or None
     if resume is not None:
