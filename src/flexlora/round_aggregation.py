@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from flexlora.methods.server_opt import starting_point
 from flexlora.methods.threads import one_cpu_thread
+from flexlora.privacy.dp import noise_energy_shares
 from flexlora.protocol import ClientFailure, ClientTask, ClientUpdate
 from flexlora.validation import NormScreen, check_result, update_norm
 
@@ -77,6 +78,7 @@ class RoundAggregation:
         self.screen = NormScreen(fed.max_norm_ratio if self.screening else None)
         self.dp_weights: dict[str, float] = {}
         self.dp_norms: dict[str, float] = {}
+        self.noise_energies: dict[str, dict[str, float]] = {}  # module -> energies, Accumulator.noise_energies
         self.accumulator = server.method.accumulator(server.state)
         with_start = server.server_step is not None and server.state is not None
         self.start = server.method.accumulator(server.state) if with_start else None
@@ -208,6 +210,7 @@ class RoundAggregation:
             if self.privacy is not None:  # into the round's sum, before the method's post-processing
                 self.privacy.add_noise(self.accumulator, self.round)
             state = self.accumulator.result()
+            self.noise_energies = self.accumulator.noise_energies() if self.privacy is not None else {}
             if server.server_step is not None:
                 state = server.server_step(server.method, self.start.result() if self.start is not None else None, state)
             server.state = state
@@ -229,4 +232,7 @@ class RoundAggregation:
     def _privacy_outcome(self) -> dict:
         bound = self.privacy.clipping_norm
         clipped = sorted(cid for cid, norm in self.dp_norms.items() if bound is not None and norm > bound)
-        return {"update_norms": dict(self.dp_norms), "clipped": clipped}
+        outcome = {"update_norms": dict(self.dp_norms), "clipped": clipped}
+        if self.noise_energies:
+            outcome["noise_energy"] = noise_energy_shares(self.noise_energies)
+        return outcome

@@ -170,6 +170,11 @@ class Accumulator:
             raise ValueError(f"privacy: method {self.method.name!r} aggregates in no space this accumulator can add noise to")
         self.updates = carry_noise(self.updates, draw)
 
+    def noise_energies(self) -> dict[str, dict[str, float]]:
+        """After ``result``: per module, how much of the DP noise the method's post-processing
+        kept (FlexLoRA's truncation: FlexLoRAAccumulator.noise_energies); {}: not measured."""
+        return {}
+
 
 def streaming_accumulator(
     method: Method, owner: type[Method], streaming: type[Accumulator], previous: GlobalState | None

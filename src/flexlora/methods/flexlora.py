@@ -100,6 +100,10 @@ class FlexLoRAAccumulator(Accumulator):
         self.home: dict[str, torch.device] = {}  # where the state goes back to
         self.pending: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}  # (B, A, w s) not in `dense` yet
         self.dense: dict[str, torch.Tensor] = {}
+        # Under DP noise only: per module the rank-K truncation of the noiseless sum (as
+        # (U·S, Vh)) and the energies of noise_energies (see there).
+        self.clean_truncation: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.energies: dict[str, dict[str, float]] = {}
 
     def add(self, update: ClientUpdate, weight: float) -> None:
         if weight <= 0:  # adds nothing to ΔW, but would add rank
@@ -157,7 +161,27 @@ class FlexLoRAAccumulator(Accumulator):
                 self.dense[module] = torch.zeros(m, n, dtype=compute_dtype(A, B), device=A.device)
             self._flush(module)
             dense = self.dense[module]
-            dense.add_(draw(module, (m, n)).to(dtype=dense.dtype, device=dense.device))
+            # T_K of the noiseless sum, K the rank the state keeps: an extra SVD, for the
+            # noise-energy diagnostic (noise_energies) only.
+            U, S, Vh = dense_svd(dense, self._kept_rank(module))
+            self.clean_truncation[module] = (U * S, Vh)
+            noise = draw(module, (m, n)).to(dtype=dense.dtype, device=dense.device)
+            dense.add_(noise)
+            self.energies[module] = {"noise": _energy(noise), "noisy": _energy(dense)}
+
+    def noise_energies(self) -> dict[str, dict[str, float]]:
+        """Per module, after ``result`` and only where noise was added: the energies (squared
+        Frobenius norms, float64) of the noise N ("noise") and of the noisy sum ΔW + N ("noisy")
+        before truncation, and after it, of T_K(ΔW + N) ("kept") and of T_K(ΔW + N) − T_K(ΔW)
+        ("kept_noise"): what of the noise survives the rank-K truncation the state keeps (K as
+        in _finish). All on the same scale (the sum divided by Σ w_k), so ratios compare."""
+        return {module: dict(values) for module, values in self.energies.items() if "kept" in values}
+
+    def _kept_rank(self, module: str) -> int:
+        """K: the rank of the module's state (see the module docstring)."""
+        m, n = self.shape[module]
+        R = self.rank[module]
+        return min(R, m, n, self.method.max_global_rank or R, self.method.rank_bound.get(module, R))
 
     def result(self) -> GlobalState:
         if self.total <= 0:
@@ -174,7 +198,7 @@ class FlexLoRAAccumulator(Accumulator):
         method = self.method
         m, n = self.shape[module]
         R = self.rank[module]
-        K = min(R, m, n, method.max_global_rank or R, method.rank_bound.get(module, R))
+        K = self._kept_rank(module)
         if module not in self.dense:  # R < min(m, n): the factored route
             # Small modules on one CPU thread, stacking and rotation included (see
             # threads.SINGLE_THREAD_MAX_FLOPS); the energy ‖B̃Ã‖² comes from the kernel's R×R
@@ -193,6 +217,8 @@ class FlexLoRAAccumulator(Accumulator):
                 else:
                     U, S, Vh = dense_svd(dense, K)
             del dense
+            if module in self.clean_truncation:
+                self._truncated_noise(module, U, S, Vh)
         home = self.home[module]
         U, S, Vh = (t.to(home).contiguous() for t in (U, S, Vh))
         return {
@@ -201,6 +227,27 @@ class FlexLoRAAccumulator(Accumulator):
             f"{module}.Vh": Vh,
             f"{module}.E": energy.reshape(1).to(device=home, dtype=torch.float64),
         }
+
+    def _truncated_noise(self, module: str, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> None:
+        """noise_energies' after-truncation part: T_K(ΔW + N) is the state (U, S, Vh), already
+        divided by Σ w_k; T_K(ΔW) is divided here to match, as are the before-truncation ones."""
+        XC, YC = self.clean_truncation.pop(module)
+        scale = 1.0 / self.total
+        values = self.energies[module]
+        values["noise"] *= scale * scale
+        values["noisy"] *= scale * scale
+        values["kept"] = float(S.double().square().sum())
+        values["kept_noise"] = _truncated_noise_energy((U * S, Vh), (XC.to(U.device) * scale, YC.to(U.device)))
+
+
+def _energy(x: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64).square())
+
+
+def _truncated_noise_energy(noisy: tuple, clean: tuple) -> float:
+    """‖X1·Y1 − X2·Y2‖² of two rank-K products, formed densely in float64 (no cancellation)."""
+    (X1, Y1), (X2, Y2) = noisy, clean
+    return _energy(X1.double() @ Y1.double() - X2.double() @ Y2.double())
 
 
 class FlexLoRA(Method):

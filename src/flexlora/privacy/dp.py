@@ -27,6 +27,7 @@ import torch
 
 from flexlora.methods.helpers import compute_dtype, module_seed, option_keys, option_number, update_norm
 from flexlora.protocol import ClientUpdate, Factors
+from flexlora.resources import module_kind
 
 SPACES = ("delta", "factors")
 CLIP_OPTION = "dp_clip"  # the client option of client-side clipping: {"norm": C, "space": ...}
@@ -171,6 +172,34 @@ def clip_on_client(factors: dict[str, Factors], start: dict[str, Factors] | None
         return path_clip(factors, start, lora_alpha, bound)[0]
     norm = change_norm(factors, start, lora_alpha, space)
     return factors if norm <= bound else scale_change(factors, start, lora_alpha, space, bound / norm)
+
+
+def noise_energy_shares(per_module: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """How much of the noise's energy survives the method's truncation, pooled per module kind
+    (attention, mlp, other) and over all modules ("all"), from per-module energies
+    (Accumulator.noise_energies: "noise" ‖N‖², "noisy" ‖ΔW + N‖², "kept" ‖T(ΔW + N)‖²,
+    "kept_noise" ‖T(ΔW + N) − T(ΔW)‖², T the truncation). Sums over the group's modules, then:
+    share_before = ‖N‖² / ‖ΔW + N‖² (the noise's share of the noisy aggregate),
+    share_after = ‖T(ΔW + N) − T(ΔW)‖² / ‖T(ΔW + N)‖² (its share of what the state keeps),
+    retained = ‖T(ΔW + N) − T(ΔW)‖² / ‖N‖² (the fraction of the noise's energy kept)."""
+    groups: dict[str, dict[str, float]] = {}
+    for module, values in per_module.items():
+        for group in (module_kind(module), "all"):
+            sums = groups.setdefault(group, dict.fromkeys(("noise", "noisy", "kept", "kept_noise"), 0.0))
+            for key in sums:
+                sums[key] += values[key]
+
+    def ratio(a: float, b: float) -> float | None:
+        return a / b if b > 0 else None
+
+    return {
+        group: {
+            "share_before": ratio(s["noise"], s["noisy"]),
+            "share_after": ratio(s["kept_noise"], s["kept"]),
+            "retained": ratio(s["kept_noise"], s["noise"]),
+        }
+        for group, s in sorted(groups.items())
+    }
 
 
 @dataclasses.dataclass(frozen=True)
