@@ -39,7 +39,7 @@ $FLEXLORA compare --methods "$(echo $METHODS | tr ' ' ,)" --profiles heavy-tail-
 commit $GRID/unclipped
 
 median_norm() {  # the median change norm of METHOD's unclipped cell, over all rounds and clients
-  python3 - "$GRID/unclipped/cells" "$1" <<'EOF'
+  ${PYTHON:-python3} - "$GRID/unclipped/cells" "$1" <<'EOF'
 import json, pathlib, statistics, sys
 cell = next(pathlib.Path(sys.argv[1]).glob(f"{sys.argv[2]}-*-seed0"))
 norms = [n for line in (cell / "metrics.jsonl").read_text().splitlines()

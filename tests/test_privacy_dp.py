@@ -253,7 +253,11 @@ def _records(run_dir):
 def _without_times(value):
     """A record without what a clock measured (time, *_s, seconds, clock), at any depth."""
     if isinstance(value, dict):
-        return {k: _without_times(v) for k, v in value.items() if not (k == "time" or k.endswith("_s") or k == "seconds" or k == "clock")}
+        return {
+            k: _without_times(v)
+            for k, v in value.items()
+            if not (k == "time" or k.endswith("_s") or k == "seconds" or k == "clock")
+        }
     return value
 
 
