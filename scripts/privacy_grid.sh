@@ -4,24 +4,25 @@
 # Run from the repository root with ../shared beside it; rerun to resume (finished cells are
 # skipped). About 5 minutes a cell on a busy 2-core CPU.
 #
-#   1. unclipped: privacy on, no clipping, no noise (docs/privacy_grid/unclipped): records each
-#      client's change norm (metrics.jsonl, privacy.update_norms) in each method's space;
-#   2. C per method = the median of those norms over all rounds and clients (a data-dependent
-#      choice: it spends privacy the accountant does not count, see "What is guaranteed");
+#   1. calibration: privacy on, no clipping, no noise, one round, one test example per category
+#      (docs/privacy_grid/calibration): records each client's change norm in round 1
+#      (metrics.jsonl, privacy.update_norms) in each method's space;
+#   2. C per method = the median of those norms (a data-dependent choice: it spends privacy the
+#      accountant does not count, see "What is guaranteed");
 #   3. for σ in SIGMAS (in this order), one grid per method: docs/privacy_grid/sigma-σ/METHOD,
 #      privacy.clipping_norm=C(METHOD), privacy.noise_multiplier=σ. σ = 0 is clipping alone.
-# Each grid reuses the unclipped grid's zero_shot.json (the same base model, data and evaluation).
+# Each grid reuses the first grid's zero_shot.json (the same base model, data and evaluation).
 # COMMIT=1 commits each grid's run files as it lands (never checkpoint/ or adapter/).
 set -euo pipefail
 FLEXLORA=${FLEXLORA:-flexlora}
-SIGMAS=${SIGMAS:-0 1 0.1 2}
+SIGMAS=${SIGMAS:-0 1 0.1}
 METHODS=${METHODS:-flexlora fedit ffa}
 GRID=docs/privacy_grid
 COMMON=(
   data.source=dolly data.path=../shared/data/dolly-15k
   data.test_path=../shared/data/dolly-15k/test-10-per-category.json data.num_clients=20
-  eval.max_examples_per_client=8 eval.every=3 federation.rounds=3 federation.clients_per_round=4
-  train.steps=4 privacy.enabled=true
+  eval.max_examples_per_client=6 eval.every=2 federation.rounds=2 federation.clients_per_round=4
+  train.steps=3 train.batch_size=2 train.lr=1e-3 privacy.enabled=true
 )
 RUN_FILES="clients.json config.yaml data.json metric.png metrics.jsonl rank_energy.png summary.json"
 
@@ -35,11 +36,11 @@ commit() {  # $1: a grid folder
 }
 
 $FLEXLORA compare --methods "$(echo $METHODS | tr ' ' ,)" --profiles heavy-tail-light --seeds 0 \
-  --out $GRID/unclipped "${COMMON[@]}"
-commit $GRID/unclipped
+  --out $GRID/calibration "${COMMON[@]}" federation.rounds=1 eval.max_examples_per_client=1
+commit $GRID/calibration
 
-median_norm() {  # the median change norm of METHOD's unclipped cell, over all rounds and clients
-  ${PYTHON:-python3} - "$GRID/unclipped/cells" "$1" <<'EOF'
+median_norm() {  # the median change norm of METHOD's calibration cell, over its clients
+  ${PYTHON:-python3} - "$GRID/calibration/cells" "$1" <<'EOF'
 import json, pathlib, statistics, sys
 cell = next(pathlib.Path(sys.argv[1]).glob(f"{sys.argv[2]}-*-seed0"))
 norms = [n for line in (cell / "metrics.jsonl").read_text().splitlines()
@@ -53,7 +54,8 @@ for sigma in $SIGMAS; do
     out=$GRID/sigma-$sigma/$method
     C=$(median_norm "$method")
     mkdir -p "$out"
-    [ -f "$out/zero_shot.json" ] || cp $GRID/unclipped/zero_shot.json "$out/"
+    zero=$(ls $GRID/sigma-*/*/zero_shot.json 2>/dev/null | head -1 || true)
+    [ -f "$out/zero_shot.json" ] || [ -z "$zero" ] || cp "$zero" "$out/"
     echo "privacy grid: $method sigma=$sigma C=$C"
     $FLEXLORA compare --methods "$method" --profiles heavy-tail-light --seeds 0 --out "$out" "${COMMON[@]}" \
       privacy.clipping_norm="$C" privacy.noise_multiplier="$sigma" || echo "privacy grid: $out failed"
