@@ -2,11 +2,12 @@
 # The privacy-utility grid of docs/privacy.md ("What privacy costs, measured"): FlexLoRA, FedIT
 # and FFA-LoRA on Dolly-15k with SmolLM2, one seed, at noise multipliers fixed before any run.
 # Run from the repository root with ../shared beside it; rerun to resume (finished cells are
-# skipped). About 5 minutes a cell on a busy 2-core CPU.
+# skipped). About 5 minutes a cell on a busy 2-core CPU (one round of 4 of 20 clients).
 #
-#   1. calibration: privacy on, no clipping, no noise, one round, one test example per category
-#      (docs/privacy_grid/calibration): records each client's change norm in round 1
-#      (metrics.jsonl, privacy.update_norms) in each method's space;
+#   1. calibration: privacy on, no clipping, no noise, one test example per category
+#      (docs/privacy_grid/calibration): records each client's change norm (metrics.jsonl,
+#      privacy.update_norms) in each method's space. One round: the grid's own clients and
+#      training, so that C clips about half of the clients of the σ = 0 cell;
 #   2. C per method = the median of those norms (a data-dependent choice: it spends privacy the
 #      accountant does not count, see "What is guaranteed");
 #   3. for σ in SIGMAS (in this order), one grid per method: docs/privacy_grid/sigma-σ/METHOD,
@@ -21,7 +22,7 @@ GRID=docs/privacy_grid
 COMMON=(
   data.source=dolly data.path=../shared/data/dolly-15k
   data.test_path=../shared/data/dolly-15k/test-10-per-category.json data.num_clients=20
-  eval.max_examples_per_client=6 eval.every=2 federation.rounds=2 federation.clients_per_round=4
+  eval.max_examples_per_client=6 eval.every=2 federation.rounds=1 federation.clients_per_round=4
   train.steps=3 train.batch_size=2 train.lr=1e-3 privacy.enabled=true
 )
 RUN_FILES="clients.json config.yaml data.json metric.png metrics.jsonl rank_energy.png summary.json"
@@ -36,7 +37,7 @@ commit() {  # $1: a grid folder
 }
 
 $FLEXLORA compare --methods "$(echo $METHODS | tr ' ' ,)" --profiles heavy-tail-light --seeds 0 \
-  --out $GRID/calibration "${COMMON[@]}" federation.rounds=1 eval.max_examples_per_client=1
+  --out $GRID/calibration "${COMMON[@]}" eval.max_examples_per_client=1
 commit $GRID/calibration
 
 median_norm() {  # the median change norm of METHOD's calibration cell, over its clients
