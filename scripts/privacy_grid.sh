@@ -4,7 +4,8 @@
 # Run from the repository root with ../shared beside it; rerun to resume (finished cells are
 # skipped). About 5 minutes a cell on a busy 2-core CPU (one round of 4 of 20 clients).
 #
-#   1. calibration: privacy on, no clipping, no noise, one test example per category
+#   1. calibration: privacy on, clipping at C = 10⁹ (records the norms, clips none), no noise,
+#      one test example per category
 #      (docs/privacy_grid/calibration): records each client's change norm (metrics.jsonl,
 #      privacy.update_norms) in each method's space. One round: the grid's own clients and
 #      training, so that C clips about half of the clients of the σ = 0 cell;
@@ -37,7 +38,7 @@ commit() {  # $1: a grid folder
 }
 
 $FLEXLORA compare --methods "$(echo $METHODS | tr ' ' ,)" --profiles heavy-tail-light --seeds 0 \
-  --out $GRID/calibration "${COMMON[@]}" eval.max_examples_per_client=1
+  --out $GRID/calibration "${COMMON[@]}" eval.max_examples_per_client=1 privacy.clipping_norm=1e9
 commit $GRID/calibration
 
 median_norm() {  # the median change norm of METHOD's calibration cell, over its clients
