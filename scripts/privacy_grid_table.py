@@ -1,15 +1,18 @@
 """The privacy-utility table of docs/privacy.md ("What privacy costs, measured") from the grids
 scripts/privacy_grid.sh writes: per method and noise multiplier σ, C, ε at δ, the final held-out
-generated Rouge-L, its paired difference against the same method at σ = 0 (clipped) and without
-clipping, with the intervals `flexlora compare` computes (flexlora.analysis.stats; with one seed
+generated Rouge-L, its paired difference against the same method at σ = 0 (clipped) and against
+the zero-shot model, with the intervals `flexlora compare` computes (flexlora.analysis.stats; with one seed
 the two-level interval is the examples-only one), and for FlexLoRA the noise energy's shares
-before and after truncation (metrics.jsonl, privacy.noise_energy; mean over rounds).
+before and after truncation (metrics.jsonl, privacy.noise_energy; mean over rounds). The
+zero-shot scores (the grid's zero_shot.json) are a baseline of their own: is a cell better than
+the untrained model at all?
 
     python scripts/privacy_grid_table.py [docs/privacy_grid] > docs/privacy_grid/table.md
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -39,6 +42,12 @@ def difference(row: dict, base: dict | None) -> str:
     return text + ("" if d.significant else " n.s.")
 
 
+def zero_shot_row(root: Path) -> dict | None:
+    """The base model's evaluation as a row `difference` reads (history of one evaluation)."""
+    path = next(iter(sorted(root.glob("sigma-*/*/zero_shot.json"))), None)
+    return {"history": [{"eval": json.loads(path.read_text())}]} if path else None
+
+
 def noise_shares(row: dict) -> str:
     records = [r["privacy"]["noise_energy"] for r in row["history"] if "noise_energy" in r.get("privacy", {})]
     if not records:
@@ -54,13 +63,13 @@ def noise_shares(row: dict) -> str:
 
 def main(root: Path) -> None:
     sigmas = sorted((p for p in root.glob("sigma-*") if p.is_dir()), key=lambda p: float(p.name[6:]))
-    print("| method | σ | C | ε (δ) | Rouge-L | − σ = 0 (clipped) | − unclipped | noise share before → after truncation |")
+    zero = zero_shot_row(root)
+    if zero is not None:
+        print(f"Zero-shot (the base model): {zero['history'][0]['eval'][METRIC]:.3f}\n")
+    print("| method | σ | C | ε (δ) | Rouge-L | − σ = 0 (clipped) | − zero-shot | noise share before → after truncation |")
     print("|---|---|---|---|---|---|---|---|")
     for method in ("flexlora", "fedit", "ffa"):
-        unclipped = cell_of(root / "unclipped", method)
         clipped = cell_of(root / "sigma-0" / method, method)
-        if unclipped is not None:
-            print(f"| {method} | 0, no clipping | – | ∞ | {unclipped['summary']['final']:.3f} | – | – | – |")
         for sigma_dir in sigmas:
             row = cell_of(sigma_dir / method, method)
             sigma = sigma_dir.name[6:]
@@ -73,7 +82,7 @@ def main(root: Path) -> None:
             C = row["history"][-1]["privacy"]["clipping_norm"]
             print(
                 f"| {method} | {sigma} | {C:.3g} | {eps_text} ({privacy['delta']:.2g}) | {row['summary']['final']:.3f} "
-                f"| {difference(row, clipped) if sigma != '0' else '–'} | {difference(row, unclipped)} | {noise_shares(row)} |"
+                f"| {difference(row, clipped) if sigma != '0' else '–'} | {difference(row, zero)} | {noise_shares(row)} |"
             )
 
 
