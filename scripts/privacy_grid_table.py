@@ -48,6 +48,14 @@ def zero_shot_row(root: Path) -> dict | None:
     return {"history": [{"eval": json.loads(path.read_text())}]} if path else None
 
 
+def share(value: float) -> str:
+    """A share near 1 as 1 ∓ its distance from 1, so that it stays readable (a share can pass 1:
+    the noise can point against ΔW)."""
+    if abs(value - 1) >= 1e-3:
+        return f"{value:.3f}"
+    return f"1 {'−' if value < 1 else '+'} {abs(1 - value):.1e}"
+
+
 def noise_shares(row: dict) -> str:
     records = [r["privacy"]["noise_energy"] for r in row["history"] if "noise_energy" in r.get("privacy", {})]
     if not records:
@@ -57,7 +65,7 @@ def noise_shares(row: dict) -> str:
         before = statistics.mean(r[group]["share_before"] for r in records)
         after = statistics.mean(r[group]["share_after"] for r in records)
         retained = statistics.mean(r[group]["retained"] for r in records)
-        parts.append(f"{group} {before:.3f} → {after:.3f} (kept {retained:.3f})")
+        parts.append(f"{group} {share(before)} → {share(after)} (kept {retained:.3f})")
     return "; ".join(parts)
 
 
