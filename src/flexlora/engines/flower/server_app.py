@@ -298,8 +298,13 @@ def serve(exp, grid: Grid, min_nodes: int | None = None) -> Path:
         if rank_type is not None:
             declared[cid] = rank_type
     server = exp.make_server(client_ids, declared, sizes)
-    strategy = FederatedStrategy(server, {cid: found[cid]["node_id"] for cid in client_ids}, cfg.flower.round_timeout_s)
-    exp.run(FlowerRuntime(strategy, grid))
+    nodes = {cid: found[cid]["node_id"] for cid in client_ids}
+    if cfg.flower.secure_aggregation:  # Flower's SecAgg+: the server receives only the clients' weighted mean
+        from flexlora.engines.flower.secagg import SecureFlowerRuntime
+
+        exp.run(SecureFlowerRuntime(server, nodes, grid, cfg.flower.round_timeout_s))
+    else:
+        exp.run(FlowerRuntime(FederatedStrategy(server, nodes, cfg.flower.round_timeout_s), grid))
     return exp.finish()
 
 
