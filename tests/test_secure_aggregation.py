@@ -7,6 +7,7 @@ SecAgg+) is in test_secure_aggregation_flower.py."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -54,7 +55,9 @@ def test_each_compatible_method_makes_its_plain_state_from_the_weighted_mean_of_
     updates = random_updates(seed=3, ranks=homogeneous)
     if name == "ffa":  # A frozen at the shared rows: the uploads leave it out, the server knows it
         updates = [
-            dataclasses.replace(u, factors={m: (shared_A(0, m, A.shape[0], A.shape[1], A.dtype), B) for m, (A, B) in u.factors.items()})
+            dataclasses.replace(
+                u, factors={m: (shared_A(0, m, A.shape[0], A.shape[1], A.dtype), B) for m, (A, B) in u.factors.items()}
+            )
             for u in updates
         ]
     weights = [u.num_examples for u in updates]  # unequal: 10, 50, 7, 21
@@ -82,16 +85,25 @@ def test_a_method_that_needs_each_clients_factors_is_refused_in_one_line(name):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["method=hetlora", "method_args.weighting=sparsity"], "weighting=sparsity weighs each client by the norm of its own update"),
+        (
+            ["method=hetlora", "method_args.weighting=sparsity"],
+            "weighting=sparsity weighs each client by the norm of its own update",
+        ),
         (["method=hetlora", "method_args.padding=replication"], "secure aggregation supports zero padding only"),
         (["method=hetlora", "method_args.prune_threshold=0.1"], "pruning (prune_threshold) changes a client's rank"),
-        (["method=flexlora", "method_args.server_opt.name=fedadam"], "server_opt: a server optimizer needs each client's starting point"),
+        (
+            ["method=flexlora", "method_args.server_opt.name=fedadam"],
+            "server_opt: a server optimizer needs each client's starting point",
+        ),
         (["engine=local"], "flower.secure_aggregation: needs engine=flower"),
         (["federation.clients_per_round=1"], "needs federation.clients_per_round >= 2"),
         (["federation.clients_per_round=1024"], "1024 clients a round x q = 4.29497e+09 must stay below secagg_modulus_range"),
         (["flower.secagg_modulus_range=3000000000"], "flower.secagg_modulus_range: a power of 2 above secagg_quantization_range"),
         (["flower.secagg_num_shares=2"], "flower.secagg_num_shares: a fraction (<= 1) or an integer >= 3, got 2"),
-        (["flower.secagg_num_shares=5", "flower.secagg_reconstruction_threshold=5"], "threshold: 5 must be below secagg_num_shares (5)"),
+        (
+            ["flower.secagg_num_shares=5", "flower.secagg_reconstruction_threshold=5"],
+            "threshold: 5 must be below secagg_num_shares (5)",
+        ),
     ],
 )
 def test_what_cannot_run_under_secure_aggregation_is_a_one_line_config_error(overrides, message):
@@ -138,3 +150,22 @@ def test_the_quantisation_bound_by_hand():
     d2 = round(q / 3) / q
     expected = (2 * 2 * c / q + 2 * 0.5 * abs(d2 - 1 / 3)) / (1 + d2)
     assert quantization_bound([3.0, 1.0], c, q, max_abs=0.5) == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_benchmark_reads_bytes_and_time_per_round_and_checks_what_the_server_received(tmp_path):
+    from flexlora.bench import secagg as bench
+
+    client = {"train_time_s": 2.0, "bytes_up": 1000, "bytes_down": 300, "arrays_received": 0, "share_in_unmasked_range": 0.001}
+    record = {"clients": {"a": client, "b": {**client, "train_time_s": 3.0}}, "failures": {}}
+    lines = [
+        {"round": 0, "time": {}},
+        {"round": 1, "time": {"total_s": 10.0, "evaluation_s": 4.0}, **record},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+    (row,) = bench.read_rounds(tmp_path)
+    assert (row["wall_s"], row["slowest_train_s"], row["bytes_up"], row["bytes_down"], row["clients"]) == (6.0, 3.0, 2000, 600, 2)
+    result = {"rows": [{"method": "flexlora", "secagg": True, **row}], "config": {"nodes": 2}}
+    assert bench.goals(result)[-1] == "goals: 2 of 2 met"
+    assert "| flexlora | yes | 1 | 6.0 | 3.0 | 0.00 | 0.00 | 2 (0) |" in bench.format_table(result)
+    result["rows"][0]["arrays_received"] = 1  # the server held an array: the goal fails
+    assert bench.goals(result)[1].startswith("FAIL under SecAgg+ the ServerApp receives no array")

@@ -38,7 +38,9 @@ def delivered(m: Message) -> Message:
     c = m.content
     records = {**c.config_records, **c.array_records, **c.metric_records}
     content = RecordDict({name: type(r)(dict(r)) for name, r in records.items()})
-    return Message(content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type, group_id=m.metadata.group_id)
+    return Message(
+        content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type, group_id=m.metadata.group_id
+    )
 
 
 class SecAggGrid:
@@ -98,7 +100,10 @@ def dense_mean(updates: dict, weights: dict) -> dict[str, torch.Tensor]:
     """Σ p_k s_k B_k A_k per module (float64), over the clients in `weights`."""
     total = sum(weights.values())
     return {
-        m: sum(weights[c] / total * updates[c].scale(m) * updates[c].factors[m][1].double() @ updates[c].factors[m][0].double() for c in weights)
+        m: sum(
+            weights[c] / total * updates[c].scale(m) * updates[c].factors[m][1].double() @ updates[c].factors[m][0].double()
+            for c in weights
+        )
         for m in SHAPES
     }
 
@@ -119,7 +124,9 @@ def test_the_state_equals_the_plain_aggregate_of_the_same_updates_within_the_qua
     for module in SHAPES:
         if method == "flexlora":
             got, want = dense_delta(server.state, module).double(), dense_delta(plain, module).double()
-            largest = max(u.scale(module) * float((u.factors[module][1] @ u.factors[module][0]).abs().max()) for u in updates.values())
+            largest = max(
+                u.scale(module) * float((u.factors[module][1] @ u.factors[module][0]).abs().max()) for u in updates.values()
+            )
             pairs = [(got, want, largest)]
         else:  # FedIT: B is the mean of s·B over s, so its error is the bound over s
             s = updates[next(iter(updates))].scale(module)

@@ -89,7 +89,9 @@ class FedExAccumulator(Accumulator):
         return new
 
 
-def with_residual(module: str, A: torch.Tensor, B: torch.Tensor, exact: torch.Tensor, previous: GlobalState | None) -> GlobalState:
+def with_residual(
+    module: str, A: torch.Tensor, B: torch.Tensor, exact: torch.Tensor, previous: GlobalState | None
+) -> GlobalState:
     """A module's state from the means Ā, B̄ and the exact Σ p_k s_k B_k A_k (overwritten): the
     residual exact − B̄Ā added to the previous offset."""
     residual = exact.sub_(B.to(exact.dtype) @ A.to(exact.dtype))

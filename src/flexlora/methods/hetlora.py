@@ -269,7 +269,9 @@ class HetLoRA(Method):
                 "hetlora: padding=replication averages each rank component over the clients that sent it; secure aggregation supports zero padding only"
             )
         if self.prune_threshold is not None:
-            raise ValueError("hetlora: pruning (prune_threshold) changes a client's rank after training, which secure aggregation hides")
+            raise ValueError(
+                "hetlora: pruning (prune_threshold) changes a client's rank after training, which secure aggregation hides"
+            )
         return ("A", "B")
 
     def from_secure_mean(

@@ -240,7 +240,9 @@ def secure_round(server: FederatedServer, round_: int, runtime: SecureRuntime) -
     ids = [t.client_id for t in tasks]
     undeclared = [cid for cid in ids if cid not in server.declared_sizes]
     if undeclared:
-        raise ValueError(f"secure aggregation: client {undeclared[0]} declared no size; its weight must be fixed before the round")
+        raise ValueError(
+            f"secure aggregation: client {undeclared[0]} declared no size; its weight must be fixed before the round"
+        )
     weights = dict(zip(ids, server.weights([server.declared_sizes[cid] for cid in ids], round_)))
     ranks_of = {t.client_id: dict(t.module_ranks) for t in tasks}
     spec = SecureSpec.of_round(kinds, server.shapes, list(ranks_of.values()))

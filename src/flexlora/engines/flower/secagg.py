@@ -44,7 +44,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
-from flexlora.engines.flower.codec import TASK, decode_update, encode_task, message_bytes
+from flexlora.engines.flower.codec import decode_update, encode_task, message_bytes
 from flexlora.privacy.secagg import SecureResult, SecureSpec, summands, workflow_arguments
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,13 @@ def task_fitins(task, cfg, weight: float, spec: SecureSpec, clip_at: float) -> F
             names.append([record_name, key])
             arrays.append(array.numpy())
     records = {name: dict(record) for name, record in content.config_records.items()}
-    config = {RECORDS: json.dumps(records), ARRAYS: json.dumps(names), SPEC: spec.to_json(), WEIGHT: float(weight), CLIP_AT: float(clip_at)}
+    config = {
+        RECORDS: json.dumps(records),
+        ARRAYS: json.dumps(names),
+        SPEC: spec.to_json(),
+        WEIGHT: float(weight),
+        CLIP_AT: float(clip_at),
+    }
     return FitIns(ndarrays_to_parameters(arrays), config)
 
 
@@ -213,7 +219,12 @@ class Observed:
 
     def received(self, node: int) -> dict:
         """What the ServerApp received from a node: bytes both ways, arrays, its masked vector."""
-        return {"bytes_down": self.down[node], "bytes_up": self.up[node], "arrays_received": self.arrays[node], **self.masked.get(node, {})}
+        return {
+            "bytes_down": self.down[node],
+            "bytes_up": self.up[node],
+            "arrays_received": self.arrays[node],
+            **self.masked.get(node, {}),
+        }
 
 
 class SecureFlowerRuntime:
@@ -242,7 +253,9 @@ class SecureFlowerRuntime:
                 for t in tasks
             ]
         )
-        context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}), strategy=strategy)
+        context = LegacyContext(
+            Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}), strategy=strategy
+        )
         context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: int(tasks[0].round)})
         context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()  # unused: each client has its own task
         observed = Observed(self.grid, self.arguments["quantization_range"])
@@ -250,7 +263,9 @@ class SecureFlowerRuntime:
         workflow(observed, context)
         results = strategy.results
         if results is None:
-            reason = "secure aggregation halted: too few clients answered to remove the masks (flower.secagg_reconstruction_threshold)"
+            reason = (
+                "secure aggregation halted: too few clients answered to remove the masks (flower.secagg_reconstruction_threshold)"
+            )
             return SecureResult(None, failures={cid: observed.problem.get(node, reason) for node, cid in client_of.items()})
         mean = parameters_to_ndarrays(results[0][1].parameters)
         metrics = {}
@@ -260,6 +275,8 @@ class SecureFlowerRuntime:
             if metrics[cid].pop("client_id") != cid:
                 log.warning("node %s answered for another client than %s", proxy.node_id, cid)
         failures = {
-            cid: observed.problem.get(node, "secure aggregation: no masked upload") for node, cid in client_of.items() if cid not in metrics
+            cid: observed.problem.get(node, "secure aggregation: no masked upload")
+            for node, cid in client_of.items()
+            if cid not in metrics
         }
         return SecureResult(mean, metrics, failures)
