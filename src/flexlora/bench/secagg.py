@@ -124,13 +124,13 @@ def run_benchmark(
 
 def format_table(result: dict) -> str:
     lines = [
-        "| method | SecAgg+ | round | round wall (s) | slowest client's training (s) | bytes up, all clients (MB) | bytes down (MB) | clients (failed) |",
+        "| method | SecAgg+ | round | round wall (s) | slowest client's training (s) | bytes up, all clients (MiB) | bytes down (MiB) | clients (failed) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['method']} | {'yes' if r['secagg'] else 'no'} | {r['round']} | {r['wall_s']:.1f} | {r['slowest_train_s']:.1f} | "
-            f"{r['bytes_up'] / 1e6:.2f} | {r['bytes_down'] / 1e6:.2f} | {r['clients']} ({r['failures']}) |"
+            f"{r['bytes_up'] / 2**20:.2f} | {r['bytes_down'] / 2**20:.2f} | {r['clients']} ({r['failures']}) |"
         )
     return "\n".join(lines)
 
@@ -173,7 +173,7 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--rounds", type=int, default=2, help="rounds per run (default 2)")
     parser.add_argument(
-        "--model", default="tiny-llama", help="base model (default tiny-llama: a dense SmolLM2 upload is ~850 MB a client)"
+        "--model", default="tiny-llama", help="base model (default tiny-llama: a dense SmolLM2 upload is ~810 MiB a client)"
     )
     parser.add_argument("--device", default="cpu", help="cpu (default), auto or cuda")
     parser.add_argument("--engine", default="deployment", choices=ENGINES, help="loopback deployment (default) or simulation")
