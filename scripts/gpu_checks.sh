@@ -71,7 +71,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, print its exit 
 #   device run: command="bash scripts/gpu_checks.sh --deployment", carry=[".gpu"], timeout_s=560
 # `flexlora bench deployment` on a 1B-class model (random-llama-1b: TinyLlama-1.1B's shapes, random
 # weights) in bfloat16 and nf4, 2 SuperNodes, 2 rounds, with and without node workers, and
-# in-process. It needs Flower's binaries (flwr, flower-superlink, flower-supernode) in the GPU
+# in-process, the factors packed in bfloat16 on the wire (goal: overhead <= 25% of training). It needs Flower's binaries (flwr, flower-superlink, flower-supernode) in the GPU
 # image: flwr and its dependencies (uv alone is ~18 MB) do not fit beside .gpu/ in what travels,
 # so without them the step says so and ends. The simulation reference needs Ray as well.
 if [ "${1:-}" = "--deployment" ]; then
@@ -83,8 +83,10 @@ if [ "${1:-}" = "--deployment" ]; then
   engines=deployment+workers,deployment,in-process
   $PY -c "import ray" 2>/dev/null && engines=$engines,simulation
   for precision in bfloat16 nf4; do
+    # Packed 16-bit transport (issue 32): bfloat16 factors on the wire, float32's range.
     step "deployment-$precision" 240 $PY -m flexlora.cli bench deployment --model random-llama-1b --precision "$precision" \
-      --device auto --nodes 2 --rounds 2 --engines "$engines" --startup-repeat 1 --json "$OUT/deployment-$precision.json"
+      --device auto --nodes 2 --rounds 2 --engines "$engines" --startup-repeat 1 --json "$OUT/deployment-$precision.json" \
+      flower.transport_dtype=bfloat16
   done
   echo; echo "=== done ($(date -u +%T))"; ls -la "$OUT"; exit 0
 fi

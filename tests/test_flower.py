@@ -217,7 +217,7 @@ def test_strategy_runs_under_flowers_own_loop_with_each_client_at_its_rank(tiny_
         assert {k: a.shape[0] for k, (a, b) in task.factors.items()} == server.client_ranks[task.client_id]
 
 
-def test_float16_transport_halves_the_payload(tiny_federation, run_identity):
+def test_16_bit_transport_halves_the_payload(tiny_federation, run_identity):
     cfg, data, shapes = tiny_federation
     server = FederatedServer(cfg, [c.client_id for c in data.clients], shapes)
     grid = InProcessGrid({100 + i: {"partition-id": i} for i in range(3)})
@@ -226,19 +226,22 @@ def test_float16_transport_halves_the_payload(tiny_federation, run_identity):
     server.aggregate(list(runtime.train(server.configure(1, server.sample(1)))))
     tasks = server.configure(2, server.sample(2))
     results = {}
-    for dtype in ("float32", "float16"):
+    for dtype in ("float32", "float16", "bfloat16"):
         cfg.flower.transport_dtype = dtype
         results[dtype] = list(runtime.train(tasks))
-        for message in grid.sent[-3:]:  # the tasks just sent
-            assert {a.dtype for a in message.content.array_records[flower.FACTORS].values()} == {dtype}
-    for r32, r16 in zip(results["float32"], results["float16"]):
-        assert r16.metrics["payload_bytes_up"] * 2 == r32.metrics["payload_bytes_up"]
-        assert r16.metrics["payload_bytes_down"] * 2 == r32.metrics["payload_bytes_down"]
-        assert r16.metrics["bytes_up"] < 0.6 * r32.metrics["bytes_up"]
-        assert r16.factors.keys() == r32.factors.keys()
-        assert all(a.dtype == torch.float32 for a, _ in r16.factors.values())  # decoded for the math
-        # Half precision on the wire changes training only slightly.
-        assert r16.metrics["train_loss_last"] == pytest.approx(r32.metrics["train_loss_last"], rel=1e-2)
+        for message in grid.sent[-3:]:  # the tasks just sent: one packed array, every factor in the transport dtype
+            index = json.loads(message.content.config_records[flower.TASK][flower.INDEX])[flower.FACTORS]
+            assert {dtype_ for _, dtype_, _, _ in index["tensors"]} == {dtype}
+            assert list(message.content.array_records[flower.FACTORS].keys()) == [flower.PACKED]
+    for half in ("float16", "bfloat16"):
+        for r32, r16 in zip(results["float32"], results[half]):
+            assert r16.metrics["payload_bytes_up"] * 2 == r32.metrics["payload_bytes_up"]
+            assert r16.metrics["payload_bytes_down"] * 2 == r32.metrics["payload_bytes_down"]
+            assert r16.metrics["bytes_up"] < 0.6 * r32.metrics["bytes_up"]
+            assert r16.factors.keys() == r32.factors.keys()
+            assert all(a.dtype == torch.float32 for a, _ in r16.factors.values())  # decoded for the math
+            # Half precision on the wire changes training only slightly.
+            assert r16.metrics["train_loss_last"] == pytest.approx(r32.metrics["train_loss_last"], rel=1e-2)
 
 
 def _same_result(a, b):
@@ -249,7 +252,8 @@ def _same_result(a, b):
     assert a.num_examples == b.num_examples and a.factors.keys() == b.factors.keys()
     # The same metrics, but measured times; the reply's JSON carries them, so its byte count
     # may differ by the digits of a time.
-    timeless = lambda m: {k: v for k, v in m.items() if not k.endswith("time_s") and k != "bytes_up"}  # noqa: E731
+    measured = ("time_s", "_at", "transport_up_s", "transport_down_s")  # clocks, not results
+    timeless = lambda m: {k: v for k, v in m.items() if not k.endswith(measured) and k != "bytes_up"}  # noqa: E731
     assert timeless(a.metrics) == timeless(b.metrics)
     assert abs(a.metrics["bytes_up"] - b.metrics["bytes_up"]) <= 16
     for m, (A, B) in a.factors.items():
@@ -376,7 +380,7 @@ def test_flower_certs_command_writes_a_verifiable_chain_and_node_keys(tmp_path, 
     "override, message",
     [
         ("engine=ray", "engine: must be local or flower"),
-        ("flower.transport_dtype=bfloat16", "flower.transport_dtype: must be float32 or float16"),
+        ("flower.transport_dtype=float64", "flower.transport_dtype: must be float32, float16 or bfloat16"),
         ("flower.workers=0", "flower.workers: must be >= 1"),
         ("flower.round_timeout_s=0", "flower.round_timeout_s: must be > 0"),
         ("flower.max_in_flight=0", "flower.max_in_flight: must be >= 1"),

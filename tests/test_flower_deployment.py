@@ -202,6 +202,10 @@ def test_two_rounds_of_flexlora_on_a_tls_authenticated_loopback_deployment(tmp_p
             )
             for m in r["clients"].values():
                 assert m["bytes_up"] >= m["payload_bytes_up"] > 0
+                # Packed both ways: the message, its records, one Array and its one chunk (round 1's
+                # task too: the method's shared starting adapter at the client's rank).
+                assert m["objects_up"] == 6 and m["objects_down"] == 6
+                assert m["transport_down_s"] > 0 and m["transport_up_s"] > 0
             # Bytes up follow the ranks: T1 (2) < r8 (8) < T3 (4 attention, 16 MLP).
             up = {cid: m["payload_bytes_up"] for cid, m in r["clients"].items()}
             assert up["site-2"] < up["site-1"] < up["site-3"]

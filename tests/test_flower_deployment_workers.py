@@ -77,6 +77,9 @@ def test_two_rounds_of_flexlora_on_a_loopback_deployment_with_node_workers(tmp_p
     assert [r["round"] for r in records] == [0, 1, 2]
     for r in records[1:]:
         assert sorted(r["clients"]) == sorted(c.client_id for c in fed.clients) and not r["failures"] and not r["rejected"]
+        # Packed both ways, forwarded to the worker as Flower delivered it (see test_node_worker.py).
+        assert {m["objects_up"] for m in r["clients"].values()} == {6}
+        assert {m["objects_down"] for m in r["clients"].values()} == {6}
 
     # The global FlexLoRA adapter at full rank (eval.export_rank=64): per module, the sum of the
     # two clients' ranks (8 + 2), a PEFT adapter that changes the model.

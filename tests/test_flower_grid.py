@@ -5,6 +5,8 @@ so that many clients cost nothing; tests/test_flower.py has the grid they build 
 
 from __future__ import annotations
 
+from importlib import import_module
+
 import pytest
 import torch
 from test_flower import InProcessGrid, _factors, run_identity  # noqa: F401  (a fixture)
@@ -51,7 +53,7 @@ class EchoGrid(InProcessGrid):
         task, _ = flower.decode_task(m.content)
         factors = task.factors or {k: (torch.ones(r, 12), torch.zeros(7, r)) for k, r in task.module_ranks.items()}
         update = protocol.ClientUpdate(task.client_id, 3, 16.0, factors, {"train_loss_last": 1.0})
-        return Message(flower.encode_update(update, "float32"), reply_to=m)
+        return Message(flower.encode_update(update, "float32", packed=flower.is_packed(m.content, flower.TASK)), reply_to=m)
 
     def pull_messages(self, message_ids):
         ready = []
@@ -84,11 +86,14 @@ def test_at_most_max_in_flight_tasks_are_pushed_and_unanswered(max_in_flight, pe
     counting = CountingTasks(tasks, grid)
     results = flower.FlowerRuntime(strategy, grid, max_in_flight=max_in_flight).train(counting)
     first = next(results)
-    # Taken lazily: the first result comes after max_in_flight tasks (and the one refilling its slot).
-    assert counting.taken == min(10, max_in_flight + 1)
+    # Taken lazily: the first result comes after max_in_flight tasks, and one more for each
+    # reply of that pull (their freed slots are refilled, in one push, before it is yielded).
+    first_pull = min(per_pull or max_in_flight, max_in_flight)
+    assert counting.taken == min(10, max_in_flight + first_pull)
     rest = []
-    for i, result in enumerate(results, start=2):
-        assert counting.taken - i <= max_in_flight  # pushed and not answered when a result comes
+    for result in results:
+        answered = len(grid.sent) - len(grid.pushed)
+        assert counting.taken - answered <= max_in_flight  # pushed and not answered when a result comes
         rest.append(result)
     assert sorted(r.client_id for r in [first, *rest]) == sorted(t.client_id for t in tasks)
     assert all(isinstance(r, protocol.ClientUpdate) for r in [first, *rest])
@@ -98,6 +103,41 @@ def test_at_most_max_in_flight_tasks_are_pushed_and_unanswered(max_in_flight, pe
     for r in rest:
         assert r.metrics["bytes_down"] >= r.metrics["payload_bytes_down"] == 4 * (2 * 12 + 7 * 2)
         assert r.metrics["bytes_up"] >= r.metrics["payload_bytes_up"] == 4 * (2 * 12 + 7 * 2)
+
+
+class CallCountingGrid(EchoGrid):
+    """Records the Messages of every push_messages call."""
+
+    def __init__(self, nodes, **kwargs):
+        super().__init__(nodes, **kwargs)
+        self.calls: list[list[str]] = []  # per call: the clients' nodes
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.calls.append([m.metadata.dst_node_id for m in messages])
+        return super().push_messages(messages)
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_a_rounds_tasks_go_in_one_push_messages_call(previous, tiny_overrides, run_identity):
+    """Every task of a round that fits in max_in_flight goes to Flower in one push_messages call
+    (the previous transport, the deployment bench's baseline, pushed one call per task)."""
+    strategy, _, tasks = _echo_setup(tiny_overrides, 5)
+    strategy.packed = not previous
+    grid = CallCountingGrid([100 + i for i in range(5)], after_pulls=1)
+    runtime = flower.FlowerRuntime(strategy, grid, max_in_flight=8)
+    results = list(runtime.train(tasks))
+    assert sorted(r.client_id for r in results) == [f"c{i}" for i in range(5)]
+    assert all(isinstance(r, protocol.ClientUpdate) for r in results)
+    expected = [[100 + i] for i in range(5)] if previous else [[100, 101, 102, 103, 104]]
+    assert grid.calls == expected and runtime.push_calls == len(expected)
+    assert runtime.poll_s == 0.0  # the grid's own pull_interval (the in-memory grid's, here 0)
+    server_module = import_module("flexlora.engines.flower.server_app")  # the package exports the ServerApp under that name
+    assert server_module.POLL_S <= 0.2 and server_module.PREVIOUS_POLL_S == 1.0  # a deployment grid's polls
+    # Each task went in its layout, and each reply came back in it: one packed Array per field, or one per tensor.
+    for m in grid.sent:
+        assert flower.is_packed(m.content, flower.TASK) is (not previous)
+    assert {r.metrics["objects_down"] for r in results} == ({8} if previous else {6})
 
 
 def test_a_missing_reply_is_a_timeout_failure_and_the_round_ends_at_its_deadline(tiny_overrides, run_identity, caplog):
@@ -143,7 +183,7 @@ def test_a_missing_reply_is_a_timeout_failure_and_the_round_ends_at_its_deadline
 def test_a_task_flower_does_not_take_is_a_failure(tiny_overrides, run_identity):
     strategy, grid, tasks = _echo_setup(tiny_overrides, 3)
     push = grid.push_messages
-    grid.push_messages = lambda messages: [None] if messages[0].metadata.dst_node_id == 101 else push(messages)
+    grid.push_messages = lambda messages: [None if m.metadata.dst_node_id == 101 else push([m])[0] for m in messages]
     results = {r.client_id: r for r in flower.FlowerRuntime(strategy, grid, max_in_flight=2).train(tasks)}
     assert isinstance(results["c0"], protocol.ClientUpdate) and isinstance(results["c2"], protocol.ClientUpdate)
     assert results["c1"].reason == "Flower did not take the task (push_messages returned no message id)"

@@ -191,23 +191,24 @@ node_config = json.loads(sys.argv[3])
 reply = client_app(message, Context(run_id=42, node_id=7, node_config=node_config, state=RecordDict(), run_config={}))
 error = reply.error.reason if reply.has_error() else None
 if error is None:
-    head, body = channel.records_to_frame(reply.content)
+    head, body = channel.records_to_frame(reply.content, raw=True)
     open(sys.argv[4], "w").write(json.dumps(head))
-    open(sys.argv[5], "wb").write(body)
-heavy = sorted(m for m in ("torch", "transformers", "peft", "accelerate") if m in sys.modules)
+    open(sys.argv[5], "wb").write(b"".join(body))
+heavy = sorted(m for m in ("torch", "transformers", "peft", "accelerate", "pydantic", "flexlora.config") if m in sys.modules)
 print(json.dumps({"heavy": heavy, "import_s": imported, "error": error}))
 """
 
 
 def test_the_clientapp_on_the_worker_path_imports_neither_torch_nor_transformers(worker, nodes, tmp_path):
     """The real ClientApp, in a fresh process, trains through the worker: its reply is the
-    update, and torch, transformers, PEFT were never imported."""
+    update, and torch, transformers, PEFT, nor the config schema (pydantic: about 0.4 s of every
+    ClientApp start, one per Message) were ever imported."""
     cfg = load_config(overrides=OVERRIDES)
     node = nodes[1]
     content = encode_task(_task(cfg, node), cfg)
-    head, body = channel.records_to_frame(content)
+    head, body = channel.records_to_frame(content, raw=True)
     (tmp_path / "task.json").write_text(json.dumps(head))
-    (tmp_path / "task.bin").write_bytes(body)
+    (tmp_path / "task.bin").write_bytes(b"".join(body))
     node_config = {**node, "worker-socket": str(worker.path)}
     out = subprocess.run(
         [
@@ -248,15 +249,24 @@ def test_records_cross_the_channel_exactly_and_a_malformed_frame_is_one_line(wor
             "deltas": ArrayRecord({"m.indices": Array(np.array([3, 1], np.int64))}),
         }
     )
-    back = channel.frame_to_records(*channel.records_to_frame(content))
-    assert list(back.array_records["factors"].keys()) == ["b.lora_A", "a.lora_A"]  # order kept
-    for name, record in content.array_records.items():
-        for key, array in record.items():
-            got = back.array_records[name][key].numpy()
-            assert got.dtype == array.numpy().dtype and np.array_equal(got, array.numpy())
-    assert dict(back.config_records["task"]) == dict(content.config_records["task"])
+    for raw in (False, True):  # safetensors (the previous layout's hand-off), or each Array's bytes as they are
+        head, parts = channel.records_to_frame(content, raw=raw)
+        back = channel.frame_to_records(head, b"".join(parts))
+        assert list(back.array_records["factors"].keys()) == ["b.lora_A", "a.lora_A"]  # order kept
+        for name, record in content.array_records.items():
+            for key, array in record.items():
+                got = back.array_records[name][key]
+                assert got.numpy().dtype == array.numpy().dtype and np.array_equal(got.numpy(), array.numpy())
+                assert got.data == array.data and (got.dtype, got.shape, got.stype) == (array.dtype, array.shape, array.stype)
+        assert dict(back.config_records["task"]) == dict(content.config_records["task"])
+    head, parts = channel.records_to_frame(content, raw=True)
+    assert parts[0] is content.array_records["factors"]["b.lora_A"].data  # forwarded, not copied or converted
     with pytest.raises(ChannelError, match="lacks the tensor factors/x"):
         channel.frame_to_records({"arrays": {"factors": ["x"]}}, b"")
+    with pytest.raises(ChannelError, match=r"array factors/x \(9 bytes\) runs past the payload \(4 bytes\)"):
+        channel.frame_to_records({"raw": [["factors", "x", "uint8", [9], "numpy.ndarray", 9]]}, b"abcd")
+    with pytest.raises(ChannelError, match="2 payload bytes no array describes"):
+        channel.frame_to_records({"raw": [["factors", "x", "uint8", [2], "numpy.ndarray", 2]]}, b"abcd")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:  # garbage on the socket: a one-line reply
         s.connect(str(worker.path))
         s.sendall(b"GET / HTTP/1.1\r\n" + b"x" * 64)

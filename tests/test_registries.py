@@ -112,7 +112,7 @@ def test_a_registered_source_is_loadable_through_the_config(sources, tmp_path):
 
 def test_an_unknown_source_is_one_line_listing_the_registered_ones(sources):
     _shards_source(sources, {})
-    expected = "data.source: unknown data source 'parquet'; choose from: synthetic, natural-instructions, dolly, json, shards"
+    expected = "data.source: unknown data source 'parquet'; choose from: synthetic, natural-instructions, dolly, json, hf, shards"
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[*BASE, "data.source=parquet"])
     assert str(err.value) == expected

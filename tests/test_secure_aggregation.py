@@ -96,6 +96,7 @@ def test_a_method_that_needs_each_clients_factors_is_refused_in_one_line(name):
             "server_opt: a server optimizer needs each client's starting point",
         ),
         (["engine=local"], "flower.secure_aggregation: needs engine=flower"),
+        (["privacy.enabled=true", "privacy.clipping_norm=1.0"], "flower.secure_aggregation: not with privacy.enabled yet"),
         (["federation.clients_per_round=1"], "needs federation.clients_per_round >= 2"),
         (["federation.clients_per_round=1024"], "1024 clients a round x q = 4.29497e+09 must stay below secagg_modulus_range"),
         (["flower.secagg_modulus_range=3000000000"], "flower.secagg_modulus_range: a power of 2 above secagg_quantization_range"),

@@ -182,7 +182,7 @@ def test_tiny_run_logs_the_spectrum_every_round_and_plots_it(tiny_overrides, tmp
     for r in records[1:]:
         s = r["spectrum"]
         layers = s["kinds"]["q_proj"]["modules"]
-        assert s["seconds"] >= 0 and layers >= 2 and s["routes"] == {"factored": 7 * layers}  # rank 16 < min(m, n)
+        assert s["seconds"] >= 0 and layers >= 2 and s["routes"] == {"aggregation": 7 * layers}  # FlexLoRA keeps ΔW's SVD
         assert set(s["kinds"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
         for k in s["kinds"].values():
             assert k["edges"] == [2, 4, 16] and k["bands"] == ["[0,2)", "[2,4)", "[4,16)", "[16,∞)"]
@@ -231,3 +231,37 @@ def test_spectrum_line_reports_the_share_beyond_the_smallest_rank():
     record["seconds"] = 0.25
     assert spectrum_line(record) == "ΔW energy beyond the smallest client rank: mlp 0.286; effective rank: mlp 4.1 (0.2 s)"
     assert spectrum_line(None) is None
+
+
+def test_flexloras_spectrum_is_read_from_its_aggregation_not_recomputed(monkeypatch):
+    """FlexLoRA's state is ΔW's SVD: the round's spectrum reads its S (route "aggregation") and
+    equals, to rounding, the record computed from the global factors (issue 32: that recompute
+    was about 50 ms of float64 QR per MLP module a round)."""
+    from flexlora.methods import ClientUpdate, FlexLoRA
+    from flexlora.spectrum import rank_edges as edges_of
+
+    g = torch.Generator().manual_seed(3)
+    shapes = {"layers.0.mlp.up_proj": (40, 24), "layers.0.attn.q_proj": (24, 24)}
+    updates = [
+        ClientUpdate(
+            f"c{k}",
+            10 + k,
+            16.0,
+            {m: (torch.randn(r, n, generator=g), torch.randn(mm, r, generator=g)) for m, (mm, n) in shapes.items()},
+        )
+        for k, r in enumerate((2, 6))
+    ]
+    method = FlexLoRA(device=None)
+    state = method.aggregate(updates)
+    edges = edges_of({u.client_id: {m: u.rank(m) for m in shapes} for u in updates})
+    factors, ranks = method.global_factors(state, 16.0)
+    recomputed = spectrum_record(factors, ranks, None, 16.0, edges)
+    import flexlora.spectrum as spectrum_module
+
+    monkeypatch.setattr(spectrum_module, "module_sigma_sq", lambda *a: pytest.fail("recomputed"))
+    read = spectrum_record({}, {}, None, 16.0, edges, method.global_singular_values(state))
+    assert read["routes"] == {"aggregation": 2} and recomputed["routes"] == {"factored": 2}
+    for kind, r in recomputed["kinds"].items():
+        assert read["kinds"][kind]["share"] == pytest.approx(r["share"], rel=1e-5, abs=1e-7)
+        assert read["kinds"][kind]["effective_rank_mean"] == pytest.approx(r["effective_rank_mean"], rel=1e-5)
+        assert read["kinds"][kind]["energy"] == pytest.approx(r["energy"], rel=1e-5)

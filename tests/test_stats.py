@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from flexlora.analysis.stats import paired_difference
+from flexlora.analysis.stats import PairedDifference, paired_difference
 
 
 def records(scores, losses=None, tokens=None):
@@ -132,7 +132,7 @@ def test_a_difference_carried_by_one_category_is_not_significant_once_categories
     # ...but a draw of the 9 categories without category 0 (chance (8/9)^9 = 35%) leaves only
     # the −0.005 of the other eight: the task-level interval runs from −0.005.
     assert d.category_low == pytest.approx(-0.005) and d.category_high > d.high
-    assert d.decided_by == "seeds and categories" and not d.significant
+    assert d.decided_by == "seeds and examples and seeds and categories" and not d.significant
     assert "(seeds and categories [-0.0050, +0." in d.format() and d.format().endswith(" n.s.")
     # The eval loss (1 − score here, one token each) takes the same task-level resampling.
     loss = paired_difference(method, base, "eval_loss", categories=categories)
@@ -197,3 +197,18 @@ def test_seeds_needed_follows_the_t_interval_of_the_per_seed_differences():
     # No spread known with one seed; none needed beyond two without spread; never for a zero mean.
     assert seeds_needed(0.03, 0.0, 1) is None and seeds_needed(0.03, 0.0, 3) == 2 and seeds_needed(0.0, 0.01, 3) is None
     assert seeds_needed(1e-9, 0.05, 3) == 100_001  # more than MAX_SEEDS
+
+
+def test_significance_needs_both_intervals_to_exclude_zero():
+    # The wide grid met this: the task-level interval was narrower than the two-level one (a
+    # cluster bootstrap over 60 categories can be). A claim must survive both resamplings.
+    d = PairedDifference(
+        metric="rougeL_generated", mean=0.02, low=-0.001, high=0.04, example_low=0.005, example_high=0.035,
+        seed_sd=0.01, seeds=3, examples=389, category_low=0.004, category_high=0.036, categories=60,
+    )  # fmt: skip
+    assert d.significant_seeds_examples is False and not d.significant
+    assert d.deciding_interval == (-0.001, 0.04) and d.format().endswith(" n.s.")
+    both = PairedDifference(**{**d.__dict__, "low": 0.001})
+    assert both.significant and both.deciding_interval == (0.001, 0.04)
+    wider_tasks = PairedDifference(**{**d.__dict__, "low": 0.001, "category_low": -0.002})
+    assert not wider_tasks.significant and wider_tasks.deciding_interval == (-0.002, 0.04)

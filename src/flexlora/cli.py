@@ -80,22 +80,64 @@ def _eval(args) -> None:
     from flexlora.experiment import run_evaluation
     from flexlora.reporting import write_json
 
-    config, adapter = args.config, args.adapter
+    config, adapter, merged = args.config, args.adapter, None
     if args.run:
         run_dir = Path(args.run)
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--run: {run_dir} is not a run folder (no config.yaml)")
         config = config or str(run_dir / "config.yaml")
         if adapter is None and not args.base:
-            adapter = str(run_dir / "adapter")
+            if (run_dir / "merged" / "config.json").is_file() and not (run_dir / "adapter").exists():
+                merged = run_dir / "merged"  # a method that changes the base weights exports the merged model
+            else:
+                adapter = str(run_dir / "adapter")
     if args.base and adapter is not None:
         raise ConfigError("--base evaluates the model without an adapter; drop --adapter")
-    if adapter is None and not args.base:
+    if adapter is None and not args.base and merged is None:
         raise ConfigError("flexlora eval needs --adapter DIR, --run RUN_DIR or --base")
-    metrics = run_evaluation(load_config(config, args.overrides), adapter, args.clients, keep=args.keep_rank)
+    options = _lm_eval_options(args)
+    cfg = load_config(config, [*args.overrides, *([f"model={merged}"] if merged else [])])
+    metrics = {}
+    if options is not None:  # first: a task whose data cannot load stops before Rouge-L's generation
+        from flexlora.evaluation.lm_eval import run_lm_eval
+
+        metrics["lm_eval"] = run_lm_eval(cfg, adapter, options, keep=args.keep_rank)
+    if not args.lm_eval_only:
+        metrics = run_evaluation(cfg, adapter, args.clients, keep=args.keep_rank) | metrics
+    else:
+        metrics = {"model": cfg.model, "adapter": str(adapter) if adapter is not None else None} | metrics
     if args.out:
         write_json(Path(args.out), metrics)
         print(f"metrics: {args.out}")
+
+
+def _lm_eval_options(args):
+    """LmEvalOptions from `--lm-eval*`, or None without --lm-eval (its other flags then refused)."""
+    if args.lm_eval is None:
+        given = [flag for flag, value in LM_EVAL_FLAGS.items() if getattr(args, value) not in (None, False, [])]
+        if given:
+            raise ConfigError(f"{given[0]} needs --lm-eval TASKS")
+        return None
+    from flexlora.evaluation.lm_eval import LmEvalOptions
+
+    return LmEvalOptions(
+        tasks=_list(args.lm_eval),
+        include=args.lm_eval_include or [],
+        limit=args.lm_eval_limit,
+        num_fewshot=args.lm_eval_fewshot,
+        chat_template=args.lm_eval_chat_template,
+        batch_size=args.lm_eval_batch_size,
+    )
+
+
+# the flags that only mean something with --lm-eval -> their argparse names
+LM_EVAL_FLAGS = {
+    "--lm-eval-include": "lm_eval_include",
+    "--lm-eval-limit": "lm_eval_limit",
+    "--lm-eval-fewshot": "lm_eval_fewshot",
+    "--lm-eval-chat-template": "lm_eval_chat_template",
+    "--lm-eval-only": "lm_eval_only",
+}
 
 
 def _list(text: str) -> list[str]:
@@ -182,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate the adapter with every component beyond rank R cut (A's rows, B's columns; the saved "
         "adapter is untouched): for FlexLoRA's SVD-ordered export its best rank-R approximation",
     )
+    _add_lm_eval_flags(ev)
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.source=dolly data.path=...")
     ev.set_defaults(func=_eval)
     conf = sub.add_parser(
@@ -274,6 +317,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_benchmarks(sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True))
     return parser
+
+
+def _add_lm_eval_flags(ev) -> None:
+    lm = ev.add_argument_group("lm-evaluation-harness (the extra lmeval; docs/data_and_eval.md)")
+    lm.add_argument(
+        "--lm-eval",
+        metavar="TASKS",
+        help="also score lm-eval tasks, comma-separated (e.g. mmlu,arc_easy, or tasks of --lm-eval-include); "
+        "the scores go into --out's JSON under lm_eval",
+    )
+    lm.add_argument(
+        "--lm-eval-include", action="append", metavar="PATH", help="a folder of task YAML files of your own (repeatable)"
+    )
+    lm.add_argument("--lm-eval-limit", type=int, metavar="N", help="only the first N examples of each task (a quick look)")
+    lm.add_argument("--lm-eval-fewshot", type=int, metavar="K", help="few-shot examples per prompt (default: each task's own)")
+    lm.add_argument("--lm-eval-chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    lm.add_argument("--lm-eval-batch-size", type=int, default=8, metavar="B", help="requests per forward pass (default 8)")
+    lm.add_argument("--lm-eval-only", action="store_true", help="skip Rouge-L on the data source's clients: lm-eval only")
 
 
 def _add_benchmarks(bench) -> None:

@@ -7,7 +7,8 @@ restore the model.
 What differs between methods on the client arrives as plain JSON in ``ClientTask.options``; each
 key is interpreted by the method's ``ClientHook`` (flexlora.methods), which this loop calls at
 fixed points: start, penalty, mask_gradients, after_step, finish, send, handing each the same
-model-free TrainingView (tensors by module name). No method is known here by name."""
+model-free TrainingView (tensors by module name). No method is known here by name. Under
+client-side clipping (privacy.clipping=client) what is sent is clipped last (flexlora.privacy)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from flexlora.data.prompts import collate, tokenize_for_training
 from flexlora.data.types import ClientData
 from flexlora.faults import fault_point
 from flexlora.methods import parse_client_options
+from flexlora.privacy.dp import CLIP_OPTION, clip_on_client
 from flexlora.protocol import ClientTask, ClientUpdate  # noqa: F401  (ClientTask re-exported)
 
 
@@ -116,7 +118,7 @@ def train_client(
     if not data.train:
         raise ValueError(f"client {data.client_id} has no training examples")
     hooks = parse_client_options(task.options)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     # A thread cannot be killed, so the deadline is checked between optimizer steps: a client
     # overruns it by at most one step (see docs/reliability.md).
     timeout_s = task.options.get("timeout_s")
@@ -197,6 +199,8 @@ def train_client(
                 factors = hook.finish(factors, extra_metrics)
             for hook in hooks:
                 factors, deltas = hook.send(factors, deltas, extra_metrics)
+            if CLIP_OPTION in task.options:  # client-level DP: its own change clipped before it leaves
+                factors = clip_on_client(factors, task.factors, cfg.lora.alpha, task.options[CLIP_OPTION])
         finally:
             local.close()
             model.eval()
@@ -213,6 +217,9 @@ def train_client(
             "train_loss_first": losses[0],
             "train_loss_last": losses[-1],
             "train_time_s": time.perf_counter() - started,
+            # CPU seconds of every thread of this process meanwhile: what the deployment bench
+            # subtracts from a process's CPU to tell the transport's cost from the training's.
+            "train_cpu_time_s": time.process_time() - cpu_started,
             "base_dtype": cfg.model_dtype if cfg.quantization is None else f"{cfg.quantization}/{cfg.model_dtype}",
             "gradient_checkpointing": checkpointing,
             **trial_metrics,

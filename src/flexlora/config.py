@@ -27,6 +27,7 @@ from flexlora.schema import (  # noqa: F401  (re-exported)
     FlowerConfig,
     LoraSettings,
     OutputConfig,
+    PrivacyConfig,
     ResourcesConfig,
     TrainConfig,
 )
@@ -251,6 +252,7 @@ def validate(c: ExperimentConfig) -> None:
         c.data.template in TEMPLATES, f"data.template: unknown template '{c.data.template}'; choose from: {', '.join(TEMPLATES)}"
     )
     validate_data(c.data)
+    validate_privacy(c)
     looks_like_path = c.model.startswith((".", "/", "~"))
     _require(
         not looks_like_path or Path(c.model).expanduser().exists(),
@@ -270,6 +272,39 @@ def validate(c: ExperimentConfig) -> None:
     _require(
         c.model_dtype == "float32" or not changes_base,
         f"model_dtype: method={c.method} changes the base weights, which must then be float32 (a 16-bit base would round its updates away), got '{c.model_dtype}'",
+    )
+
+
+def validate_privacy(c: ExperimentConfig) -> None:
+    """The privacy section against the rest (docs/privacy.md): one-line ConfigErrors."""
+    from flexlora.extras import require
+    from flexlora.methods import compose_method
+
+    p = c.privacy
+    if not p.enabled:
+        _require(
+            p.clipping_norm is None and p.noise_multiplier == 0,
+            "privacy: clipping_norm or noise_multiplier is set but privacy.enabled is false (nothing would be private)",
+        )
+        return
+    require("dp_accounting", "privacy.enabled")  # the accountant, an extra (flexlora[privacy])
+    method = compose_method(c.method, **c.method_args).method
+    _require(
+        method.privacy_space is not None,
+        f"privacy: method {c.method} cannot run under client-level DP: {method.privacy_refusal}",
+    )
+    _require(
+        p.noise_multiplier == 0 or p.clipping_norm is not None,
+        "privacy.noise_multiplier: noise needs privacy.clipping_norm (its standard deviation is noise_multiplier x clipping_norm)",
+    )
+    _require(p.clipping == "server" or p.clipping_norm is not None, "privacy.clipping=client needs privacy.clipping_norm")
+    _require(
+        (p.weighting == "capped") == (p.max_examples is not None),
+        "privacy.max_examples: set it with privacy.weighting=capped (the cap on n_k), and only then",
+    )
+    _require(
+        c.federation.max_weight_share is None,
+        "federation.max_weight_share: privacy.weighting sets the weights under client-level DP; set it to null",
     )
 
 

@@ -17,8 +17,8 @@ from flexlora import lora
 from flexlora.checkpoint import Checkpointer, open_checkpoint
 from flexlora.config import ConfigError, ExperimentConfig
 from flexlora.data.sources import load_federated_dataset
-from flexlora.evaluation import evaluate, keep_rank
-from flexlora.extras import quiet_peft
+from flexlora.evaluation import evaluate
+from flexlora.evaluation.adapters import check_adapter, keep_rank_line, read_adapter
 from flexlora.metrics import EVAL_LOSS, METRIC, METRICS, TEACHER_FORCED
 from flexlora.models import default_device, default_target_modules, load_model
 from flexlora.reporting import WriteError, append_line, plot_metric, plot_spectrum, write_json, write_jsonl
@@ -287,10 +287,9 @@ class Experiment:
         self.history = run_rounds(self.server, runtime, self.evaluate, self.log, checkpoint, self.history)
 
     def finish(self) -> Path:
-        """Export the global model (a PEFT adapter; merged full weights for a method whose global
-        model changes the base weights), write summary.json and the plot; returns the run folder.
-        A failed write is a one-line WriteError: every round is checkpointed, and resuming the
-        finished run exports again."""
+        """Export the global model (a PEFT adapter; merged full weights for a method whose global model changes the
+        base weights), write summary.json and the plot; returns the run folder. A failed write is a one-line
+        WriteError: every round is checkpointed, and resuming the finished run exports again."""
         try:
             return self._finish()
         except OSError as e:
@@ -338,6 +337,7 @@ class Experiment:
             "per_round": {r["round"]: r["eval"][METRIC] for r in evaluated},
             "final_per_category": evaluated[-1]["eval"].get("per_category"),
             "truncation": {r["round"]: r["truncation"] for r in self.history if r.get("truncation")},
+            "privacy": server.privacy_record(server.round),  # (ε, δ) after every round run; None: privacy off
             "adapter": str(adapter_dir) if adapter_dir else None,
             "merged_model": str(merged_dir) if merged_dir else None,
             "wall_time_s": time.perf_counter() - self.started,
@@ -377,16 +377,9 @@ def run_evaluation(
     of a data source's held-out clients, training clients, or all of them. `keep`: evaluate the
     adapter with every component beyond that rank cut (evaluation.keep_rank; the saved adapter
     is only read)."""
-    from peft import PeftModel
-
-    if keep is not None and (adapter is None or keep < 1):
-        raise ConfigError(
-            "--keep-rank: cuts a saved adapter; --base has none" if adapter is None else f"--keep-rank: must be >= 1, got {keep}"
-        )
+    check_adapter(keep, adapter)
     if clients not in EVAL_CLIENTS:
         raise ConfigError(f"--clients: must be one of {', '.join(EVAL_CLIENTS)}, got '{clients}'")
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise ConfigError(f"--adapter: {adapter} is not a PEFT adapter folder (no adapter_config.json)")
     device = resolve_device(cfg.device)
     dataset = load_federated_dataset(cfg.data, cfg.seed, for_training=False)  # evaluating needs no training clients
     chosen = {"heldout": dataset.heldout, "training": dataset.clients, "all": dataset.heldout + dataset.clients}[clients]
@@ -399,21 +392,10 @@ def run_evaluation(
     factors = ranks = None
     alpha = cfg.lora.alpha
     if adapter is not None:
-        # Loaded by PEFT, then applied exactly as a run applies its global adapter, so that
-        # `flexlora eval --run RUN` reproduces the run's reported metrics.
-        with quiet_peft():
-            peft_model = PeftModel.from_pretrained(model, str(adapter))
-        factors, ranks = lora.get_factors(peft_model), lora.get_ranks(peft_model)
-        peft_config = peft_model.peft_config[lora.ADAPTER]
-        alpha, target_modules = peft_config.lora_alpha, sorted(peft_config.target_modules)
-        model = lora.detach(peft_model)
+        saved = read_adapter(model, adapter, keep)
+        factors, ranks, alpha, target_modules = saved.applied()
         if keep is not None:
-            saved_ranks = sorted(set(ranks.values()))
-            factors, ranks = keep_rank(factors, ranks, keep)
-            echo(
-                f"adapter {adapter}: components beyond rank {keep} cut (saved ranks {saved_ranks}, "
-                f"evaluated ranks {sorted(set(ranks.values()))})"
-            )
+            echo(keep_rank_line(adapter, saved))
     metrics = evaluate(
         model,
         tokenizer,

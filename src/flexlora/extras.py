@@ -24,6 +24,10 @@ EXTRAS = {
     "tensorboard": ("tensorboard", "tensorboard"),
     "mlflow": ("mlflow-skinny", "mlflow"),
     "wandb": ("wandb", "wandb"),
+    "datasets": ("datasets", "hf"),
+    "flwr_datasets": ("flwr-datasets", "hf"),
+    "lm_eval": ("lm-eval", "lmeval"),
+    "dp_accounting": ("dp-accounting", "privacy"),
 }
 
 

@@ -1,7 +1,9 @@
 """One round's results, taken one at a time (``RoundAggregation``): each is checked against its
 task, screened by the norm rule, folded into the method's accumulator with its weight (n_k, or
 what federation.max_weight_share makes of it) and dropped; ``finish`` makes the new global
-state, or keeps the previous one. What the round did is a ``RoundOutcome``.
+state, or keeps the previous one. What the round did is a ``RoundOutcome``. Under client-level DP
+(flexlora.privacy) each update is clipped before it is folded, with privacy.weighting's weight,
+and the round's noise joins the sum before ``finish`` makes the state.
 FederatedServer.run_round (server.py) drives it.
 """
 
@@ -41,6 +43,9 @@ class RoundOutcome:
     # a streamed round (run_round) drops each update once it is folded.
     updates: list[ClientUpdate] = dataclasses.field(default_factory=list)
     configure_s: float = 0.0  # building the round's tasks
+    # Client-level DP (privacy.enabled): each aggregated update's change norm before clipping
+    # (client id -> norm; empty without clipping) and the clients clipped.
+    privacy: dict | None = None
 
     @property
     def valid_updates(self) -> int:
@@ -65,7 +70,13 @@ class RoundAggregation:
         fed = server.cfg.federation
         self.tasks: dict[str, ClientTask] = {}  # issued and not answered yet
         self.seen: set[str] = set()
-        self.screen = NormScreen(fed.max_norm_ratio)
+        # Client-level DP (flexlora.privacy): its weights replace n_k and max_weight_share, and
+        # its clipping replaces the norm rule, whose verdict on one update depends on the others'.
+        self.privacy = server.privacy
+        self.screening = fed.max_norm_ratio is not None and (self.privacy is None or self.privacy.clipping_norm is None)
+        self.screen = NormScreen(fed.max_norm_ratio if self.screening else None)
+        self.dp_weights: dict[str, float] = {}
+        self.dp_norms: dict[str, float] = {}
         self.accumulator = server.method.accumulator(server.state)
         with_start = server.server_step is not None and server.state is not None
         self.start = server.method.accumulator(server.state) if with_start else None
@@ -97,7 +108,7 @@ class RoundAggregation:
             self.tasks.pop(result.client_id, None)  # it will not be answered: its factors can go
             return
         started = time.perf_counter()
-        server, fed = self.server, self.server.cfg.federation
+        server = self.server
         with one_cpu_thread():  # many small checks and reductions: no thread barriers
             problem = check_result(
                 result,
@@ -114,7 +125,7 @@ class RoundAggregation:
             self.reject(*problem)
             decided = []
         else:
-            norm = update_norm(result) if fed.max_norm_ratio is not None else None
+            norm = update_norm(result) if self.screening else None
             decided = self.screen.offer(result.client_id, norm, result)
         self.validation_s += time.perf_counter() - started
         for update, reason in decided:
@@ -134,6 +145,10 @@ class RoundAggregation:
         self.module_ranks[cid] = {m: A.shape[0] for m, (A, _) in update.factors.items()}
         if self.kept is not None:
             self.kept.append(update)
+        if self.privacy is not None:  # bounded weights, folded at once: no cap to wait for
+            self.dp_weights[cid] = self.privacy.weight(update.num_examples)
+            self.fold(update, self.dp_weights[cid])
+            return
         if not self.cap_slots:
             self.fold(update, update.num_examples)
             return
@@ -146,7 +161,13 @@ class RoundAggregation:
 
     def fold(self, update: ClientUpdate, weight: float) -> None:
         started = time.perf_counter()
-        self.accumulator.add(update, weight)
+        if self.privacy is None:
+            self.accumulator.add(update, weight)
+        else:  # its change over the round clipped to C first (the same object when within C)
+            clipped, norm = self.privacy.clip(self.server.method, update, self.server.state)
+            self.accumulator.add(clipped, weight)
+            if norm is not None:
+                self.dp_norms[update.client_id] = norm
         if self.start is not None:
             self.start.add(starting_point(self.server.method, update, self.server.state), weight)
         self.aggregation_s += time.perf_counter() - started
@@ -171,6 +192,9 @@ class RoundAggregation:
                 fed.min_updates,
             )
             server.last_truncation = None
+        elif self.privacy is not None:
+            total = sum(self.dp_weights.values())
+            weights = {cid: w / total for cid, w in self.dp_weights.items()}
         else:
             weights = dict(zip(self.sizes, server.weights(list(self.sizes.values()), self.round)))
             first = self.first_released
@@ -179,7 +203,10 @@ class RoundAggregation:
                 p = weights[update.client_id]
                 self.fold(update, p / scale if scale > 0 else p)
             self.cap_held = []
+        if not kept_previous:
             started = time.perf_counter()
+            if self.privacy is not None:  # into the round's sum, before the method's post-processing
+                self.privacy.add_noise(self.accumulator, self.round)
             state = self.accumulator.result()
             if server.server_step is not None:
                 state = server.server_step(server.method, self.start.result() if self.start is not None else None, state)
@@ -196,4 +223,10 @@ class RoundAggregation:
             weights,
             self.kept or [],
             configure_s=self.configure_s,
+            privacy=None if self.privacy is None else self._privacy_outcome(),
         )
+
+    def _privacy_outcome(self) -> dict:
+        bound = self.privacy.clipping_norm
+        clipped = sorted(cid for cid, norm in self.dp_norms.items() if bound is not None and norm > bound)
+        return {"update_norms": dict(self.dp_norms), "clipped": clipped}

@@ -59,11 +59,11 @@ def _base_type(annotation):
 
 class DataConfig(Section):
     source: str = "synthetic"
-    """synthetic (built in) | natural-instructions (a per-client folder) | dolly (JSONL, Dirichlet split) | json (generic JSON/JSONL instruction records); see flexlora.data.sources."""
+    """synthetic (built in) | natural-instructions (a per-client folder) | dolly (JSONL, Dirichlet split) | json (generic JSON/JSONL instruction records) | hf (a Hugging Face dataset, split by a Flower Datasets partitioner; the extra flexlora[hf]); see flexlora.data.sources."""
     path: str | None = None
-    """The folder or file of a non-synthetic source."""
+    """The folder or file of a non-synthetic source; hf: also a Hugging Face Hub id."""
     num_clients: int = Field(24, ge=1)
-    """synthetic; dolly/json without a client field: the number of clients to split into."""
+    """synthetic; dolly/json without a client field; hf with the iid or dirichlet partitioner: the number of clients to split into."""
     train_per_client: int = Field(24, ge=1)
     """synthetic: training examples per client."""
     test_per_client: int = Field(8, ge=0)
@@ -79,15 +79,27 @@ class DataConfig(Section):
     split_seed: int = 0
     """Seed of the held-out draw and the Dirichlet split: fixed across runs and seeds."""
     dirichlet_alpha: float = Field(0.5, gt=0)
-    """dolly/json: Dirichlet(alpha) over categories; small is skewed."""
+    """dolly/json; hf's dirichlet partitioner: Dirichlet(alpha) over categories; small is skewed."""
     min_client_size: int = Field(2, ge=1)
-    """dolly/json: the Dirichlet split is redrawn until every client has this many examples."""
+    """dolly/json: the Dirichlet split is redrawn until every client has this many examples; hf (iid, dirichlet): every client must have this many."""
     client_field: str = "client"
     """json: the record field naming the client."""
     test_path: str | None = None
-    """dolly/json: records kept out of training as the test split."""
+    """dolly/json/hf: records kept out of training as the test split."""
     test_per_category: int = Field(10, ge=0)
-    """dolly/json without test_path: records per category held out for test."""
+    """dolly/json/hf without test_path: records per category held out for test."""
+    hf_preset: str | None = None
+    """hf: the column layout: alpaca (instruction, input, output, category) | dolly (instruction, context, response, category) | medical-flashcards (the question in input); FlowerTune's challenges general-nlp, finance, code (alpaca) and medical (medical-flashcards); null: a known Hub id's, else alpaca."""
+    hf_columns: dict[str, str | None] = Field(default_factory=dict)
+    """hf: columns by role (instruction, input, output, category), over the preset's, e.g. {instruction: question, output: answer}; a column named here must exist; null drops the role."""
+    hf_split: str = "train"
+    """hf: the split of a Hub id, a folder or a save_to_disk DatasetDict (a single file is one split)."""
+    hf_subset: str | None = None
+    """hf: the Hub dataset's subset (configuration) name."""
+    hf_partitioner: Literal["iid", "dirichlet", "natural-id"] = "iid"
+    """hf: Flower Datasets' partitioner: iid (num_clients equal shards) | dirichlet (Dirichlet(dirichlet_alpha) over hf_partition_by) | natural-id (one client per value of hf_partition_by)."""
+    hf_partition_by: str | None = None
+    """hf: the column that dirichlet splits over and natural-id groups by; null: the category column."""
     weight_by: Literal["auto", "local", "source"] = "auto"
     """n_k, a client's aggregation weight: local (its training-set size), source (clients.json's source size) or auto (source where given)."""
     max_train_per_client: int | None = Field(None, ge=1)
@@ -211,8 +223,8 @@ class OutputConfig(Section):
 class FlowerConfig(Section):
     """Settings of the Flower engine (`engine: flower`); ignored by the in-process runtime."""
 
-    transport_dtype: Literal["float32", "float16"] = "float32"
-    """LoRA factors on the wire, both ways."""
+    transport_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """LoRA factors (and any base offset or sparse values) on the wire, both ways, packed into one array per field: float32 exact (a Flower run equals an in-process run bit for bit); float16 or bfloat16 half the bytes (float16: ~3 significant digits, an error above 65,504; bfloat16: ~2 digits, float32's range)."""
     workers: int = Field(1, ge=1)
     """Simulation: ClientApps training at once (each holds its own model copy)."""
     cpus_per_worker: int | None = Field(None, ge=1)
@@ -242,6 +254,25 @@ class FlowerConfig(Section):
     """q: [-c, c] is quantised to integers 0..q; the mean's error per entry is below 2c/q with equal weights (docs/privacy.md)."""
     secagg_modulus_range: int = Field(2**32, ge=4, le=2**32)
     """M: masks and sums are taken modulo M, a power of 2 above q; clients per round x q must stay below M."""
+
+
+class PrivacyConfig(Section):
+    """Client-level differential privacy (docs/privacy.md): each client's change over the round clipped to clipping_norm in the space its method aggregates, Gaussian noise on the round's sum before the method's post-processing, and the (ε, δ) it spends in metrics.jsonl and summary.json (needs pip install 'flexlora[privacy]')."""
+
+    enabled: bool = False
+    """Turn client-level DP on (flexlora, fedit, hetlora, ffa, rolora; other methods are refused)."""
+    clipping_norm: float | None = Field(None, gt=0)
+    """C: a client's change over the round, over all modules (ΔW = (alpha/r) B A for flexlora; A and (alpha/r) B for fedit, hetlora, ffa, rolora), is scaled to norm at most C; null: no clipping (noise_multiplier must then be 0, and ε is infinite)."""
+    noise_multiplier: float = Field(0.0, ge=0)
+    """σ: Gaussian noise of standard deviation σ·C·w_max on the round's weighted sum, so σ·C / K on the aggregate of K equally weighted clients; 0: none (ε infinite)."""
+    clipping: Literal["server", "client"] = "server"
+    """Where updates are clipped: server (as they arrive) or client (before sending, keeping the client's rank; the server clips again what still exceeds C)."""
+    weighting: Literal["equal", "capped"] = "equal"
+    """The aggregation weights under DP: equal (w_k = 1; the guarantee holds with dataset sizes private) or capped (w_k = min(n_k, max_examples); dataset sizes are treated as public)."""
+    max_examples: int | None = Field(None, ge=1)
+    """capped: the cap on n_k in w_k = min(n_k, max_examples), the largest weight a client can have."""
+    delta: float | None = Field(None, gt=0, lt=1)
+    """δ of the reported (ε, δ); null: 1 / N^1.1 with N the training clients."""
 
 
 class ExperimentConfig(Section):
@@ -277,6 +308,8 @@ class ExperimentConfig(Section):
     """The run folder."""
     flower: FlowerConfig = Field(default_factory=FlowerConfig)
     """The Flower engine."""
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    """Client-level differential privacy."""
 
     def to_dict(self) -> dict:
         return self.model_dump()

@@ -24,6 +24,8 @@ from flexlora.faults import fault_point
 from flexlora.methods import METHODS, FedProx, compose_method
 from flexlora.methods.base import GlobalState
 from flexlora.methods.helpers import capped_weights, clear_fresh_rows
+from flexlora.privacy.accountant import privacy_record
+from flexlora.privacy.dp import ClientLevelDP
 from flexlora.protocol import ClientFailure, ClientTask, ClientUpdate, ServerSnapshot, flatten, unflatten
 from flexlora.resources import RankType, client_rank_types, module_ranks, paper_rank_types
 from flexlora.round_aggregation import RoundAggregation, RoundOutcome
@@ -69,6 +71,11 @@ class FederatedServer:
         self.method = composition.method
         self.server_step = composition.server_step  # a server optimizer after aggregation, or None
         self.fedprox_mu = composition.fedprox_mu  # FedProx's μ, asked of every client (0: off)
+        self.privacy = ClientLevelDP.from_config(cfg)  # client-level DP (flexlora.privacy), or None
+        if self.privacy is not None and self.method.privacy_space is None:
+            raise ConfigError(
+                f"privacy: method {self.method.name} cannot run under client-level DP: {self.method.privacy_refusal}"
+            )
         r = cfg.resources
         try:  # a clients list or file that does not fit these clients (the config check cannot know them)
             self.client_types, self.rank_types = client_rank_types(
@@ -107,11 +114,25 @@ class FederatedServer:
         bound = max(self.cfg.eval.export_rank or 0, largest)
         self.method.bound_ranks({module: min(bound, m, n) for module, (m, n) in self.shapes.items()})
 
-    def sample(self, round_: int) -> list[str]:
+    def sample_size(self) -> int:
+        """k, the clients sampled each round (at most every client)."""
         fed = self.cfg.federation
         k = math.ceil(fed.fraction * len(self.client_ids)) if fed.fraction else fed.clients_per_round
+        return min(k, len(self.client_ids))
+
+    def sample(self, round_: int) -> list[str]:
+        """k clients, uniformly without replacement, independently each round (fixed-size, not
+        Poisson: what the privacy accountant is told, flexlora.privacy.accountant)."""
         rng = random.Random(f"sample-{self.cfg.seed}-{round_}")
-        return sorted(rng.sample(self.client_ids, min(k, len(self.client_ids))))
+        return sorted(rng.sample(self.client_ids, self.sample_size()))
+
+    def privacy_record(self, rounds: int, outcome: RoundOutcome | None = None) -> dict | None:
+        """Client-level DP after `rounds` rounds: (ε, δ) and what they were computed from, and
+        the round's update norms and clipped clients (`outcome`); None when privacy is off."""
+        if self.privacy is None:
+            return None
+        record = privacy_record(self.privacy, len(self.client_ids), self.sample_size(), rounds, self.cfg.privacy.delta)
+        return {**record, **(outcome.privacy or {})} if outcome is not None else record
 
     def configure(self, round_: int, client_ids: list[str]) -> list[ClientTask]:
         """Every task of the round at once (see tasks() for the lazy form the rounds use)."""
@@ -130,6 +151,8 @@ class FederatedServer:
                 options[FedProx.option] = self.fedprox_mu
             if fed.client_timeout_s is not None:
                 options["timeout_s"] = fed.client_timeout_s
+            if self.privacy is not None:  # client-side clipping asks each client to clip (privacy.clipping)
+                options.update(self.privacy.client_option(self.method.privacy_space))
             # Fault injection, seeded per (run, round, client) so a resumed run drops the same clients.
             if fed.dropout_rate > 0 and random.Random(f"dropout-{self.cfg.seed}-{round_}-{cid}").random() < fed.dropout_rate:
                 options["inject_failure"] = True
@@ -208,8 +231,13 @@ class FederatedServer:
         if not self.cfg.eval.spectrum or self.state is None:
             return None
         started = time.perf_counter()
-        factors, ranks = self.method.global_factors(self.state, self.cfg.lora.alpha)
-        record = spectrum_record(factors, ranks, self.base_offset(), self.cfg.lora.alpha, self.rank_edges)
+        offset = self.base_offset()
+        known = self.method.global_singular_values(self.state) if offset is None else None
+        if known is not None:  # the aggregation's own SVD: nothing to compute (issue 32)
+            factors, ranks = {}, {}
+        else:
+            factors, ranks = self.method.global_factors(self.state, self.cfg.lora.alpha)
+        record = spectrum_record(factors, ranks, offset, self.cfg.lora.alpha, self.rank_edges, known)
         if record is not None:
             record["seconds"] = time.perf_counter() - started
         return record
@@ -365,10 +393,11 @@ def run_rounds(
         fault_point("evaluation", 0)
         finish({"round": 0, "eval": evaluate(None, 0), "time": {}})
     for round_ in range(server.round + 1, cfg.federation.rounds + 1):
-        started = time.perf_counter()
+        started, clock_started = time.perf_counter(), time.time()
         outcome = server.run_round(round_, runtime)
         round_s = time.perf_counter() - started
         spectrum = server.spectrum()  # its seconds are in the record, and in time.other_s
+        clock_ended = time.time()
         t = time.perf_counter()
         is_eval_round = round_ % cfg.eval.every == 0 or round_ == cfg.federation.rounds
         if is_eval_round:
@@ -389,6 +418,10 @@ def run_rounds(
                 "truncation": None if outcome.kept_previous_state else server.last_truncation,
                 "spectrum": spectrum,
                 "time": round_times(outcome, round_s, eval_time, total),
+                **({"privacy": server.privacy_record(round_, outcome)} if server.privacy is not None else {}),
+                # Wall-clock time (Unix seconds) of the round's start and of its end before the
+                # evaluation: what tells other processes' CPU time during a round (bench deployment).
+                "clock": {"started": clock_started, "round_ended": clock_ended},
             }
         )
     return history

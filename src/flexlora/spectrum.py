@@ -13,7 +13,9 @@ round. Two numbers per module measure that, from ΔW's singular values σ_1 ≥ 
 - effective rank exp(H), H = −Σ p_i log p_i with p_i = σ_i² / Σ_j σ_j² (Roy & Vetterli, 2007):
   1 for a rank-1 update, r for r equal singular values.
 
-σ² comes from the factors where the global model is a LoRA adapter (ΔW = B̃ Ã with B̃ (m, R),
+σ² is read from the aggregation where it computed them (FlexLoRA keeps ΔW's SVD as its state:
+Method.global_singular_values; route "aggregation"); else it comes from the factors where the
+global model is a LoRA adapter (ΔW = B̃ Ã with B̃ (m, R),
 Ã (R, n), R < min(m, n): QR of both, singular values of the R×R core, as methods/svd.py's
 factored kernel does),
 never forming the m×n matrix; from the eigenvalues of ΔW's smaller Gram matrix (float64) where
@@ -201,31 +203,41 @@ def spectrum_record(
     offsets: Mapping[str, torch.Tensor] | None,
     lora_alpha: float,
     edges: Mapping[str, Sequence[int]],
+    singular_values: Mapping[str, torch.Tensor] | None = None,
 ) -> dict | None:
     """The per-round record of the global ΔW's spectrum, or None when the global model has no ΔW
     (yet): {"kinds": {kind: summarize_modules}, "groups": {"attention" | "mlp": summarize_modules
     + "kinds"}, "routes": {"factored" | "dense": modules}}. `factors`/`ranks`: the global adapter
     (A (R, n), B (m, R), scale lora_alpha / R); `offsets`: the dense base offset per module;
-    `edges`: rank_edges of the run (modules of other kinds are left out). The work runs where the
-    tensors are (on the CPU, modules side by side: threads.map_modules).
+    `edges`: rank_edges of the run (modules of other kinds are left out); `singular_values`: the
+    global adapter's σ per module where the aggregation computed them already (no base offset):
+    nothing is computed for those. The work runs where the tensors are (on the CPU, modules side
+    by side: threads.map_modules).
 
     A group pools its kinds band by band: band j of every module is its own band j, so k_proj,
     whose top rank is capped at 192 where q_proj has 200, adds its [30, 192) to the group's
     [30, 200) (the same rank types). Its edges are the largest of its kinds' at each position.
     Kinds with different numbers of bands cannot be pooled that way: the group is left out."""
     factors, offsets, ranks = dict(factors or {}), dict(offsets or {}), dict(ranks or {})
-    modules = sorted(m for m in set(factors) | set(offsets) if module_kind(m) in edges)
+    known = {m: s for m, s in (singular_values or {}).items() if m not in offsets}
+    modules = sorted(m for m in set(factors) | set(offsets) | set(known) if module_kind(m) in edges)
     if not modules:
         return None
 
     def one(module: str) -> tuple[list[float], float, str]:
-        scale = lora_alpha / ranks[module] if module in factors else 0.0
-        sigma_sq, route = module_sigma_sq(factors.get(module), scale, offsets.get(module))
+        if module in known:
+            sigma_sq, route = known[module].detach().to(device="cpu", dtype=torch.float64).square(), "aggregation"
+        else:
+            scale = lora_alpha / ranks[module] if module in factors else 0.0
+            sigma_sq, route = module_sigma_sq(factors.get(module), scale, offsets.get(module))
         return band_energies(sigma_sq, edges[module_kind(module)]), effective_rank(sigma_sq), route
 
-    module = modules[0]
-    device = (factors[module][0] if module in factors else offsets[module]).device
-    results = dict(zip(modules, map_modules(one, modules, device)))
+    computed = [m for m in modules if m not in known]
+    results = {m: one(m) for m in modules if m in known}
+    if computed:
+        module = computed[0]
+        device = (factors[module][0] if module in factors else offsets[module]).device
+        results.update(zip(computed, map_modules(one, computed, device)))
     by_kind: dict[str, list[tuple[list[float], float]]] = {}
     routes: dict[str, int] = {}
     for module in modules:

@@ -34,8 +34,8 @@ def _band(label: str) -> str:
 def round_scalars(record: dict) -> dict[str, float]:
     """One metrics.jsonl record as named scalars: the held-out scores (overall and per
     category), per-client ranks, aggregation weights and training losses, rejections and
-    failures, the time breakdown, the rank-band energy of the global update and the rank-r
-    slice error."""
+    failures, the time breakdown, the rank-band energy of the global update, the rank-r
+    slice error and, under client-level DP, ε and the clipped clients."""
     out: dict[str, float] = {}
     ev = record.get("eval") or {}
     for name in [*METRICS, "num_examples"]:
@@ -69,6 +69,10 @@ def round_scalars(record: dict) -> dict[str, float]:
     for kind, by_rank in (record.get("truncation") or {}).items():
         for rank, values in by_rank.items():
             out[f"truncation/{kind}/r{rank}"] = float(values["err"])
+    privacy = record.get("privacy") or {}  # client-level DP: ε so far (None: infinite) and the clipped clients
+    for key, value in (("epsilon", privacy.get("epsilon")), ("clipped", len(privacy.get("clipped") or ()))):
+        if privacy and _number(value) is not None:
+            out[f"privacy/{key}"] = _number(value)
     return out
 
 

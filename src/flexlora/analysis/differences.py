@@ -133,8 +133,8 @@ def differences_against(methods, profiles, seeds, cell_for, baseline):
 
 # ci95_*: the two-level interval (seeds and examples resampled); ci95_examples_*: the test
 # examples resampled only; ci95_categories_*: seeds, then held-out categories resampled (empty
-# where the examples come from fewer than 2 categories); `significant` follows the interval
-# `significant_by` names; per_seed: the difference in each seed.
+# where the examples come from fewer than 2 categories); `significant`: every interval
+# `significant_by` names excludes 0; per_seed: the difference in each seed.
 DIFFERENCE_COLUMNS = (
     "ci95_low",
     "ci95_high",
@@ -215,7 +215,7 @@ def _power_table(named) -> list[str]:
         "of seeds n at which an effect of that size, with that spread, would exclude 0: the smallest n with "
         "√n·|d|/s > t(0.975, n−1) (the 95% t interval of the mean over n seeds), and for 80% power √n·|d|/s ≥ "
         "t(0.975, n−1) + t(0.80, n−1) (the noncentral t approximated by a shifted central t). Seeds only: the test "
-        "examples and held-out categories stay as they are, so where significance follows the task-level interval, "
+        "examples and held-out categories stay as they are, so where significance also needs the task-level interval, "
         "more seeds leave its category part as wide as it is. s from 3 seeds is itself uncertain: read these as "
         "orders of magnitude.",
         "",
@@ -249,8 +249,8 @@ def _difference_tables(differences, profiles, label, baseline, what=None, of: in
         intervals += (
             f"({SEEDS_AND_CATEGORIES} [...]): the task-level interval, which resamples the seeds and then the {categories} "
             "held-out task categories, each category's test examples together (a cluster bootstrap), since the claim is about "
-            "unseen tasks. **n.s.**: the seeds-and-categories interval contains 0 (not significant): significance follows it, "
-            "the widest interval this grid's design supports. With one seed the first two intervals are the same. With 3 "
+            "unseen tasks. **n.s.**: the two-level or the seeds-and-categories interval contains 0 (not significant): a "
+            "difference is significant only when both exclude 0 (neither is always the wider). With one seed the first two intervals are the same. With 3 "
             "seeds the intervals that resample seeds are coarse (10 distinct seed resamples). Eval loss: negative is better."
         )
     else:
@@ -293,8 +293,8 @@ def _difference_tables(differences, profiles, label, baseline, what=None, of: in
             lambda d: d.significant_seeds_examples and not d.significant,
         ),
         (
-            "Significant once the held-out categories are resampled, not with seeds and examples resampled",
-            lambda d: d.significant and not d.significant_seeds_examples,
+            "Excluding 0 once the held-out categories are resampled, not with seeds and examples resampled (so n.s.)",
+            lambda d: not (d.category_low <= 0.0 <= d.category_high) and not d.significant_seeds_examples,
         ),
     ):
         found = [

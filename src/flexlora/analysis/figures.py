@@ -21,7 +21,7 @@ SCORE_LABEL = "held-out Rouge-L F1, generated (0-1)"
 @dataclass(frozen=True)
 class ForestRow:
     """One difference of the forest plot: `method` − `reference` under `profile`, its mean, the
-    95% interval `significant` follows (named by `interval`) and the difference in each seed."""
+    95% interval `significant` follows (the union of those `interval` names) and the difference in each seed."""
 
     profile: str
     reference: str
@@ -149,8 +149,8 @@ def plot_forest(path: Path, rows: list[ForestRow], profiles: list[str], metric: 
     axes[0][0].set_ylim(min(positions.values()) - 0.8, max(positions.values()) + 0.8)
     _suptitle(
         fig,
-        f"Paired differences on the held-out clients: mean (◆, filled: significant), 95% interval over "
-        f"{' / '.join(intervals)} (bar), one dot per seed",
+        f"Paired differences on the held-out clients: mean (◆, filled: significant), 95% interval (bar; over "
+        f"{' / '.join(intervals).replace(' and seeds and', ' ∪ seeds and')}), one dot per seed",
     )
     fig.tight_layout()
     _save(fig, path)

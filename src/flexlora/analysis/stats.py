@@ -21,9 +21,11 @@ scores; over seeds, the mean of those differences. Two 95% intervals come with i
   over a resample weights every example alike (as the reported score does), so a category
   drawn twice counts twice.
 
-A difference is "significant" when the widest interval the design supports excludes 0: the
-task-level one when the examples come from at least two categories, else the two-level one.
-`decided_by` names it. With few seeds these intervals are coarse (3 seeds have 10 distinct
+A difference is "significant" when every interval the design supports excludes 0: the
+two-level one and, when the examples come from at least two categories, the task-level one too
+(the deciding interval is their union). Neither is always the wider: a cluster bootstrap over
+many small categories can be narrower than the two-level interval, and a claim must survive
+both resamplings. `decided_by` names the intervals. With few seeds these intervals are coarse (3 seeds have 10 distinct
 resamples); the spread over seeds is reported beside them.
 
 How many seeds a difference needs (`seeds_to_exclude_zero`, `seeds_for_power`): a t-based
@@ -60,7 +62,7 @@ SEEDS_AND_CATEGORIES = "seeds and categories"
 class PairedDifference:
     metric: str
     mean: float  # method − baseline, mean over seeds, on all the shared examples
-    low: float  # 95% interval resampling seeds and examples (two-level); `significant` follows it
+    low: float  # 95% interval resampling seeds and examples (two-level); `significant` needs it to exclude 0
     high: float
     example_low: float  # 95% interval resampling the test examples only (seeds held fixed)
     example_high: float
@@ -79,12 +81,15 @@ class PairedDifference:
 
     @property
     def decided_by(self) -> str:
-        """The interval `significant` follows: the widest the design supports."""
-        return SEEDS_AND_CATEGORIES if self.has_categories else SEEDS_AND_EXAMPLES
+        """The intervals `significant` follows: every one the design supports."""
+        return f"{SEEDS_AND_EXAMPLES} and {SEEDS_AND_CATEGORIES}" if self.has_categories else SEEDS_AND_EXAMPLES
 
     @property
     def deciding_interval(self) -> tuple[float, float]:
-        return (self.category_low, self.category_high) if self.has_categories else (self.low, self.high)
+        """The union of the intervals `decided_by` names: it excludes 0 only when each does."""
+        if self.has_categories:
+            return min(self.low, self.category_low), max(self.high, self.category_high)
+        return self.low, self.high
 
     @property
     def significant(self) -> bool:

@@ -1,5 +1,7 @@
 """`flexlora bench deployment`: what a round costs on a real Flower deployment, with and without
-node workers, against the same config on Flower's simulation engine and in-process.
+node workers, against the same config on Flower's simulation engine and in-process, and against
+the previous transport (issue 32: one Array per tensor, one push per task, 1 s polls; kept here as
+a baseline only, engine `previous+workers`).
 
 A loopback federation (`Loopback`): a SuperLink and N SuperNodes on 127.0.0.1, as separate
 processes, with TLS (a test CA) and SuperNode authentication, as in
@@ -8,15 +10,20 @@ tests/test_flower_deployment.py; with `workers`, each SuperNode has its own node
 training client i of the run's dataset (`partition-id`), exactly the clients the simulation's
 node i and the in-process runtime train, at the same ranks.
 
-Per round, from each run's metrics.jsonl: the wall time of the round (tasks out, updates back,
-aggregation and checkpoint; the global model's evaluation, the same work on every engine, is left
-out), the slowest client's training (its `train_time_s`, measured inside `train_client`), and the
-overhead, the round minus that training. In-process, clients train one after the other, so its
-"overhead" is the other clients' training.
+Per round, from each run's metrics.jsonl (deployment_report.py): the wall time of the round
+(tasks out, updates back, aggregation and checkpoint; the global model's evaluation, the same work
+on every engine, is left out), the slowest client's training (its `train_time_s`, measured inside
+`train_client`), and the overhead, the round minus that training; the CPU seconds of every
+process the bench started over the round (bench/cpu.py: SuperLink, SuperNodes, SuperExecs,
+ClientApps, ServerApp, workers; Ray and the run's own process on the other engines) and the
+overhead's share of them, that is all but the clients' own CPU inside `train_client`; Flower
+objects and bytes per message each way; each direction's transport time. In-process, clients
+train one after the other, so its "overhead" is the other clients' training.
 
-Goals, on the steady rounds (2..K; round 1 when K = 1): with workers, the overhead is at most
-25% of the slowest client's training; a deployment round with workers takes at most 1.3x a
-simulation-engine round.
+Goals, on the steady rounds (2..K; round 1 when K = 1): at most 50 Flower objects per message; a
+deployment round with workers at most 1.3x a simulation-engine round; with workers, the
+overhead at most 50% of the slowest client's training on a CPU machine (every process shares its
+cores; 25% on a GPU); the overhead's CPU seconds at most 1/3 of the previous transport's.
 
 It also times a ClientApp's start-up in a fresh process: the worker path (imports the ClientApp;
 no torch) against the in-process path (the ClientApp, then torch, transformers, PEFT and the
@@ -26,7 +33,6 @@ deployment tests.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import subprocess
@@ -35,12 +41,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from flexlora.bench.common import child_env, comma_list, goal, not_checked, report, with_count
-from flexlora.bench.loopback import Loopback
+from flexlora.bench.common import child_env, comma_list, report
+from flexlora.bench.deployment_report import format_table, goals, read_rounds, steady  # noqa: F401  (the command's report)
+from flexlora.bench.loopback import SUPEREXEC_POLL_S, Loopback
+from flexlora.bench.waits import read_waits
 from flexlora.errors import ConfigError
 
-ENGINES = ("deployment+workers", "deployment", "simulation", "in-process")
-OVERHEAD_GOAL, SIMULATION_GOAL = 0.25, 1.3
+ENGINES = ("deployment+workers", "previous+workers", "deployment", "simulation", "in-process")
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -68,31 +75,6 @@ def bench_overrides(nodes: int, rounds: int, model: str, precision: str, device:
     ]
 
 
-def read_rounds(run_dir: Path) -> list[dict]:
-    """Per round: wall time (without the evaluation), the slowest client's training, overhead."""
-    rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if not r.get("round") or not r.get("time"):
-            continue
-        t = r["time"]
-        trains = [c["train_time_s"] for c in r["clients"].values() if "train_time_s" in c]
-        slowest = max(trains) if trains else float("nan")
-        wall = t["total_s"] - t["evaluation_s"]
-        rows.append(
-            {
-                "round": r["round"],
-                "wall_s": wall,
-                "slowest_train_s": slowest,
-                "overhead_s": wall - slowest,
-                "clients": len(r["clients"]),
-                "failures": len(r.get("failures") or {}),
-                "evaluation_s": t["evaluation_s"],
-            }
-        )
-    return rows
-
-
 def clientapp_startup(model: str, precision: str, device: str, repeat: int = 3) -> dict:
     """Seconds from a fresh interpreter to a ClientApp ready to hand a task on (worker path) or
     to train it (in-process path: torch, transformers, PEFT and the base model loaded too);
@@ -111,6 +93,15 @@ def clientapp_startup(model: str, precision: str, device: str, repeat: int = 3) 
             subprocess.run([sys.executable, "-c", code], env=child_env(), check=True, capture_output=True, timeout=900)
             times[name].append(time.perf_counter() - started)
     return {name: statistics.median(v) for name, v in times.items()}
+
+
+def accelerator(device: str) -> str:
+    """'gpu' where the nodes train on one (--device cuda, or auto on a machine with CUDA), else 'cpu'."""
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    return "gpu" if device.startswith("cuda") or torch.cuda.is_available() else "cpu"
 
 
 def run_benchmark(
@@ -155,19 +146,32 @@ def run_benchmark(
         str(threads),
     ]
     node_configs = [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)]
+    from flexlora.bench.cpu import CpuSampler
+    from flexlora.engines.flower.server_app import PREVIOUS_TRANSPORT_ENV
+
     try:
         for engine in engines:
             run_dir = work / "runs" / engine.replace("+", "-")
             echo(f"bench deployment: {engine}, {nodes} nodes, {rounds} rounds, {model} ({precision}, {device}) ...")
             started = time.perf_counter()
+            cpu = CpuSampler()
             try:
-                if engine.startswith("deployment"):
-                    with Loopback(
-                        work / engine.replace("+", "-"),
-                        node_configs,
-                        worker_argv if engine.endswith("workers") else None,
-                        node_env={"OMP_NUM_THREADS": str(threads)},
-                    ) as fed:
+                if engine.startswith(("deployment", "previous")):
+                    previous = engine.startswith("previous")
+                    with (
+                        cpu,
+                        Loopback(
+                            work / engine.replace("+", "-"),
+                            node_configs,
+                            worker_argv if engine.endswith("workers") else None,
+                            node_env={"OMP_NUM_THREADS": str(threads)},
+                            # The previous transport: its ServerApp sends per-array messages one push
+                            # at a time and polls every second; Flower's SuperExecs at their default.
+                            env={PREVIOUS_TRANSPORT_ENV: "1"} if previous else None,
+                            superexec_poll_s=None if previous else SUPEREXEC_POLL_S,
+                            waits_dir=work / engine.replace("+", "-") / "waits",
+                        ) as fed,
+                    ):
                         fed.run(overrides, run_dir)
                 else:
                     cmd = [
@@ -181,9 +185,10 @@ def run_benchmark(
                     ]
                     if engine == "simulation":
                         cmd += ["--engine", "flower", f"flower.workers={nodes}"]
-                    done = subprocess.run(
-                        cmd, env=child_env(), capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=7200
-                    )
+                    with cpu:
+                        done = subprocess.run(
+                            cmd, env=child_env(), capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=7200
+                        )
                     (work / f"{run_dir.name}.log").write_text(done.stdout + done.stderr)
                     if done.returncode != 0:
                         raise RuntimeError(f"{engine} run failed: {(done.stdout + done.stderr)[-3000:]}")
@@ -191,7 +196,8 @@ def run_benchmark(
             except (RuntimeError, subprocess.TimeoutExpired) as e:  # keep the rounds it finished; the others still run
                 echo(f"  {engine} FAILED after {time.perf_counter() - started:.0f} s: {str(e).splitlines()[0]}")
             if (run_dir / "metrics.jsonl").is_file():
-                rows += [{"engine": engine, **r} for r in read_rounds(run_dir)]
+                waits = read_waits(work / engine.replace("+", "-") / "waits")
+                rows += [{"engine": engine, **r} for r in read_rounds(run_dir, cpu, waits)]
         startup = clientapp_startup(model, precision, device, startup_repeat) if startup_repeat else {}
     finally:
         if not keep:
@@ -207,66 +213,11 @@ def run_benchmark(
             "model": model,
             "precision": precision,
             "device": device,
+            "accelerator": accelerator(device),  # which overhead goal applies (deployment_report.OVERHEAD_GOAL)
             "threads_per_node": threads,
             "overrides": overrides,
         },
     }
-
-
-def steady(rows: list[dict], engine: str) -> list[dict]:
-    """An engine's rounds the goals are checked on: rounds 2..K (round 1 when K = 1), and only
-    rounds in which every client replied (a round short of a client is not the same work)."""
-    mine = [r for r in rows if r["engine"] == engine and not r["failures"]]
-    later = [r for r in mine if r["round"] >= 2]
-    return later or mine
-
-
-def format_table(result: dict) -> str:
-    lines = [
-        "| engine | round | round wall (s) | slowest client's training (s) | overhead (s) | overhead / training | clients (failed) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['engine']} | {r['round']} | {r['wall_s']:.1f} | {r['slowest_train_s']:.1f} | {r['overhead_s']:.1f} | "
-            f"{r['overhead_s'] / r['slowest_train_s']:.0%} | {r['clients']} ({r['failures']}) |"
-        )
-    if result.get("startup"):
-        lines += ["", "| ClientApp start-up, fresh process (median) | s |", "| --- | --- |"]
-        lines += [f"| {name} | {s:.2f} |" for name, s in result["startup"].items()]
-    return "\n".join(lines)
-
-
-def goals(result: dict) -> list[str]:
-    rows = result["rows"]
-    lines = []
-    workers = steady(rows, "deployment+workers")
-    if workers:
-        worst = max(workers, key=lambda r: r["overhead_s"] / r["slowest_train_s"])
-        share = worst["overhead_s"] / worst["slowest_train_s"]
-        lines.append(
-            goal(
-                share <= OVERHEAD_GOAL,
-                f"with workers, a round's overhead <= {OVERHEAD_GOAL:.0%} of the slowest client's training",
-                f"worst steady round {worst['round']}: {worst['overhead_s']:.1f} s over {worst['slowest_train_s']:.1f} s = {share:.0%}",
-            )
-        )
-    else:
-        lines.append(not_checked(f"with workers, overhead <= {OVERHEAD_GOAL:.0%}", "deployment+workers not run"))
-    simulation = steady(rows, "simulation")
-    if workers and simulation:
-        dep = statistics.mean(r["wall_s"] for r in workers)
-        sim = statistics.mean(r["wall_s"] for r in simulation)
-        lines.append(
-            goal(
-                dep <= SIMULATION_GOAL * sim,
-                f"a deployment round (workers) <= {SIMULATION_GOAL}x a simulation-engine round",
-                f"steady rounds: {dep:.1f} s against {sim:.1f} s = {dep / sim:.2f}x",
-            )
-        )
-    else:
-        lines.append(not_checked(f"deployment round <= {SIMULATION_GOAL}x simulation", "needs deployment+workers and simulation"))
-    return with_count(lines)
 
 
 def write_json(result: dict, path: str | Path, argv: list[str] | None = None) -> None:
@@ -295,7 +246,9 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--device", default="cpu", help="cpu (default), auto or cuda")
     parser.add_argument(
-        "--engines", default="deployment+workers,deployment,simulation,in-process", help="which runs, comma-separated"
+        "--engines",
+        default=",".join(ENGINES),
+        help="which runs, comma-separated (previous+workers: the previous transport, the baseline of the CPU goal)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads per node (default: cores / nodes)")
     parser.add_argument(

@@ -24,6 +24,11 @@ from flexlora.engines import FLOWER_APP as APP
 from flexlora.extras import require
 
 BIN = Path(sys.executable).parent
+# Seconds between a SuperExec's polls for a task to start (a ClientApp on a node, the ServerApp
+# beside the SuperLink): Flower's default is 1 s, of which a task waits half on average at every
+# start; set as docs/flower.md's setup sets it.
+SUPEREXEC_POLL_S = 0.2
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 
 
 def free_port() -> int:
@@ -135,11 +140,20 @@ class Loopback:
     """A SuperLink with TLS and SuperNode authentication and one SuperNode per node config on
     127.0.0.1; with `worker` (the argv tail of `flexlora node serve`, e.g. ["--model",
     "tiny-llama"]), a node worker per SuperNode, its socket in the SuperNode's node config.
-    `node_env`: extra environment of the node-side processes (e.g. OMP_NUM_THREADS).
+    `node_env`: extra environment of the node-side processes (e.g. OMP_NUM_THREADS); `env`: of
+    every process; `superexec_poll_s`: the SuperExecs' poll interval (None: Flower's default);
+    `waits_dir`: record Flower's idle waits there (bench/waits).
     Use as a context manager: every process is stopped by PID on exit."""
 
     def __init__(
-        self, workdir: str | Path, node_configs: list[dict], worker: list[str] | None = None, node_env: dict | None = None
+        self,
+        workdir: str | Path,
+        node_configs: list[dict],
+        worker: list[str] | None = None,
+        node_env: dict | None = None,
+        env: dict | None = None,
+        superexec_poll_s: float | None = SUPEREXEC_POLL_S,
+        waits_dir: Path | None = None,
     ):
         self.work = Path(workdir)
         self.node_configs = node_configs
@@ -150,7 +164,15 @@ class Loopback:
         # Sockets in a short private folder (a Unix socket path has at most ~100 bytes).
         self.sockets = Path(tempfile.mkdtemp(prefix="fxl", dir="/tmp")) if worker is not None else None
         self.port = free_port()
-        self.env = flower_env()
+        self.env = {**flower_env(), **(env or {})}
+        if superexec_poll_s is not None:
+            self.env[SUPEREXEC_POLL_ENV] = str(superexec_poll_s)
+        if waits_dir is not None:
+            from flexlora.bench import waits
+
+            Path(waits_dir).mkdir(parents=True, exist_ok=True)
+            self.env[waits.ENV] = str(waits_dir)
+            self.env["PYTHONPATH"] = os.pathsep.join([str(waits.FOLDER), self.env.get("PYTHONPATH", "")])
 
     def home(self, name: str) -> dict:
         """Every Flower process gets its own FLWR_HOME."""

@@ -53,30 +53,13 @@ def load_records(cfg: DataConfig, issues: Issues, dolly: bool) -> tuple[list[Cli
     if not pool:
         raise DataError("no usable instruction records", str(cfg.path))
 
-    # The test split comes out first, so that no test record can reach a training client.
+    test = None
     if cfg.test_path is not None:
         test = [ex for r in read_records(Path(cfg.test_path).expanduser(), issues) if (ex := to_example(r, issues))]
         if not test:
             raise DataError("no usable test records", cfg.test_path)
-        keys = {_key(ex) for ex in test}
-        pool = [(r, ex) for r, ex in pool if _key(ex) not in keys]
-    else:
-        rng = random.Random(f"test-split-{cfg.split_seed}")
-        by_category: dict[str, list[int]] = defaultdict(list)
-        for i, (_, ex) in enumerate(pool):
-            by_category[ex.category].append(i)
-        taken = set()
-        for category in sorted(by_category):
-            idx = by_category[category]
-            taken |= set(rng.sample(idx, min(cfg.test_per_category, len(idx) - 1)))
-        test = [pool[i][1] for i in sorted(taken)]
-        pool = [p for i, p in enumerate(pool) if i not in taken]
-    test_clients = []
-    grouped: dict[str, list[Example]] = defaultdict(list)
-    for ex in test:
-        grouped[ex.category].append(ex)
-    for category in sorted(grouped):
-        test_clients.append(ClientData(f"test:{category or 'all'}", category, [], test=grouped[category]))
+    kept, test_clients = split_off_test(cfg, [ex for _, ex in pool], test)
+    pool = [pool[i] for i in kept]
 
     field = cfg.client_field
     has_client = [isinstance(r.data, dict) and field in r.data for r, _ in pool]
@@ -87,7 +70,7 @@ def load_records(cfg: DataConfig, issues: Issues, dolly: bool) -> tuple[list[Cli
                 report(issues, record, f"missing field '{field}' (other records name their client)")
                 continue
             clients[str(record.data[field])].append(ex)
-        out = [ClientData(cid, _main_category(exs), exs) for cid, exs in sorted(clients.items())]
+        out = [ClientData(cid, main_category(exs), exs) for cid, exs in sorted(clients.items())]
     else:
         parts = dirichlet_split(
             [ex.category for _, ex in pool], cfg.num_clients, cfg.dirichlet_alpha, cfg.split_seed, cfg.min_client_size
@@ -95,11 +78,38 @@ def load_records(cfg: DataConfig, issues: Issues, dolly: bool) -> tuple[list[Cli
         out = []
         for i, idx in enumerate(parts):
             exs = [pool[j][1] for j in idx]
-            out.append(ClientData(str(i), _main_category(exs), exs))
+            out.append(ClientData(str(i), main_category(exs), exs))
     return out, test_clients
 
 
-def _main_category(examples: list[Example]) -> str:
+def split_off_test(cfg: DataConfig, pool: list[Example], test: list[Example] | None) -> tuple[list[int], list[ClientData]]:
+    """The test split, taken out before any client is formed so that no test record can reach a
+    training client: (indices of `pool` left for training, one held-out client per category).
+    `test`: data.test_path's examples, and every pool example equal to one leaves the pool;
+    None: data.test_per_category examples of each category, drawn with data.split_seed (one
+    example of each category always stays in the pool)."""
+    if test is not None:
+        keys = {_key(ex) for ex in test}
+        kept = [i for i, ex in enumerate(pool) if _key(ex) not in keys]
+    else:
+        rng = random.Random(f"test-split-{cfg.split_seed}")
+        by_category: dict[str, list[int]] = defaultdict(list)
+        for i, ex in enumerate(pool):
+            by_category[ex.category].append(i)
+        taken = set()
+        for category in sorted(by_category):
+            idx = by_category[category]
+            taken |= set(rng.sample(idx, min(cfg.test_per_category, len(idx) - 1)))
+        test = [pool[i] for i in sorted(taken)]
+        kept = [i for i in range(len(pool)) if i not in taken]
+    grouped: dict[str, list[Example]] = defaultdict(list)
+    for ex in test:
+        grouped[ex.category].append(ex)
+    test_clients = [ClientData(f"test:{category or 'all'}", category, [], test=grouped[category]) for category in sorted(grouped)]
+    return kept, test_clients
+
+
+def main_category(examples: list[Example]) -> str:
     """A client's category: its most frequent one (Dirichlet clients mix several)."""
     counts: dict[str, int] = defaultdict(int)
     for ex in examples:

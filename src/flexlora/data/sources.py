@@ -5,6 +5,8 @@ held-out clients).
 - natural-instructions: the FlexLoRA paper's per-client folder (one NI task per client).
 - dolly: databricks-dolly-15k JSONL, Dirichlet split over categories + a held-out test split.
 - json: generic JSON/JSONL instruction records, grouped by a client field or Dirichlet-split.
+- hf: a Hugging Face dataset (local files, a save_to_disk folder, a Hub id), split into clients by
+  a Flower Datasets partitioner (flexlora.data.hf).
 
 A source is one registration (``register_source``): its loader, whether it reads data.path,
 and its own config rules; flexlora.config's checks and ``load_federated_dataset`` both go
@@ -120,6 +122,22 @@ def _dolly(cfg: DataConfig, seed: int, for_training: bool) -> FederatedDataset:
 @register_source("json", check=_no_source_weights)
 def _json(cfg: DataConfig, seed: int, for_training: bool) -> FederatedDataset:
     return _instruction_records(cfg, for_training, dolly=False)
+
+
+def _check_hf(cfg: DataConfig) -> None:
+    from flexlora.data.hf import check_config
+
+    _no_source_weights(cfg)
+    check_config(cfg)
+
+
+@register_source("hf", needs_path=False, check=_check_hf)  # data.path may be a Hub id: checked by check_config
+def _hf(cfg: DataConfig, seed: int, for_training: bool) -> FederatedDataset:
+    from flexlora.data.hf import load_clients
+
+    issues = Issues(cfg.bad_records)
+    clients, test_clients = load_clients(cfg, issues)
+    return _summarised(assemble(cfg, clients, issues, extra_heldout=test_clients, for_training=for_training), issues)
 
 
 def _instruction_records(cfg: DataConfig, for_training: bool, dolly: bool) -> FederatedDataset:

@@ -1,13 +1,17 @@
-"""The adapter an evaluation runs: merged into the base weights for the duration (restored
-exactly afterwards), and cut to a rank (`flexlora eval --keep-rank`)."""
+"""The adapter an evaluation runs: read from a saved PEFT folder, merged into the base weights
+for the duration (restored exactly afterwards), and cut to a rank (`flexlora eval --keep-rank`)."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from flexlora import lora
+from flexlora.errors import ConfigError
+from flexlora.extras import quiet_peft
 from flexlora.protocol import Factors
 
 
@@ -62,3 +66,55 @@ def adapter(model, factors: dict[str, Factors] | None, ranks: dict[str, int] | N
         with torch.no_grad():
             for weight, original in saved.values():
                 weight.copy_(original)
+
+
+@dataclass
+class SavedAdapter:
+    """A saved PEFT adapter as an evaluation applies it (`adapter(model, *saved.applied())`)."""
+
+    factors: dict[str, Factors]
+    ranks: dict[str, int]
+    alpha: float
+    target_modules: list[str]
+    saved_ranks: list[int]  # the distinct ranks in the folder, before any cut
+    keep: int | None = None  # the rank it was cut to (`--keep-rank`), if any
+
+    def applied(self):
+        return self.factors, self.ranks, self.alpha, self.target_modules
+
+
+def read_adapter(model, folder: str | Path, keep: int | None = None) -> SavedAdapter:
+    """A PEFT adapter folder, loaded by PEFT onto `model` and taken off again (the model is left
+    bare), cut to rank `keep` if given: applied with `adapter(...)`, exactly as a run applies its
+    global adapter, so that an evaluation of the folder reproduces the run's reported metrics."""
+    from peft import PeftModel
+
+    with quiet_peft():
+        peft_model = PeftModel.from_pretrained(model, str(folder))
+    try:
+        factors, ranks = lora.get_factors(peft_model), lora.get_ranks(peft_model)
+        config = peft_model.peft_config[lora.ADAPTER]
+    finally:
+        lora.detach(peft_model)
+    saved_ranks = sorted(set(ranks.values()))
+    if keep is not None:
+        factors, ranks = keep_rank(factors, ranks, keep)
+    return SavedAdapter(factors, ranks, config.lora_alpha, sorted(config.target_modules), saved_ranks, keep)
+
+
+def check_adapter(keep: int | None, folder: str | Path | None) -> None:
+    """`flexlora eval`'s adapter (None: the base model) and `--keep-rank`, before anything loads."""
+    if keep is not None and (folder is None or keep < 1):
+        raise ConfigError(
+            "--keep-rank: cuts a saved adapter; --base has none" if folder is None else f"--keep-rank: must be >= 1, got {keep}"
+        )
+    if folder is not None and not (Path(folder) / "adapter_config.json").is_file():
+        raise ConfigError(f"--adapter: {folder} is not a PEFT adapter folder (no adapter_config.json)")
+
+
+def keep_rank_line(folder: str | Path, saved: SavedAdapter) -> str:
+    """What `flexlora eval --keep-rank` prints about the cut."""
+    return (
+        f"adapter {folder}: components beyond rank {saved.keep} cut "
+        f"(saved ranks {saved.saved_ranks}, evaluated ranks {sorted(set(saved.ranks.values()))})"
+    )

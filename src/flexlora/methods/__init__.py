@@ -44,8 +44,9 @@ def _method_classes(module_name: str) -> list[type]:
 METHOD_MODULES = ("flexlora", "fedit", "hetlora", "slora", "flora", "ffa", "rolora", "fedex", "florist", "lora_a2", "raflora")
 METHODS: dict[str, type] = {cls.name: cls for module_name in METHOD_MODULES for cls in _method_classes(module_name)}
 COMPOSABLE = ("server_opt", "fedprox_mu")  # method_args that compose with a method (compose_method)
-# Client options the reliability layer adds (handled by the client loop itself), accepted as they are.
-PASSTHROUGH = ("timeout_s", "inject_failure")
+# Client options the reliability and privacy layers add (handled by the client loop itself),
+# accepted as they are; "dp_clip" is client-side clipping (flexlora.privacy.dp.CLIP_OPTION).
+PASSTHROUGH = ("timeout_s", "inject_failure", "dp_clip")
 
 
 def register_method(cls: type) -> type:

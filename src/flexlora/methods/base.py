@@ -21,6 +21,8 @@ import torch
 
 from flexlora.protocol import ClientTask, ClientUpdate, Factors, SparseDelta  # noqa: F401 (re-exported: flexlora.methods)
 
+from .helpers import carry_noise
+
 GlobalState = dict[str, torch.Tensor]  # flat and safetensors-ready; keys are method-defined
 
 
@@ -158,6 +160,16 @@ class Accumulator:
         normalised = [dataclasses.replace(u, weight=u.weight / total) for u in self.updates]
         return self.method.aggregate(normalised, self.previous)
 
+    def add_noise(self, draw: Callable[[str, tuple[int, ...]], torch.Tensor]) -> None:
+        """Client-level DP (flexlora.privacy): add draw(name, shape) to the round's weighted sum
+        Σ w_k x_k (raw weights), before it is divided by Σ w_k and post-processed; called once,
+        after the last ``add``. This keep-every-update default serves a method whose
+        ``privacy_space`` is "factors": each module's noise rides on the update of the largest
+        rank there (helpers.carry_noise), so the method's own rule sees it inside its sums."""
+        if self.method.privacy_space != "factors":
+            raise ValueError(f"privacy: method {self.method.name!r} aggregates in no space this accumulator can add noise to")
+        self.updates = carry_noise(self.updates, draw)
+
 
 def streaming_accumulator(
     method: Method, owner: type[Method], streaming: type[Accumulator], previous: GlobalState | None
@@ -208,6 +220,13 @@ class Method:
     # updates, SLoRA's sparse stage, FedEx-LoRA's residual): the base must then be float32 and
     # unquantized (checked by flexlora.config), and a run exports a merged model.
     changes_base_weights: ClassVar[bool] = False
+    # Client-level differential privacy (flexlora.privacy, docs/privacy.md): the space a client's
+    # change over the round is clipped in and the round's sum noised in, before the method's
+    # post-processing. "delta": ΔW = s·B·A per module (the accumulator adds dense noise to its
+    # sum); "factors": A and s·B, whose padded weighted sums the method takes. None: refused,
+    # for the reason ``privacy_refusal`` gives.
+    privacy_space: ClassVar[str | None] = None
+    privacy_refusal: ClassVar[str] = "its aggregate is not a weighted sum of the clients' updates that noise could join"
 
     def init_state(self, shapes: dict[str, tuple[int, int]]) -> GlobalState | None:
         """The state before round 1 (e.g. a rank-0 state, so that every client of round 1 starts
@@ -232,6 +251,13 @@ class Method:
     def global_factors(self, state: GlobalState, lora_alpha: float) -> tuple[dict[str, Factors], dict[str, int]]:
         """The global model as LoRA factors (at its full rank) and the rank of each module."""
         raise NotImplementedError
+
+    def global_singular_values(self, state: GlobalState) -> dict[str, torch.Tensor] | None:
+        """The singular values of the global adapter's ΔW per module (modules of rank 0 left
+        out) where the state holds them already, from the SVD its aggregation computed, so that
+        the per-round spectrum reads them instead of computing them again; None (the default):
+        the spectrum computes them from ``global_factors``."""
+        return None
 
     def client_options(self, state: GlobalState | None, round_: int, rank_type: str) -> dict:
         """Plain-JSON settings for a client's local step, one key per client hook. Default: {}."""

@@ -121,6 +121,7 @@ class FedEx(Method):
 
     name = "fedex"
     changes_base_weights = True  # the residual is folded into the base (base_offset)
+    privacy_refusal = "not implemented: it sums the factors' averages and their product's dense residual (two spaces)"
 
     def __init__(self, seed: int = 0):
         """seed: of the shared A rows of round 1 (and of rows beyond the state's rank)."""

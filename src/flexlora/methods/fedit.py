@@ -54,6 +54,7 @@ class FedIT(Method):
 
     name = "fedit"
     homogeneous = True  # the server cuts every client to the federation's smallest rank
+    privacy_space = "factors"  # clipped and noised as (A, s·B), inside its weighted sums
 
     def __init__(self, seed: int = 0):
         """seed: of the shared initial A every client of round 1 starts from."""

@@ -78,6 +78,7 @@ class FFALoRA(Method):
 
     name = "ffa"
     client_hooks = (FrozenA,)
+    privacy_space = "factors"  # clipped and noised as (A, s·B), inside its weighted sums
 
     def __init__(self, seed: int = 0):
         """seed: of the shared frozen A (the same for every client and round)."""

@@ -148,6 +148,18 @@ class FlexLoRAAccumulator(Accumulator):
         dense = self.dense[module] = self.dense[module].to(dtype)
         dense.addmm_(B.to(dtype), A.to(dtype))
 
+    def add_noise(self, draw) -> None:
+        """Client-level DP (flexlora.privacy): dense noise draw(module, (m, n)) into each module's
+        Σ w_k s_k B_k A_k, before the division by Σ w_k and the truncated SVD, which then work on
+        the dense sum (noise is full-rank: the factored route no longer applies)."""
+        for module, (m, n) in self.shape.items():
+            if module not in self.dense:
+                B, A = self.pending[module][0][:2]
+                self.dense[module] = torch.zeros(m, n, dtype=compute_dtype(A, B), device=A.device)
+            self._flush(module)
+            dense = self.dense[module]
+            dense.add_(draw(module, (m, n)).to(dtype=dense.dtype, device=dense.device))
+
     def result(self) -> GlobalState:
         if self.total <= 0:
             raise ValueError("aggregation needs at least one client with num_examples > 0")
@@ -196,6 +208,7 @@ class FlexLoRA(Method):
     """FlexLoRA aggregation: exact ΔW via a truncated SVD of the stacked client factors."""
 
     name = "flexlora"
+    privacy_space = "delta"  # clipped and noised as ΔW, before the truncated SVD
 
     def __init__(
         self,
@@ -276,6 +289,10 @@ class FlexLoRA(Method):
         ranks = {module: state[f"{module}.S"].shape[0] for module in state_modules(state)}
         ranks = {module: K for module, K in ranks.items() if K > 0}  # K = 0: no update yet
         return {module: self._split(state, module, K, lora_alpha) for module, K in ranks.items()}, ranks
+
+    def global_singular_values(self, state: GlobalState) -> dict[str, torch.Tensor]:
+        """S per module: the global adapter is U diag(S) Vh (global_factors only splits it)."""
+        return {module: state[f"{module}.S"] for module in state_modules(state) if state[f"{module}.S"].shape[0] > 0}
 
     # The parameters a server optimizer steps (see server_opt.py): the dense ΔW per module.
 

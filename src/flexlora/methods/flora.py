@@ -34,6 +34,7 @@ class FLoRA(Method):
 
     name = "flora"
     changes_base_weights = True  # every round's update is merged into the base (base_offset)
+    privacy_refusal = "not implemented: its ΔW sum is formed and merged inside aggregate(), where noise cannot join it yet"
 
     def __init__(self, seed: int = 0):
         """seed: of the shared A rows of every round's fresh start."""

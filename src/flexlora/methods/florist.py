@@ -84,6 +84,7 @@ class FLoRIST(FLoRA):
     offset); only the aggregate differs: the rank-k pair is merged, not the exact sum."""
 
     name = "florist"
+    privacy_refusal = "not implemented: its global rank is a threshold on the spectrum of the clients' stacked factors, taken inside aggregate()"
 
     def __init__(self, energy_threshold: float = 0.9, max_global_rank: int | None = None, seed: int = 0):
         """energy_threshold: τ in (0, 1], the share of ΔW_t's energy (Σσ²) the global rank keeps

@@ -9,14 +9,18 @@ is (m, n), and its update is s * B @ A with s = lora_alpha / r.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from flexlora.protocol import ClientUpdate, Factors
 
-from .base import GlobalState
+if TYPE_CHECKING:  # annotations only: base.py imports this module
+    from .base import GlobalState
 
 # ---------------------------------------------------------------- weights and modules
 
@@ -172,6 +176,27 @@ def weighted_padded_sum(tensors: list[torch.Tensor], weights: list[float], dim: 
         target = out.narrow(dim, 0, t.shape[dim])
         target.add_(t.to(dtype=dtype, device=device), alpha=w)
     return out
+
+
+def carry_noise(updates: list[ClientUpdate], draw: Callable[[str, tuple[int, ...]], torch.Tensor]) -> list[ClientUpdate]:
+    """Client-level DP in the "factors" space: the updates (raw weights in ClientUpdate.weight)
+    with noise z_A = draw(f"{module}.A", (R, n)) and z_B = draw(f"{module}.B", (m, R)) on the
+    update of the largest rank R of each module (the first such), as A + z_A / w and
+    B + z_B / (w·s): a method that takes Σ p_k pad(A_k) and Σ p_k s_k pad(B_k) (or Σ p_k B_k
+    at one rank) with p_k = w_k / Σ w_j then finds z / Σ w_j in its sums (z_B / (s·Σ w_j) in an
+    unscaled B), on every padded row and column, before anything else it does with them."""
+    updates = list(updates)
+    for module in updates[0].factors if updates else ():
+        j = max(range(len(updates)), key=lambda i: (updates[i].rank(module), -i))
+        carrier = updates[j]
+        A, B = carrier.factors[module]
+        dtype, w, s = compute_dtype(A, B), float(carrier.weight), carrier.scale(module)
+        noisy = (
+            A.to(dtype) + draw(f"{module}.A", tuple(A.shape)).to(dtype=dtype, device=A.device) / w,
+            B.to(dtype) + draw(f"{module}.B", tuple(B.shape)).to(dtype=dtype, device=B.device) / (w * s),
+        )
+        updates[j] = dataclasses.replace(carrier, factors={**carrier.factors, module: noisy})
+    return updates
 
 
 # ---------------------------------------------------------------- factors: shared rows, slices, stacks

@@ -197,6 +197,7 @@ class HetLoRA(Method):
     name = "hetlora"
     prunes_ranks = True  # a client may send back (and keep) a smaller rank than assigned
     client_hooks = (RankRegularizer,)
+    privacy_space = "factors"  # clipped and noised as (A, s·B), inside its weighted sums
 
     def __init__(
         self,
@@ -223,6 +224,10 @@ class HetLoRA(Method):
         if prune_threshold is not None and not (isinstance(prune_threshold, (int, float)) and 0 <= prune_threshold < 1):
             raise ValueError(f"hetlora: prune_threshold must be in [0, 1) or null, got {prune_threshold!r}")
         self.weighting = weighting
+        if weighting == "sparsity":  # weights from each update's norm: one client moves the others' shares
+            self.privacy_space, self.privacy_refusal = None, "its sparsity weights depend on each update's norm"
+        if prune_threshold is not None:  # a pruned rank is chosen from the client's data and kept in the clear
+            self.privacy_space, self.privacy_refusal = None, "its clients prune their ranks from their own updates"
         self.padding = padding
         self.reg_lambda = float(reg_lambda)
         self.reg_gamma = float(reg_gamma)

@@ -360,6 +360,7 @@ class LoRAA2(Method):
     counts as unchanged)."""
 
     name = "lora_a2"
+    privacy_refusal = "clients choose the components they upload from their own updates, which noise does not cover"
     client_hooks = (ComponentSelection,)
 
     def __init__(

@@ -94,6 +94,8 @@ class RaFLoRA(FlexLoRA):
     weights renormalised over them), then FlexLoRA's truncated SVD and allocation."""
 
     name = "raflora"
+    privacy_space = None  # not FlexLoRA's: its sum is partitioned by rank
+    privacy_refusal = "not implemented: each rank partition is a sum over the clients covering it, with a sensitivity of its own"
     # The paper pairs the rule with no server optimizer; FlexLoRA's would step the dense ΔW of
     # a rule that is not a weighted mean of the starting points: off (check_composable says so).
     server_params = Method.server_params

@@ -69,6 +69,7 @@ class AlternatingLoRA(Method):
 
     name = "rolora"
     homogeneous = True
+    privacy_space = "factors"  # clipped and noised as (A, s·B), inside its weighted sums
     client_hooks = (FreezeFactor,)
 
     def __init__(self, seed: int = 0):

@@ -207,6 +207,7 @@ class SLoRA(Method):
 
     name = "slora"
     changes_base_weights = True  # the sparse stage trains the base weights (base_offset)
+    privacy_refusal = "its sparse stage sends weight deltas, not LoRA factors"
     client_hooks = (SparseTraining,)
 
     def __init__(

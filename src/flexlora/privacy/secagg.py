@@ -88,14 +88,19 @@ def workflow_arguments(cfg) -> dict:
 
 def check_config(cfg, method: Method, server_step=None) -> None:
     """The checks of flower.secure_aggregation=true (one-line ValueError): the Flower engine, a
-    method whose state comes from a weighted mean, two clients a round at least, and the
-    protocol's settings (workflow_arguments)."""
+    method whose state comes from a weighted mean, no differential privacy (not wired into the
+    secure round), two clients a round at least, and the protocol's settings (workflow_arguments)."""
     if cfg.engine != "flower":
         raise ValueError("flower.secure_aggregation: needs engine=flower (Flower's simulation engine or a deployment)")
     try:
         check_secure(method, server_step)
     except ValueError as e:
         raise ValueError(f"flower.secure_aggregation: {e}") from None
+    if getattr(cfg, "privacy", None) is not None and cfg.privacy.enabled:
+        raise ValueError(
+            "flower.secure_aggregation: not with privacy.enabled yet: differential privacy clips and noises "
+            "the updates the server folds, and under SecAgg+ it folds none"
+        )
     if cfg.federation.fraction is None and cfg.federation.clients_per_round < 2:
         raise ValueError("flower.secure_aggregation: needs federation.clients_per_round >= 2 (one client's sum is its update)")
     workflow_arguments(cfg)

@@ -13,13 +13,15 @@ engines, with the project's own server, client step and evaluation unchanged.
 - ClientApp (`client_app`): `query` says which client a node holds and what it can afford;
   `train` runs `client.train_client` on the node's data and replies with the factors.
 
-On the wire (no pickle): factors are an ArrayRecord "factors" with keys `<module>.lora_A` /
-`<module>.lora_B` (numpy .npy bytes, float32 or float16 per `flower.transport_dtype`); the
-ClientTask and the experiment config travel as JSON strings in a ConfigRecord "task"; the
-reply's ClientUpdate fields in a ConfigRecord "update". A method's global base offset goes down as
-an ArrayRecord "base_offset" (one dense (out, in) array per module, transport dtype); sparse
-deltas (a method whose client trains the base weights) come back as an ArrayRecord "deltas"
-(`<module>.indices` int64, `<module>.values`), their shapes in the "update" JSON.
+On the wire (no pickle): each tensor field is an ArrayRecord named after it holding one packed
+Array (packed.py: the field's tensors back to back in one .npy byte vector, floating-point ones
+in `flower.transport_dtype`: float32, float16 or bfloat16), described by a JSON index (names,
+dtypes, shapes, offsets) in the ConfigRecord beside the metadata: "factors" (`<module>.lora_A` /
+`<module>.lora_B`), a method's global base offset "base_offset" (one dense (out, in) tensor per
+module), sparse deltas "deltas" (`<module>.indices` int64, `<module>.values`; a method whose
+client trains the base weights), their shapes in the "update" JSON. The ClientTask and the
+experiment config travel as JSON strings in a ConfigRecord "task"; the reply's ClientUpdate
+fields in a ConfigRecord "update".
 
 Which client a node is: in simulation, node i holds training client i (`partition-id`); in a
 deployment, the node config names its data (`data-path`, optionally `client-id`) and its
@@ -31,7 +33,8 @@ a later reply claiming more, and `federation.max_weight_share` bounds what any d
 torch, transformers and PEFT are imported only where a model or tensor is needed: in a
 deployment every Message starts a fresh ClientApp process, and a `query` needs none of them.
 
-Modules by role: codec.py (protocol objects <-> Flower records), server_app.py (strategy,
+Modules by role: codec.py (protocol objects <-> Flower records), packed.py (tensors <-> one
+packed array and its index), server_app.py (strategy,
 runtime, node discovery, ServerApp), client_app.py (node data and model, ClientApp),
 simulation.py (`run_simulation`), certs.py (TLS certificates and SuperNode keys).
 """
@@ -57,8 +60,10 @@ from flexlora.engines.flower.codec import (  # noqa: F401
     DELTAS,
     DTYPES,
     FACTORS,
+    INDEX,
     NODE,
     OFFSET,
+    PACKED,
     TASK,
     UPDATE,
     decode,
@@ -68,7 +73,10 @@ from flexlora.engines.flower.codec import (  # noqa: F401
     encode_task,
     encode_update,
     factors_to_record,
+    is_packed,
     message_bytes,
+    message_objects,
+    packed_array,
     payload_bytes,
     record_to_factors,
     record_to_tensors,

@@ -13,17 +13,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from flexlora.config import ExperimentConfig, config_from_dict
 from flexlora.data.records import Issues, read_records
 from flexlora.data.types import ClientData, Example
-from flexlora.engines.flower.codec import NODE, TASK, decode_task, encode_update
+from flexlora.engines.flower.codec import NODE, TASK, decode_task, encode_update, is_packed
 from flexlora.engines.flower.secagg import is_secure, secure_aggregation_mod, secure_reply
 from flexlora.engines.node.channel import WORKER_SOCKET_KEY, train_on_worker  # torch-free: the worker path
+
+if TYPE_CHECKING:
+    from flexlora.config import ExperimentConfig
 
 # Node-config keys a deployment node may set (simulation sets partition-id/num-partitions).
 RESOURCE_KEYS = ("lora-rank", "rank-type", "memory-budget-mb")  # and num-examples, data-path, client-id
@@ -135,6 +139,8 @@ client_app = ClientApp()
 
 @client_app.query()
 def _client_query(message: Message, context: Context) -> Message:
+    from flexlora.config import config_from_dict  # only here and in training: the worker path's ClientApp skips it
+
     try:
         cfg = config_from_dict(json.loads(message.content.config_records[TASK]["config"]), check=False)
         data = node_client(context.node_config, cfg)
@@ -150,7 +156,8 @@ def _client_train(message: Message, context: Context) -> Message:
     def train(content: RecordDict) -> RecordDict:
         socket_path = context.node_config.get(WORKER_SOCKET_KEY)
         if socket_path:  # the node's worker trains; this process imports neither torch nor transformers
-            return train_on_worker(str(socket_path), content, context.node_config)
+            # Packed arrays go to the worker as Flower received them: no conversion either way.
+            return train_on_worker(str(socket_path), content, context.node_config, raw=is_packed(content, TASK))
         return train_reply(content, context.node_config, lambda cfg: node_model(context.node_config, cfg))
 
     try:
@@ -163,14 +170,21 @@ def _client_train(message: Message, context: Context) -> Message:
 def train_reply(content: RecordDict, node_config, model_for) -> RecordDict:
     """A train Message's content -> the reply's content: decode the task, find the node's
     client, train it with `client.train_client` on the model `model_for(cfg)` gives
-    ((model, tokenizer, target modules)), encode the update. The one training path of the
-    in-process ClientApp and of the node worker (flexlora.engines.node.worker)."""
+    ((model, tokenizer, target modules)), encode the update, in the layout the task came in
+    (packed, or the deployment bench's per-array baseline). The one training path of the
+    in-process ClientApp and of the node worker (flexlora.engines.node.worker).
+
+    The update's metrics also say when the task was received and when the reply was made
+    (time.time(), `received_at` / `replied_at`): the server turns them into each direction's
+    transport time (exact where server and node share a clock, as in the loopback bench)."""
     from flexlora.client import train_client
 
+    received_at = time.time()
     task, cfg = decode_task(content)
     data = node_client(node_config, cfg)
     if data.client_id != task.client_id:
         raise ValueError(f"a task for client {task.client_id} reached the node holding {data.client_id}")
     model, tokenizer, targets = model_for(cfg)
     update = train_client(model, tokenizer, data, task, cfg, targets)
-    return encode_update(update, cfg.flower.transport_dtype)
+    update.metrics.update(received_at=received_at, replied_at=time.time())
+    return encode_update(update, cfg.flower.transport_dtype, packed=is_packed(content, TASK))

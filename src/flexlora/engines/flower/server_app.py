@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shlex
 import time
 from collections.abc import Iterable, Iterator
@@ -19,32 +20,47 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from flexlora.config import ConfigError, ExperimentConfig, load_config
-from flexlora.engines.flower.codec import NODE, TASK, decode_update, encode_task, message_bytes, payload_bytes
-from flexlora.resources import declared_rank_type, paper_rank_types
+from flexlora.engines.flower.codec import NODE, TASK, decode_update, encode_task, message_objects, payload_bytes
 
 if TYPE_CHECKING:
+    from flexlora.config import ExperimentConfig
     from flexlora.protocol import ClientFailure, ClientTask, ClientUpdate
     from flexlora.server import FederatedServer
 
 log = logging.getLogger(__name__)
 
-POLL_S = 1.0  # seconds between pulls for replies, where the grid has no pull_interval of its own
+# Seconds between pulls for replies where the grid has no pull_interval of its own (the
+# deployment's): a pull that finds nothing is one small request, and a reply waits at most this
+# long to be seen. The Grid API has no blocking pull to wait on instead.
+POLL_S = 0.2
+# The deployment bench's baseline (`flexlora bench deployment`, engine previous+workers), never a
+# user setting: set in a ServerApp's environment, it sends tasks in the previous per-array layout,
+# one push_messages call per task, and polls every PREVIOUS_POLL_S; nodes answer in kind.
+PREVIOUS_TRANSPORT_ENV = "FLEXLORA_BENCH_PREVIOUS_TRANSPORT"
+PREVIOUS_POLL_S = 1.0
+
+
+def previous_transport() -> bool:
+    return os.environ.get(PREVIOUS_TRANSPORT_ENV, "") not in ("", "0")
 
 
 @dataclass(frozen=True)
 class Sent:
-    """What is kept of a task once its Message is pushed: who it is for and the bytes it moved
-    down (the task and the Message themselves are dropped)."""
+    """What is kept of a task once its Message is pushed: who it is for, what it moved down
+    (Flower objects and bytes, see codec.message_objects) and when it was pushed (the task and
+    the Message themselves are dropped)."""
 
     client_id: str
     node_id: int  # the Flower node the Message went to
     bytes_down: int
     payload_bytes_down: int
+    objects_down: int = 0
+    pushed_at: float = 0.0  # time.time() just before the push
 
     @classmethod
     def of(cls, client_id: str, message: Message) -> Sent:
-        return cls(client_id, message.metadata.dst_node_id, message_bytes(message), payload_bytes(message.content))
+        objects, size = message_objects(message)
+        return cls(client_id, message.metadata.dst_node_id, size, payload_bytes(message.content), objects, time.time())
 
 
 def reply_result(sent: Sent, reply: Message | None, timeout_s: float) -> ClientUpdate | ClientFailure:
@@ -67,12 +83,21 @@ def reply_result(sent: Sent, reply: Message | None, timeout_s: float) -> ClientU
             raise ValueError(f"reply from client {update.client_id} to a task for {sent.client_id}")
     except (KeyError, ValueError, TypeError) as e:
         return ClientFailure(sent.client_id, f"bad reply: {type(e).__name__}: {e}")
+    # Counted from the reply's structure: Flower already hashed every object it pulled, and
+    # hashing them again here (to count bytes) cost about 0.3 s per 158 MB reply.
+    objects_up, bytes_up = message_objects(reply)
     update.metrics.update(
         bytes_down=sent.bytes_down,
-        bytes_up=message_bytes(reply),
+        bytes_up=bytes_up,
         payload_bytes_down=sent.payload_bytes_down,
         payload_bytes_up=payload_bytes(reply.content),
+        objects_down=sent.objects_down,
+        objects_up=objects_up,
     )
+    if sent.pushed_at and "received_at" in update.metrics:  # the node's clock: exact on one machine
+        update.metrics["transport_down_s"] = update.metrics["received_at"] - sent.pushed_at
+    if "replied_at" in update.metrics:
+        update.metrics["transport_up_s"] = time.time() - update.metrics["replied_at"]
     return update
 
 
@@ -80,10 +105,11 @@ class FederatedStrategy(Strategy):
     """A Flower Strategy that sends every sampled client its own task (factors at its own ranks)
     and hands the replies to the project's FederatedServer, whatever its aggregation method."""
 
-    def __init__(self, server: FederatedServer, nodes: dict[str, int], timeout_s: float = 3600.0):
+    def __init__(self, server: FederatedServer, nodes: dict[str, int], timeout_s: float = 3600.0, packed: bool = True):
         self.server = server
         self.nodes = dict(nodes)  # client id -> Flower node id
         self.timeout_s = timeout_s
+        self.packed = packed  # False: the previous per-array layout (the deployment bench's baseline)
         self._pending: dict[int, tuple[list[ClientTask], list[Sent]]] = {}
         self.last_results: list[ClientUpdate | ClientFailure] = []
 
@@ -92,7 +118,7 @@ class FederatedStrategy(Strategy):
         """The task encoded as a Message to the node that holds its client."""
         if task.client_id not in self.nodes:
             raise ValueError(f"no Flower node holds client {task.client_id}")
-        content = encode_task(task, self.server.cfg)
+        content = encode_task(task, self.server.cfg, packed=self.packed)
         return Message(content, dst_node_id=self.nodes[task.client_id], message_type=MessageType.TRAIN, group_id=str(task.round))
 
     def task_messages(self, tasks: list[ClientTask]) -> list[Message]:
@@ -144,7 +170,12 @@ class FlowerRuntime:
     tasks are pushed and unanswered at a time, a task is taken from the server's lazy iterator
     (and so built) and encoded only when a slot is free, and each reply is decoded and yielded
     as soon as it is pulled. Kept per task in flight: its Message id and a `Sent` (client id,
-    node, bytes down); the task and its Message are dropped once pushed.
+    node, what it moved down); the task and its Message are dropped once pushed.
+
+    Every task that has a free slot goes in one `push_messages` call: a round that fits in
+    `max_in_flight` is one call (Flower then registers every Message before it uploads their
+    objects, so every node starts pulling at once, and objects the Messages share are stored
+    and uploaded once); the slots freed by the replies of one pull are refilled in one call too.
 
     `flower.round_timeout_s` is measured per round, from the first task taken: a task still
     unanswered then is a ClientFailure ("no reply within N s"), and so is every task the round
@@ -154,19 +185,27 @@ class FlowerRuntime:
         self.strategy = strategy
         self.grid = grid
         self.max_in_flight = max_in_flight or strategy.server.cfg.flower.max_in_flight
-        # Flower's own send_and_receive sleeps between polls: the in-memory grid's pull_interval
-        # (0.1 s); the deployment's grid sleeps 3 s, we poll at most every second.
-        self.poll_s = poll_s if poll_s is not None else float(getattr(grid, "pull_interval", POLL_S))
+        # The in-memory grid's own pull_interval (0.1 s); the deployment's grid has none: POLL_S.
+        default = POLL_S if strategy.packed else PREVIOUS_POLL_S
+        self.poll_s = poll_s if poll_s is not None else float(getattr(grid, "pull_interval", default))
+        self.push_calls = 0  # push_messages calls so far (tests and the bench read it)
 
-    def push(self, task: ClientTask) -> tuple[str | None, Sent]:
-        """Encode the task and push it: (its Message id, or None if Flower did not take it; what is kept)."""
-        message = self.strategy.task_message(task)
-        # Measured before the push: once pushed the Message is Flower's, and measuring it caches
-        # object ids in its objects, which races with the simulation engine pickling it for a
-        # Ray actor ("dictionary changed size during iteration": the task was lost).
-        sent = Sent.of(task.client_id, message)
-        ids = list(self.grid.push_messages([message]))
-        return (str(ids[0]) if ids and ids[0] else None), sent
+    def push(self, tasks: list[ClientTask]) -> list[tuple[str | None, Sent]]:
+        """Encode the tasks and push them (one push_messages call, or one per task for the
+        previous transport): per task, its Message id (None if Flower did not take it) and what
+        is kept of it."""
+        messages = [self.strategy.task_message(task) for task in tasks]
+        # Measured before the push: once pushed a Message is Flower's (the simulation engine
+        # pickles it for a Ray actor while this thread goes on; anything added to it then races).
+        sent = [Sent.of(task.client_id, message) for task, message in zip(tasks, messages)]
+        batches = [messages] if self.strategy.packed else [[m] for m in messages]
+        del messages
+        ids: list = []
+        for batch in batches:
+            self.push_calls += 1
+            got = list(self.grid.push_messages(batch))
+            ids += got + [None] * (len(batch) - len(got))
+        return [(str(mid) if mid else None, s) for mid, s in zip(ids, sent)]
 
     def train(self, tasks: Iterable[ClientTask]) -> Iterator[ClientUpdate | ClientFailure]:
         from flexlora.protocol import ClientFailure
@@ -178,30 +217,34 @@ class FlowerRuntime:
         exhausted = False
 
         def fill() -> list[ClientFailure]:
-            """Push tasks until max_in_flight are in flight (or none is left, or time is up)."""
+            """Take tasks until max_in_flight would be in flight (or none is left, or time is
+            up) and push them together; again for the slots of any task Flower refused."""
             nonlocal exhausted
             refused = []
-            while not exhausted and len(in_flight) < self.max_in_flight and time.monotonic() < deadline:
-                task = next(tasks, None)
-                if task is None:
-                    exhausted = True
-                    break
-                message_id, sent = self.push(task)
-                del task  # its factors and Message are not needed past the push
-                if message_id is None:
-                    refused.append(
-                        ClientFailure(sent.client_id, "Flower did not take the task (push_messages returned no message id)")
-                    )
-                else:
-                    in_flight[message_id] = sent
-            return refused
+            while True:
+                batch = []
+                while not exhausted and len(in_flight) + len(batch) < self.max_in_flight and time.monotonic() < deadline:
+                    task = next(tasks, None)
+                    if task is None:
+                        exhausted = True
+                        break
+                    batch.append(task)
+                if not batch:
+                    return refused
+                pushed = self.push(batch)
+                del batch  # their factors and Messages are not needed past the push
+                for message_id, sent in pushed:
+                    if message_id is None:
+                        refused.append(
+                            ClientFailure(sent.client_id, "Flower did not take the task (push_messages returned no message id)")
+                        )
+                    else:
+                        in_flight[message_id] = sent
 
         yield from fill()
         while in_flight:
-            replies = list(self.grid.pull_messages(list(in_flight)))
-            got = False
-            while replies:
-                reply = replies.pop(0)
+            matched = []
+            for reply in self.grid.pull_messages(list(in_flight)):
                 sent = in_flight.pop(reply.metadata.reply_to_message_id, None)
                 if sent is None:
                     log.warning(
@@ -210,13 +253,16 @@ class FlowerRuntime:
                         reply.metadata.src_node_id,
                     )
                     continue
-                got = True
+                matched.append((sent, reply))
+            got = bool(matched)
+            refused = fill() if got else []  # the freed slots' next tasks train while these are folded
+            while matched:
+                sent, reply = matched.pop(0)
                 result = reply_result(sent, reply, timeout_s)
                 del reply
-                refused = fill()  # the freed slot's next task trains while this result is folded
                 yield result
                 del result
-                yield from refused
+            yield from refused
             if not in_flight:
                 break
             remaining = deadline - time.monotonic()
@@ -278,6 +324,9 @@ def discover(grid: Grid, cfg: ExperimentConfig, min_nodes: int, echo=print) -> d
 def serve(exp, grid: Grid, min_nodes: int | None = None) -> Path:
     """The ServerApp's work: discover the nodes' clients, build the server, run every round
     through Flower, write the run folder (the same files as the in-process runtime)."""
+    from flexlora.config import ConfigError
+    from flexlora.resources import declared_rank_type, paper_rank_types
+
     cfg = exp.cfg
     if min_nodes is None:
         min_nodes = cfg.flower.min_nodes or cfg.federation.clients_per_round
@@ -304,7 +353,8 @@ def serve(exp, grid: Grid, min_nodes: int | None = None) -> Path:
 
         exp.run(SecureFlowerRuntime(server, nodes, grid, cfg.flower.round_timeout_s))
     else:
-        exp.run(FlowerRuntime(FederatedStrategy(server, nodes, cfg.flower.round_timeout_s), grid))
+        strategy = FederatedStrategy(server, nodes, cfg.flower.round_timeout_s, packed=not previous_transport())
+        exp.run(FlowerRuntime(strategy, grid))
     return exp.finish()
 
 
@@ -313,6 +363,8 @@ def config_from_run_config(run_config) -> tuple[ExperimentConfig, Path | None]:
     config: `config-file` (a YAML path on the SuperLink's machine, may be empty), `overrides`
     (key=value words, shell-quoted where needed) and `resume` (a run folder to continue from
     its last checkpoint; its config.yaml is then the config file)."""
+    from flexlora.config import ConfigError, load_config  # the schema: only where a config is read
+
     resume = str(run_config.get("resume", "") or "") or None
     path = str(run_config.get("config-file", "") or "") or None
     if resume is not None:

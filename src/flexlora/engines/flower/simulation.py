@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from flexlora.config import ExperimentConfig
 from flexlora.engines.flower.client_app import client_app
 from flexlora.engines.flower.server_app import serve
 from flexlora.extras import require
 
 if TYPE_CHECKING:
     import torch
+
+    from flexlora.config import ExperimentConfig
 
 
 class _DropRunSimulationDeprecation(logging.Filter):

@@ -9,13 +9,16 @@ user with SO_PEERCRED: a process of another user can neither open the socket nor
 permissions were loosened by mistake, be served.
 
 Framing: every frame is a fixed prefix (magic b"FLXN", version, header length, payload length),
-a UTF-8 JSON header, and a payload of safetensors bytes (never pickle). One connection carries
-one request and its reply.
+a UTF-8 JSON header, and a payload of raw array bytes or safetensors bytes (never pickle). One
+connection carries one request and its reply.
 
 A Flower RecordDict crosses as a frame: its ConfigRecords (JSON values) in the header, its
-ArrayRecords as safetensors tensors named `<record>/<key>` (dtype and shape kept exactly, key
-order in the header), so the worker sees the very records the ClientApp received and returns
-the very records the in-process ClientApp would send.
+Arrays either forwarded as they are (`raw`: each Array's own bytes, which are Flower's
+serialised .npy data, with its dtype, shape and stype in the header: no conversion at all, what
+a packed message takes, see flower/packed.py) or converted to safetensors tensors named
+`<record>/<key>` (the previous layout's hand-off, kept for the deployment bench's baseline).
+Either way the worker sees the very records the ClientApp received and returns the very records
+the in-process ClientApp would send, key order kept.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-MAGIC, VERSION = b"FLXN", 1
+MAGIC, VERSION = b"FLXN", 2
 _PREFIX = struct.Struct(">4sBIQ")  # magic, version, header bytes, payload bytes
 MAX_HEADER_BYTES = 64 << 20
 MAX_PAYLOAD_BYTES = 1 << 40
@@ -66,13 +69,16 @@ def default_socket_path() -> Path:
 # ---------------------------------------------------------------- frames
 
 
-def send_frame(sock: socket.socket, header: dict, payload: bytes | bytearray | memoryview = b"") -> None:
+def send_frame(sock: socket.socket, header: dict, payload: bytes | bytearray | memoryview | list = b"") -> None:
+    """One frame; `payload` is bytes or a list of byte parts sent one after the other (no join)."""
+    parts = payload if isinstance(payload, list) else [payload]
     head = json.dumps(header, separators=(",", ":")).encode()
     if len(head) > MAX_HEADER_BYTES:
         raise ChannelError(f"frame header of {len(head)} bytes is over the {MAX_HEADER_BYTES} limit")
-    sock.sendall(_PREFIX.pack(MAGIC, VERSION, len(head), len(payload)) + head)
-    if len(payload):
-        sock.sendall(payload)
+    sock.sendall(_PREFIX.pack(MAGIC, VERSION, len(head), sum(len(p) for p in parts)) + head)
+    for part in parts:
+        if len(part):
+            sock.sendall(part)
 
 
 def recv_frame(sock: socket.socket) -> tuple[dict, bytes] | None:
@@ -113,8 +119,9 @@ def _recv_exact(sock: socket.socket, n: int, allow_eof: bool = False):
 # ---------------------------------------------------------------- Flower records <-> frames
 
 
-def records_to_frame(content: RecordDict) -> tuple[dict, bytes]:
-    """A RecordDict of ConfigRecords and ArrayRecords as (header, safetensors payload)."""
+def records_to_frame(content: RecordDict, raw: bool = False) -> tuple[dict, list]:
+    """A RecordDict of ConfigRecords and ArrayRecords as (header, payload parts): every Array's
+    own bytes as they are (`raw`), or all Arrays as one safetensors buffer."""
     if content.metric_records:
         raise ChannelError(f"MetricRecords do not cross the node channel ({sorted(content.metric_records)})")
     configs = {}
@@ -127,25 +134,38 @@ def records_to_frame(content: RecordDict) -> tuple[dict, bytes]:
             raise ChannelError(f"ConfigRecord {name!r}: bytes values ({bad[0]!r}) do not cross the node channel")
         configs[name] = values
     order: dict[str, list[str]] = {}
-    tensors: dict[str, np.ndarray] = {}
     for name, record in content.array_records.items():
         if "/" in name:
             raise ChannelError(f"ArrayRecord name {name!r} contains '/'")
         order[name] = list(record.keys())
-        for key in order[name]:
-            tensors[f"{name}/{key}"] = np.ascontiguousarray(record[key].numpy())
-    return {"configs": configs, "arrays": order}, save_safetensors(tensors) if tensors else b""
+    if raw:
+        described = [
+            [name, key, a.dtype, list(a.shape), a.stype, len(a.data)]
+            for name, keys in order.items()
+            for key in keys
+            for a in (content.array_records[name][key],)
+        ]
+        parts = [content.array_records[name][key].data for name, key, *_ in described]
+        return {"configs": configs, "raw": described}, parts
+    tensors = {
+        f"{name}/{key}": np.ascontiguousarray(content.array_records[name][key].numpy())
+        for name, keys in order.items()
+        for key in keys
+    }
+    return {"configs": configs, "arrays": order}, [save_safetensors(tensors)] if tensors else []
 
 
 def frame_to_records(header: dict, payload: bytes) -> RecordDict:
     """The inverse of records_to_frame (a malformed frame: one-line ChannelError)."""
+    content = RecordDict()
+    for name, values in (header.get("configs") or {}).items():
+        content[name] = ConfigRecord(values)
+    if "raw" in header:
+        return _raw_records(header["raw"], payload, content)
     try:
         tensors = dict(load_safetensors(payload)) if payload else {}
     except Exception as e:  # safetensors raises its own error type for a corrupt buffer
         raise ChannelError(f"node frame payload is not safetensors: {e}") from None
-    content = RecordDict()
-    for name, values in (header.get("configs") or {}).items():
-        content[name] = ConfigRecord(values)
     for name, keys in (header.get("arrays") or {}).items():
         record = ArrayRecord()
         for key in keys:
@@ -156,6 +176,35 @@ def frame_to_records(header: dict, payload: bytes) -> RecordDict:
         content[name] = record
     if tensors:
         raise ChannelError(f"node frame has a tensor no record names: {next(iter(tensors))!r}")
+    return content
+
+
+def _raw_records(described, payload: bytes, content: RecordDict) -> RecordDict:
+    """Arrays forwarded as they are: [record, key, dtype, shape, stype, nbytes] each, their bytes
+    back to back in the payload (the whole payload itself when it is one Array: no copy)."""
+    if not isinstance(described, list):
+        raise ChannelError("node frame: 'raw' is not a list")
+    start = 0
+    for entry in described:
+        try:
+            name, key, dtype, shape, stype, nbytes = entry
+            shape = tuple(int(d) for d in shape)
+            if not (isinstance(name, str) and isinstance(key, str) and isinstance(dtype, str) and isinstance(stype, str)):
+                raise TypeError
+            nbytes = int(nbytes)
+        except (TypeError, ValueError):
+            raise ChannelError(
+                f"node frame: a raw array entry is not [record, key, dtype, shape, stype, nbytes]: {str(entry)[:80]}"
+            ) from None
+        if nbytes < 0 or start + nbytes > len(payload):
+            raise ChannelError(f"node frame: array {name}/{key} ({nbytes} bytes) runs past the payload ({len(payload)} bytes)")
+        data = payload if (start == 0 and nbytes == len(payload)) else payload[start : start + nbytes]
+        if name not in content.array_records:
+            content[name] = ArrayRecord()
+        content.array_records[name][key] = Array(dtype=dtype, shape=shape, stype=stype, data=bytes(data))
+        start += nbytes
+    if start != len(payload):
+        raise ChannelError(f"node frame: {len(payload) - start} payload bytes no array describes")
     return content
 
 
@@ -230,7 +279,7 @@ def connect(path: str | Path, timeout_s: float = CONNECT_TIMEOUT_S) -> socket.so
     return sock
 
 
-def call(path: str | Path, header: dict, payload: bytes = b"") -> tuple[dict, bytes]:
+def call(path: str | Path, header: dict, payload: bytes | list = b"") -> tuple[dict, bytes]:
     """One request to the worker and its reply (header, payload); the worker's error reply
     raises WorkerRefused with its one line."""
     with connect(path) as sock:
@@ -250,9 +299,11 @@ def call(path: str | Path, header: dict, payload: bytes = b"") -> tuple[dict, by
     return head, body
 
 
-def train_on_worker(path: str | Path, content: RecordDict, node_config) -> RecordDict:
-    """A train Message's content, trained by the node's worker: the reply's content."""
-    header, payload = records_to_frame(content)
+def train_on_worker(path: str | Path, content: RecordDict, node_config, raw: bool = True) -> RecordDict:
+    """A train Message's content, trained by the node's worker: the reply's content. `raw`: its
+    Arrays are forwarded as they are, and the worker answers in kind (packed messages); else
+    converted to safetensors (the previous layout, the deployment bench's baseline)."""
+    header, payload = records_to_frame(content, raw)
     config = {k: v for k, v in dict(node_config).items() if k != WORKER_SOCKET_KEY}
     head, body = call(path, {"op": "train", "node_config": config, **header}, payload)
     return frame_to_records(head, body)

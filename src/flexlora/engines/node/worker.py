@@ -129,7 +129,7 @@ class NodeWorker:
             "up_s": time.time() - self.started,
         }
 
-    def handle(self, header: dict, payload: bytes) -> tuple[dict, bytes]:
+    def handle(self, header: dict, payload: bytes) -> tuple[dict, bytes | list]:
         """One request -> (reply header, payload). Errors are replies, never a crash."""
         op = header.get("op")
         if op == "status":
@@ -150,7 +150,7 @@ class NodeWorker:
             with self._count_lock:
                 self._pending -= 1
 
-    def _train(self, header: dict, payload: bytes) -> tuple[dict, bytes]:
+    def _train(self, header: dict, payload: bytes) -> tuple[dict, list]:
         from flexlora.engines.flower.client_app import train_reply
 
         entry = {"started": time.time()}
@@ -161,7 +161,7 @@ class NodeWorker:
             entry.update(client=meta.get("client_id"), round=meta.get("round"))
             log.info("round %s: task for client %s received", entry["round"], entry["client"])
             reply = train_reply(content, node_config, lambda cfg: self.model_for(cfg, node_config))
-            head, body = records_to_frame(reply)
+            head, body = records_to_frame(reply, raw="raw" in header)  # answered in the request's kind
             entry.update(finished=time.time(), ok=True)
             m = _update_metrics(reply)
             log.info(
@@ -173,7 +173,7 @@ class NodeWorker:
                 m.get("max_rank"),
                 m.get("train_loss_first", float("nan")),
                 m.get("train_loss_last", float("nan")),
-                len(body) / 2**20,
+                sum(len(part) for part in body) / 2**20,
             )
             return {"ok": True, **head}, body
         except Exception as e:  # a failed task is this task's error reply; the worker serves on

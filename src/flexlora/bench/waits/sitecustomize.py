@@ -1,0 +1,37 @@
+"""Records Flower's idle waits (see __init__.py); imported by Python at start-up when this folder
+is on PYTHONPATH and FLEXLORA_WAITS_DIR is set. Stdlib only; does nothing otherwise."""
+
+import os
+
+if os.environ.get("FLEXLORA_WAITS_DIR"):
+    import json
+    import sys
+    import threading
+    import time
+
+    _DIR = os.environ["FLEXLORA_WAITS_DIR"]
+    _SLEEP, _WAIT = time.sleep, threading.Event.wait
+    _CALLERS = {"start_client_internal": "supernode idle", "pull_with_retries": "object-pull backoff"}
+
+    def _record(kind, started, seconds):
+        try:
+            with open(os.path.join(_DIR, f"{os.getpid()}.jsonl"), "a") as f:
+                f.write(json.dumps({"kind": kind, "start": started, "seconds": seconds, "pid": os.getpid()}) + "\n")
+        except OSError:
+            pass
+
+    def _traced(real):
+        def wrapper(*args, **kwargs):
+            kind = _CALLERS.get(sys._getframe(1).f_code.co_name)
+            if kind is None:
+                return real(*args, **kwargs)
+            started = time.time()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                _record(kind, started, time.time() - started)
+
+        return wrapper
+
+    time.sleep = _traced(_SLEEP)
+    threading.Event.wait = _traced(_WAIT)
