@@ -44,7 +44,7 @@ def test_every_benchmark_has_the_flags_and_help_it_had(columns):
 
     expected = json.loads(FIXTURE.read_text())
     got = bench_cli(build_parser())
-    assert sorted(got) == sorted(expected) == ["aggregate", "client", "deployment", "eval", "scale"]
+    assert sorted(got) == sorted(expected) == ["aggregate", "client", "deployment", "eval", "scale", "secagg"]
     for name in expected:
         assert got[name]["help"] == expected[name]["help"], name
         assert got[name]["line"] == expected[name]["line"], name

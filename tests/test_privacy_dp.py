@@ -251,12 +251,10 @@ def _records(run_dir):
 
 
 def _without_times(value):
-    """A record without what a clock measured (time, *_s, seconds, clock), at any depth."""
+    """A record without what a clock measured (time, clock, *_s, seconds), at any depth."""
     if isinstance(value, dict):
         return {
-            k: _without_times(v)
-            for k, v in value.items()
-            if not (k == "time" or k.endswith("_s") or k == "seconds" or k == "clock")
+            k: _without_times(v) for k, v in value.items() if not (k in ("time", "clock") or k.endswith("_s") or k == "seconds")
         }
     return value
 

@@ -222,9 +222,16 @@ def validate(c: ExperimentConfig) -> None:
 
     _require(c.method in METHODS, f"method: unknown aggregation method '{c.method}'; choose from: {', '.join(METHODS)}")
     try:  # constructing a method is cheap and checks its arguments (one-line errors)
-        compose_method(c.method, **c.method_args)
+        composition = compose_method(c.method, **c.method_args)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"method_args: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if c.flower.secure_aggregation:
+        from flexlora.privacy.secagg import check_config
+
+        try:
+            check_config(c, composition.method, composition.server_step)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     r = c.resources
     try:  # every form of the profile (name, list, mapping, clients file) is checked by flexlora.resources
         parse_profile(r.profile, paper_rank_types(r.t1, r.t2, r.t3_attention, r.t3_mlp, r.t4))

@@ -241,6 +241,19 @@ class FlowerConfig(Section):
     """How long it waits for a round's replies (seconds); a missing reply is a dropout."""
     max_in_flight: int = Field(8, ge=1)
     """Tasks pushed to nodes and not answered yet, at most. Each holds its encoded message on the server (a rank-200 SmolLM2 client: ~243 MB in float32), so server memory grows with this, not with clients per round; but at most this many nodes train at once (simulation: set it >= flower.workers)."""
+    secure_aggregation: bool = False
+    """Flower's SecAgg+: the server receives only the weighted mean of the clients' uploads (flexlora, flora, fedex, fedit, ffa, hetlora with zero padding); per-update validation is then off (docs/privacy.md)."""
+    # SecAgg+ (secure_aggregation): its SecAggPlusWorkflow's arguments (docs/privacy.md).
+    secagg_num_shares: float = Field(1.0, gt=0)
+    """Neighbours each client splits its mask secrets among: a fraction (<= 1) of the round's clients, or a count (an integer > 2)."""
+    secagg_reconstruction_threshold: float = Field(0.5, gt=0)
+    """Shares that rebuild a secret (a dropped client's masks; fewer reveal nothing): a fraction (<= 1) of secagg_num_shares, or a count (an integer >= 2, below secagg_num_shares)."""
+    secagg_clipping_range: float = Field(1.0, gt=0)
+    """c: each entry of a client's weighted upload (w_k / max w) x_k is clipped to [-c, c] before quantisation; its contribution to the mean can never exceed this."""
+    secagg_quantization_range: int = Field(2**22, ge=2)
+    """q: [-c, c] is quantised to integers 0..q; the mean's error per entry is below 2c/q with equal weights (docs/privacy.md)."""
+    secagg_modulus_range: int = Field(2**32, ge=4, le=2**32)
+    """M: masks and sums are taken modulo M, a power of 2 above q; clients per round x q must stay below M."""
 
 
 class PrivacyConfig(Section):

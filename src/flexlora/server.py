@@ -244,7 +244,13 @@ class FederatedServer:
 
     def run_round(self, round_: int, runtime: Runtime) -> RoundOutcome:
         """One round, streamed: sample, hand the runtime the lazy tasks, take each result as it
-        comes (validated, folded into the aggregate, dropped), then finish the aggregate."""
+        comes (validated, folded into the aggregate, dropped), then finish the aggregate. A
+        runtime with `secure_mean` hands back only the clients' weighted mean (secure
+        aggregation, flexlora.privacy.secagg)."""
+        if hasattr(runtime, "secure_mean"):
+            from flexlora.privacy.secagg import secure_round
+
+            return secure_round(self, round_, runtime)
         aggregation = RoundAggregation(self, round_)
         for result in runtime.train(aggregation.issue(self.tasks(round_, self.sample(round_)))):
             aggregation.receive(result)

@@ -186,6 +186,14 @@ def streaming_accumulator(
     return streaming(method, previous)
 
 
+def inherits_rule(method: Method, owner: type[Method]) -> None:
+    """For `owner`'s secure_summands: a subclass with its own aggregation rule (``aggregate`` or
+    ``accumulator``) has its own needs, so it gets the default refusal unless it declares them."""
+    cls = type(method)
+    if cls.aggregate is not owner.aggregate or cls.accumulator is not owner.accumulator:
+        Method.secure_summands(method)
+
+
 def accumulate(accumulator: Accumulator, updates: list[ClientUpdate]) -> GlobalState:
     """``aggregate`` for a method whose rule is its own streaming accumulator: the updates
     folded in one at a time with the raw weights the server folds (ClientUpdate.weight, else
@@ -284,6 +292,23 @@ class Method:
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor], meta: dict | None) -> None:
         """Restore what extra_state returned."""
+
+    # Secure aggregation (flower.secure_aggregation, Flower's SecAgg+; flexlora.privacy.secagg):
+    # the server learns only the weighted mean Σ_k w_k x_k / Σ_k w_k of what the clients upload,
+    # never one client's x_k. A method whose new state is a function of such a mean says what
+    # x_k is; every other method needs each client's factors and cannot run under it.
+    def secure_summands(self) -> tuple[str, ...]:
+        """What a client uploads under secure aggregation, per module: "A" (A_k zero-padded to
+        the round's largest rank R, (R, n)), "B" (s_k B_k zero-padded, (m, R)), "dense"
+        (s_k B_k A_k, (m, n)). A one-line ValueError naming why a method cannot (the default)."""
+        raise ValueError(f"method {self.name} needs each client's own factors, which secure aggregation hides from the server")
+
+    def from_secure_mean(
+        self, mean: dict[str, torch.Tensor], state: GlobalState | None, lora_alpha: float, ranks: dict[str, list[int]]
+    ) -> GlobalState:
+        """The new global state from the clients' weighted mean (keys f"{module}.{kind}" for the
+        kinds of ``secure_summands``). `ranks`: per module, the ranks of the clients in the mean."""
+        raise NotImplementedError
 
     # A server optimizer (methods/server_opt.py) steps the global parameters x of a method that
     # exposes them; server_params returning None means the method does not support one.

@@ -40,8 +40,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Accumulator, ClientUpdate, Factors, GlobalState, Method, accumulate, streaming_accumulator
-from .helpers import compute_dtype, module_names, module_seed, module_shape, slice_factors, zero_rank_state
+from .base import Accumulator, ClientUpdate, Factors, GlobalState, Method, accumulate, inherits_rule, streaming_accumulator
+from .helpers import compute_dtype, mean_modules, module_names, module_seed, module_shape, slice_factors, zero_rank_state
 
 
 class FedExAccumulator(Accumulator):
@@ -84,13 +84,23 @@ class FedExAccumulator(Accumulator):
             raise ValueError("aggregation needs at least one client with num_examples > 0")
         new: GlobalState = {}
         for module in sorted(self.exact):
-            A = self.A[module] / self.total
-            B = self.B[module] / self.total
-            residual = self.exact[module].div_(self.total).sub_(B.to(self.exact[module].dtype) @ A.to(self.exact[module].dtype))
-            previous = None if self.previous is None else self.previous.get(f"{module}.offset")
-            new[f"{module}.A"], new[f"{module}.B"] = A, B
-            new[f"{module}.offset"] = residual if previous is None else previous.to(residual) + residual
+            exact = self.exact[module].div_(self.total)
+            new.update(with_residual(module, self.A[module] / self.total, self.B[module] / self.total, exact, self.previous))
         return new
+
+
+def with_residual(
+    module: str, A: torch.Tensor, B: torch.Tensor, exact: torch.Tensor, previous: GlobalState | None
+) -> GlobalState:
+    """A module's state from the means Ā, B̄ and the exact Σ p_k s_k B_k A_k (overwritten): the
+    residual exact − B̄Ā added to the previous offset."""
+    residual = exact.sub_(B.to(exact.dtype) @ A.to(exact.dtype))
+    offset = None if previous is None else previous.get(f"{module}.offset")
+    return {
+        f"{module}.A": A,
+        f"{module}.B": B,
+        f"{module}.offset": residual if offset is None else offset.to(residual) + residual,
+    }
 
 
 def _padded_add(total: torch.Tensor | None, t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -130,6 +140,20 @@ class FedEx(Method):
 
     def accumulator(self, state: GlobalState | None) -> Accumulator:
         return streaming_accumulator(self, FedEx, FedExAccumulator, state)
+
+    def secure_summands(self) -> tuple[str, ...]:
+        inherits_rule(self, FedEx)
+        return ("A", "B", "dense")
+
+    def from_secure_mean(
+        self, mean: dict[str, torch.Tensor], state: GlobalState | None, lora_alpha: float, ranks: dict[str, list[int]]
+    ) -> GlobalState:
+        """Ā, B̄ and the exact weighted sum are the mean's; the residual is folded into the offset."""
+        new: GlobalState = {}
+        for module in mean_modules(mean, "dense"):
+            exact = mean[f"{module}.dense"].clone()
+            new.update(with_residual(module, mean[f"{module}.A"], mean[f"{module}.B"], exact, state))
+        return new
 
     def client_factors(
         self, state: GlobalState | None, module_ranks: dict[str, int], lora_alpha: float

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from .base import ClientUpdate, Factors, GlobalState, Method
+from .base import ClientUpdate, Factors, GlobalState, Method, inherits_rule
 from .helpers import (
     compute_dtype,
     data_weights,
+    mean_modules,
     module_names,
     module_seed,
     module_shape,
@@ -78,6 +79,22 @@ class FedIT(Method):
             new[f"{module}.A"] = weighted_mean([u.factors[module][0] for u in updates], weights)
             new[f"{module}.B"] = weighted_mean([u.factors[module][1] for u in updates], weights)
             new[f"{module}.alpha"] = torch.tensor(float(alpha), dtype=torch.float64)
+        return new
+
+    def secure_summands(self) -> tuple[str, ...]:
+        inherits_rule(self, FedIT)
+        return ("A", "B")
+
+    def from_secure_mean(
+        self, mean: dict[str, torch.Tensor], state: GlobalState | None, lora_alpha: float, ranks: dict[str, list[int]]
+    ) -> GlobalState:
+        """Σ p_k A_k and Σ p_k s B_k / s: one rank and one α, so the plain means of A and B."""
+        new: GlobalState = {}
+        for module in mean_modules(mean, "A"):
+            A = mean[f"{module}.A"]
+            new[f"{module}.A"] = A
+            new[f"{module}.B"] = mean[f"{module}.B"] / (lora_alpha / A.shape[0])
+            new[f"{module}.alpha"] = torch.tensor(float(lora_alpha), dtype=torch.float64)
         return new
 
     def client_factors(

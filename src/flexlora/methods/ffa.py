@@ -19,10 +19,11 @@ from typing import ClassVar
 
 import torch
 
-from .base import ClientHook, ClientTask, ClientUpdate, Factors, GlobalState, Method
+from .base import ClientHook, ClientTask, ClientUpdate, Factors, GlobalState, Method, inherits_rule
 from .helpers import (
     data_weights,
     fresh_rows,
+    mean_modules,
     module_names,
     module_seed,
     module_shape,
@@ -101,6 +102,25 @@ class FFALoRA(Method):
             B = weighted_padded_sum(
                 [u.factors[module][1] for u in updates], [p * u.scale(module) for p, u in zip(weights, updates)], 1, R
             )
+            new[f"{module}.A"] = shared_A(self.seed, module, R, n, B.dtype, B.device)
+            new[f"{module}.B"] = B
+        return new
+
+    def secure_summands(self) -> tuple[str, ...]:
+        inherits_rule(self, FFALoRA)
+        return ("B",)  # A is the shared frozen one: the server knows it
+
+    def from_secure_mean(
+        self, mean: dict[str, torch.Tensor], state: GlobalState | None, lora_alpha: float, ranks: dict[str, list[int]]
+    ) -> GlobalState:
+        """B = Σ p_k s_k pad(B_k), padded further to the previous state's rank (as ``aggregate``)."""
+        if state is None:
+            raise ValueError("ffa: the state must come from init_state (the frozen A is part of it)")
+        new: GlobalState = {}
+        for module in mean_modules(mean, "B"):
+            B, n = mean[f"{module}.B"], state[f"{module}.A"].shape[1]
+            R = max(B.shape[1], state[f"{module}.A"].shape[0])
+            B = torch.cat([B, B.new_zeros(B.shape[0], R - B.shape[1])], dim=1) if R > B.shape[1] else B
             new[f"{module}.A"] = shared_A(self.seed, module, R, n, B.dtype, B.device)
             new[f"{module}.B"] = B
         return new

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from .base import Accumulator, ClientUpdate, Factors, GlobalState, Method, accumulate, streaming_accumulator
+from .base import Accumulator, ClientUpdate, Factors, GlobalState, Method, accumulate, inherits_rule, streaming_accumulator
 from .helpers import (
     DENSE_GROUP_RANK,
     compute_dtype,
     fresh_rows,
+    mean_modules,
     module_names,
     module_seed,
     stack_pieces,
@@ -349,16 +350,39 @@ class FlexLoRA(Method):
         """The top-K SVD of each ΔW, K = the rank of that module in `like`."""
         out: GlobalState = {}
         for module, dense in params.items():
-            K = like[f"{module}.S"].shape[0]
-            device = self.device if self.device is not None else dense.device
-            if self.svd_mode == "randomized":
-                U, S, Vh = randomized_svd(dense.to(device), K, oversample=self.oversample, niter=self.niter, seed=self.seed)
-            else:
-                U, S, Vh = dense_svd(dense.to(device), K)
-            home = like[f"{module}.U"].device
-            out[f"{module}.U"], out[f"{module}.S"], out[f"{module}.Vh"] = (t.to(home).contiguous() for t in (U, S, Vh))
-            out[f"{module}.E"] = torch.linalg.vector_norm(dense, dtype=torch.float64).square().reshape(1).to(home)
+            out.update(self._dense_state(module, dense, like[f"{module}.S"].shape[0], like[f"{module}.U"].device))
         return out
+
+    # Secure aggregation: clients upload s_k B_k A_k, the server sees only ΔW = Σ p_k s_k B_k A_k.
+
+    def secure_summands(self) -> tuple[str, ...]:
+        inherits_rule(self, FlexLoRA)
+        return ("dense",)
+
+    def from_secure_mean(
+        self, mean: dict[str, torch.Tensor], state: GlobalState | None, lora_alpha: float, ranks: dict[str, list[int]]
+    ) -> GlobalState:
+        """The top-K SVD of each module's ΔW, K as in ``aggregate``: at most the clients' total
+        rank Σ r_k, min(m, n), max_global_rank and the rank bound."""
+        out: GlobalState = {}
+        for module in mean_modules(mean, "dense"):
+            dense = mean[f"{module}.dense"]
+            m, n = dense.shape
+            R = sum(ranks.get(module, ())) or min(m, n)
+            K = min(R, m, n, self.max_global_rank or R, self.rank_bound.get(module, R))
+            out.update(self._dense_state(module, dense, K, dense.device))
+        return out
+
+    def _dense_state(self, module: str, dense: torch.Tensor, K: int, home: torch.device) -> GlobalState:
+        """A module's state (top-K SVD and energy) from its dense ΔW; the SVD runs on self.device."""
+        device = self.device if self.device is not None else dense.device
+        if self.svd_mode == "randomized":
+            U, S, Vh = randomized_svd(dense.to(device), K, oversample=self.oversample, niter=self.niter, seed=self.seed)
+        else:
+            U, S, Vh = dense_svd(dense.to(device), K)
+        U, S, Vh = (t.to(home).contiguous() for t in (U, S, Vh))
+        energy = torch.linalg.vector_norm(dense, dtype=torch.float64).square().reshape(1).to(home)
+        return {f"{module}.U": U, f"{module}.S": S, f"{module}.Vh": Vh, f"{module}.E": energy}
 
     def _split(self, state: GlobalState, module: str, rank: int, lora_alpha: float) -> Factors:
         try:

@@ -16,8 +16,17 @@ from __future__ import annotations
 
 import torch
 
-from .base import ClientUpdate, Factors, GlobalState, Method
-from .helpers import data_weights, delta_matrix, module_names, module_seed, module_shape, slice_factors
+from .base import ClientUpdate, Factors, GlobalState, Method, inherits_rule
+from .helpers import data_weights, delta_matrix, mean_modules, module_names, module_seed, module_shape, slice_factors
+
+
+def merged(deltas: dict[str, torch.Tensor], state: GlobalState | None) -> GlobalState:
+    """The state after merging this round's ΔW per module into the offset."""
+    new: GlobalState = {k: v for k, v in (state or {}).items() if k.endswith(".shape")}
+    for module, delta in deltas.items():
+        previous = None if state is None else state.get(f"{module}.offset")
+        new[f"{module}.offset"] = delta if previous is None else previous.to(delta) + delta
+    return new
 
 
 class FLoRA(Method):
@@ -36,13 +45,21 @@ class FLoRA(Method):
 
     def aggregate(self, updates: list[ClientUpdate], state: GlobalState | None = None) -> GlobalState:
         weights = data_weights(updates)
-        new: GlobalState = {k: v for k, v in (state or {}).items() if k.endswith(".shape")}
+        deltas = {}
         for module in module_names(updates):
             module_shape(updates, module)
-            delta = delta_matrix(updates, module, weights)
-            previous = None if state is None else state.get(f"{module}.offset")
-            new[f"{module}.offset"] = delta if previous is None else previous.to(delta) + delta
-        return new
+            deltas[module] = delta_matrix(updates, module, weights)
+        return merged(deltas, state)
+
+    def secure_summands(self) -> tuple[str, ...]:
+        inherits_rule(self, FLoRA)
+        return ("dense",)
+
+    def from_secure_mean(
+        self, mean: dict[str, torch.Tensor], state: GlobalState | None, lora_alpha: float, ranks: dict[str, list[int]]
+    ) -> GlobalState:
+        """The mean is this round's ΔW = Σ p_k s_k B_k A_k: merged into the offset."""
+        return merged({module: mean[f"{module}.dense"] for module in mean_modules(mean, "dense")}, state)
 
     def client_factors(
         self, state: GlobalState | None, module_ranks: dict[str, int], lora_alpha: float

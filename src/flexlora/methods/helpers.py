@@ -116,6 +116,12 @@ def padded_modules(state: GlobalState) -> list[str]:
     return sorted(key[: -len(".A")] for key in state if key.endswith(".A"))
 
 
+def mean_modules(mean: dict[str, torch.Tensor], kind: str) -> list[str]:
+    """Module names of a secure-aggregation mean (keys f"{module}.{kind}", see Method.secure_summands)."""
+    suffix = f".{kind}"
+    return sorted(key[: -len(suffix)] for key in mean if key.endswith(suffix))
+
+
 def module_kind(module: str) -> str:
     """'model.layers.3.self_attn.k_proj' -> 'k_proj'."""
     return module.rsplit(".", 1)[-1]

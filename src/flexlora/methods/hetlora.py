@@ -39,9 +39,10 @@ from typing import ClassVar
 
 import torch
 
-from .base import ClientHook, ClientUpdate, Factors, GlobalState, Method
+from .base import ClientHook, ClientUpdate, Factors, GlobalState, Method, inherits_rule
 from .helpers import (
     data_weights,
+    mean_modules,
     module_names,
     module_seed,
     module_shape,
@@ -260,6 +261,29 @@ class HetLoRA(Method):
             average = padded_average if self.padding == "zero" else replicated_average
             new[f"{module}.A"], new[f"{module}.B"] = average(updates, module, weights)
         return new
+
+    def secure_summands(self) -> tuple[str, ...]:
+        """Zero padding with data weights only: its state is the mean of the padded A_k and s_k B_k."""
+        inherits_rule(self, HetLoRA)
+        if self.weighting != "data":
+            raise ValueError(
+                "hetlora: weighting=sparsity weighs each client by the norm of its own update, which secure aggregation hides; use weighting=data"
+            )
+        if self.padding != "zero":
+            raise ValueError(
+                "hetlora: padding=replication averages each rank component over the clients that sent it; secure aggregation supports zero padding only"
+            )
+        if self.prune_threshold is not None:
+            raise ValueError(
+                "hetlora: pruning (prune_threshold) changes a client's rank after training, which secure aggregation hides"
+            )
+        return ("A", "B")
+
+    def from_secure_mean(
+        self, mean: dict[str, torch.Tensor], state: GlobalState | None, lora_alpha: float, ranks: dict[str, list[int]]
+    ) -> GlobalState:
+        """The state is the mean itself: Σ p_k pad(A_k) and Σ p_k s_k pad(B_k)."""
+        return {f"{module}.{part}": mean[f"{module}.{part}"] for module in mean_modules(mean, "A") for part in ("A", "B")}
 
     def client_factors(
         self, state: GlobalState | None, module_ranks: dict[str, int], lora_alpha: float

@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 from flexlora.data.records import Issues, read_records
 from flexlora.data.types import ClientData, Example
 from flexlora.engines.flower.codec import NODE, TASK, decode_task, encode_update, is_packed
+from flexlora.engines.flower.secagg import is_secure, secure_aggregation_mod, secure_reply
 from flexlora.engines.node.channel import WORKER_SOCKET_KEY, train_on_worker  # torch-free: the worker path
 
 if TYPE_CHECKING:
@@ -150,16 +151,18 @@ def _client_query(message: Message, context: Context) -> Message:
         return _error_reply(message, e)
 
 
-@client_app.train()
+@client_app.train(mods=[secure_aggregation_mod])  # SecAgg+'s messages (flower.secure_aggregation) through Flower's mod
 def _client_train(message: Message, context: Context) -> Message:
-    try:
+    def train(content: RecordDict) -> RecordDict:
         socket_path = context.node_config.get(WORKER_SOCKET_KEY)
         if socket_path:  # the node's worker trains; this process imports neither torch nor transformers
             # Packed arrays go to the worker as Flower received them: no conversion either way.
-            reply = train_on_worker(str(socket_path), message.content, context.node_config, raw=is_packed(message.content, TASK))
-        else:
-            reply = train_reply(message.content, context.node_config, lambda cfg: node_model(context.node_config, cfg))
-        return Message(reply, reply_to=message)
+            return train_on_worker(str(socket_path), content, context.node_config, raw=is_packed(content, TASK))
+        return train_reply(content, context.node_config, lambda cfg: node_model(context.node_config, cfg))
+
+    try:
+        content = message.content
+        return Message(secure_reply(content, train) if is_secure(content) else train(content), reply_to=message)
     except Exception as e:
         return _error_reply(message, e)
 

@@ -348,8 +348,13 @@ def serve(exp, grid: Grid, min_nodes: int | None = None) -> Path:
             declared[cid] = rank_type
     server = exp.make_server(client_ids, declared, sizes)
     nodes = {cid: found[cid]["node_id"] for cid in client_ids}
-    strategy = FederatedStrategy(server, nodes, cfg.flower.round_timeout_s, packed=not previous_transport())
-    exp.run(FlowerRuntime(strategy, grid))
+    if cfg.flower.secure_aggregation:  # Flower's SecAgg+: the server receives only the clients' weighted mean
+        from flexlora.engines.flower.secagg import SecureFlowerRuntime
+
+        exp.run(SecureFlowerRuntime(server, nodes, grid, cfg.flower.round_timeout_s))
+    else:
+        strategy = FederatedStrategy(server, nodes, cfg.flower.round_timeout_s, packed=not previous_transport())
+        exp.run(FlowerRuntime(strategy, grid))
     return exp.finish()
 
 
