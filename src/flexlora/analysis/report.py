@@ -245,9 +245,9 @@ def _forest_lines(forest, baseline_label: str) -> list[str]:
         f"![Paired differences: each method − {baseline_label} and each method − {OURS}, per profile]({FOREST_PNG})",
         "",
         f"Per resource profile, each method − {baseline_label}, then each method − {OURS}, in {METRIC}: the mean (◆, "
-        f'filled when significant), the 95% interval over {intervals} (the one "significant" follows), one dot per '
-        f"seed. [{SCORES_PNG}]({SCORES_PNG}): the scores themselves (round curves where intermediate rounds were "
-        "evaluated, otherwise each seed's final score).",
+        f"filled when significant), the 95% interval over {intervals} (where it names two, their union: "
+        f'"significant" needs both to exclude 0), one dot per seed. [{SCORES_PNG}]({SCORES_PNG}): the scores '
+        "themselves (round curves where intermediate rounds were evaluated, otherwise each seed's final score).",
         "",
     ]
 
