@@ -243,7 +243,68 @@ def test_factored_cholesky_and_householder_routes_agree(monkeypatch):
             slow, e_slow = svd_mod.factored_svd_energy(B, A, 40)
         assert rel(fast.matrix().double(), slow.matrix().double()) < tol
         assert (fast.S - slow.S).abs().max() <= tol * slow.S[0]
-        assert float(e_fast) == float(e_slow)
+        # Householder's energy is ‖R_b R_aᵀ‖² (from float32 R's for float32 input): equal to rounding
+        assert float(e_fast) == pytest.approx(float(e_slow), rel=1e-12 if dtype == F64 else 1e-6)
+
+
+def _near_duplicate_stack(dtype):
+    """Two clients that trained a little from one global slice, as in a run: their A rows and
+    B columns are close, so the stack takes the Householder route."""
+    B1, A1 = stacked(120, 90, 20, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    B2 = B1 + 1e-3 * torch.randn(B1.shape, generator=gen, dtype=F64)
+    A2 = A1 + 1e-3 * torch.randn(A1.shape, generator=gen, dtype=F64)
+    return torch.cat([B1, B2], 1).to(dtype), torch.cat([A1, A2], 0).to(dtype)
+
+
+@pytest.mark.parametrize(
+    "dtype,corrupt,expected",
+    [
+        (torch.float32, None, ["float32"]),
+        (torch.float32, "vectors", ["float32", "float64"]),  # u no longer orthonormal
+        (torch.float32, "values", ["float32", "float64"]),  # u s vh no longer the core
+        (torch.float32, "nan", ["float32", "float64"]),
+        (torch.float32, "raise", ["float32", "float64"]),  # LAPACK did not converge
+        (F64, None, ["float64"]),
+        (torch.float32, "small", ["float64"]),  # below CORE32_MIN_RANK the float32 SVD gains nothing
+    ],
+)
+def test_the_core_svd_runs_in_float32_where_its_check_passes(monkeypatch, dtype, corrupt, expected):
+    """The factored route's R×R core is decomposed in float32 for float32 input and checked in
+    float64 (backward error, orthogonality); a failed check decomposes it again in float64. The
+    result is exact either way."""
+    monkeypatch.setattr(svd_mod, "CORE32_MIN_RANK", 41 if corrupt == "small" else 8)  # R = 40: checked as a large one
+    B, A = _near_duplicate_stack(dtype)
+    routes = _factored_route(monkeypatch)
+    precisions = []
+    real_svd = torch.linalg.svd
+
+    def svd(core, *args, **kwargs):
+        precisions.append(str(core.dtype).removeprefix("torch."))
+        if core.dtype == torch.float32 and corrupt == "raise":
+            raise RuntimeError("linalg.svd: The algorithm failed to converge")
+        u, s, vh = real_svd(core, *args, **kwargs)
+        if core.dtype == torch.float32 and corrupt in ("vectors", "values", "nan"):
+            u, s = u.clone(), s.clone()
+            if corrupt == "vectors":
+                u[:, 3] = u[:, 4]
+            elif corrupt == "values":
+                s[2] *= 1.01
+            else:
+                s[0] = float("nan")
+        return u, s, vh
+
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    dense = B.double() @ A.double()
+    U, S, Vh = real_svd(dense, full_matrices=False)
+    routes[:] = ["cholesky"]
+    result, energy = svd_mod.factored_svd_energy(B, A, 15)
+    assert routes == ["householder"] and precisions == expected
+    assert result.U.dtype == dtype
+    tol = 1e-10 if dtype == F64 else 1e-5
+    assert rel(result.matrix().double(), (U[:, :15] * S[:15]) @ Vh[:15]) < tol
+    assert (result.S.double() - S[:15]).abs().max() <= tol * S[0]
+    assert float(energy) == pytest.approx(float(dense.pow(2).sum()), rel=tol)
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
