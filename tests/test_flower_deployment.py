@@ -12,6 +12,7 @@ import psutil
 import pytest
 import torch
 from peft import PeftModel
+from tiny_deployment import on_nodes, tiny_flexlora
 
 from flexlora import lora
 
@@ -23,9 +24,6 @@ from flexlora.models import TINY, default_target_modules, load_model
 from flexlora.resources import adapter_training_bytes, module_ranks, paper_rank_types, rank_type_for_memory
 
 pytestmark = pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason=f"flower-superlink not found in {BIN}")
-
-# T1=2, T2=4, T3=4 (attention) / 16 (MLP), T4=16 on the tiny model.
-RANKS = ["resources.t1=2", "resources.t2=4", "resources.t3_attention=4", "resources.t3_mlp=16", "resources.t4=16"]
 
 
 def test_two_rounds_of_flexlora_on_a_tls_authenticated_loopback_deployment(tmp_path):
@@ -149,27 +147,9 @@ def test_two_rounds_of_flexlora_on_a_tls_authenticated_loopback_deployment(tmp_p
 
         run_dir = tmp_path / "runs" / "deployed"
         overrides = [
-            "model=tiny-llama",
-            "device=cpu",
-            "method=flexlora",
-            "seed=0",
-            "data.num_clients=3",
-            "data.train_per_client=6",
-            "data.test_per_client=2",
-            "data.cutoff_len=512",
-            "federation.rounds=2",
-            "federation.clients_per_round=3",
+            *tiny_flexlora(3),
             "federation.max_weight_share=0.5",
-            "flower.min_nodes=3",
-            "flower.node_wait_s=120",
-            "flower.round_timeout_s=300",
-            "train.steps=2",
-            "train.batch_size=2",
-            "train.micro_batch_size=1",
-            "eval.max_new_tokens=4",
-            "eval.max_examples_per_client=1",
-            "eval.export_rank=64",
-            *RANKS,
+            *on_nodes(3, node_wait_s=120),
             f"output.dir={run_dir.parent}",
             f"output.name={run_dir.name}",
         ]

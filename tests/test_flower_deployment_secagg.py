@@ -20,6 +20,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_deployment import on_nodes, tiny_flexlora
 
 from flexlora.bench.loopback import BIN, Loopback
 from flexlora.cli import main
@@ -28,28 +29,8 @@ from flexlora.privacy.secagg import quantization_bound
 pytestmark = pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason=f"flower-superlink not found in {BIN}")
 
 OVERRIDES = [
-    "model=tiny-llama",
-    "device=cpu",
-    "method=flexlora",
-    "seed=0",
-    "data.num_clients=3",
-    "data.train_per_client=6",
-    "data.test_per_client=2",
-    "data.cutoff_len=512",
-    "federation.rounds=2",
-    "federation.clients_per_round=3",
-    "train.steps=2",
-    "train.batch_size=2",
-    "train.micro_batch_size=1",
-    "eval.max_new_tokens=4",
-    "eval.max_examples_per_client=1",
-    "eval.export_rank=64",  # FlexLoRA keeps ΔW whole: Σ r_k <= 48 < 64
+    *tiny_flexlora(3),
     "resources.profile=uniform",
-    "resources.t1=2",
-    "resources.t2=4",
-    "resources.t3_attention=4",
-    "resources.t3_mlp=16",
-    "resources.t4=16",
     "output.keep_checkpoints=2",  # both rounds' states stay on disk
 ]
 
@@ -72,9 +53,7 @@ def test_two_rounds_of_flexlora_under_secagg_plus_on_a_tls_loopback_deployment(t
     deployment = [
         *OVERRIDES,
         "flower.secure_aggregation=true",
-        "flower.min_nodes=3",
-        "flower.node_wait_s=300",
-        "flower.round_timeout_s=300",
+        *on_nodes(3),
     ]
     with Loopback(tmp_path / "loopback", nodes, node_env={"OMP_NUM_THREADS": "1"}) as fed:
         fed.run(deployment, secure_dir, timeout_s=900)

@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 from peft import PeftModel
+from tiny_deployment import on_nodes, tiny_flexlora
 
 from flexlora import lora
 from flexlora.bench.loopback import BIN, Loopback
@@ -31,32 +32,7 @@ def test_two_rounds_of_flexlora_on_a_loopback_deployment_with_node_workers(tmp_p
         path.write_text(json.dumps([{"instruction": e.instruction, "input": e.input, "output": e.output} for e in c.train]))
         configs.append({"data-path": str(path), **rank})
     run_dir = tmp_path / "runs" / "deployed"
-    overrides = [
-        "model=tiny-llama",
-        "device=cpu",
-        "method=flexlora",
-        "seed=0",
-        "data.num_clients=2",
-        "data.train_per_client=6",
-        "data.test_per_client=2",
-        "data.cutoff_len=512",
-        "federation.rounds=2",
-        "federation.clients_per_round=2",
-        "flower.min_nodes=2",
-        "flower.node_wait_s=300",
-        "flower.round_timeout_s=300",
-        "train.steps=2",
-        "train.batch_size=2",
-        "train.micro_batch_size=1",
-        "eval.max_new_tokens=4",
-        "eval.max_examples_per_client=1",
-        "eval.export_rank=64",
-        "resources.t1=2",
-        "resources.t2=4",
-        "resources.t3_attention=4",
-        "resources.t3_mlp=16",
-        "resources.t4=16",
-    ]
+    overrides = [*tiny_flexlora(2), *on_nodes(2)]
     with Loopback(
         tmp_path / "fed", configs, ["--model", TINY, "--device", "cpu", "--threads", "1"], {"OMP_NUM_THREADS": "1"}
     ) as fed_:
