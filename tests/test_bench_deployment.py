@@ -155,3 +155,33 @@ def test_flowers_idle_waits_are_recorded_where_flower_sleeps_and_nowhere_else(tm
     assert waits.waits_in(sleeping, 0.0, 30.0, pushed_at=12.6) == pytest.approx(
         {"supernode idle": 2.9, "object-pull backoff": 1.5}
     )
+
+
+def test_the_short_waits_counterfactual_cuts_only_flowers_two_waits(tmp_path):
+    """With FLEXLORA_WAITS_SHORT_S (engine short-waits+workers), the SuperNode's idle sleep and an
+    object pull's backoff last at most that long (what the two waits cost a round is then
+    measured, not read); every other sleep keeps its length."""
+    import os
+
+    from flexlora.bench import waits
+
+    code = (
+        "import threading, time\n"
+        "def start_client_internal():\n    time.sleep(3.0)\n"
+        "def pull_with_retries():\n    threading.Event().wait(timeout=2.0)\n"
+        "t = time.perf_counter(); start_client_internal(); pull_with_retries(); flower = time.perf_counter() - t\n"
+        "t = time.perf_counter(); time.sleep(0.4); other = time.perf_counter() - t\n"
+        "print(flower, other)\n"
+    )
+    env = {
+        **os.environ,
+        waits.ENV: str(tmp_path),
+        waits.SHORT_ENV: "0.05",
+        "PYTHONPATH": os.pathsep.join([str(waits.FOLDER), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+    flower, other = map(float, done.stdout.split())
+    assert flower < 1.0 and other >= 0.4
+    recorded = sorted(waits.read_waits(tmp_path), key=lambda w: w["start"])
+    assert [w["kind"] for w in recorded] == ["supernode idle", "object-pull backoff"]
+    assert all(w["seconds"] < 0.5 for w in recorded)

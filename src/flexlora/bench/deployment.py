@@ -1,7 +1,8 @@
 """`flexlora bench deployment`: what a round costs on a real Flower deployment, with and without
 node workers, against the same config on Flower's simulation engine and in-process, and against
 the previous transport (issue 32: one Array per tensor, one push per task, 1 s polls; kept here as
-a baseline only, engine `previous+workers`).
+a baseline only, engine `previous+workers`); on request, engine `short-waits+workers` measures
+what Flower's own idle poll and object-pull backoff cost a round (bench/waits).
 
 A loopback federation (`Loopback`): a SuperLink and N SuperNodes on 127.0.0.1, as separate
 processes, with TLS (a test CA) and SuperNode authentication, as in
@@ -44,10 +45,14 @@ from pathlib import Path
 from flexlora.bench.common import child_env, comma_list, report
 from flexlora.bench.deployment_report import format_table, goals, read_rounds, steady  # noqa: F401  (the command's report)
 from flexlora.bench.loopback import SUPEREXEC_POLL_S, Loopback
-from flexlora.bench.waits import read_waits
+from flexlora.bench.waits import SHORT_ENV, read_waits
 from flexlora.errors import ConfigError
 
 ENGINES = ("deployment+workers", "previous+workers", "deployment", "simulation", "in-process")
+# short-waits+workers: deployment+workers with Flower's SuperNode idle poll and object-pull backoff
+# cut to SHORT_WAITS_S (bench/waits), to measure what those two waits, which only Flower can
+# change, cost a round. Not in the default --engines.
+SHORT_WAITS, SHORT_WAITS_S = "short-waits+workers", 0.1
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -120,9 +125,9 @@ def run_benchmark(
     """Every engine's rounds on the same config; {"rows": [...], "startup": {...}, "config": {...}}."""
     if nodes < 1 or rounds < 1:
         raise ValueError(f"--nodes and --rounds must be >= 1, got {nodes} and {rounds}")
-    unknown = sorted(set(engines) - set(ENGINES))
+    unknown = sorted(set(engines) - {*ENGINES, SHORT_WAITS})
     if unknown:
-        raise ValueError(f"--engines: unknown {unknown[0]!r}; choose from {', '.join(ENGINES)}")
+        raise ValueError(f"--engines: unknown {unknown[0]!r}; choose from {', '.join((*ENGINES, SHORT_WAITS))}")
     if precision not in ("float32", "bfloat16", "nf4"):
         raise ValueError(f"--precision: float32, bfloat16 or nf4, got {precision!r}")
     # Nodes train at once: each gets an equal share of the cores, as the simulation's actors do
@@ -156,8 +161,13 @@ def run_benchmark(
             started = time.perf_counter()
             cpu = CpuSampler()
             try:
-                if engine.startswith(("deployment", "previous")):
+                if engine.startswith(("deployment", "previous", "short-waits")):
                     previous = engine.startswith("previous")
+                    # The previous transport: its ServerApp sends per-array messages one push at a
+                    # time and polls every second; Flower's SuperExecs at their default.
+                    env = {PREVIOUS_TRANSPORT_ENV: "1"} if previous else {}
+                    if engine == SHORT_WAITS:
+                        env[SHORT_ENV] = str(SHORT_WAITS_S)
                     with (
                         cpu,
                         Loopback(
@@ -165,9 +175,7 @@ def run_benchmark(
                             node_configs,
                             worker_argv if engine.endswith("workers") else None,
                             node_env={"OMP_NUM_THREADS": str(threads)},
-                            # The previous transport: its ServerApp sends per-array messages one push
-                            # at a time and polls every second; Flower's SuperExecs at their default.
-                            env={PREVIOUS_TRANSPORT_ENV: "1"} if previous else None,
+                            env=env or None,
                             superexec_poll_s=None if previous else SUPEREXEC_POLL_S,
                             waits_dir=work / engine.replace("+", "-") / "waits",
                         ) as fed,
@@ -248,7 +256,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--engines",
         default=",".join(ENGINES),
-        help="which runs, comma-separated (previous+workers: the previous transport, the baseline of the CPU goal)",
+        help="which runs, comma-separated (previous+workers: the previous transport, the baseline of the CPU goal; "
+        f"also {SHORT_WAITS}: Flower's idle poll and object-pull backoff cut to {SHORT_WAITS_S} s, to measure their cost)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads per node (default: cores / nodes)")
     parser.add_argument(

@@ -11,6 +11,10 @@ their start and length, to `$FLEXLORA_WAITS_DIR/<pid>.jsonl`:
 
 Nothing else changes: the waits happen exactly as they would. `read_waits` sums them over a
 window of wall-clock time.
+
+With `FLEXLORA_WAITS_SHORT_S` also set (the bench's engine `short-waits+workers`), each of these
+two waits lasts at most that many seconds: a counterfactual that measures what Flower's waits
+cost a round, not a setting (the SuperNode then polls the SuperLink that often).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 
 FOLDER = Path(__file__).parent
 ENV = "FLEXLORA_WAITS_DIR"
+SHORT_ENV = "FLEXLORA_WAITS_SHORT_S"
 
 
 def read_waits(directory: Path) -> list[dict]:

@@ -1,5 +1,6 @@
-"""Records Flower's idle waits (see __init__.py); imported by Python at start-up when this folder
-is on PYTHONPATH and FLEXLORA_WAITS_DIR is set. Stdlib only; does nothing otherwise."""
+"""Records Flower's idle waits (see __init__.py), and shortens them where FLEXLORA_WAITS_SHORT_S
+is set; imported by Python at start-up when this folder is on PYTHONPATH and FLEXLORA_WAITS_DIR is
+set. Stdlib only; does nothing otherwise."""
 
 import os
 
@@ -20,11 +21,23 @@ if os.environ.get("FLEXLORA_WAITS_DIR"):
         except OSError:
             pass
 
+    # The bench's counterfactual (engine short-waits+workers): each of the two waits lasts at most
+    # this long, so that what they cost a round is measured. time.sleep(s) and Event.wait(timeout).
+    _SHORT = float(os.environ.get("FLEXLORA_WAITS_SHORT_S") or 0) or None
+
+    def _shortened(args, kwargs):
+        if "timeout" in kwargs:
+            return args, {**kwargs, "timeout": min(kwargs["timeout"], _SHORT)}
+        i = 0 if len(args) == 1 else 1  # sleep(seconds) or wait(self, timeout)
+        return (*args[:i], min(args[i], _SHORT), *args[i + 1 :]), kwargs
+
     def _traced(real):
         def wrapper(*args, **kwargs):
             kind = _CALLERS.get(sys._getframe(1).f_code.co_name)
             if kind is None:
                 return real(*args, **kwargs)
+            if _SHORT is not None:
+                args, kwargs = _shortened(args, kwargs)
             started = time.time()
             try:
                 return real(*args, **kwargs)
