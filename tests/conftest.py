@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,17 @@ def tiny_run(tmp_path):
         f"output.dir={tmp_path / 'runs'}",
         "output.name=test",
     ]
+
+
+def start_flexlora_run(args: list[str], log: Path, env_extra: dict | None = None, stderr=subprocess.STDOUT) -> subprocess.Popen:
+    """`flexlora run ARGS` as a real process (this checkout's source first on its path), its
+    output to `log`; `stderr=subprocess.PIPE` keeps stderr apart, to read as text."""
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}  # fmt: skip
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "flexlora.cli", "run", *args], stdout=out, stderr=stderr, env=env, text=True
+        )
 
 
 def requires_shared_data():

@@ -8,18 +8,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import start_flexlora_run
 from safetensors.torch import load_file
 
-import flexlora
 from flexlora.cli import main
 
-SRC = Path(flexlora.__file__).resolve().parents[1]
 ARGS = [
     "model=tiny-llama",
     "device=cpu",
@@ -41,22 +38,8 @@ ARGS = [
 ]
 
 
-def flexlora_run(args: list[str], log: Path, env_extra: dict | None = None) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(SRC),
-        "OMP_WAIT_POLICY": "PASSIVE",
-        "TOKENIZERS_PARALLELISM": "false",
-        **(env_extra or {}),
-    }
-    with open(log, "w") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "flexlora.cli", "run", *args], stdout=out, stderr=subprocess.STDOUT, env=env
-        )
-
-
 def run_to_end(args: list[str], log: Path) -> None:
-    proc = flexlora_run(args, log)
+    proc = start_flexlora_run(args, log)
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
 
 
@@ -82,7 +65,7 @@ def uninterrupted(tmp_path_factory) -> Path:
 def test_killed_run_resumes_to_the_same_adapter(tmp_path, uninterrupted, point, resumed_after, capsys):
     marker = tmp_path / "paused"
     run_dir = tmp_path / "run"
-    proc = flexlora_run(
+    proc = start_flexlora_run(
         [*ARGS, f"output.dir={tmp_path}", "output.name=run"],
         tmp_path / "killed.txt",
         {"FLEXLORA_FAULT_PAUSE": point, "FLEXLORA_FAULT_MARKER": str(marker)},

@@ -10,22 +10,19 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import start_flexlora_run
 
-import flexlora
 import flexlora.engines.local as local_module
 import flexlora.experiment as experiment_module
 from flexlora.cli import main
 from flexlora.methods.flexlora import dense_delta
 from flexlora.round_aggregation import RoundAggregation
 from flexlora.runlock import LOCK_NAME
-
-SRC = Path(flexlora.__file__).resolve().parents[1]
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -123,20 +120,6 @@ ARGS = [
 ]
 
 
-def flexlora(args: list[str], log: Path, env_extra: dict | None = None) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(SRC),
-        "OMP_WAIT_POLICY": "PASSIVE",
-        "TOKENIZERS_PARALLELISM": "false",
-        **(env_extra or {}),
-    }
-    with open(log, "w") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "flexlora.cli", "run", *args], stdout=out, stderr=subprocess.PIPE, env=env, text=True
-        )
-
-
 def snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
 
@@ -144,10 +127,11 @@ def snapshot(folder: Path) -> dict:
 def test_a_second_process_is_refused_while_a_run_holds_its_folder_and_a_kill_leaves_no_stale_lock(tmp_path):
     run_dir = tmp_path / "run"
     marker = tmp_path / "paused"
-    holder = flexlora(
+    holder = start_flexlora_run(
         [*ARGS, f"output.dir={tmp_path}", "output.name=run"],
         tmp_path / "holder.txt",
         {"FLEXLORA_FAULT_PAUSE": "train_step:1", "FLEXLORA_FAULT_MARKER": str(marker)},
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 240
@@ -164,7 +148,7 @@ def test_a_second_process_is_refused_while_a_run_holds_its_folder_and_a_kill_lea
             ["--overwrite", *ARGS, f"output.dir={tmp_path}", "output.name=run"],
             [*ARGS, f"output.dir={tmp_path}", "output.name=run"],  # without --overwrite: says who holds it
         ):
-            second = flexlora(argv, tmp_path / "second.txt")
+            second = start_flexlora_run(argv, tmp_path / "second.txt", stderr=subprocess.PIPE)
             assert second.wait(timeout=240) == 2, second.stderr.read()
             err = second.stderr.read()
             ours = [line for line in err.splitlines() if line.startswith("flexlora")]  # not library warnings
@@ -179,7 +163,7 @@ def test_a_second_process_is_refused_while_a_run_holds_its_folder_and_a_kill_lea
             holder.wait(timeout=60)
     # The kill released the lock (the lock file is still there, holding nobody): resume works.
     assert (run_dir / LOCK_NAME).exists()
-    resumed = flexlora(["--resume", str(run_dir)], tmp_path / "resumed.txt")
+    resumed = start_flexlora_run(["--resume", str(run_dir)], tmp_path / "resumed.txt", stderr=subprocess.PIPE)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
     assert [r["round"] for r in records(run_dir)] == [0, 1] and (run_dir / "adapter").is_dir()
 
