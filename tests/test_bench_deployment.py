@@ -168,7 +168,7 @@ def test_the_short_waits_counterfactual_cuts_only_flowers_two_waits(tmp_path):
     code = (
         "import threading, time\n"
         "def start_client_internal():\n    time.sleep(3.0)\n"
-        "def pull_with_retries():\n    threading.Event().wait(timeout=2.0)\n"
+        "def pull_with_retries():\n    threading.Event().wait(timeout=2.0); threading.Event().wait(1.0)\n"
         "t = time.perf_counter(); start_client_internal(); pull_with_retries(); flower = time.perf_counter() - t\n"
         "t = time.perf_counter(); time.sleep(0.4); other = time.perf_counter() - t\n"
         "print(flower, other)\n"
@@ -183,5 +183,5 @@ def test_the_short_waits_counterfactual_cuts_only_flowers_two_waits(tmp_path):
     flower, other = map(float, done.stdout.split())
     assert flower < 1.0 and other >= 0.4
     recorded = sorted(waits.read_waits(tmp_path), key=lambda w: w["start"])
-    assert [w["kind"] for w in recorded] == ["supernode idle", "object-pull backoff"]
+    assert [w["kind"] for w in recorded] == ["supernode idle", "object-pull backoff", "object-pull backoff"]
     assert all(w["seconds"] < 0.5 for w in recorded)

@@ -25,19 +25,20 @@ if os.environ.get("FLEXLORA_WAITS_DIR"):
     # this long, so that what they cost a round is measured. time.sleep(s) and Event.wait(timeout).
     _SHORT = float(os.environ.get("FLEXLORA_WAITS_SHORT_S") or 0) or None
 
-    def _shortened(args, kwargs):
-        if "timeout" in kwargs:
+    def _shortened(args, kwargs, at):  # `at`: the seconds' position, sleep(seconds) or wait(self, timeout)
+        if kwargs.get("timeout") is not None:
             return args, {**kwargs, "timeout": min(kwargs["timeout"], _SHORT)}
-        i = 0 if len(args) == 1 else 1  # sleep(seconds) or wait(self, timeout)
-        return (*args[:i], min(args[i], _SHORT), *args[i + 1 :]), kwargs
+        if len(args) > at and args[at] is not None:
+            return (*args[:at], min(args[at], _SHORT), *args[at + 1 :]), kwargs
+        return args, kwargs  # a wait without a timeout stays one
 
-    def _traced(real):
+    def _traced(real, at):
         def wrapper(*args, **kwargs):
             kind = _CALLERS.get(sys._getframe(1).f_code.co_name)
             if kind is None:
                 return real(*args, **kwargs)
             if _SHORT is not None:
-                args, kwargs = _shortened(args, kwargs)
+                args, kwargs = _shortened(args, kwargs, at)
             started = time.time()
             try:
                 return real(*args, **kwargs)
@@ -46,5 +47,5 @@ if os.environ.get("FLEXLORA_WAITS_DIR"):
 
         return wrapper
 
-    time.sleep = _traced(_SLEEP)
-    threading.Event.wait = _traced(_WAIT)
+    time.sleep = _traced(_SLEEP, 0)
+    threading.Event.wait = _traced(_WAIT, 1)
