@@ -55,6 +55,31 @@ def start_flexlora_run(args: list[str], log: Path, env_extra: dict | None = None
         )
 
 
+def smallest_run(clients: int, rounds: int, per_round: int = 2, steps: int = 1) -> list[str]:
+    """key=value overrides for the smallest whole run on the tiny model (4 examples a client, one
+    test example, two new tokens, ranks 2 to 8), for tests of the run's machinery rather than of
+    its training; later overrides win over these."""
+    return [
+        "model=tiny-llama",
+        "device=cpu",
+        f"data.num_clients={clients}",
+        "data.train_per_client=4",
+        "data.test_per_client=1",
+        "data.cutoff_len=512",
+        f"federation.rounds={rounds}",
+        f"federation.clients_per_round={per_round}",
+        f"train.steps={steps}",
+        "train.batch_size=2",
+        "eval.max_new_tokens=2",
+        "eval.max_examples_per_client=1",
+        "resources.t1=2",
+        "resources.t2=4",
+        "resources.t3_attention=4",
+        "resources.t3_mlp=8",
+        "resources.t4=8",
+    ]
+
+
 def requires_shared_data():
     return pytest.mark.skipif(
         not SHARED_DATA.is_dir(), reason=f"real data not present at {SHARED_DATA} (a fresh clone has no ../shared)"

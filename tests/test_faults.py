@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 import yaml
+from conftest import smallest_run
 
 from flexlora.cli import main
 from flexlora.client import ClientTask
@@ -31,24 +32,8 @@ def dropout_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dropout")
     overrides = [
         "seed=2",
-        "model=tiny-llama",
-        "device=cpu",
-        "data.num_clients=6",
-        "data.train_per_client=4",
-        "data.test_per_client=1",
-        "data.cutoff_len=512",
-        "federation.rounds=5",
-        "federation.clients_per_round=4",
+        *smallest_run(clients=6, rounds=5, per_round=4),
         "federation.dropout_rate=0.3",
-        "train.steps=1",
-        "train.batch_size=2",
-        "eval.max_new_tokens=2",
-        "eval.max_examples_per_client=1",
-        "resources.t1=2",
-        "resources.t2=4",
-        "resources.t3_attention=4",
-        "resources.t3_mlp=8",
-        "resources.t4=8",
         f"output.dir={out}",
         "output.name=run",
     ]

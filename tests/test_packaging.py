@@ -18,31 +18,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import smallest_run
 from packaging.requirements import Requirement
 
 from flexlora.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "flexlora"
-TINY_RUN = [
-    "model=tiny-llama",
-    "device=cpu",
-    "data.num_clients=4",
-    "data.train_per_client=4",
-    "data.test_per_client=1",
-    "data.cutoff_len=256",
-    "federation.rounds=2",
-    "federation.clients_per_round=2",
-    "train.steps=1",
-    "train.batch_size=1",
-    "eval.max_new_tokens=2",
-    "eval.max_examples_per_client=1",
-    "resources.t1=2",
-    "resources.t2=4",
-    "resources.t3_attention=4",
-    "resources.t3_mlp=8",
-    "resources.t4=8",
-]
+TINY_RUN = [*smallest_run(clients=4, rounds=2), "data.cutoff_len=256", "train.batch_size=1"]
 
 
 @pytest.fixture(scope="module")

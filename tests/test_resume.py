@@ -12,30 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import start_flexlora_run
+from conftest import smallest_run, start_flexlora_run
 from safetensors.torch import load_file
 
 from flexlora.cli import main
 
-ARGS = [
-    "model=tiny-llama",
-    "device=cpu",
-    "data.num_clients=4",
-    "data.train_per_client=4",
-    "data.test_per_client=1",
-    "data.cutoff_len=512",
-    "federation.rounds=3",
-    "federation.clients_per_round=2",
-    "train.steps=2",
-    "train.batch_size=2",
-    "eval.max_new_tokens=2",
-    "eval.max_examples_per_client=1",
-    "resources.t1=2",
-    "resources.t2=4",
-    "resources.t3_attention=4",
-    "resources.t3_mlp=8",
-    "resources.t4=8",
-]
+ARGS = smallest_run(clients=4, rounds=3, steps=2)
 
 
 def run_to_end(args: list[str], log: Path) -> None:

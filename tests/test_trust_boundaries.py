@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import start_flexlora_run
+from conftest import smallest_run, start_flexlora_run
 
 import flexlora.engines.local as local_module
 import flexlora.experiment as experiment_module
@@ -99,25 +99,7 @@ def state_modules(state: dict) -> list[str]:
 
 # --- one writer per run folder ------------------------------------------------------------
 
-ARGS = [
-    "model=tiny-llama",
-    "device=cpu",
-    "data.num_clients=3",
-    "data.train_per_client=4",
-    "data.test_per_client=1",
-    "data.cutoff_len=512",
-    "federation.rounds=1",
-    "federation.clients_per_round=2",
-    "train.steps=1",
-    "train.batch_size=2",
-    "eval.max_new_tokens=2",
-    "eval.max_examples_per_client=1",
-    "resources.t1=2",
-    "resources.t2=4",
-    "resources.t3_attention=4",
-    "resources.t3_mlp=8",
-    "resources.t4=8",
-]
+ARGS = smallest_run(clients=3, rounds=1)
 
 
 def snapshot(folder: Path) -> dict:
