@@ -80,6 +80,17 @@ def smallest_run(clients: int, rounds: int, per_round: int = 2, steps: int = 1) 
     ]
 
 
+@pytest.fixture
+def run_identity():
+    """Flower Messages can only be made inside a run; set the identity a ServerApp would have."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 42, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
 def requires_shared_data():
     return pytest.mark.skipif(
         not SHARED_DATA.is_dir(), reason=f"real data not present at {SHARED_DATA} (a fresh clone has no ../shared)"

@@ -10,7 +10,6 @@ import json
 import pytest
 import torch
 from flwr.app import ArrayRecord, Context, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from flexlora import lora, protocol
 from flexlora.client import ClientTask
@@ -22,15 +21,6 @@ from flexlora.methods import METHODS
 from flexlora.models import TINY, default_target_modules, load_model
 from flexlora.resources import adapter_training_bytes, declared_rank_type, module_ranks, paper_rank_types, rank_type_for_memory
 from flexlora.server import FederatedServer
-
-
-@pytest.fixture
-def run_identity():
-    """Flower Messages can only be made inside a run; set the identity a ServerApp would have."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 42, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 class InProcessGrid:

@@ -17,7 +17,6 @@ import torch
 
 pytest.importorskip("flwr", reason="Flower is the optional extra flexlora[flower]")
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from flexlora import Aggregator, ranks_of
 from flexlora.strategies import RANK_QUERY, STRATEGIES, HeteroRankStrategy
@@ -27,15 +26,6 @@ pytestmark = pytest.mark.usefixtures("one_thread", "run_identity")
 ALPHA = 16.0
 SHAPES = {"base_model.model.layers.0.q_proj": (24, 16), "base_model.model.layers.0.v_proj": (16, 16)}
 NODES = {11: (4, 30), 22: (8, 10), 33: (2, 20)}  # node id -> (declared rank, num-examples)
-
-
-@pytest.fixture
-def run_identity():
-    """Flower Messages can only be made inside a run; set the identity a ServerApp would have."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 42, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def adapter(rank: int, seed: int = 0) -> dict[str, torch.Tensor]:
