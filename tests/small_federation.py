@@ -115,3 +115,18 @@ def random_updates(seed: int = 0, ranks: dict[str, int] | None = None, clients: 
         }
         out.append(ClientUpdate(cid, n_ex, ALPHA, factors))
     return out
+
+
+def two_clients() -> list[ClientUpdate]:
+    """The by-hand pair of the rank-partitioned rules (raFLoRA, HetLoRA's replication padding), one
+    module "m" of 3x3 in float64, α = r so s = 1 for both. Client a: rank 1, 30 examples,
+    ΔW_a = 2·e1e1ᵀ. Client b: rank 2, 10 examples, ΔW_b = 4·e1e1ᵀ + 8·e2e2ᵀ."""
+    f64 = torch.float64
+    a = ClientUpdate("a", 30, 1.0, {"m": (torch.tensor([[1.0, 0, 0]], dtype=f64), torch.tensor([[2.0], [0], [0]], dtype=f64))})
+    b = ClientUpdate(
+        "b",
+        10,
+        2.0,
+        {"m": (torch.tensor([[1.0, 0, 0], [0, 1, 0]], dtype=f64), torch.tensor([[4.0, 0], [0, 8], [0, 0]], dtype=f64))},
+    )
+    return [a, b]

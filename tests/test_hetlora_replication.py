@@ -25,26 +25,14 @@ ALPHA = 16.0
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: see conftest.py
 
 
-def two_clients() -> list[ClientUpdate]:
-    """Client a: rank 1, 30 examples; client b: rank 2, 10 examples (α = r: s = 1)."""
-    a = ClientUpdate("a", 30, 1.0, {"m": (torch.tensor([[1.0, 0, 0]], dtype=F64), torch.tensor([[2.0], [0], [0]], dtype=F64))})
-    b = ClientUpdate(
-        "b",
-        10,
-        2.0,
-        {"m": (torch.tensor([[1.0, 0, 0], [0, 1, 0]], dtype=F64), torch.tensor([[4.0, 0], [0, 8], [0, 0]], dtype=F64))},
-    )
-    return [a, b]
-
-
 def test_by_hand_replication_keeps_what_only_the_high_rank_client_has():
     """p = (3/4, 1/4). Row / column 0: both clients, 0.75·a + 0.25·b either way. Row / column 1:
     a is padded with b's own row (replication: 0.75·b₂ + 0.25·b₂ = b₂), not with zeros
     (0.25·b₂)."""
-    replicated = HetLoRA(padding="replication").aggregate(two_clients(), None)
+    replicated = HetLoRA(padding="replication").aggregate(fed.two_clients(), None)
     torch.testing.assert_close(replicated["m.A"], torch.tensor([[1.0, 0, 0], [0, 1, 0]], dtype=F64), rtol=0, atol=1e-15)
     torch.testing.assert_close(replicated["m.B"], torch.tensor([[2.5, 0], [0, 8], [0, 0]], dtype=F64), rtol=0, atol=1e-15)
-    zero = HetLoRA().aggregate(two_clients(), None)
+    zero = HetLoRA().aggregate(fed.two_clients(), None)
     torch.testing.assert_close(zero["m.A"], torch.tensor([[1.0, 0, 0], [0, 0.25, 0]], dtype=F64), rtol=0, atol=1e-15)
     torch.testing.assert_close(zero["m.B"], torch.tensor([[2.5, 0], [0, 2], [0, 0]], dtype=F64), rtol=0, atol=1e-15)
     # a rank-2 client starts from the replicated components (B divided by its own scale α/r)

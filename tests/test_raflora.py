@@ -35,24 +35,11 @@ def raflora(**kwargs) -> RaFLoRA:
 # ---------------------------------------------------------------- the rule, by hand
 
 
-def two_clients() -> list[ClientUpdate]:
-    """Client a: rank 1, 30 examples, ΔW_a = 2·e1e1ᵀ. Client b: rank 2, 10 examples,
-    ΔW_b = 4·e1e1ᵀ + 8·e2e2ᵀ (α = r, so s = 1 for both)."""
-    a = ClientUpdate("a", 30, 1.0, {"m": (torch.tensor([[1.0, 0, 0]], dtype=F64), torch.tensor([[2.0], [0], [0]], dtype=F64))})
-    b = ClientUpdate(
-        "b",
-        10,
-        2.0,
-        {"m": (torch.tensor([[1.0, 0, 0], [0, 1, 0]], dtype=F64), torch.tensor([[4.0, 0], [0, 8], [0, 0]], dtype=F64))},
-    )
-    return [a, b]
-
-
 def test_each_partition_is_averaged_over_the_clients_that_cover_it():
     """Partition [0, 1): both clients, p = (3/4, 1/4): 0.75·2 + 0.25·4 = 2.5. Partition [1, 2):
     only b covers it, its weight renormalised to 1: 8. The rank-agnostic rule (FlexLoRA's, and
     HetLoRA's zero padding) gives that partition 0.25·8 = 2 instead."""
-    ups = two_clients()
+    ups = fed.two_clients()
     state = raflora().aggregate(ups, None)
     expected = torch.diag(torch.tensor([2.5, 8.0, 0.0], dtype=F64))
     torch.testing.assert_close(dense_delta(state, "m"), expected, rtol=0, atol=1e-12)
