@@ -9,7 +9,7 @@ from importlib import import_module
 
 import pytest
 import torch
-from test_flower import InProcessGrid, _factors, run_identity  # noqa: F401  (a fixture)
+from test_flower import InProcessGrid, _factors
 
 from flexlora import protocol
 from flexlora.client import ClientTask

@@ -12,7 +12,6 @@ import pytest
 import torch
 from flwr.app import Array, Message
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-from test_flower import run_identity  # noqa: F401  (a fixture)
 from test_flower_grid import EchoGrid, _echo_setup
 
 from flexlora import protocol

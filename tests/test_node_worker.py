@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
-from test_flower import InProcessGrid, run_identity  # noqa: F401  (a fixture)
+from test_flower import InProcessGrid
 
 import flexlora
 from flexlora import lora

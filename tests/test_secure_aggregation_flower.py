@@ -18,7 +18,6 @@ from flwr.app import Context, Message, RecordDict
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from small_federation import CLIENTS, SHAPES, trained
-from test_flower import run_identity  # noqa: F401  (a fixture)
 
 from flexlora.config import ExperimentConfig, ResourcesConfig, validate
 from flexlora.engines.flower import codec
