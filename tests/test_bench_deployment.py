@@ -5,6 +5,7 @@ processes by role over a window (bench/cpu.py), and the report's rows and four g
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -161,8 +162,6 @@ def test_the_short_waits_counterfactual_cuts_only_flowers_two_waits(tmp_path):
     """With FLEXLORA_WAITS_SHORT_S (engine short-waits+workers), the SuperNode's idle sleep and an
     object pull's backoff last at most that long (what the two waits cost a round is then
     measured, not read); every other sleep keeps its length."""
-    import os
-
     from flexlora.bench import waits
 
     code = (
