@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from flexlora import Aggregator
@@ -231,9 +232,11 @@ def test_fedit_needs_one_rank(adapters):
         agg.add(adapters[1], num_examples=3)
 
 
-def test_methods_whose_clients_train_the_base_weights_are_refused():
+def test_methods_whose_clients_do_not_send_an_adapter_are_refused_with_their_reason():
     with pytest.raises(ValueError, match="'slora' has clients train the base weights"):
         Aggregator("slora")
+    with pytest.raises(ValueError, match="'lora_a2' has clients send the change of their chosen components, not an adapter"):
+        Aggregator("lora_a2")
     with pytest.raises(ValueError, match="unknown aggregation method 'nope'"):
         Aggregator("nope")
 
@@ -251,6 +254,26 @@ def test_save_and_load_resume_the_next_round(tmp_path, adapters):
         assert torch.equal(again.client_adapter(16)[key], tensor)
     with pytest.raises(ValueError, match="saved by method 'flexlora', this Aggregator runs 'hetlora'"):
         Aggregator("hetlora").load(tmp_path / "server.safetensors")
+
+
+@pytest.mark.parametrize(
+    "content, metadata",
+    [(b"garbage", None), (b"", None), (None, None), (None, {"flexlora": '{"method": "flexlora"}'})],
+    ids=["not-safetensors", "empty", "no-flexlora-metadata", "partial-metadata"],
+)
+def test_load_of_a_broken_file_is_one_line_and_leaves_the_aggregator(tmp_path, adapters, content, metadata):
+    path = tmp_path / "server.safetensors"
+    if content is None:
+        save_file({"x": torch.zeros(1)}, path, metadata=metadata)
+    else:
+        path.write_bytes(content)
+    agg = aggregated("flexlora", adapters)
+    before = agg.client_adapter(16)
+    with pytest.raises(ValueError, match=r"server\.safetensors: not an Aggregator file") as caught:
+        agg.load(path)
+    assert "\n" not in str(caught.value) and agg.round == 1
+    for key, tensor in agg.client_adapter(16).items():
+        assert torch.equal(before[key], tensor)
 
 
 def test_a_module_missing_from_one_client(adapters):

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from flexlora.methods import METHODS, GlobalState, compose_method
@@ -138,9 +138,11 @@ class Aggregator:
         template: Mapping[str, torch.Tensor] | None = None,
         **method_args,
     ):
-        cls = METHODS.get(method)
-        if cls is not None and any(h.sends != "factors" or h.trains_weights for h in cls.client_hooks):
-            raise ValueError(f"method {method!r} has clients train the base weights, which a PEFT adapter cannot carry")
+        for hook in getattr(METHODS.get(method), "client_hooks", ()):
+            if hook.trains_weights:
+                raise ValueError(f"method {method!r} has clients train the base weights, which a PEFT adapter cannot carry")
+            if hook.sends != "factors":
+                raise ValueError(f"method {method!r} has clients send the change of their chosen components, not an adapter")
         composition = compose_method(method, **method_args)
         self.method, self._server_step = composition.method, composition.server_step
         if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
@@ -263,8 +265,11 @@ class Aggregator:
         try:
             with safe_open(str(path), "pt") as f:
                 meta = json.loads((f.metadata() or {})["flexlora"])
+                missing = {"method", "keys", "shapes", "round", "lora_alpha", "extra"} - set(meta)
+                if missing:
+                    raise KeyError(f"metadata lacks {sorted(missing)}")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (OSError, KeyError, ValueError) as e:
+        except (OSError, KeyError, ValueError, TypeError, SafetensorError) as e:
             raise ValueError(f"{path}: not an Aggregator file ({e})") from None
         if meta["method"] != self.method.name:
             raise ValueError(f"{path}: saved by method {meta['method']!r}, this Aggregator runs {self.method.name!r}")
