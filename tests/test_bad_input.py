@@ -85,7 +85,12 @@ BAD_DATA = [
     ("cut.json", json.dumps([GOOD, GOOD], indent=1)[:-30], ["data.bad_records=error"], "invalid JSON"),
     ("object.json", json.dumps({"records": [GOOD]}), ["data.bad_records=error"], "{path}:1: missing field 'instruction'"),
     ("empty.jsonl", "", [], "{path}: no usable instruction records"),
-    ("nothing-usable.jsonl", jsonl([1], "not json"), [], "{path}: no usable instruction records"),
+    (
+        "nothing-usable.jsonl",
+        jsonl([1], "not json"),
+        [],
+        "{path}: no usable instruction records (2 bad, first: {path}:2: invalid JSON (Expecting value))",
+    ),
 ]
 
 

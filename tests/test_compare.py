@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 
+import pytest
 import yaml
 
 from flexlora.analysis.cells import grid_cells
@@ -160,6 +161,25 @@ def test_eval_needs_an_adapter_or_base(tmp_path, capsys):
     assert "needs --adapter DIR, --run RUN_DIR or --base" in capsys.readouterr().err
     assert main(["eval", "--adapter", str(tmp_path), "model=tiny-llama"]) == 2
     assert "is not a PEFT adapter folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "config, weights, problem",
+    [
+        ({"r": 4, "lora_alpha": 8}, None, "KeyError: 'peft_type'"),
+        ({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}, b"garbage", "SafetensorError"),
+    ],
+    ids=["config-without-peft-type", "weights-not-safetensors"],
+)
+def test_eval_of_a_broken_adapter_folder_is_one_line(tmp_path, capsys, config, weights, problem):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    if weights is not None:
+        (folder / "adapter_model.safetensors").write_bytes(weights)
+    assert main(["eval", "--adapter", str(folder), "model=tiny-llama"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--adapter: PEFT cannot load {folder} ({problem}" in err and len(err.splitlines()) == 1
 
 
 def test_chat_template_without_one_fails_before_training(tmp_path, capsys):

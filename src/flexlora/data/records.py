@@ -41,6 +41,11 @@ class Issues:
         """A problem that is not a record's fault (e.g. a client left without training data)."""
         self.lines.append(message)
 
+    def nothing_usable(self, what: str, path) -> DataError:
+        """The error for a file with no usable record, naming the first bad one (if any)."""
+        why = f" ({len(self.lines)} bad, first: {self.lines[0]})" if self.lines else ""
+        return DataError(f"no usable {what}{why}", str(path))
+
     def log_summary(self, name: str) -> None:
         if self.lines:
             log.warning("%s: %d data issue(s), first: %s", name, len(self.lines), self.lines[0])

@@ -88,9 +88,16 @@ def read_adapter(model, folder: str | Path, keep: int | None = None) -> SavedAda
     bare), cut to rank `keep` if given: applied with `adapter(...)`, exactly as a run applies its
     global adapter, so that an evaluation of the folder reproduces the run's reported metrics."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
-    with quiet_peft():
-        peft_model = PeftModel.from_pretrained(model, str(folder))
+    try:
+        with quiet_peft():
+            peft_model = PeftModel.from_pretrained(model, str(folder))
+    # A folder PEFT cannot read (a config without peft_type, weights that are not safetensors,
+    # shapes of another model) is bad input: one line naming it, not PEFT's traceback.
+    except (KeyError, ValueError, TypeError, OSError, RuntimeError, SafetensorError) as e:
+        problem = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"--adapter: PEFT cannot load {folder} ({type(e).__name__}: {problem})") from None
     try:
         factors, ranks = lora.get_factors(peft_model), lora.get_ranks(peft_model)
         config = peft_model.peft_config[lora.ADAPTER]
