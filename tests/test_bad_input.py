@@ -46,6 +46,13 @@ def test_bad_config_value(override, message, tmp_path, capsys):
     fails_fast([override], message, tmp_path, capsys)
 
 
+def test_a_model_folder_transformers_cannot_read_leaves_no_run_folder(tmp_path, capsys):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")  # no model_type
+    fails_fast([f"model={folder}"], f"model: cannot load {folder} (ValueError: Unrecognized model in {folder}", tmp_path, capsys)
+
+
 def test_existing_run_folder_needs_overwrite(tmp_path, capsys):
     run_dir = tmp_path / "runs" / "x"
     run_dir.mkdir(parents=True)

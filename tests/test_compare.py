@@ -186,6 +186,7 @@ def test_chat_template_without_one_fails_before_training(tmp_path, capsys):
     overrides = tiny_grid_overrides(tmp_path)
     assert main(["run", *overrides, "data.template=chat", f"output.dir={tmp_path / 'runs'}", "output.name=x"]) == 2
     assert "data.template: model tiny-llama has no chat template" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "x").exists()
 
 
 def _compare_ni_script(tmp_path, finals, **env):

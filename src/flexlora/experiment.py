@@ -59,22 +59,31 @@ def _has_content(run_dir: Path) -> bool:
     return run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir())
 
 
-def prepare_run_dir(cfg: ExperimentConfig) -> tuple[Path, RunLock]:
-    """The run folder, empty, and its lock (held): a folder another process is using is
-    refused whatever the options, before anything in it is written or removed."""
+def new_run_dir(cfg: ExperimentConfig) -> Path:
+    """A new run's folder, not yet created: refused at once if it is taken (in use by another
+    process, or holding a run without --overwrite), before the model loads or anything is written."""
     name = cfg.output.name or f"{cfg.method}-{profile_label(cfg)}-seed{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(cfg.output.dir) / name
-    exists = ConfigError(
+    RunLock(run_dir).check_free()  # in use by another process: say by whom, whatever the options
+    if _has_content(run_dir) and not cfg.output.overwrite:
+        raise _exists(run_dir)
+    return run_dir
+
+
+def _exists(run_dir: Path) -> ConfigError:
+    return ConfigError(
         f"run folder {run_dir} already exists; pass --overwrite to replace it or --resume {run_dir} to continue it"
     )
-    if _has_content(run_dir) and not cfg.output.overwrite:
-        RunLock(run_dir).check_free()  # in use: say by whom; either way nothing is written
-        raise exists
+
+
+def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path) -> RunLock:
+    """The run folder (from `new_run_dir`), empty, and its lock (held): a folder another process
+    is using is refused whatever the options, before anything in it is written or removed."""
     lock = RunLock(run_dir).acquire()
     try:
         if _has_content(run_dir):
-            if not cfg.output.overwrite:  # appeared since the check above
-                raise exists
+            if not cfg.output.overwrite:  # appeared since new_run_dir's check
+                raise _exists(run_dir)
             for entry in run_dir.iterdir():  # everything but the lock file we hold
                 if entry.name == LOCK_NAME:
                     continue
@@ -85,7 +94,7 @@ def prepare_run_dir(cfg: ExperimentConfig) -> tuple[Path, RunLock]:
     except BaseException:
         lock.release()
         raise
-    return run_dir, lock
+    return lock
 
 
 def check_template(cfg: ExperimentConfig, tokenizer) -> None:
@@ -132,22 +141,28 @@ class Experiment:
                 f"data: no held-out clients to evaluate on; choose them with data.heldout_ids, "
                 f"data.heldout_fraction or data.heldout_categories (source {cfg.data.source})"
             )
-        # One writer per run folder: the lock is held until close() (or this process ends).
+        # One writer per run folder: the lock is held until close() (or this process ends). A
+        # taken folder is refused before the model loads; a model or template that cannot be used
+        # is refused before a new folder is created or an old one cleared.
         if resume is None:
-            (self.run_dir, self.lock), self.ckpt = prepare_run_dir(cfg), None
+            self.run_dir, self.lock, self.ckpt = new_run_dir(cfg), None, None
         else:
             self.run_dir = Path(resume)
             self.lock = RunLock(self.run_dir).acquire(create=False)
-            try:
-                self.ckpt = open_checkpoint(self.run_dir, cfg, warn=lambda m: echo(f"flexlora: warning: {m}"))
-                # (None: killed before its first checkpoint)
-            except BaseException:
-                self.lock.release()
-                raise
         try:
+            if resume is not None:  # (None: killed before its first checkpoint)
+                self.ckpt = open_checkpoint(self.run_dir, cfg, warn=lambda m: echo(f"flexlora: warning: {m}"))
+            self.started = time.perf_counter()
+            random.seed(cfg.seed)
+            torch.manual_seed(cfg.seed)
+            self.model, self.tokenizer = load_base(cfg, self.device)
+            check_template(cfg, self.tokenizer)
+            if resume is None:
+                self.lock = prepare_run_dir(cfg, self.run_dir)
             self._start()
         except BaseException:
-            self.lock.release()
+            if self.lock is not None:
+                self.lock.release()
             raise
 
     def close(self) -> None:
@@ -172,11 +187,6 @@ class Experiment:
         )
         if dataset.issues:
             echo(f"data: {len(dataset.issues)} issue(s) while loading (see data.json), first: {dataset.issues[0]}")
-        self.started = time.perf_counter()
-        random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-        self.model, self.tokenizer = load_base(cfg, self.device)
-        check_template(cfg, self.tokenizer)
         self.target_modules = cfg.lora.target_modules or default_target_modules(self.model)
         self.shapes = lora.module_shapes(self.model, self.target_modules)
         self.server: FederatedServer | None = None

@@ -198,8 +198,14 @@ def _load_hf(path_or_id: str, torch_dtype=torch.float32, quant=None, device=torc
     if path_or_id.startswith((".", "/", "~")) and not Path(path_or_id).expanduser().exists():
         raise FileNotFoundError(f"model path does not exist: {path_or_id}")
     path_or_id = str(Path(path_or_id).expanduser()) if path_or_id.startswith("~") else path_or_id
-    model = _from_pretrained(path_or_id, torch_dtype, quant, device)
-    tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+    try:
+        model = _from_pretrained(path_or_id, torch_dtype, quant, device)
+        tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+    # A folder transformers cannot read (no model_type, missing weights or tokenizer, a hub id
+    # with no network) is bad input: one line naming it, not transformers' traceback.
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        problem = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"model: cannot load {path_or_id} ({type(e).__name__}: {problem})") from None
     return model, tokenizer
 
 
