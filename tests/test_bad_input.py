@@ -96,7 +96,7 @@ BAD_DATA = [
         "nothing-usable.jsonl",
         jsonl([1], "not json"),
         [],
-        "{path}: no usable instruction records (2 bad, first: {path}:2: invalid JSON (Expecting value))",
+        "{path}: no usable instruction records (2 data issue(s), first: {path}:2: invalid JSON (Expecting value))",
     ),
 ]
 
@@ -106,6 +106,19 @@ def test_bad_data_file(name, content, extra, message, tmp_path, capsys):
     path = tmp_path / name
     path.write_text(content)
     fails_fast(["data.source=json", f"data.path={path}", *extra], message.format(path=path), tmp_path, capsys)
+
+
+def test_a_natural_instructions_folder_with_nothing_usable_names_the_first_problem(tmp_path, capsys):
+    folder = tmp_path / "ni"
+    folder.mkdir()
+    (folder / "local_training_0.json").write_text("garbage")
+    fails_fast(
+        ["data.source=natural-instructions", f"data.path={folder}"],
+        f"{folder}: no client with training examples is left after choosing held-out clients "
+        f"(2 data issue(s), first: {folder / 'local_training_0.json'}:1: expected a JSON list of records)",
+        tmp_path,
+        capsys,
+    )
 
 
 def test_missing_data_path_and_empty_folder(tmp_path, capsys):

@@ -322,7 +322,7 @@ def load_clients(cfg: DataConfig, issues: Issues) -> tuple[list[ClientData], lis
     _, pool, labels = table_examples(table, mapping, where, issues, extra=by, need_extra=need)
     labels = [label or "" for label in labels]
     if not pool:
-        raise issues.nothing_usable("instruction records", where)
+        raise issues.error("no usable instruction records", where)
 
     test = None
     if cfg.test_path is not None:

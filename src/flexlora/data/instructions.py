@@ -51,13 +51,13 @@ def load_records(cfg: DataConfig, issues: Issues, dolly: bool) -> tuple[list[Cli
             if ex is not None:
                 pool.append((record, ex))
     if not pool:
-        raise issues.nothing_usable("instruction records", cfg.path)
+        raise issues.error("no usable instruction records", cfg.path)
 
     test = None
     if cfg.test_path is not None:
         test = [ex for r in read_records(Path(cfg.test_path).expanduser(), issues) if (ex := to_example(r, issues))]
         if not test:
-            raise issues.nothing_usable("test records", cfg.test_path)
+            raise issues.error("no usable test records", cfg.test_path)
     kept, test_clients = split_off_test(cfg, [ex for _, ex in pool], test)
     pool = [pool[i] for i in kept]
 

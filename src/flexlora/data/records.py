@@ -41,10 +41,10 @@ class Issues:
         """A problem that is not a record's fault (e.g. a client left without training data)."""
         self.lines.append(message)
 
-    def nothing_usable(self, what: str, path) -> DataError:
-        """The error for a file with no usable record, naming the first bad one (if any)."""
-        why = f" ({len(self.lines)} bad, first: {self.lines[0]})" if self.lines else ""
-        return DataError(f"no usable {what}{why}", str(path))
+    def error(self, message: str, path) -> DataError:
+        """An error for data left with nothing to use, naming how many problems loading found and the first."""
+        why = f" ({len(self.lines)} data issue(s), first: {self.lines[0]})" if self.lines else ""
+        return DataError(f"{message}{why}", None if path is None else str(path))
 
     def log_summary(self, name: str) -> None:
         if self.lines:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from flexlora.data.records import Issues
 from flexlora.data.split import select_heldout
-from flexlora.data.types import ClientData, DataError, FederatedDataset
+from flexlora.data.types import ClientData, FederatedDataset
 from flexlora.errors import ConfigError
 
 if TYPE_CHECKING:  # annotations only: the data layer does not import the configuration
@@ -187,5 +187,5 @@ def assemble(
                 c.train = rng.sample(c.train, cfg.max_train_per_client)
             training.append(c)
     if not training and for_training:
-        raise DataError("no client with training examples is left after choosing held-out clients", cfg.path)
+        raise issues.error("no client with training examples is left after choosing held-out clients", cfg.path)
     return FederatedDataset(cfg.source, training, heldout, issues.lines)
