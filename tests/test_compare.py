@@ -182,6 +182,28 @@ def test_eval_of_a_broken_adapter_folder_is_one_line(tmp_path, capsys, config, w
     assert f"--adapter: PEFT cannot load {folder} ({problem}" in err and len(err.splitlines()) == 1
 
 
+def test_a_report_of_a_folder_that_is_no_grid_or_a_broken_one_is_one_line(tmp_path, capsys):
+    out = tmp_path / "grid"
+    argv = ["compare", "--out", str(out), "--report-only"]
+    assert main(argv) == 2
+    assert f"compare: {out} is not a compare grid folder (no grid.json)" in capsys.readouterr().err
+    for content, problem in [("{", "not valid JSON"), ("{}", "not a compare grid file (no 'settings', 'cells')")]:
+        out.mkdir(exist_ok=True)
+        (out / "grid.json").write_text(content)
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{out / 'grid.json'}: {problem}" in err and err.count("\n") == 1, err
+    cell = out / "cells" / "flexlora-homo-seed0"
+    cell.mkdir(parents=True)
+    (out / "grid.json").write_text(json.dumps({"settings": {}, "cells": [{"method": "flexlora", "profile": "homo", "seed": 0}]}))
+    (cell / "summary.json").write_text('{"final": ')
+    assert main(argv) == 2
+    assert f"{cell / 'summary.json'}: not valid JSON" in capsys.readouterr().err
+    (cell / "summary.json").write_text('{"final": 0.2}')
+    assert main(argv) == 2
+    assert f"{cell / 'metrics.jsonl'}: not found" in capsys.readouterr().err
+
+
 def test_chat_template_without_one_fails_before_training(tmp_path, capsys):
     overrides = tiny_grid_overrides(tmp_path)
     assert main(["run", *overrides, "data.template=chat", f"output.dir={tmp_path / 'runs'}", "output.name=x"]) == 2

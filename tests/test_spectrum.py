@@ -223,6 +223,10 @@ def test_spectrum_can_be_turned_off_and_a_dense_method_is_measured(tiny_override
 def test_rank_report_says_what_is_wrong_with_a_folder(tmp_path, capsys):
     assert main(["rank-report", str(tmp_path)]) == 2
     assert "neither a run folder" in capsys.readouterr().err
+    (tmp_path / "metrics.jsonl").write_text('{"round": 0}\n{"round": 1, \n')  # cut off mid-line
+    assert main(["rank-report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'metrics.jsonl'}:2: not valid JSON" in err and err.count("\n") == 1
 
 
 def test_spectrum_line_reports_the_share_beyond_the_smallest_rank():

@@ -9,6 +9,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from flexlora.errors import ConfigError
+
 
 def readable(tmp: str | Path) -> None:
     """Give a mkstemp file (mode 0600) the mode a plain open() would have (0666 minus umask)."""
@@ -89,6 +91,34 @@ def write_json(path: Path, data) -> None:
 def write_jsonl(path: Path, records: list[dict]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def read_json(path: Path):
+    """A JSON file of a run or grid folder; ConfigError naming it when it is missing or broken."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_jsonl(path: Path) -> list:
+    """metrics.jsonl and the like: one record per non-empty line; ConfigError naming the file and line."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read ({e})") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{number}: not valid JSON ({e})") from None
+    return records
 
 
 ROUGE_AXIS = "Rouge-L F1 of generated answers (0-1)"

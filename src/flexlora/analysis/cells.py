@@ -13,13 +13,12 @@ the reference ("improvement over homogeneous FedIT") for every profile.
 from __future__ import annotations
 
 import fcntl
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from flexlora.config import ConfigError, ExperimentConfig
-from flexlora.reporting import write_json
+from flexlora.reporting import read_json, read_jsonl, write_json
 
 GRID_FILE = "grid.json"
 GRID_LOCK = ".grid.lock"  # held while grid.json is read, merged and written
@@ -114,7 +113,7 @@ def register_cells(out: Path, settings: dict, cells: list[Cell], baseline: str |
     with open(out / GRID_LOCK, "a") as lock:  # the lock goes with the file's closing
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         if grid_path.is_file():
-            stored = json.loads(grid_path.read_text())
+            stored = read_json(grid_path)
             diff = _first_difference(stored["settings"], settings)
             if diff:
                 raise ConfigError(f"compare: {out} holds a grid run with other settings ({diff} differs); use another --out")
@@ -133,15 +132,22 @@ def register_cells(out: Path, settings: dict, cells: list[Cell], baseline: str |
 
 def load_cells(out: Path) -> tuple[dict, list[dict]]:
     """grid.json, and {cell, summary, history} of every finished cell (one with a summary.json)."""
-    grid = json.loads((out / GRID_FILE).read_text())
+    grid_path = out / GRID_FILE
+    if not grid_path.is_file():
+        raise ConfigError(f"compare: {out} is not a compare grid folder (no {GRID_FILE})")
+    grid = read_json(grid_path)
+    missing = [key for key in ("settings", "cells") if not isinstance(grid, dict) or key not in grid]
+    if missing:
+        raise ConfigError(f"{grid_path}: not a compare grid file (no {', '.join(map(repr, missing))})")
     rows = []
     for c in grid["cells"]:
-        cell = Cell(**c)
+        try:
+            cell = Cell(**c)
+        except TypeError:
+            raise ConfigError(f"{grid_path}: a cell is not {{method, profile, seed}}: {c!r}") from None
         run_dir = out / "cells" / cell.name
         summary_path = run_dir / "summary.json"
         if not summary_path.is_file():
             continue
-        summary = json.loads(summary_path.read_text())
-        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        rows.append({"cell": cell, "summary": summary, "history": history})
+        rows.append({"cell": cell, "summary": read_json(summary_path), "history": read_jsonl(run_dir / "metrics.jsonl")})
     return grid, rows

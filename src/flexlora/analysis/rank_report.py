@@ -11,11 +11,11 @@ Writes rank_collapse.md and rank_collapse.png.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
 
+from flexlora.reporting import read_json, read_jsonl
 from flexlora.spectrum import beyond_shared, geometric_rate
 
 DEFAULT_ROUNDS = (1, 5, 10)
@@ -37,9 +37,9 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 def load_run(run_dir: Path) -> dict:
     """{name, method, profile, seed, history, rouge (final held-out metric or None)}."""
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
     profile = summary.get("profile") or (config.get("resources") or {}).get("profile", "?")
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    history = read_jsonl(run_dir / "metrics.jsonl")
     return {
         "name": run_dir.name,
         "method": summary.get("method") or config.get("method", "?"),

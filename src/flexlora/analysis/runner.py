@@ -9,7 +9,6 @@ the other is running or has finished. The base model is evaluated once per grid
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 from flexlora.analysis.cells import CELL_KEYS, Cell, base_settings, check_method_spec, grid_cells, register_cells
 from flexlora.analysis.report import write_report
 from flexlora.config import ConfigError, load_config
-from flexlora.reporting import write_json
+from flexlora.reporting import read_json, read_jsonl, write_json
 from flexlora.runlock import RunLock
 
 
@@ -70,7 +69,7 @@ def run_grid(
             [*overrides, *cell.overrides(), f"output.dir={cells_dir}", f"output.name={cell.name}", "output.overwrite=true"],
         )
         zero_path = out / "zero_shot.json"  # the base model's scores, once per grid
-        zero_shot = json.loads(zero_path.read_text()) if zero_path.is_file() else None
+        zero_shot = read_json(zero_path) if zero_path.is_file() else None
         echo(f"compare: cell {i}/{len(todo)}: {cell.name}")
         started = time.perf_counter()
         cell_echo = lambda line, c=cell: echo(f"  [{c.name}] {line}")  # noqa: E731
@@ -92,7 +91,7 @@ def run_grid(
             (cells_dir / cell.name / "error.txt").write_text(traceback.format_exc())
             continue
         if zero_shot is None:
-            first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+            first = read_jsonl(run_dir / "metrics.jsonl")[0]
             write_json(zero_path, first["eval"])
         write_report(out, echo=None)
     return write_report(out, echo=echo)
