@@ -53,6 +53,17 @@ def test_a_model_folder_transformers_cannot_read_leaves_no_run_folder(tmp_path, 
     fails_fast([f"model={folder}"], f"model: cannot load {folder} (ValueError: Unrecognized model in {folder}", tmp_path, capsys)
 
 
+@pytest.mark.parametrize("modules", ["[nope]", "[q_proj,v_prj]"], ids=["none-found", "one-typo"])
+def test_target_modules_not_in_the_model_leave_no_run_folder(modules, tmp_path, capsys):
+    missing = "['nope']" if modules == "[nope]" else "['v_prj']"
+    fails_fast(
+        ["model=tiny-llama", f"lora.target_modules={modules}"],
+        f"lora.target_modules: {missing} not among the model's linear layers (down_proj, gate_proj, k_proj, lm_head, o_proj",
+        tmp_path,
+        capsys,
+    )
+
+
 def test_existing_run_folder_needs_overwrite(tmp_path, capsys):
     run_dir = tmp_path / "runs" / "x"
     run_dir.mkdir(parents=True)

@@ -142,8 +142,8 @@ class Experiment:
                 f"data.heldout_fraction or data.heldout_categories (source {cfg.data.source})"
             )
         # One writer per run folder: the lock is held until close() (or this process ends). A
-        # taken folder is refused before the model loads; a model or template that cannot be used
-        # is refused before a new folder is created or an old one cleared.
+        # taken folder is refused before the model loads; a model, template or target modules that
+        # cannot be used are refused before a new folder is created or an old one cleared.
         if resume is None:
             self.run_dir, self.lock, self.ckpt = new_run_dir(cfg), None, None
         else:
@@ -157,6 +157,8 @@ class Experiment:
             torch.manual_seed(cfg.seed)
             self.model, self.tokenizer = load_base(cfg, self.device)
             check_template(cfg, self.tokenizer)
+            self.target_modules = cfg.lora.target_modules or default_target_modules(self.model)
+            self.shapes = lora.module_shapes(self.model, self.target_modules)
             if resume is None:
                 self.lock = prepare_run_dir(cfg, self.run_dir)
             self._start()
@@ -187,8 +189,6 @@ class Experiment:
         )
         if dataset.issues:
             echo(f"data: {len(dataset.issues)} issue(s) while loading (see data.json), first: {dataset.issues[0]}")
-        self.target_modules = cfg.lora.target_modules or default_target_modules(self.model)
-        self.shapes = lora.module_shapes(self.model, self.target_modules)
         self.server: FederatedServer | None = None
         self.history: list[dict] = []
         self.trackers = Trackers(cfg.output, echo).start(cfg.to_dict(), self.run_dir)  # packages checked by config.validate

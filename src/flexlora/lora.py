@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from flexlora.errors import ConfigError
 from flexlora.extras import quiet_peft
 from flexlora.methods.base import TrainingView
 from flexlora.protocol import Factors
@@ -35,8 +36,11 @@ def module_shapes(model, target_modules: list[str]) -> dict[str, tuple[int, int]
             shapes[name] = (module.out_features, module.in_features)
         elif type(module).__name__ == "Conv1D":  # GPT-2 style: weight is (d_in, d_out)
             shapes[name] = (module.weight.shape[1], module.weight.shape[0])
-    if not shapes:
-        raise ValueError(f"none of the target modules {target_modules} is in the model")
+    found = {name.rsplit(".", 1)[-1] for name in shapes}
+    missing = [m for m in target_modules if m not in found]
+    if missing:  # a typo would otherwise train fewer modules than asked, silently
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"lora.target_modules: {missing} not among the model's linear layers ({', '.join(linear)})")
     return shapes
 
 

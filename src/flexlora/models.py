@@ -58,7 +58,9 @@ def cache_dir() -> Path:
 def default_target_modules(model) -> list[str]:
     model_type = getattr(model.config, "model_type", "")
     if model_type not in TARGET_MODULES:
-        raise ValueError(f"no default LoRA target modules for model type '{model_type}'; set lora.target_modules")
+        raise ConfigError(
+            f"lora.target_modules: no default for model type '{model_type}'; set it (e.g. lora.target_modules=[q_proj,v_proj])"
+        )
     return TARGET_MODULES[model_type]
 
 

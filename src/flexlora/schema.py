@@ -135,7 +135,7 @@ class LoraSettings(Section):
     dropout: float = Field(0.05, ge=0, lt=1)
     """LoRA dropout on the adapter's input."""
     target_modules: list[str] | None = None
-    """Modules that get an adapter; null: the architecture's defaults."""
+    """Modules that get an adapter (each must name a linear layer of the model); null: the architecture's defaults."""
 
 
 class FederationConfig(Section):
