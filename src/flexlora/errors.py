@@ -15,3 +15,8 @@ class DataError(ValueError):
         self.path, self.line, self.reason = path, line, message
         where = f"{path}:{line}: " if path and line is not None else (f"{path}: " if path else "")
         super().__init__(f"{where}{message}")
+
+
+def one_line(e: BaseException) -> str:
+    """'Type: first line of the message': a library's exception, quoted inside one of ours."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"

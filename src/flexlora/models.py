@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from flexlora.errors import ConfigError
+from flexlora.errors import ConfigError, one_line
 from flexlora.extras import give_peft_bitsandbytes, require
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -206,8 +206,7 @@ def _load_hf(path_or_id: str, torch_dtype=torch.float32, quant=None, device=torc
     # A folder transformers cannot read (no model_type, missing weights or tokenizer, a hub id
     # with no network) is bad input: one line naming it, not transformers' traceback.
     except (OSError, ValueError, KeyError, TypeError) as e:
-        problem = (str(e).strip().splitlines() or [""])[0]
-        raise ConfigError(f"model: cannot load {path_or_id} ({type(e).__name__}: {problem})") from None
+        raise ConfigError(f"model: cannot load {path_or_id} ({one_line(e)})") from None
     return model, tokenizer
 
 

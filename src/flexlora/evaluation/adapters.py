@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from flexlora import lora
-from flexlora.errors import ConfigError
+from flexlora.errors import ConfigError, one_line
 from flexlora.extras import quiet_peft
 from flexlora.protocol import Factors
 
@@ -96,8 +96,7 @@ def read_adapter(model, folder: str | Path, keep: int | None = None) -> SavedAda
     # A folder PEFT cannot read (a config without peft_type, weights that are not safetensors,
     # shapes of another model) is bad input: one line naming it, not PEFT's traceback.
     except (KeyError, ValueError, TypeError, OSError, RuntimeError, SafetensorError) as e:
-        problem = (str(e).strip().splitlines() or [""])[0]
-        raise ConfigError(f"--adapter: PEFT cannot load {folder} ({type(e).__name__}: {problem})") from None
+        raise ConfigError(f"--adapter: PEFT cannot load {folder} ({one_line(e)})") from None
     try:
         factors, ranks = lora.get_factors(peft_model), lora.get_ranks(peft_model)
         config = peft_model.peft_config[lora.ADAPTER]
