@@ -177,6 +177,10 @@ def test_alpha_from_adapter_config(tmp_path, adapters):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "lora_alpha": 16, "use_rslora": True}))
     with pytest.raises(ValueError, match="use_rslora"):
         agg.add(adapters[1], num_examples=3, adapter_config=tmp_path)
+    # PEFT's own config object, as the client's model holds it
+    from_model = Aggregator("flexlora")
+    from_model.add(adapters[0], num_examples=3, adapter_config=LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    assert from_model.lora_alpha == 8
 
 
 def bad(adapter, key, value=None):

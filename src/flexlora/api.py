@@ -28,6 +28,7 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -38,6 +39,9 @@ from flexlora.methods.helpers import FLOAT_DTYPES, nonfinite
 from flexlora.methods.server_opt import starting_point
 from flexlora.protocol import ClientUpdate, Factors
 from flexlora.reporting import atomic_path
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 # A LoRA factor as PEFT's get_peft_model_state_dict names it: "<module>.lora_A.weight".
 FACTOR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
@@ -90,10 +94,12 @@ def ranks_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
     return {module: A.shape[0] for module, (A, _) in factors.items()}
 
 
-def alpha_of(adapter_config: Mapping | str | Path) -> float:
-    """lora_alpha of a PEFT adapter config (the dict, its adapter_config.json, or the adapter's
-    folder). Configs whose scale is not α/r on every module are refused: rsLoRA's α/√r and a
-    per-module alpha_pattern would need a scale per module."""
+def alpha_of(adapter_config: LoraConfig | Mapping | str | Path) -> float:
+    """lora_alpha of a PEFT adapter config (PEFT's LoraConfig, its dict, its adapter_config.json,
+    or the adapter's folder). Configs whose scale is not α/r on every module are refused: rsLoRA's
+    α/√r and a per-module alpha_pattern would need a scale per module."""
+    if hasattr(adapter_config, "to_dict"):  # a peft LoraConfig (model.peft_config["default"])
+        adapter_config = adapter_config.to_dict()
     if not isinstance(adapter_config, Mapping):
         path = Path(adapter_config)
         path = path / "adapter_config.json" if path.is_dir() else path
@@ -168,11 +174,12 @@ class Aggregator:
         num_examples: int,
         *,
         lora_alpha: float | None = None,
-        adapter_config: Mapping | str | Path | None = None,
+        adapter_config: LoraConfig | Mapping | str | Path | None = None,
         client_id: str | None = None,
     ) -> None:
         """Fold one client's adapter into the open round, weighted by ``num_examples``. Its alpha
-        comes from ``lora_alpha`` or ``adapter_config`` (else the federation's is assumed).
+        comes from ``lora_alpha`` or ``adapter_config`` (PEFT's LoraConfig, its dict, its
+        adapter_config.json or the adapter's folder; else the federation's is assumed).
         Bad input raises a one-line ValueError naming the key, and leaves the round as it was."""
         client_id = client_id if client_id is not None else f"client-{len(self._pending)}"
         try:
