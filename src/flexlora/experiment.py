@@ -150,7 +150,7 @@ class Experiment:
             self.run_dir = Path(resume)
             self.lock = RunLock(self.run_dir).acquire(create=False)
         try:
-            if resume is not None:  # (None: killed before its first checkpoint)
+            if resume is not None:  # the checkpoint is None when the run was killed before its first
                 self.ckpt = open_checkpoint(self.run_dir, cfg, warn=lambda m: echo(f"flexlora: warning: {m}"))
             self.started = time.perf_counter()
             random.seed(cfg.seed)
