@@ -227,6 +227,10 @@ def test_rank_report_says_what_is_wrong_with_a_folder(tmp_path, capsys):
     assert main(["rank-report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'metrics.jsonl'}:2: not valid JSON" in err and err.count("\n") == 1
+    (tmp_path / "metrics.jsonl").write_text('{"round": 0}\n')
+    (tmp_path / "config.yaml").write_text("method: [flexlora\n")
+    assert main(["rank-report", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'config.yaml'}: not valid YAML" in capsys.readouterr().err
 
 
 def test_spectrum_line_reports_the_share_beyond_the_smallest_rank():

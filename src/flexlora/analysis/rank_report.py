@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from flexlora.errors import ConfigError
 from flexlora.reporting import read_json, read_jsonl
 from flexlora.spectrum import beyond_shared, geometric_rate
 
@@ -36,7 +37,11 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 
 def load_run(run_dir: Path) -> dict:
     """{name, method, profile, seed, history, rouge (final held-out metric or None)}."""
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    config_path = run_dir / "config.yaml"
+    try:
+        config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{config_path}: not valid YAML ({str(e).splitlines()[0]})") from None
     summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
     profile = summary.get("profile") or (config.get("resources") or {}).get("profile", "?")
     history = read_jsonl(run_dir / "metrics.jsonl")
